@@ -1,0 +1,235 @@
+"""Layer allocation (DESIGN 2.3): how many units each layer keeps so that the model-wide
+fraction of prunable parameters removed is exactly the target ratio G.
+
+All functions are pure. A layer pool is described by unit counts n_l and per-unit parameter
+costs c_l; the result is the number of units kept per layer. Every schedule first produces
+real-valued removal targets, then `integerize` turns them into whole units (multiples of
+`multiple`) whose total removed parameters is within half a step of G * P.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+
+ALLOCATIONS = ("uniform", "logistic", "adaptive")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Units of one kind (FFN channels or heads) across layers."""
+
+    counts: tuple[int, ...]  # n_l units per layer
+    costs: tuple[int, ...]  # parameters per unit in layer l
+
+    @property
+    def params(self) -> tuple[int, ...]:
+        return tuple(n * c for n, c in zip(self.counts, self.costs))
+
+    @property
+    def total(self) -> int:
+        return sum(self.params)
+
+
+def check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
+        raise ConfigError(f"ratio must be a fraction strictly between 0 and 1 (e.g. 0.5 for half), got {ratio}")
+
+
+def active_layers(n_layers: int, protect_first: int, protect_last: int) -> list[int]:
+    if protect_first < 0 or protect_last < 0:
+        raise ConfigError("protected layer counts must be >= 0")
+    active = list(range(protect_first, n_layers - protect_last))
+    if not active:
+        raise ConfigError(f"protecting {protect_first} first and {protect_last} last layers leaves none of the "
+                          f"{n_layers} layers to prune: lower --protect-first/--protect-last")
+    return active
+
+
+def integerize(pool: Pool, remove_target: Sequence[float], budget: float, *, multiple: int = 1,
+               min_keep: int = 1, frozen: Sequence[int] = ()) -> list[int]:
+    """Units kept per layer: near `remove_target` (units per layer), total removed params ~ budget.
+
+    Kept widths are multiples of `multiple` (or the full width), at least `min_keep`; `frozen`
+    layers stay whole. The total removed parameters end within half of one step's cost of the
+    budget whenever the budget is reachable.
+    """
+    if multiple < 1:
+        raise ConfigError("multiple must be >= 1")
+    frozen = set(frozen)
+    floor_keep = [max(min_keep, multiple) if min_keep > 0 else 0 for _ in pool.counts]
+
+    def allowed(n: int, fl: int) -> list[int]:
+        vals = list(range(math.ceil(fl / multiple) * multiple, n, multiple)) if multiple > 0 else []
+        return [v for v in vals if v >= fl and v < n] + [n]
+
+    choices = [([n] if i in frozen else allowed(n, floor_keep[i])) for i, n in enumerate(pool.counts)]
+    # Start from the smallest allowed keep >= desired keep (remove no more than asked), then
+    # walk layers down one step at a time, furthest-above-target first, while that helps.
+    pos = []
+    for i, n in enumerate(pool.counts):
+        desired = n - remove_target[i]
+        opts = choices[i]
+        j = next((k for k, v in enumerate(opts) if v >= desired - 1e-9), len(opts) - 1)
+        pos.append(j)
+
+    def removed() -> float:
+        return sum((pool.counts[i] - choices[i][pos[i]]) * pool.costs[i] for i in range(len(pos)))
+
+    deficit = budget - removed()
+    while deficit > 0:
+        best, best_key = None, None
+        for i in range(len(pos)):
+            if pos[i] == 0:
+                continue
+            step_cost = (choices[i][pos[i]] - choices[i][pos[i] - 1]) * pool.costs[i]
+            if step_cost > 2 * deficit:  # the step would overshoot by more than it fixes
+                continue
+            excess = choices[i][pos[i]] - (pool.counts[i] - remove_target[i])
+            key = (excess / max(1, choices[i][pos[i]] - choices[i][pos[i] - 1]), -i)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        if best is None:
+            break
+        deficit -= (choices[best][pos[best]] - choices[best][pos[best] - 1]) * pool.costs[best]
+        pos[best] -= 1
+    largest_step = max(multiple * c for c in pool.costs)
+    if deficit > largest_step / 2 + 1e-6:
+        raise ConfigError(f"the ratio cannot be met: layers must keep at least {max(min_keep, multiple)} units "
+                          f"(multiples of {multiple}); lower the ratio or --multiple")
+    return [choices[i][pos[i]] for i in range(len(pos))]
+
+
+def uniform(pool: Pool, ratio: float, *, protect_first: int = 0, protect_last: int = 0,
+            multiple: int = 1, budget: float | None = None, equal_widths: bool = True) -> list[int]:
+    """Every active layer removes the same fraction; protected layers stay dense.
+
+    With `equal_widths` (and identical layers) every active layer gets the same width, so the
+    result reloads as a plain model; the ratio is then met to within half a width step per
+    layer. Without it, widths may differ by one step and the ratio is met within half a step.
+    """
+    check_ratio(ratio)
+    budget = ratio * pool.total if budget is None else budget
+    active = active_layers(len(pool.counts), protect_first, protect_last)
+    active_params = sum(pool.params[i] for i in active)
+    frac = budget / active_params
+    if frac >= 1:
+        raise ConfigError(f"ratio {ratio} cannot be met with layers {protect_first} first/{protect_last} last "
+                          "kept dense: lower the ratio or protect fewer layers")
+    target = [pool.counts[i] * frac if i in active else 0.0 for i in range(len(pool.counts))]
+    frozen = [i for i in range(len(pool.counts)) if i not in active]
+    same = len({(pool.counts[i], pool.costs[i]) for i in active}) == 1
+    if equal_widths and same:
+        n = pool.counts[active[0]]
+        options = [v for v in range(multiple, n, multiple)] + [n]
+        width = min(options, key=lambda v: (abs(v - (n - target[active[0]])), v))
+        return [width if i in active else pool.counts[i] for i in range(len(pool.counts))]
+    return integerize(pool, target, budget, multiple=multiple, frozen=frozen)
+
+
+def logistic_rho(n_layers: int, lam: float, *, protect_first: int, protect_last: int, k: float, x0: float,
+                 rho_max: float) -> list[float]:
+    """SEAP's layer-wise sparsity: rho_l = Lambda / (1 + exp(-k (x - x0))), deeper layers pruned more."""
+    active = active_layers(n_layers, protect_first, protect_last)
+    span = max(1, len(active) - 1)
+    rho = [0.0] * n_layers
+    for pos, i in enumerate(active):
+        x = pos / span  # relative depth among the pruned layers, in [0, 1]
+        rho[i] = min(rho_max, max(0.0, lam / (1.0 + math.exp(-k * (x - x0)))))
+    return rho
+
+
+def logistic(pool: Pool, ratio: float, *, protect_first: int = 2, protect_last: int = 2, k: float = 1.2,
+             x0: float = 0.3, rho_max: float = 0.9, multiple: int = 1, budget: float | None = None) -> list[int]:
+    """Logistic schedule whose Lambda is bisected so the parameter-weighted mean over ALL layers is G."""
+    check_ratio(ratio)
+    if not 0 < rho_max <= 1:
+        raise ConfigError("rho_max must be in (0, 1]")
+    budget = ratio * pool.total if budget is None else budget
+    n = len(pool.counts)
+
+    def removed(lam: float) -> float:
+        rho = logistic_rho(n, lam, protect_first=protect_first, protect_last=protect_last, k=k, x0=x0,
+                           rho_max=rho_max)
+        return sum(r * p for r, p in zip(rho, pool.params))
+
+    active = active_layers(n, protect_first, protect_last)
+    if removed(1e6) < budget - 1e-6:
+        raise ConfigError(f"ratio {ratio} is out of reach of the logistic schedule (layers capped at rho_max="
+                          f"{rho_max}, {protect_first}+{protect_last} layers dense): lower the ratio, raise "
+                          "--rho-max or protect fewer layers")
+    lo, hi = 0.0, 2.0
+    while removed(hi) < budget:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < budget else (lo, mid)
+    rho = logistic_rho(n, hi, protect_first=protect_first, protect_last=protect_last, k=k, x0=x0, rho_max=rho_max)
+    target = [r * c for r, c in zip(rho, pool.counts)]
+    frozen = [i for i in range(n) if i not in active]
+    return integerize(pool, target, budget, multiple=multiple, frozen=frozen)
+
+
+def standardize(scores: torch.Tensor, robust: bool = False) -> torch.Tensor:
+    s = scores.double()
+    if robust:
+        q1, med, q3 = torch.quantile(s, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        return (s - med) / max(float(q3 - q1), 1e-12)
+    return (s - s.mean()) / max(float(s.std()), 1e-12) if len(s) > 1 else s - s.mean()
+
+
+def adaptive(pools: Sequence[Pool], scores: Sequence[Sequence[torch.Tensor]], ratio: float, *,
+             robust: bool = False, multiple: int = 1, budget: float | None = None) -> list[list[int]]:
+    """FLAP's adaptive structure: pool standardised scores of all units, keep the best until the budget.
+
+    `pools[p]` and `scores[p][l]` describe unit kind p (FFN channels, heads). Returns kept counts
+    per pool per layer. A layer never loses all its units of a kind.
+    """
+    check_ratio(ratio)
+    total = sum(p.total for p in pools)
+    budget = ratio * total if budget is None else budget
+    keep_budget = total - budget
+    entries = []  # (z-score, cost, pool, layer)
+    for p, (pool, per_layer) in enumerate(zip(pools, scores)):
+        for layer, s in enumerate(per_layer):
+            z = standardize(s, robust)
+            entries.extend((float(v), pool.costs[layer], p, layer) for v in z)
+    entries.sort(key=lambda e: -e[0])
+    kept = [[0] * len(pool.counts) for pool in pools]
+    spent = 0.0
+    rest = []
+    for entry in entries:  # every layer first keeps its best unit of each kind: none is emptied
+        _, cost, p, layer = entry
+        if kept[p][layer] == 0:
+            kept[p][layer] = 1
+            spent += cost
+        else:
+            rest.append(entry)
+    finest = min(min(pool.costs) for pool in pools)
+    for _, cost, p, layer in rest:  # then the best units model-wide while the budget allows
+        if spent + cost <= keep_budget + finest / 2:  # coarse units never overshoot; channels fill in
+            kept[p][layer] += 1
+            spent += cost
+    if multiple == 1:
+        return kept
+    # Re-round to the width multiple: coarse pools first at their own removal, then the first
+    # pool (FFN channels, the finest unit) absorbs the rest so the joint budget still holds.
+    out: list[list[int]] = [[] for _ in pools]
+    spent_removed = 0.0
+    for p in reversed(range(len(pools))):
+        pool = pools[p]
+        target = [n - k for n, k in zip(pool.counts, kept[p])]
+        pool_budget = budget - spent_removed if p == 0 else sum(t * c for t, c in zip(target, pool.costs))
+        out[p] = integerize(pool, target, pool_budget, multiple=multiple)
+        spent_removed += sum((n - k) * c for n, k, c in zip(pool.counts, out[p], pool.costs))
+    return out
+
+
+def achieved_ratio(pool: Pool, kept: Sequence[int]) -> float:
+    removed = sum((n - k) * c for n, k, c in zip(pool.counts, kept, pool.costs))
+    return removed / pool.total

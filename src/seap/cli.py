@@ -1,0 +1,137 @@
+"""`seap` command line: a thin layer over seap.pipeline. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import HEAD_MODES, PRESETS, PruneConfig
+from .errors import SeapError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="bundled name (smollm2-135m [default], gemma3-270m), a Hugging "
+                   "Face id, a local folder or a .gguf file")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", dest="tasks", action="append", default=None,
+                   help="task corpus (repeatable): piqa, boolq, arc_easy, arc_challenge, openbookqa, winogrande, "
+                        "hellaswag, gsm8k, mmlu, wikitext2; default / default:<family> (embedded); or a .txt/.jsonl "
+                        "file. Default: the embedded corpus")
+    p.add_argument("--data-dir", default=None, help="local data folder laid out as <task>/<split>.parquet "
+                   "(e.g. ../shared/data); without it tasks load from the Hugging Face hub")
+    p.add_argument("--limit", type=int, default=None, help="calibration examples per task (seeded subset)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per calibration text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seap", description="Training-free pruning of LLM feed-forward experts.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("collect", help="activation statistics of task corpora")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--heads", action="store_true", help="also collect attention-output statistics")
+    p.add_argument("--out", default="seap-stats", help="folder for <task>.safetensors")
+
+    p = sub.add_parser("prune", help="statistics -> plan -> pruned model, in one command")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--method", default="seap", choices=list(PRESETS))
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable parameters to remove (0, 1)")
+    p.add_argument("--score", default=None, help="override: wifv, wifn, wanda_sp, magnitude, random")
+    p.add_argument("--allocation", default=None, help="override: uniform, logistic, adaptive")
+    p.add_argument("--heads", default=None, choices=HEAD_MODES,
+                   help="auto (default): heads for multi-head attention, FFN only for GQA")
+    bc = p.add_mutually_exclusive_group()
+    bc.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None)
+    bc.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    p.add_argument("--protect-first", type=int, default=None)
+    p.add_argument("--protect-last", type=int, default=None)
+    p.add_argument("--k", type=float, default=None, help="logistic steepness")
+    p.add_argument("--x0", type=float, default=None, help="logistic midpoint (relative depth)")
+    p.add_argument("--rho-max", type=float, default=None)
+    p.add_argument("--robust", action="store_true", default=None, help="adaptive: median/IQR standardisation")
+    p.add_argument("--multiple", type=int, default=None, help="round widths to a multiple (32, 256 for GGUF)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--expert", default=None, help="which expert of the plan to materialise")
+    p.add_argument("--stats-dir", default=None, help="reuse/store statistics here (default <out>/stats)")
+    p.add_argument("--out", default="seap-out", help="output folder: plan/, model/, stats/, summary.*")
+
+    p = sub.add_parser("apply", help="apply a saved plan to its base model")
+    _model_args(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--expert", default=None)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _print_result(res, out) -> None:
+    s = res.summary()
+    print(f"pruned {s['base_model']} with {s['method']} (expert {s['expert']}) in {s['seconds']:.0f}s")
+    print(f"  prunable parameters removed: {s['achieved_ratio']:.2%} (target {s['target_ratio']:.2%})")
+    print(f"  total parameters: {s['params_before']:,} -> {s['params_after']:,} "
+          f"({s['total_reduction']:.1%} fewer)")
+    print(f"  FFN parameters:   {s['ffn_params_before']:,} -> {s['ffn_params_after']:,}")
+    w = s["ffn_widths"]
+    print(f"  FFN widths: {w[0] if len(set(w)) == 1 else f'{min(w)}..{max(w)} per layer'}"
+          + (f"; heads kept per layer {s['heads_kept']}" if s.get("heads_kept") else ""))
+    for k, v in s["files"].items():
+        print(f"  {k}: {v}")
+    if out:
+        print(f"  summary: {Path(out) / 'summary.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        from . import pipeline
+
+        if args.cmd == "collect":
+            stats = pipeline.collect(args.model, args.tasks or pipeline.DEFAULT_TASKS, data_dir=args.data_dir,
+                                     limit=args.limit, heads=args.heads, batch_size=args.batch_size,
+                                     max_length=args.max_length, out=args.out)
+            for task, s in stats.items():
+                print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
+        elif args.cmd == "prune":
+            cfg = PruneConfig.from_method(
+                args.method, ratio=args.ratio, score=args.score, allocation=args.allocation, heads=args.heads,
+                bias_compensation=args.bias_compensation, protect_first=args.protect_first,
+                protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
+                multiple=args.multiple, seed=args.seed)
+            res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
+                                 data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
+                                 batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir)
+            _print_result(res, args.out)
+        elif args.cmd == "apply":
+            res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out)
+            _print_result(res, None)
+        elif args.cmd == "info":
+            data = pipeline.info(args.path)
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                for k, v in data.items():
+                    print(f"{k}: {v}")
+    except SeapError as err:
+        print(f"seap: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seap: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

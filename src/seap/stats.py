@@ -1,0 +1,219 @@
+"""Streaming activation statistics (DESIGN 2.1).
+
+Per channel of the FFN output linear's input z (and of the attention output's input when heads
+are pruned): token count N, mean, M2 (sum of squared deviations) and sum of squares, over the
+non-padding tokens of a corpus, accumulated in float64 and merged with Chan's formula so that
+batches, halves of a corpus and whole corpora combine exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import atomic_path
+from .adapters import Adapter
+from .errors import ArtifactError, DataError
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT = "seap-stats"
+STATS_VERSION = 1
+
+
+@dataclass
+class ChannelStats:
+    """Running statistics of one layer's channels, shape [C] each (float64)."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+    sumsq: torch.Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        z = torch.zeros(channels, dtype=torch.float64)
+        return cls(0, z.clone(), z.clone(), z.clone())
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> ChannelStats:
+        """Statistics of a [tokens, C] block in one shot."""
+        x = x.detach().to(torch.float64)
+        mean = x.mean(0) if len(x) else torch.zeros(x.shape[1], dtype=torch.float64)
+        return cls(len(x), mean, ((x - mean) ** 2).sum(0), (x * x).sum(0))
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """Chan et al.'s parallel combination; exact for any split of the tokens."""
+        n = self.count + other.count
+        if other.count == 0:
+            return ChannelStats(self.count, self.mean.clone(), self.m2.clone(), self.sumsq.clone())
+        if self.count == 0:
+            return ChannelStats(other.count, other.mean.clone(), other.m2.clone(), other.sumsq.clone())
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        return ChannelStats(n, mean, m2, self.sumsq + other.sumsq)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.sumsq / max(self.count, 1)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||z_j||_2 over all tokens."""
+        return self.sumsq.sqrt()
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of one corpus through one model: FFN channels per layer (+ attention channels)."""
+
+    ffn: list[ChannelStats]
+    attn: list[ChannelStats] | None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ffn[0].count if self.ffn else 0
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Sum of two corpora (or two halves of one) without re-running the model."""
+        if self.meta.get("fingerprint") != other.meta.get("fingerprint"):
+            raise ArtifactError("cannot merge statistics of different models: collect both with the same base model")
+        if len(self.ffn) != len(other.ffn) or (self.attn is None) != (other.attn is None):
+            raise ArtifactError("cannot merge statistics with different layers or head settings")
+        attn = None if self.attn is None else [a.merge(b) for a, b in zip(self.attn, other.attn)]
+        meta = dict(self.meta)
+        names = [self.meta.get("corpus", "?"), other.meta.get("corpus", "?")]
+        meta["corpus"] = "+".join(n for n in names if n)
+        meta["n_texts"] = int(self.meta.get("n_texts", 0)) + int(other.meta.get("n_texts", 0))
+        merged = ActivationStats([a.merge(b) for a, b in zip(self.ffn, other.ffn)], attn, meta)
+        merged.meta["n_tokens"] = merged.n_tokens
+        return merged
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for kind, group in (("ffn", self.ffn), ("attn", self.attn or [])):
+            for i, s in enumerate(group):
+                tensors[f"{kind}.{i}.mean"] = s.mean.contiguous()
+                tensors[f"{kind}.{i}.m2"] = s.m2.contiguous()
+                tensors[f"{kind}.{i}.sumsq"] = s.sumsq.contiguous()
+                tensors[f"{kind}.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
+        header = dict(self.meta, format=STATS_FORMAT, version=STATS_VERSION, n_layers=len(self.ffn),
+                      heads=self.attn is not None, n_tokens=self.n_tokens)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"seap": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"statistics file {path} does not exist: run `seap collect` first or fix the path")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                header = json.loads((fh.metadata() or {}).get("seap", "null"))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"statistics file {path} is corrupt or truncated ({err}): delete it and collect again") from None
+        if not isinstance(header, dict) or header.get("format") != STATS_FORMAT:
+            raise ArtifactError(f"{path} is not a seap statistics file (no seap-stats header)")
+        if header.get("version") != STATS_VERSION:
+            raise ArtifactError(f"{path} has statistics format version {header.get('version')}, this seap reads "
+                                f"{STATS_VERSION}: collect again")
+        try:
+            def group(kind: str, n: int) -> list[ChannelStats]:
+                return [ChannelStats(int(tensors[f"{kind}.{i}.count"][0]), tensors[f"{kind}.{i}.mean"],
+                                     tensors[f"{kind}.{i}.m2"], tensors[f"{kind}.{i}.sumsq"]) for i in range(n)]
+
+            n = int(header["n_layers"])
+            ffn = group("ffn", n)
+            attn = group("attn", n) if header.get("heads") else None
+        except (KeyError, IndexError) as err:
+            raise ArtifactError(f"statistics file {path} is incomplete (missing {err}): collect again") from None
+        meta = {k: v for k, v in header.items() if k not in ("format", "version", "n_layers", "heads")}
+        return cls(ffn, attn, meta)
+
+
+@contextmanager
+def capture_activations(model: nn.Module, adapter: Adapter, heads: bool = False) -> Iterator["_Recorder"]:
+    """Hooks on the inputs of every FFN output linear (and attention output linear).
+
+    The hooks are removed when the block exits, whatever happens inside it.
+    """
+    layers = adapter.layers(model)
+    rec = _Recorder(
+        [ChannelStats.empty(adapter.d_ff(layer)) for layer in layers],
+        [ChannelStats.empty(adapter.attn_out(layer).in_features) for layer in layers] if heads else None,
+    )
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(rec.hook(rec.ffn, i)))
+            if heads:
+                handles.append(adapter.attn_out(layer).register_forward_pre_hook(rec.hook(rec.attn, i)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Recorder:
+    def __init__(self, ffn: list[ChannelStats], attn: list[ChannelStats] | None):
+        self.ffn, self.attn = ffn, attn
+        self.token_mask: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+
+    def hook(self, store: list[ChannelStats], i: int):
+        def fn(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])  # OPT already flattens to [B*S, C]
+            if self.token_mask is not None:
+                x = x[self.token_mask.reshape(-1)]
+            store[i] = store[i].merge(ChannelStats.of(x))
+        return fn
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence[str], *,
+                  heads: bool = False, batch_size: int = 8, max_length: int = 512,
+                  meta: dict | None = None, progress: bool = True) -> ActivationStats:
+    """Run the corpus through the model once and return its activation statistics."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
+    # Sorting by length keeps padding (wasted compute) low; statistics do not depend on order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_batches = (len(texts) + batch_size - 1) // batch_size
+    with capture_activations(model, adapter, heads) as rec:
+        for b in tqdm(range(n_batches), desc="collecting statistics", disable=not progress, unit="batch"):
+            batch = [texts[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            rec.token_mask = enc["attention_mask"].bool()
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+    model.train(was_training)
+    stats = ActivationStats(rec.ffn, rec.attn, dict(meta or {}))
+    stats.meta["n_texts"] = len(texts)
+    stats.meta["n_tokens"] = stats.n_tokens
+    stats.meta["max_length"] = max_length
+    return stats

@@ -1,0 +1,173 @@
+"""Applying a plan to a model (DESIGN 3): physically sliced linears, or a masked twin for checks.
+
+Slicing keeps rows of the FFN input linears and columns of the output linear (and whole heads
+of q/k/v/o); bias compensation is added to the output linears' biases.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .models import check_fingerprint
+from .plan import Expert, Plan
+
+SEAP_CONFIG_KEY = "seap_pruning"
+
+
+def _head_channels(units: torch.Tensor, width: int) -> torch.Tensor:
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def head_index_sets(adapter: Adapter, layer: nn.Module, units: torch.Tensor, head_unit: str):
+    """Channel indices to keep in q (and o's input) and in k/v for the kept heads or KV groups."""
+    g = adapter.head_geometry(layer)
+    if head_unit == "kv_groups":
+        q_heads = (units[:, None] * g.group_size + torch.arange(g.group_size)).flatten()
+        kv_heads = units
+    else:  # multi-head attention: query head h owns key/value head h
+        q_heads = kv_heads = units
+    return _head_channels(q_heads, g.head_dim), _head_channels(kv_heads, g.head_dim), len(q_heads), len(kv_heads)
+
+
+def _slice_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.data.index_select(0, idx).clone(), requires_grad=False)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.data.index_select(0, idx).clone(), requires_grad=False)
+    lin.out_features = len(idx)
+
+
+def _slice_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.data.index_select(1, idx).clone(), requires_grad=False)
+    lin.in_features = len(idx)
+
+
+def _add_bias(lin: nn.Linear, delta: torch.Tensor) -> None:
+    lin.bias.data += delta.to(lin.bias.device, lin.bias.dtype)
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None,
+                check: bool = True) -> nn.Module:
+    """Physically prune `model` in place to the plan's expert and record the result in its config."""
+    if check:
+        check_fingerprint(plan.meta["fingerprint"], model, adapter)
+    name, ex = plan.expert(expert)
+    layers = adapter.layers(model)
+    ffn_out_native = adapter.supports_native_ffn_out_bias(model.config)
+    if ex.ffn_bias is not None and ffn_out_native:
+        adapter.enable_ffn_out_bias(model.config)
+    attn_bias = ex.attn_bias is not None
+    if attn_bias and hasattr(model.config, "attention_bias"):
+        model.config.attention_bias = True
+    heads, kv_heads = [], []
+    for i, layer in enumerate(layers):
+        idx = ex.ffn[i]
+        if ex.ffn_bias is not None:
+            adapter.prepare_ffn_out_bias(layer)
+        if len(idx) < adapter.d_ff(layer):
+            for lin in adapter.ffn_in(layer):
+                _slice_rows(lin, idx)
+            _slice_cols(adapter.ffn_out(layer), idx)
+        if ex.ffn_bias is not None:
+            _add_bias(adapter.ffn_out(layer), ex.ffn_bias[i])
+        if ex.heads is not None:
+            q_idx, kv_idx, n_q, n_kv = head_index_sets(adapter, layer, ex.heads[i], plan.head_unit)
+            q, k, v = adapter.attn_in(layer)
+            o = adapter.attn_out(layer)
+            if attn_bias:
+                from .adapters.base import zero_bias
+
+                for lin in (q, k, v, o):
+                    zero_bias(lin)
+            _slice_rows(q, q_idx)
+            _slice_rows(k, kv_idx)
+            _slice_rows(v, kv_idx)
+            _slice_cols(o, q_idx)
+            if attn_bias:
+                _add_bias(o, ex.attn_bias[i])
+            adapter.set_head_counts(layer, n_q, n_kv)
+            heads.append(n_q)
+            kv_heads.append(n_kv)
+    widths = [adapter.d_ff(layer) for layer in layers]
+    record = {
+        "ffn_widths": widths,
+        "dense_ffn_width": int(plan.meta["fingerprint"]["arch"]["d_ff"][0]),
+        "num_heads": heads or None,
+        "num_kv_heads": kv_heads or None,
+        "ffn_out_bias": ex.ffn_bias is not None,
+        "ffn_out_bias_native": bool(ex.ffn_bias is not None and ffn_out_native),
+        "attn_out_bias": attn_bias,
+        "base_model": plan.meta["base_model"],
+        "method": plan.meta["method"],
+        "expert": name,
+        "target_ratio": plan.meta["target_ratio"],
+        "achieved_ratio": ex.stats.get("achieved_ratio"),
+        "seap_version": plan.meta.get("seap_version"),
+    }
+    setattr(model.config, SEAP_CONFIG_KEY, record)
+    if len(set(widths)) == 1:
+        setattr(model.config, adapter.ffn_width_key, widths[0])
+    return model
+
+
+@contextmanager
+def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None) -> Iterator[nn.Module]:
+    """The plan as zero masks on the dense model (for comparison); hooks removed on exit."""
+    name, ex = plan.expert(expert)
+    handles = []
+
+    def zero_inputs(keep: torch.Tensor, n: int):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[keep] = True
+
+        def hook(_m, args):
+            x = args[0]
+            return (x * mask.to(x.device, x.dtype),) + tuple(args[1:])
+        return hook
+
+    def add_output(delta: torch.Tensor):
+        def hook(_m, _args, out):
+            return out + delta.to(out.device, out.dtype)
+        return hook
+
+    try:
+        for i, layer in enumerate(adapter.layers(model)):
+            out = adapter.ffn_out(layer)
+            handles.append(out.register_forward_pre_hook(zero_inputs(ex.ffn[i], out.in_features)))
+            if ex.ffn_bias is not None:
+                handles.append(out.register_forward_hook(add_output(ex.ffn_bias[i])))
+            if ex.heads is not None:
+                o = adapter.attn_out(layer)
+                q_idx, _, _, _ = head_index_sets(adapter, layer, ex.heads[i], plan.head_unit)
+                handles.append(o.register_forward_pre_hook(zero_inputs(q_idx, o.in_features)))
+                if ex.attn_bias is not None:
+                    handles.append(o.register_forward_hook(add_output(ex.attn_bias[i])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def ffn_params(model: nn.Module, adapter: Adapter) -> int:
+    total = 0
+    for layer in adapter.layers(model):
+        for lin in (*adapter.ffn_in(layer), adapter.ffn_out(layer)):
+            total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+    return total

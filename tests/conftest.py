@@ -1,0 +1,140 @@
+"""Tiny random models of each adapter family (built from configs, no network) and a byte tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class ByteTokenizer:
+    """Enough of a Hugging Face tokenizer for seap: bytes as ids, padding, truncation, save."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    eos_token = "<eos>"
+    padding_side = "right"
+
+    def __init__(self, vocab_size: int = 128):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [2 + (b % (self.vocab_size - 2)) for b in text.encode()]
+
+    def __call__(self, texts, return_tensors="pt", padding=True, truncation=True, max_length=512):
+        ids = [self.encode(t)[:max_length] for t in texts]
+        width = max(len(i) for i in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for r, seq in enumerate(ids):
+            if self.padding_side == "right":
+                input_ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            else:
+                input_ids[r, width - len(seq):] = torch.tensor(seq)
+                mask[r, width - len(seq):] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def save_pretrained(self, folder):
+        Path(folder, "byte_tokenizer.txt").write_text("test tokenizer\n")
+
+
+def tiny_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gemma3(**kw):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).eval()
+
+
+def tiny_opt(**kw):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = dict(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,
+               max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=True)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**cfg)).eval()
+    # Random init leaves biases at zero; give them values so bias handling is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+FAMILIES = {"llama": tiny_llama, "gemma3": tiny_gemma3, "opt": tiny_opt}
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: What gas do plants take in?\nAnswer: carbon dioxide",
+    "A short one.",
+    "Pruning removes the channels that a workload does not use, keeping the rest.",
+    "Question: How do you keep bread fresh?\nAnswer: Store it in a sealed bag.",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
+    "Water boils at one hundred degrees at sea level.",
+    "x",
+] * 2
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tokenizer():
+    return ByteTokenizer()
+
+
+def make_loaded(family: str, **kw):
+    from seap.adapters import get_adapter
+    from seap.models import LoadedModel, ModelSource
+
+    model = FAMILIES[family](**kw)
+    return LoadedModel(model, ByteTokenizer(), get_adapter(model), ModelSource(f"tiny-{family}", f"tiny-{family}"))
+
+
+def has_shared_data() -> bool:
+    return SHARED_DATA.is_dir()
+
+
+def byte_level_tokenizer():
+    """A real (saveable, AutoTokenizer-loadable) byte-level tokenizer with 256 + 2 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_folder(tmp_path: Path, family: str, **kw) -> Path:
+    """A tiny random model of `family` saved as a Hugging Face folder with a real tokenizer."""
+    model = FAMILIES[family](vocab_size=260, **kw)
+    folder = tmp_path / f"tiny-{family}"
+    model.save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
