@@ -171,7 +171,13 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
     head_kept, head_removed = None, 0.0
     if head_pool:
         # Heads are coarse: round them first at the same ratio, let the FFN absorb the remainder.
-        head_kept = fn(head_pool, cfg.ratio, **dict(sched, multiple=1))
+        head_kept = list(head_pool.counts)
+        for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1):
+            try:  # few heads per layer may not reach the ratio: take what fits, FFN takes the rest
+                head_kept = fn(head_pool, cfg.ratio * f, **dict(sched, multiple=1))
+                break
+            except ConfigError:
+                continue
         head_removed = sum((n - k) * c for n, k, c in zip(head_pool.counts, head_kept, head_pool.costs))
     ffn_kept = fn(ffn_pool, cfg.ratio, budget=budget - head_removed, **sched)
     return ffn_kept, head_kept

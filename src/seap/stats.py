@@ -200,6 +200,8 @@ def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence
         raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
     # Sorting by length keeps padding (wasted compute) low; statistics do not depend on order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    # Longer texts than the model has positions for would crash inside the embedding.
+    max_length = min(max_length, int(getattr(model.config, "max_position_embeddings", max_length) or max_length))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
