@@ -127,12 +127,7 @@ def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT
         stats = {t: None for t in tasks}
     plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
                       revision=lm.source.revision, fingerprint=fp)
-    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
-    name, _ = plan.expert(expert)
-    slice_model(lm.model, lm.adapter, plan, name, check=False)
-    res = PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
-                      ffn_params(lm.model, lm.adapter), [lm.adapter.d_ff(l) for l in lm.adapter.layers(lm.model)],
-                      0.0, model=lm)
+    res = _slice(lm, plan, expert, out)
     if out:
         out = Path(out)
         res.files = {"plan": str(plan.save(out / "plan")),
@@ -146,6 +141,16 @@ def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT
     return res
 
 
+def _slice(lm: LoadedModel, plan: Plan, expert: str | None, out) -> PruneResult:
+    """Slice the loaded model to one expert and count what went."""
+    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
+    name, _ = plan.expert(expert)
+    slice_model(lm.model, lm.adapter, plan, name, check=False)
+    widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
+    return PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
+                       ffn_params(lm.model, lm.adapter), widths, 0.0, model=lm)
+
+
 def apply(model: str | LoadedModel | None, plan: str | Path | Plan, *, expert: str | None = None,
           out: str | Path | None = None) -> PruneResult:
     """Apply a saved plan to its base model (refused for any other model) and save the result."""
@@ -153,12 +158,7 @@ def apply(model: str | LoadedModel | None, plan: str | Path | Plan, *, expert: s
     lm = _load(model)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
-    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
-    name, _ = plan.expert(expert)
-    slice_model(lm.model, lm.adapter, plan, name, check=False)
-    res = PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
-                      ffn_params(lm.model, lm.adapter), [lm.adapter.d_ff(l) for l in lm.adapter.layers(lm.model)],
-                      0.0, model=lm)
+    res = _slice(lm, plan, expert, out)
     if out:
         res.files = {"model": str(save_pruned(lm.model, lm.tokenizer, out))}
     res.seconds = time.time() - t0
@@ -181,8 +181,6 @@ def info(path: str | Path) -> dict:
     if (path / "config.json").is_file():
         data = read_record(path)
         rec = data["seap_pruning"]
-        from .models import load_model
-
         lm = load_model(str(path))
         return {
             "kind": "pruned model", "base_model": rec["base_model"], "method": rec["method"], "expert": rec["expert"],

@@ -117,14 +117,13 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
                              bool(record.get("attn_out_bias")))
     sd = _state_dict(folder)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    # A tied LM head is not stored; tie_weights() below restores it.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise ArtifactError(f"weights in {folder} do not match its recorded shapes (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}): prune again")
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     if len(set(record["ffn_widths"])) == 1:
         setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .adapters.base import zero_bias
 from .models import check_fingerprint
 from .plan import Expert, Plan
 
@@ -82,8 +83,6 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
             q, k, v = adapter.attn_in(layer)
             o = adapter.attn_out(layer)
             if attn_bias:
-                from .adapters.base import zero_bias
-
                 for lin in (q, k, v, o):
                     zero_bias(lin)
             _slice_rows(q, q_idx)
