@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SHARED_DATA, make_loaded, tiny_folder
+from conftest import make_loaded, tiny_folder
 
 from seap.cli import main
 from seap.errors import ArtifactError, ConfigError, DataError, ModelError

@@ -56,7 +56,7 @@ def test_task_experts_from_shared_data(tmp_path):
                 data_dir=SHARED_DATA, limit=24, out=tmp_path / "o", progress=False)
     assert set(res.plan.experts) == {"arc_easy", "boolq", "generic"}
     assert res.expert == "generic"
-    for name, ex in res.plan.experts.items():
+    for ex in res.plan.experts.values():
         assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=1e-3)
     assert res.plan.meta["corpora"]["arc_easy"]["n_texts"] == 24
 

@@ -226,10 +226,14 @@ def adaptive(pools: Sequence[Pool], scores: Sequence[Sequence[torch.Tensor]], ra
         target = [n - k for n, k in zip(pool.counts, kept[p])]
         pool_budget = budget - spent_removed if p == 0 else sum(t * c for t, c in zip(target, pool.costs))
         out[p] = integerize(pool, target, pool_budget, multiple=multiple)
-        spent_removed += sum((n - k) * c for n, k, c in zip(pool.counts, out[p], pool.costs))
+        spent_removed += removed_params(pool, out[p])
     return out
 
 
+def removed_params(pool: Pool, kept: Sequence[int]) -> int:
+    """Parameters removed when layer l keeps kept[l] of its pool.counts[l] units."""
+    return sum((n - k) * c for n, k, c in zip(pool.counts, kept, pool.costs))
+
+
 def achieved_ratio(pool: Pool, kept: Sequence[int]) -> float:
-    removed = sum((n - k) * c for n, k, c in zip(pool.counts, kept, pool.costs))
-    return removed / pool.total
+    return removed_params(pool, kept) / pool.total

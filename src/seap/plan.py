@@ -7,7 +7,6 @@ A plan folder holds `plan.json` (base model, fingerprint, method, ratios, librar
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +18,11 @@ from torch import nn
 from . import __version__
 from ._io import atomic_dir
 from .adapters import Adapter
-from .allocation import Pool, adaptive, logistic, uniform
+from .allocation import Pool, adaptive, logistic, removed_params, uniform
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .scores import channel_scores, group_scores
 from .stats import ActivationStats, ChannelStats
-
-log = logging.getLogger(__name__)
 
 PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1
@@ -178,7 +175,7 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
                 break
             except ConfigError:
                 continue
-        head_removed = sum((n - k) * c for n, k, c in zip(head_pool.counts, head_kept, head_pool.costs))
+        head_removed = removed_params(head_pool, head_kept)
     ffn_kept = fn(ffn_pool, cfg.ratio, budget=budget - head_removed, **sched)
     return ffn_kept, head_kept
 
@@ -216,10 +213,10 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
                 width = g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)
                 ch = (head_idx[i][:, None] * width + torch.arange(width)).flatten()
                 ex.attn_bias.append(_compensation(adapter.attn_out(l).weight, stats.attn[i], ch))
-    removed = sum((n - k) * c for n, k, c in zip(ffn_pool.counts, ffn_kept, ffn_pool.costs))
+    removed = removed_params(ffn_pool, ffn_kept)
     total = ffn_pool.total
     if head_pool:
-        removed += sum((n - k) * c for n, k, c in zip(head_pool.counts, head_kept, head_pool.costs))
+        removed += removed_params(head_pool, head_kept)
         total += head_pool.total
     ex.stats = {"achieved_ratio": removed / total, "removed_params": int(removed), "prunable_params": int(total)}
     if head_kept is not None:

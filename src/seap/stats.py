@@ -208,14 +208,16 @@ def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence
     n_batches = (len(texts) + batch_size - 1) // batch_size
     # The decoder body is enough: the LM head (262k x 640 for Gemma 3) would dominate the cost.
     body = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
-    with capture_activations(model, adapter, heads) as rec:
-        for b in tqdm(range(n_batches), desc="collecting statistics", disable=not progress, unit="batch"):
-            batch = [texts[i] for i in order[b * batch_size:(b + 1) * batch_size]]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            rec.token_mask = enc["attention_mask"].bool()
-            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-    model.train(was_training)
+    try:
+        with capture_activations(model, adapter, heads) as rec:
+            for b in tqdm(range(n_batches), desc="collecting statistics", disable=not progress, unit="batch"):
+                batch = [texts[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+                enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                rec.token_mask = enc["attention_mask"].bool()
+                body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+    finally:
+        model.train(was_training)
     stats = ActivationStats(rec.ffn, rec.attn, dict(meta or {}))
     stats.meta["n_texts"] = len(texts)
     stats.meta["n_tokens"] = stats.n_tokens

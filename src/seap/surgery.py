@@ -15,7 +15,7 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import zero_bias
 from .models import check_fingerprint
-from .plan import Expert, Plan
+from .plan import Plan
 
 SEAP_CONFIG_KEY = "seap_pruning"
 
