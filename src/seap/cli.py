@@ -8,7 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, PruneConfig
+from .evaluation.harness import ACCURACY_TASKS
+from .evaluation.runner import SHARED_TASKS
 from .errors import SeapError
 
 
@@ -70,6 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", default=None)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval) and perplexity of a model, pruned folder or plan")
+    _model_args(p)
+    p.add_argument("--plan", default=None, help="plan folder: evaluate its experts on --model (the plan's base)")
+    p.add_argument("--experts", default="task", help="with --plan: 'task' (each task its own expert, the "
+                   "paper's protocol), 'generic', or an expert name for every task")
+    p.add_argument("--tasks", default=",".join(SHARED_TASKS),
+                   help=f"comma-separated, from {','.join(ACCURACY_TASKS)}; empty for perplexity only")
+    p.add_argument("--data-dir", default=None, help="local copies in the hub row layout, <task>/<split>.parquet "
+                   "(e.g. ../shared/data); without it lm-eval reads the hub")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (as lm_eval --limit)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ppl-window", type=int, default=1024, help="token-perplexity window length (tokens)")
+    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N windows")
+    p.add_argument("--no-ppl", action="store_true", help="skip token perplexity on WikiText-2")
+    p.add_argument("--word-ppl-docs", type=int, default=0,
+                   help="lm-eval word perplexity on the first N WikiText-2 articles (0: skip; -1: all)")
+    p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
+
+    p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
+    _model_args(p)
+    p.add_argument("--compare", action="append", default=[], help="pruned model folder (repeatable)")
+    p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-path", default="seap", choices=DECODE_PATHS,
+                   help="seap: lean greedy loop with the KV cache; generate: transformers' generate()")
+    p.add_argument("--out", default="seap-bench", help="folder for bench.json and bench.md")
+
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -117,6 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "apply":
             res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out)
             _print_result(res, None)
+        elif args.cmd == "eval":
+            from .evaluation.runner import EvalConfig, markdown_table
+
+            cfg = EvalConfig(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                             data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                             ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, token_ppl=not args.no_ppl,
+                             word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs)
+            report = pipeline.evaluate(args.model, plan=args.plan, experts=args.experts, config=cfg, out=args.out)
+            print(markdown_table([report]), end="")
+            print(f"results: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
+        elif args.cmd == "bench":
+            from .bench import BenchConfig, speed_markdown
+
+            cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len,
+                              batch_sizes=tuple(args.batch or (1, 8)), warmup=args.warmup, repeats=args.repeats,
+                              decode_path=args.decode_path)
+            rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out)
+            print(speed_markdown(rows), end="")
+            print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "info":
             data = pipeline.info(args.path)
             if args.json:

@@ -191,3 +191,48 @@ def info(path: str | Path) -> dict:
             "reload": "seap.load_model / seap's loader" if "per_layer_config" in data else "plain from_pretrained",
         }
     raise ArtifactError(f"{path} is neither a plan folder (plan.json) nor a pruned model folder (config.json)")
+
+
+def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan | None = None,
+             experts: str = "task", config=None, out: str | Path | None = None, label: str | None = None):
+    """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan."""
+    from .evaluation.runner import EvalConfig, evaluate_model, evaluate_plan, save_report
+
+    config = config or EvalConfig()
+    lm = _load(model)
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        report = evaluate_plan(lm, plan, config, experts=experts, label=label)
+    else:
+        record = getattr(lm.model.config, "seap_pruning", None)
+        default = f"{record['method']} {record['expert']} @{record['target_ratio']:g}" if record else "dense"
+        report = evaluate_model(lm, config, label=label or default)
+    if out:
+        report.meta["files"] = save_report([report], out)
+    return report
+
+
+def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
+              plans: Sequence[str] = (), config=None, out: str | Path | None = None):
+    """`seap bench`: the dense model and each pruned folder / plan expert, timed in one process."""
+    from .bench import bench_models, speed_markdown, speed_table
+    from .evaluation.runner import sliced_copy
+
+    lm = _load(model)
+    models = {"dense": lm}
+    for path in compare:
+        models[Path(path).name or str(path)] = load_model(str(path))
+    for spec in plans:
+        folder, _, expert = str(spec).partition(":")
+        p = Plan.load(folder)
+        check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
+        name, _ = p.expert(expert or None)
+        models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced_copy(lm, p, name)
+    speeds = bench_models(models, config)
+    rows = speed_table(speeds, "dense")
+    if out:
+        cfg = config.__dict__ if config is not None else {}
+        write_json(Path(out) / "bench.json", {"config": cfg, "models": {n: s.to_dict() for n, s in speeds.items()},
+                                              "rows": rows})
+        write_text(Path(out) / "bench.md", "# seap bench\n\n" + speed_markdown(rows))
+    return rows

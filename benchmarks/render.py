@@ -1,0 +1,226 @@
+"""Render stage of benchmarks/run.py: RESULTS.md and accuracy_vs_ratio.png from benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+from datetime import date
+from importlib.metadata import version
+from pathlib import Path
+
+from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+
+PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
+                "openbookqa": "acc_norm", "winogrande": "acc"}
+ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP-gen", "SEAP s_F (task experts)", "SEAP-gen s_F")
+
+
+def _load(model: str) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json")) if p.name != "speed.json"]
+    order = {r: i for i, r in enumerate(ROW_ORDER)}
+    return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
+
+
+def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
+    """Average over tasks of (row - dense) on the paper metric, and its paired standard error.
+
+    The same items are scored for both, so the per-item differences carry the comparison's noise
+    (much less than two independent errors would)."""
+    deltas, variances = [], []
+    for task in TASKS:
+        a, b = row["items"].get(task), dense["items"].get(task)
+        if not a or not b or len(a) != len(b):
+            continue
+        d = [x - y for x, y in zip(a, b)]
+        n = len(d)
+        mean = sum(d) / n
+        deltas.append(mean)
+        variances.append(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    k = len(deltas)
+    return sum(deltas) / k, math.sqrt(sum(variances)) / k
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    dense = next(r for r in rows if r["row"] == "dense")
+    head = (["method", "ratio", "params"] + [f"{t} ({PAPER_METRIC[t]})" for t in TASKS]
+            + ["average ± s.e.", "% of dense", "Δ vs dense ± paired s.e.", "token ppl", "word ppl"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        avg = r["average"]
+        delta = "—" if r is dense else "{:+.1f} ± {:.1f}".format(*(100 * x for x in paired_delta(r, dense)))
+        ppl = r.get("token_perplexity") or {}
+        wppl = r.get("word_perplexity") or {}
+        cells = [r["row"], "0" if r is dense else f"{int(100 * r['ratio'])}%", f"{r['params'] / 1e6:.1f}M"]
+        cells += [_pct(r["tasks"][t]["paper"]) if t in r["tasks"] else "—" for t in TASKS]
+        cells += [f"{100 * avg['value']:.1f} ± {100 * avg['stderr']:.1f}",
+                  f"{100 * avg['value'] / dense['average']['value']:.1f}%", delta,
+                  f"{ppl['perplexity']:.1f}" if ppl else "—",
+                  f"{wppl['word_perplexity']:.1f}" if wppl.get("word_perplexity") else "—"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def acc_detail_table(rows: list[dict]) -> str:
+    head = ["method", "ratio"] + [f"{t} acc / acc_norm" for t in TASKS]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["row"], f"{int(100 * r['ratio'])}%"]
+        for t in TASKS:
+            m = r["tasks"].get(t, {}).get("metrics", {})
+            cells.append(f"{_pct(m.get('acc'))} / {_pct(m.get('acc_norm'))}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def speed_tables(model: str) -> str:
+    path = RESULTS / model / "speed.json"
+    if not path.is_file():
+        return "_speed stage not run yet_\n"
+    data = json.loads(path.read_text())
+    text = ""
+    for name, run in data["runs"].items():
+        cfg = run["config"]
+        text += (f"\nDecode path `{name}` ({'seap.bench.greedy_decode: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
+                 f"prompt {cfg['prompt_len']} tokens, {cfg['gen_len']} generated, warm-up {cfg['warmup']}, "
+                 f"median of {cfg['repeats']} interleaved repeats.\n\n")
+        head = ("model", "batch", "weights MB", "prefill tok/s", "decode tok/s", "prefill ×", "decode ×",
+                "bytes limit ×", "decode / limit")
+        text += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+        for r in run["rows"]:
+            text += (f"| {r['model']} | {r['batch']} | {r['weight_MB']:.0f} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | "
+                     f"{r['bytes_limit']:.2f} | {100 * r['of_limit']:.0f}% |\n")
+    return text
+
+
+def plot(all_rows: dict[str, list[dict]], dest: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(all_rows), figsize=(6 * len(all_rows), 4.2), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], all_rows.items()):
+        dense = next(r for r in rows if r["row"] == "dense")
+        for name in ROW_ORDER:
+            pts = sorted((r["ratio"], r["average"]["value"], r["average"]["stderr"]) for r in rows if r["row"] == name)
+            if not pts:
+                continue
+            xs = [0.0] + [p[0] for p in pts]
+            ys = [dense["average"]["value"]] + [p[1] for p in pts]
+            es = [dense["average"]["stderr"]] + [p[2] for p in pts]
+            ax.errorbar([100 * x for x in xs], [100 * y for y in ys], yerr=[100 * e for e in es], marker="o",
+                        capsize=3, label=name)
+        ax.set_title(model)
+        ax.set_xlabel("pruned share of FFN parameters (%)")
+        ax.set_ylabel("average accuracy, paper metric (%)")
+        ax.set_xticks([0] + [int(100 * r) for r in RATIOS])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def findings(all_rows: dict[str, list[dict]]) -> str:
+    """The paper's two accuracy claims, checked on these numbers (computed, not written by hand)."""
+    lines = []
+    for model, rows in all_rows.items():
+        dense = next(r for r in rows if r["row"] == "dense")["average"]["value"]
+        seap = [r for r in rows if r["row"].startswith("SEAP")]
+        at20 = [r for r in seap if r["ratio"] == 0.2]
+        if at20:
+            best = max(at20, key=lambda r: r["average"]["value"])
+            lines.append(f"- {model}, 20%: best SEAP variant is {best['row']} at "
+                         f"{100 * best['average']['value']:.1f} = {100 * best['average']['value'] / dense:.1f}% of "
+                         f"dense ({100 * dense:.1f}); the paper's claim on Llama-2-7B is 97.8%.")
+        at50 = {r["row"]: r["average"]["value"] for r in rows if r["ratio"] == 0.5}
+        s = at50.get("SEAP (task experts)")
+        if s is not None:
+            for base in ("WandA-sp", "FLAP"):
+                if base in at50:
+                    lines.append(f"- {model}, 50%: SEAP (task experts) {100 * s:.1f} vs {base} "
+                                 f"{100 * at50[base]:.1f} ({100 * (s / at50[base] - 1):+.1f}% relative).")
+    return "\n".join(lines) + "\n"
+
+
+def render() -> Path:
+    all_rows = {m: _load(m) for m in MODELS if (RESULTS / m).is_dir() and _load(m)}
+    plotted = plot(all_rows, HERE / "accuracy_vs_ratio.png") if all_rows else False
+    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "lm_eval", "datasets"))
+    cpu = platform.processor() or platform.machine()
+    try:
+        import os
+
+        cpu += f", {os.cpu_count()} cores"
+    except Exception:  # pragma: no cover
+        pass
+    text = f"""# seap benchmark results
+
+Produced by `python benchmarks/run.py` (stages `accuracy`, `speed`, `render`; each result is cached
+under `benchmarks/results/` and reused). Rendered {date.today().isoformat()} from seap commit
+`{_git_commit()}`; Python {platform.python_version()}, {versions}; CPU only ({cpu}).
+
+## Protocol
+
+- Models: the bundled SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32) and Gemma 3 270M
+  (Q4_K_M GGUF dequantised to float32).
+- Accuracy: lm-evaluation-harness `simple_evaluate` on seap's task YAMLs (upstream prompts and
+  choices), zero-shot, reading `../shared/data`. The six tasks score their **validation** splits
+  (ARC and OpenBookQA score test upstream; the offline copies have no test split). Items: the first
+  N of each split, as `lm_eval --limit N` (N per model below; ARC-Challenge has 299).
+- The average is the paper's: acc_norm for PIQA, ARC-Challenge and OpenBookQA, acc for BoolQ,
+  ARC-Easy and WinoGrande. "± s.e." is the standard error of that average (tasks independent);
+  "Δ vs dense ± paired s.e." compares with the dense model on the same items, which is the error
+  that decides whether two rows differ.
+- Ratio = share of FFN parameters removed (these GQA models prune no heads); the achieved ratio is
+  exactly the target in every row.
+- Calibration: {CALIBRATION_LIMIT} training-split examples per task (prompt + gold answer) plus
+  the embedded `{LM_CORPUS}` text. SEAP (task experts): each task is scored by the expert built
+  from its own training corpus (the paper's protocol). SEAP-gen: one generic expert (language
+  text weighted 3, each task 2) on every task. WandA-sp and FLAP: one mask from all of that
+  calibration text pooled (more task data than their papers' WikiText/C4 calibration).
+- Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first 16 non-overlapping
+  windows of 1024 tokens (per-model tokenizer, so not comparable across models). Word perplexity:
+  lm-eval's `wikitext` task (rolling log-likelihood, words of the original text) on the first 2
+  articles. For SEAP (task experts) both come from the generic expert (language modelling has no
+  task expert).
+- Speed: `seap.bench`, dense and pruned models in one process, ratios of medians. The bytes limit
+  is dense bytes / pruned bytes read per decode step (all weights, the tied embedding once as the
+  LM head, plus the KV cache at the mean context length).
+
+![accuracy against ratio](accuracy_vs_ratio.png)
+
+## Findings (computed from the tables below)
+
+{findings(all_rows) if all_rows else '_no results yet_'}
+"""
+    for model, rows in all_rows.items():
+        n = rows[0]["eval_config"]["limit"]
+        text += f"\n## {model}\n\nAccuracy (paper metric, %), N = {n} items per task:\n\n"
+        text += accuracy_table(rows) + "\nacc / acc_norm per task (%):\n\n" + acc_detail_table(rows)
+        text += "\nSpeed:\n" + speed_tables(model)
+    if not plotted:
+        text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")
+    dest = HERE / "RESULTS.md"
+    from seap._io import write_text
+
+    write_text(dest, text)
+    return dest

@@ -1,0 +1,152 @@
+"""Reproduce SEAP's accuracy and speed tables on the bundled models; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py                      # everything (cached results are reused)
+    python benchmarks/run.py --stage accuracy     # or: speed, render
+
+Each (model, method, ratio) result is a JSON file under benchmarks/results/, written when it
+finishes, so an interrupted run resumes where it stopped; `render` rebuilds RESULTS.md and the
+plot from those files. Calibration statistics are cached in benchmarks/.cache (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+CACHE = HERE / ".cache"
+DATA = ROOT.parent / "shared" / "data"
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+RATIOS = (0.2, 0.5)
+TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+LM_CORPUS = "default:general_text"  # language-modelling text (weight 3 in SEAP-gen); not WikiText, whose test split is the perplexity set
+CALIBRATION_LIMIT = 400  # training examples per task corpus
+# (row name, method, plan expert protocol, extra PruneConfig settings)
+CONFIGS = (
+    ("WandA-sp", "wanda-sp", "all", {}),
+    ("FLAP", "flap", "all", {}),
+    ("SEAP (task experts)", "seap", "task", {}),
+    ("SEAP-gen", "seap", "generic", {}),
+)
+EXTRA_CONFIGS = (  # run after the required rows: SEAP with FLAP's fluctuation score s_F
+    ("SEAP s_F (task experts)", "seap", "task", {"score": "wifv"}),
+    ("SEAP-gen s_F", "seap", "generic", {"score": "wifv"}),
+)
+
+log = logging.getLogger("benchmarks")
+
+
+def _slug(*parts) -> str:
+    return "_".join(str(p).lower().replace(" ", "-").replace("(", "").replace(")", "").replace("/", "-")
+                    for p in parts)
+
+
+def _write(path: Path, data: dict) -> None:
+    from seap._io import write_json
+
+    write_json(path, data)
+
+
+def _stats(lm, model_name: str) -> dict:
+    from seap.pipeline import collect
+
+    return collect(lm, (*TASKS, LM_CORPUS), data_dir=DATA, limit=CALIBRATION_LIMIT, batch_size=8, max_length=512,
+                   out=CACHE / model_name / "stats", progress=False)
+
+
+def _plan(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):
+    from seap.config import PruneConfig
+    from seap.models import fingerprint
+    from seap.plan import build_plan
+
+    cfg = PruneConfig.from_method(method, ratio=ratio, **extra)
+    if protocol == "all":  # baselines: one mask from all calibration text pooled
+        it = iter(stats.values())
+        merged = next(it)
+        for s in it:
+            merged = merged.merge(s)
+        stats = {"all": merged}
+    return build_plan(lm.model, lm.adapter, cfg, stats, base_model=lm.source.model_id,
+                      revision=lm.source.revision, fingerprint=fingerprint(lm.model, lm.adapter))
+
+
+def eval_config(model_name: str, limit: int):
+    from seap.evaluation.runner import EvalConfig
+
+    return EvalConfig(tasks=TASKS, data_dir=str(DATA), limit=limit, batch_size=16, max_length=2048,
+                      ppl_window=1024, ppl_windows=16, word_ppl_docs=2)
+
+
+def accuracy(models: list[str], limits: dict[str, int], extra: bool) -> None:
+    from seap.evaluation.runner import evaluate_model, evaluate_plan
+    from seap.models import load_model
+
+    for model_name in models:
+        lm = None
+        jobs = [("dense", None, None, None, 0.0)]
+        configs = CONFIGS + (EXTRA_CONFIGS if extra else ())
+        jobs += [(row, method, protocol, x, r) for r in RATIOS for row, method, protocol, x in configs]
+        for row, method, protocol, x, ratio in jobs:
+            path = RESULTS / model_name / f"{_slug(row, ratio)}.json"
+            if path.is_file():
+                continue
+            if lm is None:
+                lm = load_model(model_name)
+                stats = _stats(lm, model_name)
+            cfg = eval_config(model_name, limits[model_name])
+            t0 = time.time()
+            log.info("%s: %s @ %s", model_name, row, ratio)
+            if method is None:
+                rep = evaluate_model(lm, cfg, label="dense")
+            else:
+                plan = _plan(lm, stats, method, ratio, protocol, x)
+                rep = evaluate_plan(lm, plan, cfg, experts=protocol, label=f"{row} {int(ratio * 100)}%")
+            data = rep.to_dict()
+            data.update(row=row, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
+                        eval_config=cfg.__dict__)
+            _write(path, data)
+            log.info("  average %.4f in %.0fs", rep.average[0], time.time() - t0)
+            gc.collect()
+        del lm
+        gc.collect()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=("all", "accuracy", "speed", "render"), default="all")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=100",
+                    help="items per task, per model (first N of each validation split, as lm-eval --limit)")
+    ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not DATA.is_dir():
+        print(f"benchmarks need ../shared/data (looked in {DATA})", file=sys.stderr)
+        return 2
+    models = [m for m in args.models.split(",") if m]
+    limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
+    if args.stage in ("all", "accuracy"):
+        accuracy(models, limits, args.extra)
+    if args.stage in ("all", "speed"):
+        from speed import speed  # noqa: E402  (benchmarks/speed.py)
+
+        speed(models)
+    if args.stage in ("all", "render"):
+        from render import render  # noqa: E402  (benchmarks/render.py)
+
+        render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())

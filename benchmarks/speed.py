@@ -1,0 +1,50 @@
+"""Speed stage of benchmarks/run.py: dense and pruned models timed in one process per model."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+from run import CACHE, CONFIGS, RATIOS, RESULTS, _plan, _slug, _stats, _write
+
+log = logging.getLogger("benchmarks.speed")
+
+# SEAP's experts (task or generic) share the logistic widths, so one of them stands for all.
+SPEED_ROWS = [(row, method, protocol) for row, method, protocol, _ in CONFIGS if row != "SEAP-gen"]
+REPEATS = {"smollm2-135m": 5, "gemma3-270m": 3}
+
+
+def speed(models: list[str]) -> None:
+    from seap.bench import BenchConfig, bench_models, speed_table
+    from seap.evaluation.runner import sliced_copy
+    from seap.models import load_model
+
+    for model_name in models:
+        path = RESULTS / model_name / "speed.json"
+        if path.is_file():
+            continue
+        lm = load_model(model_name)
+        stats = _stats(lm, model_name)
+        candidates = {"dense": lm}
+        for ratio in RATIOS:
+            for row, method, protocol in SPEED_ROWS:
+                plan = _plan(lm, stats, method, ratio, protocol, {})
+                expert = "generic" if protocol == "task" else None
+                candidates[f"{row} {int(ratio * 100)}%"] = sliced_copy(lm, plan, expert)
+        result = {"model": model_name, "cache": str(CACHE), "runs": {}}
+        for path_name, batches in (("seap", (1, 8)), ("generate", (1,))):
+            cfg = BenchConfig(prompt_len=128, gen_len=64, batch_sizes=batches, warmup=1,
+                              repeats=REPEATS.get(model_name, 3), decode_path=path_name)
+            t0 = time.time()
+            speeds = bench_models(candidates, cfg)
+            result["runs"][path_name] = {"config": cfg.__dict__, "rows": speed_table(speeds, "dense"),
+                                         "models": {n: s.to_dict() for n, s in speeds.items()},
+                                         "seconds": round(time.time() - t0, 1)}
+            log.info("%s %s done in %.0fs", model_name, path_name, time.time() - t0)
+        _write(path, result)
+        del candidates, lm
+        gc.collect()
+
+
+__all__ = ["speed", "_slug"]
