@@ -197,10 +197,10 @@ under `benchmarks/results/` and reused). Rendered {date.today().isoformat()} fro
   from its own training corpus (the paper's protocol). SEAP-gen: one generic expert (language
   text weighted 3, each task 2) on every task. WandA-sp and FLAP: one mask from all of that
   calibration text pooled (more task data than their papers' WikiText/C4 calibration).
-- Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first 16 non-overlapping
-  windows of 1024 tokens (per-model tokenizer, so not comparable across models). Word perplexity:
-  lm-eval's `wikitext` task (rolling log-likelihood, words of the original text) on the first 2
-  articles. For SEAP (task experts) both come from the generic expert (language modelling has no
+- Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first non-overlapping
+  windows of 1024 tokens (16 for SmolLM2, 8 for Gemma 3; per-model tokenizer, so not comparable
+  across models). Word perplexity: lm-eval's `wikitext` task (rolling log-likelihood, words of the
+  original text) on the first articles (2 for SmolLM2, 1 for Gemma 3). For SEAP (task experts) both come from the generic expert (language modelling has no
   task expert).
 - Speed: `seap.bench`, dense and pruned models in one process, ratios of medians. The bytes limit
   is dense bytes / pruned bytes read per decode step (all weights, the tied embedding once as the

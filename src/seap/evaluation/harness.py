@@ -52,7 +52,7 @@ def localize_yaml(text: str, task: str, data_dir: str | Path) -> tuple[str, str]
     (ARC and OpenBookQA score `test` upstream, but the offline copies have `validation`).
     """
     folder = _DATA_FOLDER.get(task, task)
-    lines, files = [], {}
+    lines, files, kept = [], {}, {}
     for line in text.splitlines():
         key = line.split(":", 1)[0]
         if key in _SPLIT_KEYS:
@@ -68,13 +68,13 @@ def localize_yaml(text: str, task: str, data_dir: str | Path) -> tuple[str, str]
                 line = f"{key}: null"
             else:
                 files[split] = path
+            kept[key] = split if path is not None else None
         elif key == "dataset_path":
             line = "dataset_path: __LOCAL__"
         elif key == "dataset_name":
             line = "dataset_name: null"
         lines.append(line)
-    scored = next((_split_value(ln) for ln in reversed(lines) if ln.split(":", 1)[0] in ("test_split", "validation_split")
-                   and _split_value(ln)), None)
+    scored = kept.get("test_split") or kept.get("validation_split")
     if scored is None:
         raise DataError(f"{Path(data_dir) / folder} has none of the splits {task} is scored on: add "
                         "validation.parquet (or test.parquet) in the Hugging Face row layout")
