@@ -192,7 +192,7 @@ under `benchmarks/results/` and reused). Rendered {date.today().isoformat()} fro
   that decides whether two rows differ.
 - Ratio = share of FFN parameters removed (these GQA models prune no heads); the achieved ratio is
   exactly the target in every row.
-- Calibration: {CALIBRATION_LIMIT} training-split examples per task (prompt + gold answer) plus
+- Calibration: {CALIBRATION_LIMIT['smollm2-135m']} (SmolLM2) or {CALIBRATION_LIMIT['gemma3-270m']} (Gemma 3) training-split examples per task (prompt + gold answer) plus
   the embedded `{LM_CORPUS}` text. SEAP (task experts): each task is scored by the expert built
   from its own training corpus (the paper's protocol). SEAP-gen: one generic expert (language
   text weighted 3, each task 2) on every task. WandA-sp and FLAP: one mask from all of that

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 RATIOS = (0.2, 0.5)
 TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
 LM_CORPUS = "default:general_text"  # language-modelling text (weight 3 in SEAP-gen); not WikiText, whose test split is the perplexity set
-CALIBRATION_LIMIT = 400  # training examples per task corpus
+CALIBRATION_LIMIT = {"smollm2-135m": 400, "gemma3-270m": 200}  # training examples per task corpus
 # (row name, method, plan expert protocol, extra PruneConfig settings)
 CONFIGS = (
     ("WandA-sp", "wanda-sp", "all", {}),
@@ -58,7 +59,8 @@ def _write(path: Path, data: dict) -> None:
 def _stats(lm, model_name: str) -> dict:
     from seap.pipeline import collect
 
-    return collect(lm, (*TASKS, LM_CORPUS), data_dir=DATA, limit=CALIBRATION_LIMIT, batch_size=8, max_length=512,
+    return collect(lm, (*TASKS, LM_CORPUS), data_dir=DATA, limit=CALIBRATION_LIMIT.get(model_name, 400), batch_size=8,
+                   max_length=512,
                    out=CACHE / model_name / "stats", progress=False)
 
 
@@ -101,8 +103,8 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool) -> None:
         jobs += [(row, method, protocol, x, r) for r in RATIOS for row, method, protocol, x in configs]
         for row, method, protocol, x, ratio in jobs:
             path = RESULTS / model_name / f"{_slug(row, ratio)}.json"
-            if path.is_file():
-                continue
+            if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == limits[model_name]:
+                continue  # finished earlier with the same number of items
             if lm is None:
                 lm = load_model(model_name)
                 stats = _stats(lm, model_name)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("all", "accuracy", "speed", "render"), default="all")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=60",
+    ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
     args = ap.parse_args(argv)
