@@ -89,11 +89,11 @@ def speed_tables(model: str) -> str:
         text += (f"\nDecode path `{name}` ({'seap.bench.greedy_decode: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
                  f"prompt {cfg['prompt_len']} tokens, {cfg['gen_len']} generated, warm-up {cfg['warmup']}, "
                  f"median of {cfg['repeats']} interleaved repeats.\n\n")
-        head = ("model", "batch", "weights MB", "prefill tok/s", "decode tok/s", "prefill ×", "decode ×",
+        head = ("model", "batch", "weights MB", "peak MB", "prefill tok/s", "decode tok/s", "prefill ×", "decode ×",
                 "bytes limit ×", "decode / limit")
         text += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
         for r in run["rows"]:
-            text += (f"| {r['model']} | {r['batch']} | {r['weight_MB']:.0f} | {r['prefill_tok_s']:.0f} | "
+            text += (f"| {r['model']} | {r['batch']} | {r['weight_MB']:.0f} | {r['peak_MB']:.0f} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | "
                      f"{r['bytes_limit']:.2f} | {100 * r['of_limit']:.0f}% |\n")
     return text
@@ -204,7 +204,9 @@ under `benchmarks/results/` and reused). Rendered {date.today().isoformat()} fro
   task expert).
 - Speed: `seap.bench`, dense and pruned models in one process, ratios of medians. The bytes limit
   is dense bytes / pruned bytes read per decode step (all weights, the tied embedding once as the
-  LM head, plus the KV cache at the mean context length).
+  LM head, plus the KV cache at the mean context length). Peak MB on a CPU is the weights plus the
+  KV cache held at the end of generation (activations are not counted); on CUDA it is the
+  allocator's peak.
 
 ![accuracy against ratio](accuracy_vs_ratio.png)
 

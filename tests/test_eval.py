@@ -210,3 +210,22 @@ def test_byte_tokenizer_is_what_the_folder_holds(llama_folder):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(llama_folder)("abc").input_ids == byte_level_tokenizer()("abc").input_ids
+
+
+def test_eval_cli_with_a_plan_uses_its_generic_expert(tmp_path, capsys, data_dir, llama_folder):
+    plan_out = tmp_path / "p"
+    assert main(["prune", "--model", str(llama_folder), "--task", "default:science_qa",
+                 "--task", "default:general_text", "--ratio", "0.3", "--limit", "6", "--out", str(plan_out)]) == 0
+    out = tmp_path / "ev"
+    ppl = ["--ppl-window", "64", "--ppl-windows", "1"] if has_shared_data() else ["--no-ppl"]  # WikiText is there
+    assert main(["eval", "--model", str(llama_folder), "--plan", str(plan_out / "plan"), "--experts", "generic",
+                 "--tasks", "piqa", "--limit", "3", "--data-dir", str(data_dir), *ppl, "--out", str(out)]) == 0
+    rep = json.loads((out / "eval.json").read_text())["reports"][0]
+    assert rep["experts"] == {"piqa": "generic"} and rep["meta"]["achieved_ratio"] == pytest.approx(0.3, abs=0.02)
+    if has_shared_data():
+        assert rep["token_perplexity"]["window"] == 64 and rep["token_perplexity"]["windows"] == 1
+    capsys.readouterr()
+    other = tiny_folder(tmp_path / "other", "llama", max_position_embeddings=1024, hidden_size=48)
+    assert main(["eval", "--model", str(other), "--plan", str(plan_out / "plan"), "--tasks", "piqa",
+                 "--no-ppl", "--out", str(tmp_path / "z")]) == 2
+    assert "seap: error:" in capsys.readouterr().err
