@@ -92,7 +92,7 @@ def eval_config(model_name: str, limit: int):
                       ppl_window=1024, ppl_windows=windows, word_ppl_docs=docs)
 
 
-def accuracy(models: list[str], limits: dict[str, int], extra: bool) -> None:
+def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATIOS) -> None:
     from seap.evaluation.runner import evaluate_model, evaluate_plan
     from seap.models import load_model
 
@@ -100,7 +100,7 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool) -> None:
         lm = None
         jobs = [("dense", None, None, None, 0.0)]
         configs = CONFIGS + (EXTRA_CONFIGS if extra else ())
-        jobs += [(row, method, protocol, x, r) for r in RATIOS for row, method, protocol, x in configs]
+        jobs += [(row, method, protocol, x, r) for r in ratios for row, method, protocol, x in configs]
         for row, method, protocol, x, ratio in jobs:
             path = RESULTS / model_name / f"{_slug(row, ratio)}.json"
             if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == limits[model_name]:
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
     if args.stage in ("all", "accuracy"):
-        accuracy(models, limits, args.extra)
+        accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")))
     if args.stage in ("all", "speed"):
         from speed import speed  # noqa: E402  (benchmarks/speed.py)
 
