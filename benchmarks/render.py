@@ -139,11 +139,20 @@ def _git_commit() -> str:
         return "unknown"
 
 
+CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "openbookqa": 0.25}
+
+
 def findings(all_rows: dict[str, list[dict]]) -> str:
     """The paper's two accuracy claims, checked on these numbers (computed, not written by hand)."""
     lines = []
+    chance = sum(CHANCE[t] for t in TASKS) / len(TASKS)
     for model, rows in all_rows.items():
         dense = next(r for r in rows if r["row"] == "dense")["average"]["value"]
+        lines.append(f"- {model}: dense average {100 * dense:.1f}, {100 * (dense - chance):.1f} points above the "
+                     f"nominal chance level {100 * chance:.1f} (1/2 for PIQA, BoolQ, WinoGrande; 1/4 for ARC and "
+                     "OpenBookQA); 'headroom kept' = (row - chance) / (dense - chance): "
+                     + ", ".join(f"{r['row']} {int(100 * r['ratio'])}% {100 * (r['average']['value'] - chance) / (dense - chance):.0f}%"
+                                 for r in rows if r["row"] != "dense") + ".")
         seap = [r for r in rows if r["row"].startswith("SEAP")]
         at20 = [r for r in seap if r["ratio"] == 0.2]
         if at20:
@@ -175,7 +184,8 @@ def render() -> Path:
     text = f"""# seap benchmark results
 
 Produced by `python benchmarks/run.py` (stages `accuracy`, `speed`, `render`; each result is cached
-under `benchmarks/results/` and reused). Rendered {date.today().isoformat()} from seap commit
+under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus the SEAP s_F rows by
+`python benchmarks/run.py --stage accuracy --models smollm2-135m --extra --ratios 0.5`. Rendered {date.today().isoformat()} from seap commit
 `{_git_commit()}`; Python {platform.python_version()}, {versions}; CPU only ({cpu}).
 
 ## Protocol
