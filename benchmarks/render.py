@@ -161,12 +161,14 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
                          f"{100 * best['average']['value']:.1f} = {100 * best['average']['value'] / dense:.1f}% of "
                          f"dense ({100 * dense:.1f}); the paper's claim on Llama-2-7B is 97.8%.")
         at50 = {r["row"]: r["average"]["value"] for r in rows if r["ratio"] == 0.5}
-        s = at50.get("SEAP (task experts)")
-        if s is not None:
+        seap50 = {k: v for k, v in at50.items() if k.startswith("SEAP")}
+        for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):
+            if name not in at50:
+                continue
             for base in ("WandA-sp", "FLAP"):
                 if base in at50:
-                    lines.append(f"- {model}, 50%: SEAP (task experts) {100 * s:.1f} vs {base} "
-                                 f"{100 * at50[base]:.1f} ({100 * (s / at50[base] - 1):+.1f}% relative).")
+                    lines.append(f"- {model}, 50%: {name} {100 * at50[name]:.1f} vs {base} "
+                                 f"{100 * at50[base]:.1f} ({100 * (at50[name] / at50[base] - 1):+.1f}% relative).")
     return "\n".join(lines) + "\n"
 
 
