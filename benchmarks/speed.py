@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 
-from run import CACHE, CONFIGS, RATIOS, RESULTS, _plan, _slug, _stats, _write
+from run import CACHE, CONFIGS, RATIOS, RESULTS, _plan, _stats, _write
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -47,6 +47,3 @@ def speed(models: list[str]) -> None:
         _write(path, result)
         del candidates, lm
         gc.collect()
-
-
-__all__ = ["speed", "_slug"]
