@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .models import LoadedModel
+from .surgery import count_params
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
     context = cfg.prompt_len + cfg.gen_len / 2
     for name, lm in models.items():
         m = lm.model
-        out[name] = ModelSpeed(name, sum(p.numel() for p in {id(p): p for p in m.parameters()}.values()),
+        out[name] = ModelSpeed(name, count_params(m),
                                weight_bytes(m),
                                {b: decode_step_bytes(m, lm.adapter, b, context) for b in cfg.batch_sizes}, {})
     steps = [(b, name) for b in cfg.batch_sizes for name in models]
