@@ -65,3 +65,25 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items()}
+
+
+SIX_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+
+
+@pytest.mark.skipif(not _bundled() or not has_shared_data(), reason="needs the bundled model and ../shared/data")
+def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
+    """Fitted on the train splits of the six tasks, tested on their validation splits (DESIGN 2.5)."""
+    from seap.config import PruneConfig
+    from seap.models import fingerprint, load_model
+    from seap.plan import GENERIC, build_plan
+    from seap.router import evaluate_router, fit_router
+
+    lm = load_model("smollm2-135m")
+    # The router depends on the experts' names only; a data-free plan keeps the test short.
+    plan = build_plan(lm.model, lm.adapter, PruneConfig.from_method("magnitude", ratio=0.5),
+                      {t: None for t in SIX_TASKS}, base_model="smollm2-135m", revision=None,
+                      fingerprint=fingerprint(lm.model, lm.adapter))
+    router = fit_router(lm, plan.experts, data_dir=SHARED_DATA)
+    res = evaluate_router(lm, router, data_dir=SHARED_DATA)
+    assert res.meta["n"] == 7744 and res.accuracy >= 0.93, res.markdown()
+    assert [r.expert for r in router.route(lm, ["Write a haiku about autumn leaves.", ""])] == [GENERIC, GENERIC]

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval) and perplexity of a model, pruned folder or plan")
     _model_args(p)
-    p.add_argument("--plan", default=None, help="plan folder: evaluate its experts on --model (the plan's base)")
+    p.add_argument("--plan", action="append", default=None,
+                   help="plan folder: evaluate its experts on --model (the plan's base); repeatable with --routed")
+    p.add_argument("--routed", default=None, metavar="ROUTER",
+                   help="router folder (seap route fit): the router picks each item's expert instead of the oracle")
     p.add_argument("--experts", default="task", help="with --plan: 'task' (each task its own expert, the "
                    "paper's protocol), 'generic', or an expert name for every task")
     p.add_argument("--tasks", default=",".join(SHARED_TASKS),
@@ -104,6 +107,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seap: lean greedy loop with the KV cache; generate: transformers' generate()")
     p.add_argument("--out", default="seap-bench", help="folder for bench.json and bench.md")
 
+    p = sub.add_parser("route", help="SEAP's task router: fit it, evaluate it, explain its choices")
+    rsub = p.add_subparsers(dest="route_cmd", required=True)
+    r = rsub.add_parser("fit", help="fit a router over the experts of one or more plans")
+    _model_args(r)
+    r.add_argument("--plan", action="append", required=True, help="plan folder (repeatable)")
+    r.add_argument("--task", dest="tasks", action="append", default=None,
+                   help="router class (repeatable); default: every expert of the plans with a loadable corpus")
+    r.add_argument("--data-dir", default=None, help="local task data (e.g. ../shared/data)")
+    r.add_argument("--split", default="train", help="split of the task data to fit on (default train)")
+    r.add_argument("--limit", type=int, default=1500, help="training prompts per task")
+    r.add_argument("--threshold", type=float, default=0.5,
+                   help="top probability under which a prompt goes to the generic expert")
+    r.add_argument("--background", action="append", default=None,
+                   help="plain-text corpus that teaches 'no task' (repeatable; default default:general_text)")
+    r.add_argument("--out", default=None, help="router folder (default: <first plan>/../router)")
+    r = rsub.add_parser("eval", help="per-task precision, recall, F1 and confusion matrix on held-out prompts")
+    _model_args(r)
+    r.add_argument("--router", required=True)
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--split", default="validation")
+    r.add_argument("--limit", type=int, default=None, help="held-out prompts per task")
+    r.add_argument("--unknown", action="append", default=[],
+                   help="corpus of a kind the router was not fitted on: reports the share sent to generic")
+    r.add_argument("--out", default="seap-route-eval")
+    r = rsub.add_parser("explain", help="which expert each prompt gets, with the probabilities")
+    _model_args(r)
+    r.add_argument("--router", required=True)
+    r.add_argument("prompts", nargs="+")
+    r.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="greedy generation on the dense model, one expert or routed experts")
+    _model_args(p)
+    p.add_argument("prompts", nargs="*", help="prompts (or --file)")
+    p.add_argument("--file", default=None, help="text file with one prompt per line, or JSONL with a 'prompt' key")
+    p.add_argument("--plan", action="append", default=[], help="plan folder (repeatable)")
+    p.add_argument("--router", default=None, help="router folder: each prompt runs on the expert it picks")
+    p.add_argument("--expert", default=None, help="one expert for every prompt (default: the plan's default)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -124,6 +167,51 @@ def _print_result(res, out) -> None:
         print(f"  {k}: {v}")
     if out:
         print(f"  summary: {Path(out) / 'summary.md'}")
+
+
+def _read_prompts(path: str) -> list[str]:
+    from .errors import DataError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read prompts from {path}: {err}") from None
+    if path.endswith(".jsonl"):
+        try:
+            return [json.loads(line)["prompt"] for line in lines if line.strip()]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}: every line must be a JSON object with a 'prompt' string") from None
+    return [line for line in lines if line.strip()]
+
+
+def _route(pipeline, args) -> None:
+    from .router import RouterConfig
+
+    if args.route_cmd == "fit":
+        cfg = RouterConfig(threshold=args.threshold, limit=args.limit,
+                           background=tuple(args.background or RouterConfig.background))
+        router = pipeline.fit_router(args.model, args.plan, tasks=args.tasks, data_dir=args.data_dir,
+                                     split=args.split, config=cfg, out=args.out)
+        counts = router.meta["train_counts"]
+        print(f"router over {len(router.classes)} classes fitted in {router.meta['fit_seconds']:.0f}s "
+              f"(train accuracy {router.meta['train_accuracy']:.3f})")
+        for c in router.classes:
+            print(f"  {c}: {counts[c]} prompts -> expert {router.experts[c]}")
+        print(f"  threshold {router.threshold}: lower top probability -> generic; saved to {router.meta['folder']}")
+    elif args.route_cmd == "eval":
+        res = pipeline.evaluate_router(args.model, args.router, data_dir=args.data_dir, split=args.split,
+                                       limit=args.limit, unknown=args.unknown, out=args.out)
+        print(res.markdown(), end="")
+        print("results: " + ", ".join(res.meta.get("files", {}).values()))
+    else:
+        routes = pipeline.explain(args.model, args.router, args.prompts)
+        if args.json:
+            print(json.dumps([{"prompt": p, **r.__dict__} for p, r in zip(args.prompts, routes)], indent=2))
+            return
+        for p, r in zip(args.prompts, routes):
+            top = sorted(r.probs.items(), key=lambda kv: -kv[1])[:4]
+            print(f"{p[:60]!r} -> {r.expert} ({r.reason}, p={r.confidence:.2f}); "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in top))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                              data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
                              ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, token_ppl=not args.no_ppl,
                              word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs)
-            report = pipeline.evaluate(args.model, plan=args.plan, experts=args.experts, config=cfg, out=args.out)
+            plans = args.plan or [None]
+            report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
+                                       config=cfg, out=args.out, routed=args.routed)
             print(markdown_table([report]), end="")
             print(f"results: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
         elif args.cmd == "bench":
@@ -170,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
+        elif args.cmd == "route":
+            _route(pipeline, args)
+        elif args.cmd == "generate":
+            prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
+            rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
+                                     max_new_tokens=args.max_new_tokens)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for row in rows:
+                    print(f"--- [{row['expert']}] {row['prompt']!r}\n{row['text']}")
         elif args.cmd == "info":
             data = pipeline.info(args.path)
             if args.json:

@@ -10,9 +10,10 @@ from typing import Sequence
 
 from ._io import write_json, write_text
 from .config import PruneConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .models import LoadedModel, check_fingerprint, fingerprint, load_model
 from .plan import Plan, build_plan, resolve_head_unit
+from .router import Router, RouterConfig, RouterEval, Route
 from .pruned import read_record, save_pruned
 from .stats import ActivationStats, collect_stats
 from .surgery import count_params, ffn_params, slice_model
@@ -194,15 +195,25 @@ def info(path: str | Path) -> dict:
 
 
 def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan | None = None,
-             experts: str = "task", config=None, out: str | Path | None = None, label: str | None = None):
-    """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan."""
+             experts: str = "task", config=None, out: str | Path | None = None, label: str | None = None,
+             routed: str | Path | Router | None = None, extra_plans: Sequence[str | Path | Plan] = ()):
+    """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan
+    (with `routed`, the router picks every item's expert among the plans' experts)."""
     from .evaluation.runner import EvalConfig, evaluate_model, evaluate_plan, save_report
 
     config = config or EvalConfig()
     lm = _load(model)
-    if plan is not None:
+    if routed is not None:
+        from .evaluation.routed import evaluate_routed
+
+        if plan is None:
+            raise ConfigError("--routed needs the plan(s) whose experts the router picks: add --plan")
+        report = evaluate_routed(lm, _plans([plan, *extra_plans]), _router(routed), config, label=label)
+    elif plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         report = evaluate_plan(lm, plan, config, experts=experts, label=label)
+    elif extra_plans:
+        raise ConfigError("several plans are only used with --routed")
     else:
         record = getattr(lm.model.config, "seap_pruning", None)
         default = f"{record['method']} {record['expert']} @{record['target_ratio']:g}" if record else "dense"
@@ -236,3 +247,109 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
                                               "rows": rows})
         write_text(Path(out) / "bench.md", "# seap bench\n\n" + speed_markdown(rows))
     return rows
+
+
+# -- routing ------------------------------------------------------------------------------------
+def _plans(plans: Sequence[str | Path | Plan]) -> list[Plan]:
+    if not plans:
+        raise ConfigError("give at least one plan (--plan)")
+    return [p if isinstance(p, Plan) else Plan.load(p) for p in plans]
+
+
+def _router(router: str | Path | Router) -> Router:
+    return router if isinstance(router, Router) else Router.load(router)
+
+
+def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Plan], *,
+               tasks: Sequence[str] | None = None, data_dir: str | Path | None = None, split: str | None = "train",
+               config: RouterConfig | None = None, out: str | Path | None = None) -> Router:
+    """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default."""
+    from .experts import merge_experts
+    from .router import fit_router as fit
+
+    lm = _load(model)
+    loaded = _plans(plans)
+    experts, owner = merge_experts(loaded)
+    for p in loaded:
+        check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
+    t0 = time.time()
+    router = fit(lm, experts, config, data_dir=data_dir, split=split, tasks=tasks)
+    router.meta["fit_seconds"] = round(time.time() - t0, 1)
+    router.meta["plans"] = [str(p) for p in plans if not isinstance(p, Plan)]
+    if out is None and not isinstance(plans[0], Plan):
+        out = Path(plans[0]).parent / "router"
+    if out is not None:
+        router.save(out)
+        router.meta["folder"] = str(out)
+    return router
+
+
+def evaluate_router(model: str | LoadedModel | None, router: str | Path | Router, *,
+                    data_dir: str | Path | None = None, split: str | None = "validation", limit: int | None = None,
+                    unknown: Sequence[str] = (), out: str | Path | None = None) -> RouterEval:
+    """`seap route eval`: precision, recall, F1 and the confusion matrix on held-out prompts."""
+    from .router import evaluate_router as run
+    from .tasks import resolve_corpus
+
+    lm = _load(model)
+    r = _router(router)
+    extra = {}
+    for spec in unknown:
+        c = resolve_corpus(spec, data_dir=data_dir, limit=limit)
+        extra[spec] = list(c.prompts or c.texts)
+    res = run(lm, r, data_dir=data_dir, split=split, limit=limit, unknown=extra)
+    if out:
+        out = Path(out)
+        write_json(out / "route_eval.json", res.to_dict())
+        write_text(out / "route_eval.md", "# seap route eval\n\n" + res.markdown())
+        files = {"json": str(out / "route_eval.json"), "markdown": str(out / "route_eval.md")}
+        try:
+            from .plots import confusion_plot
+
+            files["plot"] = str(confusion_plot(res, out / "confusion.png"))
+        except ImportError:
+            log.info("matplotlib is not installed: no confusion plot (pip install 'seap[plots]')")
+        res.meta["files"] = files
+    return res
+
+
+def explain(model: str | LoadedModel | None, router: str | Path | Router, prompts: Sequence[str]) -> list[Route]:
+    """`seap route explain`: the expert each prompt gets, with the class probabilities."""
+    if not prompts:
+        raise ConfigError("give at least one prompt to explain")
+    lm = _load(model)
+    return _router(router).route(lm, prompts)
+
+
+def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
+             router: str | Path | Router | None = None, expert: str | None = None,
+             max_new_tokens: int = 64) -> list[dict]:
+    """`seap generate`: greedy continuations on the dense model, one expert, or routed experts."""
+    from .experts import MultiExpertModel
+
+    if not prompts:
+        raise ConfigError("give at least one prompt")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    lm = _load(model)
+    if not plans:
+        if router is not None or expert is not None:
+            raise ConfigError("--router and --expert need the plan(s) their experts come from: add --plan")
+        multi = None
+    else:
+        loaded = _plans(plans)
+        r = _router(router) if router is not None else None
+        if r is None and expert is None:
+            expert = loaded[0].expert(None)[0]  # the plan's default expert
+        multi = MultiExpertModel(lm, loaded, r, experts=None)
+    if multi is None:
+        from .experts import greedy_batch
+
+        texts = greedy_batch(lm, prompts, max_new_tokens)
+        return [{"prompt": p, "expert": "dense", "text": t} for p, t in zip(prompts, texts)]
+    routes = multi.route(prompts) if expert is None else None
+    texts, names = multi.generate(prompts, experts=[r.expert for r in routes] if routes else expert,
+                                  max_new_tokens=max_new_tokens)
+    return [{"prompt": p, "expert": n, "text": t, **({"confidence": round(routes[i].confidence, 4),
+                                                      "reason": routes[i].reason} if routes else {})}
+            for i, (p, n, t) in enumerate(zip(prompts, names, texts))]

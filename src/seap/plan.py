@@ -6,6 +6,7 @@ A plan folder holds `plan.json` (base model, fingerprint, method, ratios, librar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,15 @@ class Expert:
 
     def widths(self) -> list[int]:
         return [len(i) for i in self.ffn]
+
+    def digest(self) -> str:
+        """A short hash of what the expert keeps and adds: tells two experts of one name apart."""
+        h = hashlib.sha256()
+        for kind in ("ffn", "heads", "ffn_bias", "attn_bias"):
+            for t in getattr(self, kind) or []:
+                h.update(kind.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""Routing: the multi-expert model against sliced copies, the router against scikit-learn, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import TEXTS, make_loaded, tiny_folder
+
+from seap.cli import main
+from seap.config import PruneConfig
+from seap.errors import ArtifactError, ConfigError
+from seap.evaluation.runner import sliced_copy
+from seap.experts import MultiExpertModel, greedy_batch
+from seap.models import fingerprint, load_model
+from seap.plan import GENERIC, build_plan
+from seap.router import BACKGROUND, Router, RouterConfig, fit_router, prompt_features
+from seap.stats import collect_stats
+from seap.surgery import ffn_params
+
+
+def multi_task_plan(lm, method="seap", ratio=0.5):
+    heads = lm.model.config.model_type == "opt"
+    stats = {n: collect_stats(lm.model, lm.tokenizer, lm.adapter, TEXTS[i::3], heads=heads, meta={"corpus": n},
+                              progress=False) for i, n in enumerate("abc")}
+    cfg = PruneConfig.from_method(method, ratio=ratio, protect_first=1, protect_last=1)
+    return build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None,
+                      fingerprint=fingerprint(lm.model, lm.adapter))
+
+
+def left_padded(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_mixed_batch_equals_each_sequence_alone_on_its_sliced_expert(family, materialize):
+    lm = make_loaded(family)
+    # OPT: FLAP prunes heads and adds bias compensation, so both routed paths are exercised.
+    plan = multi_task_plan(lm, "flap" if family == "opt" else "seap")
+    assert len({e.digest() for e in plan.experts.values()}) == 4  # four different experts
+    multi = MultiExpertModel(lm, plan, materialize=materialize)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(2, 128, (n,), generator=g) for n in (17, 9, 13, 5)]
+    names = ["a", "b", GENERIC, "a"]
+    ids, mask = left_padded(seqs)
+    with multi.use(names) as model:
+        out = model(input_ids=ids, attention_mask=mask).logits
+    for r, (s, name) in enumerate(zip(seqs, names)):
+        alone = sliced_copy(lm, plan, name).model(s[None]).logits[0]
+        torch.testing.assert_close(out[r, ids.shape[1] - len(s):], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_use_puts_the_dense_linears_back_even_after_an_error():
+    lm = make_loaded("llama")
+    ids = torch.randint(2, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    dense = lm.model(ids).logits
+    before = [m for m in lm.model.modules()]
+    multi = MultiExpertModel(lm, multi_task_plan(lm))
+    with pytest.raises(RuntimeError):
+        with multi.use(["a", "b"]):
+            raise RuntimeError("boom")
+    assert [m for m in lm.model.modules()] == before
+    assert torch.equal(lm.model(ids).logits, dense)
+    with pytest.raises(ConfigError, match="no expert"):
+        with multi.use(["a", "nope"]):
+            pass
+    with pytest.raises(ConfigError, match="one expert per sequence"):
+        with multi.use(["a", "b"]) as model:
+            model(torch.randint(2, 128, (3, 5)))
+
+
+def test_memory_report_counts_the_gathered_weights():
+    lm = make_loaded("llama")
+    plan = multi_task_plan(lm)
+    multi = MultiExpertModel(lm, plan)
+    mem = multi.memory()
+    layers = lm.adapter.layers(lm.model)
+    for name, ex in plan.experts.items():
+        # Independent: FFN parameters of the sliced model, minus the layers an expert keeps whole
+        # (those share the base weights), plus the int64 indices (one tensor per layer, shared by its linears).
+        sliced = sliced_copy(lm, plan, name).model
+        shared = sum(3 * lm.adapter.hidden_size(lm.model) * len(ex.ffn[i]) for i, layer in enumerate(layers)
+                     if len(ex.ffn[i]) == lm.adapter.d_ff(layer))
+        want = (ffn_params(sliced, lm.adapter) - shared) * 4 + 8 * sum(ex.widths())
+        assert mem["per_expert_bytes"][name] == want
+    assert mem["base_bytes"] == sum(p.numel() * 4 for p in {id(p): p for p in lm.model.parameters()}.values())
+    lazy = MultiExpertModel(lm, plan, materialize=False).memory()
+    assert lazy["added_bytes"] == sum(8 * sum(e.widths()) for e in plan.experts.values())
+
+
+def test_routed_generation_of_a_mixed_batch_equals_each_prompt_alone(tmp_path):
+    lm = load_model(str(tiny_folder(tmp_path, "llama")))
+    plan = multi_task_plan(lm)
+    multi = MultiExpertModel(lm, plan)
+    prompts = ["The quick brown fox", "Question: why?", "A", "Numbers: 1 2 3 4 5 6"]
+    names = ["b", "a", GENERIC, "c"]
+    texts, got = multi.generate(prompts, experts=names, max_new_tokens=8)
+    assert got == names
+    for p, name, text in zip(prompts, names, texts):
+        assert greedy_batch(sliced_copy(lm, plan, name), [p], 8) == [text]
+
+
+# -- the router ---------------------------------------------------------------------------------
+KINDS = {
+    "digits": lambda r: " ".join(str(r.randint(0, 999)) for _ in range(r.randint(3, 9))) + " =",
+    "shout": lambda r: " ".join(r.choice(["WHY", "STOP", "NOW", "HELP", "LOOK", "RUN"]) for _ in range(r.randint(2, 6))) + "!",
+    "quiz": lambda r: "Question: " + " ".join(r.choice(["is", "the", "a", "sky", "blue", "sea", "cold", "why"])
+                                            for _ in range(r.randint(3, 8))) + "?\nAnswer:",
+}
+
+
+def write_corpora(folder, n=60):
+    rng = random.Random(0)
+    paths = {}
+    for kind, make in KINDS.items():
+        path = folder / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": make(rng), "answer": " ok"}) + "\n" for _ in range(n)))
+        paths[kind] = str(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    from seap import pipeline
+
+    tmp = tmp_path_factory.mktemp("routed")
+    folder = tiny_folder(tmp, "llama")
+    paths = write_corpora(tmp)
+    res = pipeline.prune(str(folder), list(paths.values()), config=PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                         out=tmp / "out", batch_size=4)
+    lm = load_model(str(folder))
+    router = pipeline.fit_router(lm, [tmp / "out" / "plan"], config=RouterConfig(limit=50, background_samples=60))
+    return {"tmp": tmp, "folder": folder, "paths": paths, "plan": tmp / "out" / "plan", "lm": lm, "router": router,
+            "res": res}
+
+
+def test_router_probabilities_equal_scikit_learn(routed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from seap.router import mean_embeddings, training_set
+
+    lm, router = routed["lm"], routed["router"]
+    assert set(router.classes) == {*routed["paths"].values(), BACKGROUND}
+    cfg = RouterConfig(limit=50, background_samples=60)
+    data = training_set(lm, [*routed["paths"].values(), GENERIC], cfg)
+    x = torch.cat([mean_embeddings(lm.model.get_input_embeddings().weight.detach(), data[c]) for c in data]).numpy()
+    y = [c for c in data for _ in data[c]]
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=0.1, max_iter=3000).fit(scaler.transform(x), y)
+    prompts = ["12 7 300 =", "HELP NOW!", "Question: is the sea cold?\nAnswer:", "something else entirely"]
+    want = clf.predict_proba(scaler.transform(prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts).numpy()))
+    got = router.probabilities(prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts))
+    order = [list(clf.classes_).index(c) for c in router.classes]
+    torch.testing.assert_close(got, torch.as_tensor(want[:, order]), rtol=1e-6, atol=1e-8)
+    routes = router.route(lm, prompts[:3])
+    assert [r.expert for r in routes] == [routed["paths"][k] for k in ("digits", "shout", "quiz")]
+
+
+def test_saved_router_routes_exactly_like_the_fitted_one(routed):
+    saved = Router.load(routed["plan"].parent / "router")
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(saved.probabilities(x), routed["router"].probabilities(x))
+    assert saved.classes == routed["router"].classes and saved.threshold == routed["router"].threshold
+
+
+def test_unknown_prompts_go_to_the_generic_expert(routed):
+    lm, router = routed["lm"], routed["router"]
+    text = "Bees dance to tell their sisters where the flowers are, and how far away they grow."  # not in any corpus
+    routes = router.route(lm, [text, ""])
+    assert [r.expert for r in routes] == [GENERIC, GENERIC]
+    assert routes[0].reason == "background" and routes[1].reason == "empty prompt"
+    # Under the threshold, a prompt goes to the generic expert even when its class is a task.
+    sure = router.route(lm, ["12 7 300 ="])[0]
+    strict = Router(router.classes, router.experts, router.mean, router.scale, router.coef, router.intercept,
+                    threshold=min(0.999, sure.confidence + 1e-6), meta=router.meta)
+    r = strict.route(lm, ["12 7 300 ="])[0]
+    assert (r.expert, r.reason, r.label) == (GENERIC, "low confidence", sure.label)
+
+
+def test_router_for_another_model_or_other_plans_is_refused(routed, tmp_path):
+    from seap.plan import Plan
+
+    other = load_model(str(tiny_folder(tmp_path, "llama", num_hidden_layers=4)))
+    with pytest.raises(ArtifactError, match="router was made for another model"):
+        routed["router"].route(other, ["x"])
+    plan = Plan.load(routed["plan"])
+    name = routed["paths"]["digits"]
+    plan.experts[name].ffn[1] = plan.experts[name].ffn[1][:-1]
+    with pytest.raises(ArtifactError, match="fitted for other plans"):
+        MultiExpertModel(routed["lm"], plan, routed["router"])
+    del plan.experts[name]
+    with pytest.raises(ArtifactError, match="plans do not have"):
+        MultiExpertModel(routed["lm"], plan, routed["router"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "router.json").write_text("{not json")
+    (tmp_path / "bad" / "router.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ArtifactError, match="corrupt"):
+        Router.load(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="threshold"):
+        RouterConfig(threshold=1.5)
+
+
+def test_routed_lm_eval_model_scores_each_document_on_its_expert(routed):
+    from lm_eval.api.instance import Instance
+
+    from seap.evaluation.harness import make_lm
+    from seap.evaluation.routed import make_routed_lm
+
+    lm, plan_path = routed["lm"], routed["plan"]
+    from seap.plan import Plan
+
+    plan = Plan.load(plan_path)
+    multi = MultiExpertModel(lm, plan, routed["router"])
+    ctx = ["12 7 300 =", "HELP NOW!", "Question: is the sky blue?\nAnswer:", "The old stone tools"]
+    reqs = [Instance("loglikelihood", {}, (c, cont), i, ("t", d, 1))
+            for i, (d, c, cont) in enumerate((d, c, cont) for d, c in enumerate(ctx) for cont in (" ok", " no"))]
+    routed_lm = make_routed_lm(multi, batch_size=3)
+    got = routed_lm.loglikelihood(reqs, disable_tqdm=True)
+    experts = {r["doc_id"]: r["expert"] for r in routed_lm.routing_log}
+    assert [experts[d] for d in range(4)] == [routed["paths"]["digits"], routed["paths"]["shout"],
+                                              routed["paths"]["quiz"], GENERIC]
+    for req, (ll, greedy) in zip(reqs, got):
+        ref = make_lm(sliced_copy(lm, plan, experts[req.doc_id]).model, lm.tokenizer, batch_size=1)
+        (want, want_greedy), = ref.loglikelihood([req], disable_tqdm=True)
+        assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
+def test_route_and_generate_cli(routed, capsys, tmp_path):
+    folder, plan, router = str(routed["folder"]), str(routed["plan"]), str(routed["plan"].parent / "router")
+    digits = routed["paths"]["digits"]
+    assert main(["route", "eval", "--model", folder, "--router", router, "--split", "train", "--out",
+                 str(tmp_path / "ev")]) == 0
+    out = json.loads((tmp_path / "ev" / "route_eval.json").read_text())
+    assert out["accuracy"] > 0.9 and len(out["confusion"]) == 3
+    assert "accuracy (routed to its own expert)" in capsys.readouterr().out
+    assert main(["route", "explain", "--model", folder, "--router", router, "--json", "5 6 7 =", "hello there"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["expert"] == digits and abs(sum(rows[0]["probs"].values()) - 1) < 1e-9
+    assert main(["generate", "--model", folder, "--plan", plan, "--router", router, "--json",
+                 "--max-new-tokens", "4", "5 6 7 =", "STOP NOW!"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["expert"] for r in rows] == [digits, routed["paths"]["shout"]]
+    assert main(["generate", "--model", folder, "--router", router, "x"]) == 2
+    assert "add --plan" in capsys.readouterr().err
+    assert main(["route", "explain", "--model", folder, "--router", str(tmp_path), "x"]) == 2
+    assert "not a router folder" in capsys.readouterr().err
+    # A plan from one task only has no generic expert: nothing to fall back on.
+    from seap import pipeline
+
+    single = pipeline.prune(folder, [digits], config=PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                            out=tmp_path / "one", batch_size=4)
+    assert single.plan.experts.keys() == {digits}
+    assert main(["route", "fit", "--model", folder, "--plan", str(tmp_path / "one" / "plan")]) == 2
+    assert "generic expert" in capsys.readouterr().err
