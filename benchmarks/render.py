@@ -14,11 +14,11 @@ from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROO
 
 PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
                 "openbookqa": "acc_norm", "winogrande": "acc"}
-ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP-gen", "SEAP s_F (task experts)", "SEAP-gen s_F")
+ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-gen", "SEAP s_F (task experts)", "SEAP-gen s_F")
 
 
 def _load(model: str) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json")) if p.name != "speed.json"]
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json")) if p.name not in ("speed.json", "router.json")]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
 
@@ -131,6 +131,43 @@ def plot(all_rows: dict[str, list[dict]], dest: Path) -> bool:
     return True
 
 
+def routing_section(model: str, rows: list[dict]) -> str:
+    """The router on held-out prompts (the paper's Table 6) and routed against oracle accuracy."""
+    from dataclasses import fields
+
+    from seap.router import RouterEval
+
+    path = RESULTS / model / "router.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    res = RouterEval(**{f.name: data[f.name] for f in fields(RouterEval)})
+    counts = ", ".join(f"{c} {n}" for c, n in data["train_counts"].items())
+    text = (f"\nRouter (mean input embedding -> logistic regression, fitted in {data['fit_seconds']:.0f}s on the train "
+            f"splits: {counts}; threshold {data['threshold']}), on all {res.meta['n']} validation prompts:\n\n")
+    text += res.markdown()
+    pairs = []
+    for r in rows:
+        if r["row"] != "SEAP (routed)":
+            continue
+        oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
+        if oracle is None:
+            continue
+        own = sum(n for t, c in r["meta"]["routing"].items() for e, n in c.items() if e == t)
+        total = sum(n for c in r["meta"]["routing"].values() for n in c.values())
+        d, se = paired_delta(r, oracle)
+        mem = r["meta"]["memory"]
+        pairs.append(f"| {int(100 * r['ratio'])}% | {100 * oracle['average']['value']:.1f} | "
+                     f"{100 * r['average']['value']:.1f} | {100 * d:+.2f} ± {100 * se:.2f} | {100 * own / total:.1f}% | "
+                     f"{mem['base_bytes'] / 1e6:.0f} | {mem['added_bytes'] / 1e6:.0f} ({100 * mem['added_fraction']:.0f}%) |")
+    if pairs:
+        text += ("\nRouted against oracle (each task on its own expert), same items; memory of the multi-expert model "
+                 "(base weights once, each expert's gathered FFN rows and columns added):\n\n"
+                 "| ratio | oracle average | routed average | Δ routed − oracle ± paired s.e. | items on their own "
+                 "task's expert | base MB | experts add MB |\n|---|---|---|---|---|---|---|\n" + "\n".join(pairs) + "\n")
+    return text
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -160,6 +197,13 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
             lines.append(f"- {model}, 20%: best SEAP variant is {best['row']} at "
                          f"{100 * best['average']['value']:.1f} = {100 * best['average']['value'] / dense:.1f}% of "
                          f"dense ({100 * dense:.1f}); the paper's claim on Llama-2-7B is 97.8%.")
+        for r in (r for r in rows if r["row"] == "SEAP (routed)"):
+            oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
+            if oracle:
+                d, se = paired_delta(r, oracle)
+                lines.append(f"- {model}, {int(100 * r['ratio'])}%: routed {100 * r['average']['value']:.1f} vs oracle "
+                             f"task experts {100 * oracle['average']['value']:.1f} (Δ {100 * d:+.2f} ± {100 * se:.2f} "
+                             "paired s.e.; the issue asks for |Δ| ≤ 1 point).")
         at50 = {r["row"]: r["average"]["value"] for r in rows if r["ratio"] == 0.5}
         seap50 = {k: v for k, v in at50.items() if k.startswith("SEAP")}
         for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):
@@ -185,7 +229,7 @@ def render() -> Path:
         pass
     text = f"""# seap benchmark results
 
-Produced by `python benchmarks/run.py` (stages `accuracy`, `speed`, `render`; each result is cached
+Produced by `python benchmarks/run.py` (stages `accuracy`, `routing`, `speed`, `render`; each result is cached
 under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus the SEAP s_F rows by
 `python benchmarks/run.py --stage accuracy --models smollm2-135m --extra --ratios 0.5`. Rendered {date.today().isoformat()} from seap commit
 `{_git_commit()}`; Python {platform.python_version()}, {versions}; CPU only ({cpu}).
@@ -209,6 +253,12 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   from its own training corpus (the paper's protocol). SEAP-gen: one generic expert (language
   text weighted 3, each task 2) on every task. WandA-sp and FLAP: one mask from all of that
   calibration text pooled (more task data than their papers' WikiText/C4 calibration).
+- SEAP (routed): the same task-expert plan, but a router picks each item's expert from its
+  prompt (lm-eval contexts; the choices of one question are routed together): the mean input
+  embedding of the prompt's tokens, a multinomial logistic regression (C = 0.1, standardised
+  features) fitted on up to 1500 bare prompts per task from the train splits plus 1000 windows of
+  the embedded general text (the "no task" class, routed to the generic expert); a top
+  probability under 0.5 also goes to the generic expert. "Oracle" is the task-expert row.
 - Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first non-overlapping
   windows of 1024 tokens (16 for SmolLM2, 8 for Gemma 3; per-model tokenizer, so not comparable
   across models). Word perplexity: lm-eval's `wikitext` task (rolling log-likelihood, words of the
@@ -230,6 +280,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         n = rows[0]["eval_config"]["limit"]
         text += f"\n## {model}\n\nAccuracy (paper metric, %), N = {n} items per task:\n\n"
         text += accuracy_table(rows) + "\nacc / acc_norm per task (%):\n\n" + acc_detail_table(rows)
+        text += routing_section(model, rows)
         text += "\nSpeed:\n" + speed_tables(model)
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")

@@ -1,7 +1,7 @@
 """Reproduce SEAP's accuracy and speed tables on the bundled models; writes benchmarks/RESULTS.md.
 
     python benchmarks/run.py                      # everything (cached results are reused)
-    python benchmarks/run.py --stage accuracy     # or: speed, render
+    python benchmarks/run.py --stage accuracy     # or: routing, speed, render
 
 Each (model, method, ratio) result is a JSON file under benchmarks/results/, written when it
 finishes, so an interrupted run resumes where it stopped; `render` rebuilds RESULTS.md and the
@@ -128,7 +128,7 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("all", "accuracy", "speed", "render"), default="all")
+    ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "render"), default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
     if args.stage in ("all", "accuracy"):
         accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")))
+    if args.stage in ("all", "routing"):
+        from routing import routing  # noqa: E402  (benchmarks/routing.py)
+
+        routing(models, limits, tuple(float(r) for r in args.ratios.split(",")))
     if args.stage in ("all", "speed"):
         from speed import speed  # noqa: E402  (benchmarks/speed.py)
 

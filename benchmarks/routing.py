@@ -1,0 +1,65 @@
+"""Routing stage of benchmarks/run.py: the router on held-out prompts, and routed vs oracle accuracy.
+
+For each model: the SEAP task-expert plan of each ratio (the same plan as the oracle rows),
+a router fitted on the train splits of the six tasks, evaluated on their validation splits
+(results/<model>/router.json), then the task suite with the router choosing every item's
+expert (row "SEAP (routed)", same item count as the other rows).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+
+from run import DATA, RESULTS, _plan, _slug, _stats, _write, eval_config
+
+log = logging.getLogger("benchmarks.routing")
+ROUTED_ROW = "SEAP (routed)"
+UNKNOWN_ITEMS = 300
+
+
+def _unknown_prompts() -> dict[str, list[str]]:
+    """Prompts of kinds the router never saw: GSM8K questions and XSum articles."""
+    from seap.tasks import load_task_corpus
+
+    xsum = [json.loads(line)["article"] for line in (DATA / "xsum" / "xsum_0shot.jsonl").read_text().splitlines()]
+    return {"gsm8k (test)": list(load_task_corpus("gsm8k", data_dir=DATA, split="test", limit=UNKNOWN_ITEMS).prompts),
+            "xsum (0-shot prompts)": xsum[:UNKNOWN_ITEMS]}
+
+
+def routing(models: list[str], limits: dict[str, int], ratios) -> None:
+    from seap.evaluation.routed import evaluate_routed
+    from seap.models import load_model
+    from seap.router import evaluate_router, fit_router
+
+    for model_name in models:
+        lm = load_model(model_name)
+        stats = _stats(lm, model_name)
+        router_path = RESULTS / model_name / "router.json"
+        for ratio in ratios:
+            plan = _plan(lm, stats, "seap", ratio, "task", {})
+            t0 = time.time()
+            router = fit_router(lm, plan.experts, data_dir=DATA)
+            fit_s = time.time() - t0
+            if not router_path.is_file():
+                res = evaluate_router(lm, router, data_dir=DATA, unknown=_unknown_prompts())
+                _write(router_path, {"model": model_name, "fit_seconds": round(fit_s, 1),
+                                     "train_counts": router.meta["train_counts"],
+                                     "threshold": router.threshold, **res.to_dict()})
+                log.info("%s router: accuracy %.4f", model_name, res.accuracy)
+            path = RESULTS / model_name / f"{_slug(ROUTED_ROW, ratio)}.json"
+            cfg = eval_config(model_name, limits[model_name])
+            if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == cfg.limit:
+                continue
+            t0 = time.time()
+            rep = evaluate_routed(lm, plan, router, cfg, label=f"{ROUTED_ROW} {int(ratio * 100)}%")
+            data = rep.to_dict()
+            data.update(row=ROUTED_ROW, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
+                        eval_config=cfg.__dict__)
+            _write(path, data)
+            log.info("%s routed @%s: average %.4f", model_name, ratio, rep.average[0])
+            gc.collect()
+        del lm
+        gc.collect()
