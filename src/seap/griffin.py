@@ -1,0 +1,260 @@
+"""GRIFFIN (DESIGN 2.6): per-prompt FFN experts chosen from the prompt's own activations.
+
+Prefill runs the full FFN. For each sequence, with Z [S, d_ff] the down-projection inputs of
+its real tokens, each token's row is normalised to unit L2 norm and neuron j scores the L2 norm
+of its column; the top k = round(density * d_ff) neurons of each layer are that sequence's
+expert, and decoding runs through them only.
+
+Batches: every sequence keeps its own expert. The weights read at a decode step are those of the
+union U of the batch's experts (gathered once per batch), and each sequence's activations
+outside its own expert are zeroed, so a row computes exactly what it computes alone while the
+batch shares one matrix product. A model already sliced by a plan composes naturally: the
+selection is made within its kept neurons (k counts the sliced width).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import Adapter
+from .adapters.base import module_path, set_module
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("gen", "class")
+
+
+@dataclass(frozen=True)
+class GriffinConfig:
+    density: float = 0.5  # share of each layer's FFN neurons kept per prompt
+    mode: str = "gen"  # "gen": select at prefill, prune decoding; "class": prune the last token only
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"GRIFFIN density must be in (0, 1] (the share of FFN neurons kept), got {self.density}")
+        if self.mode not in MODES:
+            raise ConfigError(f"GRIFFIN mode must be one of {MODES}, got {self.mode!r}")
+
+
+# -- the statistic (pure) -----------------------------------------------------------------------
+def neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S, F] activations (and [B, S] real-token mask) -> [B, F] GRIFFIN neuron scores."""
+    z = z.float()
+    rows = z / z.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    if mask is not None:
+        rows = rows * mask[..., None].to(rows.dtype)
+    return rows.norm(dim=1)
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, F] scores -> [B, k] kept neuron indices, ascending (ties broken by index)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
+    return order.sort(dim=-1).values
+
+
+def keep_count(density: float, width: int) -> int:
+    return max(1, min(width, round(density * width)))
+
+
+@dataclass
+class Selection:
+    """Per layer: the batch's union of kept neurons and each sequence's membership in it."""
+
+    union: list[torch.Tensor]  # [|U_l|] ascending
+    member: list[torch.Tensor | None]  # [B, |U_l|] bool; None when every sequence keeps all of U_l
+    widths: list[int]  # the dense widths the selection was made in
+    kept: list[int] = field(default_factory=list)  # k per layer
+
+    @property
+    def union_fraction(self) -> float:
+        return sum(len(u) for u in self.union) / sum(self.widths)
+
+
+def select(scores: Sequence[torch.Tensor], density: float) -> Selection:
+    union, member, widths, kept = [], [], [], []
+    for s in scores:
+        width = s.shape[-1]
+        k = keep_count(density, width)
+        idx = top_k(s, k)  # [B, k]
+        u = torch.unique(idx)
+        m = torch.zeros(s.shape[0], width, dtype=torch.bool, device=s.device)
+        m.scatter_(1, idx, True)
+        m = m[:, u]
+        union.append(u)
+        member.append(None if bool(m.all()) else m)
+        widths.append(width)
+        kept.append(k)
+    return Selection(union, member, widths, kept)
+
+
+# -- hooks and replacements ---------------------------------------------------------------------
+def _by_sequence(z: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, S, F] from a hook's input; OPT flattens (batch, seq) before its FFN."""
+    if z.dim() == 3:
+        return z
+    return z.reshape(1 if attention_mask is None else attention_mask.shape[0], -1, z.shape[-1])
+
+
+@contextmanager
+def prefill_statistics(model: nn.Module, adapter: Adapter,
+                       attention_mask: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:
+    """Collect each layer's [B, d_ff] neuron scores during one forward; hooks removed on exit."""
+    scores: list[torch.Tensor | None] = [None] * len(adapter.layers(model))
+    handles = []
+
+    def hook(i: int):
+        def fn(_m, args):
+            scores[i] = neuron_scores(_by_sequence(args[0], attention_mask), attention_mask)
+        return fn
+
+    try:
+        for i, layer in enumerate(adapter.layers(model)):
+            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook(i)))
+        yield scores  # type: ignore[misc]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _GatheredIn(nn.Module):
+    def __init__(self, base: nn.Linear, union: torch.Tensor):
+        super().__init__()
+        self.weight = base.weight.index_select(0, union)
+        self.bias = None if base.bias is None else base.bias.index_select(0, union)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _GatheredOut(nn.Module):
+    def __init__(self, base: nn.Linear, union: torch.Tensor, member: torch.Tensor | None, batch: int):
+        super().__init__()
+        self.weight = base.weight.index_select(1, union)
+        self.bias, self.batch = base.bias, batch
+        self.member = None if member is None else member[:, None, :]  # [B, 1, |U|]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.member is not None:
+            shape = z.shape
+            z = (z.reshape(self.batch, -1, shape[-1]) * self.member.to(z.dtype)).reshape(shape)
+        return F.linear(z, self.weight, self.bias)
+
+
+@contextmanager
+def experts_applied(model: nn.Module, adapter: Adapter, selection: Selection, batch: int) -> Iterator[nn.Module]:
+    """The model decoding through each sequence's selected neurons; the dense linears come back on exit."""
+    swaps = []
+    with torch.no_grad():
+        for i, layer in enumerate(adapter.layers(model)):
+            u = selection.union[i]
+            if len(u) == selection.widths[i] and selection.member[i] is None:
+                continue  # density 1.0 in this layer: the dense linears are the expert
+            for lin in adapter.ffn_in(layer):
+                swaps.append((module_path(model, lin), lin, _GatheredIn(lin, u)))
+            out = adapter.ffn_out(layer)
+            swaps.append((module_path(model, out), out, _GatheredOut(out, u, selection.member[i], batch)))
+    try:
+        for path, _, new in swaps:
+            set_module(model, path, new)
+        yield model
+    finally:
+        for path, old, _ in swaps:
+            set_module(model, path, old)
+
+
+@contextmanager
+def classification_mode(model: nn.Module, adapter: Adapter, density: float,
+                        attention_mask: torch.Tensor | None = None) -> Iterator[nn.Module]:
+    """GRIFFIN's mode for log-likelihood scoring: each sequence's statistic comes from all its
+    tokens but the last, and only the last token's FFN runs through the selected neurons."""
+    handles = []
+
+    def hook(_m, args):
+        z = args[0]
+        shape = z.shape
+        z3 = _by_sequence(z, attention_mask)
+        batch = z3.shape[0]
+        mask = torch.ones(z3.shape[:2], device=z.device) if attention_mask is None else attention_mask.to(z.device)
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # [B] position of the last real token
+        stat_mask = mask.clone()
+        stat_mask[torch.arange(batch), last] = 0
+        idx = top_k(neuron_scores(z3, stat_mask), keep_count(density, shape[-1]))
+        keep = torch.zeros(batch, shape[-1], dtype=torch.bool, device=z.device).scatter_(1, idx, True)
+        z3 = z3.clone()
+        rows = torch.arange(batch)
+        z3[rows, last] = z3[rows, last] * keep.to(z3.dtype)
+        return (z3.reshape(shape),) + tuple(args[1:])
+
+    try:
+        for layer in adapter.layers(model):
+            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- generation ---------------------------------------------------------------------------------
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: every sequence starts at 0 at its first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class GriffinOutput:
+    tokens: torch.Tensor  # [B, new_tokens]
+    union_fraction: float  # share of FFN neurons the batch's decode steps read
+    kept_fraction: float  # share each sequence keeps
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@torch.inference_mode()
+def griffin_decode(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, new_tokens: int,
+                   attention_mask: torch.Tensor | None = None, density: float = 0.5,
+                   eos_token_id: int | None = None) -> GriffinOutput:
+    """Greedy decoding with GRIFFIN experts: a dense prefill picks them, the decode steps use them.
+
+    With `eos_token_id`, a sequence that produced it keeps producing it (as generate() pads),
+    and the loop stops when every sequence has."""
+    import time
+
+    GriffinConfig(density=density)
+    if new_tokens < 1:
+        raise ConfigError(f"new tokens must be >= 1, got {new_tokens}")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    pos = positions(mask)
+    t0 = time.perf_counter()
+    with prefill_statistics(model, adapter, mask) as scores:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    sel = select(scores, density)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    cache, tokens = out.past_key_values, [nxt]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    last_pos = pos[:, -1:]
+    with experts_applied(model, adapter, sel, input_ids.shape[0]):
+        for _ in range(new_tokens - 1):
+            if eos_token_id is not None:
+                done |= nxt[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, past_key_values=cache,
+                        use_cache=True)
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = step if eos_token_id is None else torch.where(done[:, None], eos_token_id, step)
+            cache = out.past_key_values
+            tokens.append(nxt)
+    t2 = time.perf_counter()
+    return GriffinOutput(torch.cat(tokens, dim=1), sel.union_fraction, sum(sel.kept) / sum(sel.widths), t1 - t0,
+                         t2 - t1)

@@ -1,0 +1,123 @@
+"""GRIFFIN on tiny models of every family: dense at density 1, batches equal to each prompt alone,
+and the statistic and the pruned steps against independent computations."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_loaded
+
+from seap.errors import ConfigError
+from seap.griffin import (GriffinConfig, classification_mode, griffin_decode, keep_count, neuron_scores,
+                          prefill_statistics, select, top_k)
+
+G = torch.Generator().manual_seed(5)
+SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]
+
+
+def left_padded(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
+    return ids, mask
+
+
+def test_density_one_reproduces_dense_greedy_generation(family):
+    lm = make_loaded(family)
+    ids, mask = left_padded(SEQS)
+    out = griffin_decode(lm.model, lm.adapter, ids, 10, mask, density=1.0)
+    ref = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.tokens, ref[:, ids.shape[1]:])
+    assert out.union_fraction == out.kept_fraction == 1.0
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25])
+def test_left_padded_batch_of_four_equals_each_prompt_alone(family, density):
+    lm = make_loaded(family)
+    ids, mask = left_padded(SEQS)
+    out = griffin_decode(lm.model, lm.adapter, ids, 10, mask, density=density)
+    for r, s in enumerate(SEQS):
+        alone = griffin_decode(lm.model, lm.adapter, s[None], 10, None, density=density)
+        assert torch.equal(out.tokens[r], alone.tokens[0])
+    assert out.kept_fraction == pytest.approx(density, abs=0.02)
+    assert out.kept_fraction <= out.union_fraction < 1.0  # the batch shares one union, smaller than dense
+
+
+def test_statistic_matches_its_definition_and_ignores_padding():
+    z = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0))
+    want = torch.tensor([sum((z[0, t, j] / z[0, t].norm()) ** 2 for t in range(6)) ** 0.5 for j in range(16)])
+    torch.testing.assert_close(neuron_scores(z)[0], want)
+    padded = torch.cat([torch.full((1, 3, 16), 1e3), z], dim=1)  # garbage under the padding
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    torch.testing.assert_close(neuron_scores(padded, mask), neuron_scores(z))
+    assert top_k(torch.tensor([[0.1, 0.9, 0.5, 0.9]]), 2).tolist() == [[1, 3]]
+    assert keep_count(0.5, 1536) == 768 and keep_count(1e-6, 10) == 1
+    with pytest.raises(ConfigError, match="density"):
+        GriffinConfig(density=0.0)
+
+
+def _zero_outside(adapter, model, keep):
+    """Hooks that zero each layer's down-projection input outside `keep[layer]` (an independent path)."""
+    handles = []
+    for i, layer in enumerate(adapter.layers(model)):
+        def hook(_m, args, i=i):
+            m = torch.zeros(args[0].shape[-1], dtype=args[0].dtype)
+            m[keep[i]] = 1
+            return (args[0] * m,)
+        handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def test_pruned_decode_step_equals_zeroing_the_unselected_neurons(family):
+    from seap.griffin import experts_applied
+
+    lm = make_loaded(family)
+    model, adapter, ids = lm.model, lm.adapter, SEQS[0][None]
+    with prefill_statistics(model, adapter, None) as scores:
+        out = model(ids, use_cache=True)
+    sel = select(scores, 0.5)
+    nxt = out.logits[:, -1:].argmax(-1)
+    cache_copy = copy.deepcopy(out.past_key_values)
+    with experts_applied(model, adapter, sel, 1):
+        got = model(nxt, past_key_values=out.past_key_values).logits
+    handles = _zero_outside(adapter, model, [top_k(s, keep_count(0.5, s.shape[-1]))[0] for s in scores])
+    try:
+        want = model(nxt, past_key_values=cache_copy).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, model(nxt, past_key_values=copy.deepcopy(cache_copy)).logits)
+
+
+def test_classification_mode_prunes_only_the_last_token():
+    lm = make_loaded("llama")
+    model, adapter = lm.model, lm.adapter
+    ids = SEQS[0][None]
+    dense = model(ids).logits
+    with classification_mode(model, adapter, 0.5):
+        got = model(ids).logits
+    torch.testing.assert_close(got[:, :-1], dense[:, :-1])
+    # Independent: statistic from all tokens but the last, then the last token masked.
+    with prefill_statistics(model, adapter, torch.tensor([[1] * (len(SEQS[0]) - 1) + [0]])) as scores:
+        model(ids)
+    keep = [top_k(s, keep_count(0.5, s.shape[-1]))[0] for s in scores]
+    handles = []
+    for i, layer in enumerate(adapter.layers(model)):
+        def hook(_m, args, i=i):
+            z = args[0].clone()
+            m = torch.zeros(z.shape[-1])
+            m[keep[i]] = 1
+            z[:, -1] = z[:, -1] * m
+            return (z,)
+        handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+    try:
+        want = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[:, -1], dense[:, -1])
