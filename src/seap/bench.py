@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .models import LoadedModel
-from .surgery import count_params
+from .surgery import count_params, ffn_params
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class Measurement:
     decode_runs: list[float] = field(default_factory=list)
     kv_cache_bytes: int = 0
     peak_memory: int = 0  # CUDA: allocator peak; CPU: weights + KV cache (activations not counted)
+    union_fraction: float | None = None  # GRIFFIN: share of FFN neurons a decode step reads
 
 
 @dataclass
@@ -180,12 +181,21 @@ def _prompts(vocab: int, batch: int, length: int, seed: int, device) -> torch.Te
 
 
 def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None, *,
-                 progress: bool = True) -> dict[str, ModelSpeed]:
+                 progress: bool = True, griffin: dict[str, float] | None = None) -> dict[str, ModelSpeed]:
     """Time every model at every batch size; repeats are interleaved across models so that drift
-    of the machine (thermal, other load) hits all models alike."""
+    of the machine (thermal, other load) hits all models alike. Names in `griffin` decode with
+    GRIFFIN experts at that density (the selection and the weight gather count as decode time)."""
+    from .griffin import griffin_decode
+
     cfg = cfg or BenchConfig()
+    griffin = griffin or {}
+    if set(griffin) - set(models):
+        raise ConfigError(f"GRIFFIN entries {sorted(set(griffin) - set(models))} name no model to time")
+    if griffin and cfg.decode_path != "seap":
+        raise ConfigError("GRIFFIN is timed with seap's decode loop only: use --decode-path seap")
     if not models:
         raise ConfigError("nothing to benchmark: give at least one model")
+    unions: dict[tuple[str, int], list[float]] = {}
     out: dict[str, ModelSpeed] = {}
     context = cfg.prompt_len + cfg.gen_len / 2
     for name, lm in models.items():
@@ -201,7 +211,11 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
             for name, lm in models.items():
                 dev = next(lm.model.parameters()).device
                 ids = _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev)
-                if cfg.decode_path == "seap":
+                if name in griffin:
+                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name])
+                    tp, td = g.prefill_s, g.decode_s
+                    unions.setdefault((name, b), []).append(g.union_fraction)
+                elif cfg.decode_path == "seap":
                     _, tp, td, _ = greedy_decode(lm.model, ids, cfg.gen_len)
                 else:
                     tp, td = _generate_times(lm.model, ids, cfg.gen_len)
@@ -222,6 +236,13 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
                                 else out[name].weight_bytes + meas.kv_cache_bytes)
             bar.update()
             out[name].results[b] = meas
+            if name in griffin:  # the FFN bytes a step reads shrink to the batch's union of experts
+                u = statistics.median(unions[(name, b)])
+                ffn = ffn_params(lm.model, lm.adapter) * next(lm.model.parameters()).element_size()
+                out[name].decode_bytes[b] -= (1 - u) * ffn
+                meas.union_fraction = u
+                if next(lm.model.parameters()).device.type != "cuda":
+                    meas.peak_memory += int(u * ffn)  # the batch's gathered expert weights
     bar.close()
     return out
 

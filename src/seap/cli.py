@@ -92,12 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ppl", action="store_true", help="skip token perplexity on WikiText-2")
     p.add_argument("--word-ppl-docs", type=int, default=0,
                    help="lm-eval word perplexity on the first N WikiText-2 articles (0: skip; -1: all)")
+    p.add_argument("--xsum", type=int, default=0, metavar="N",
+                   help="summarise the first N XSum prompts of --data-dir/xsum and report ROUGE-1/2/L (0: skip)")
+    p.add_argument("--xsum-shots", type=int, default=1, choices=(0, 1))
+    p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (XSum)")
+    p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
+                   help="GRIFFIN per-prompt experts: XSum decodes through them, accuracy uses classification mode")
     p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
     _model_args(p)
     p.add_argument("--compare", action="append", default=[], help="pruned model folder (repeatable)")
     p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
+    p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
+                   help="also time GRIFFIN per-prompt experts at this density on --model (repeatable)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
@@ -145,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default=None, help="router folder: each prompt runs on the expert it picks")
     p.add_argument("--expert", default=None, help="one expert for every prompt (default: the plan's default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
+                   help="GRIFFIN: per-prompt experts keeping this share of each layer's FFN neurons (e.g. 0.5)")
+    p.add_argument("--stop", action="append", default=[], help="cut the output at this string (repeatable)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
@@ -245,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = EvalConfig(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                              data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
                              ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, token_ppl=not args.no_ppl,
-                             word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs)
+                             word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs,
+                             xsum=args.xsum, xsum_shots=args.xsum_shots, gen_batch_size=args.gen_batch_size,
+                             griffin=args.griffin)
             plans = args.plan or [None]
             report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
                                        config=cfg, out=args.out, routed=args.routed)
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len,
                               batch_sizes=tuple(args.batch or (1, 8)), warmup=args.warmup, repeats=args.repeats,
                               decode_path=args.decode_path)
-            rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out)
+            rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
+                                      griffin=args.griffin)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "route":
@@ -265,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "generate":
             prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
             rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
-                                     max_new_tokens=args.max_new_tokens)
+                                     max_new_tokens=args.max_new_tokens, griffin=args.griffin, stop=args.stop)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:

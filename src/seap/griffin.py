@@ -258,3 +258,26 @@ def griffin_decode(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, 
     t2 = time.perf_counter()
     return GriffinOutput(torch.cat(tokens, dim=1), sel.union_fraction, sum(sel.kept) / sum(sel.widths), t1 - t0,
                          t2 - t1)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    ends = [text.index(s) for s in stop if s and s in text]
+    return text[: min(ends)] if ends else text
+
+
+def generate_texts(lm, prompts: Sequence[str], *, density: float | None = 0.5, max_new_tokens: int = 64,
+                   stop: Sequence[str] = ()) -> tuple[list[str], GriffinOutput]:
+    """Greedy continuations of a left-padded batch, with GRIFFIN experts (density None or 1: dense)."""
+    tok = lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    device = next(lm.model.parameters()).device
+    out = griffin_decode(lm.model, lm.adapter, enc["input_ids"].to(device), max_new_tokens,
+                         enc["attention_mask"].to(device), density=1.0 if density is None else density,
+                         eos_token_id=getattr(tok, "eos_token_id", None))
+    texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
+    return [cut_at_stop(t, stop) for t in texts], out

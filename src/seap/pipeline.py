@@ -224,8 +224,12 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
-              plans: Sequence[str] = (), config=None, out: str | Path | None = None):
-    """`seap bench`: the dense model and each pruned folder / plan expert, timed in one process."""
+              plans: Sequence[str] = (), config=None, out: str | Path | None = None,
+              griffin: Sequence[float] = ()):
+    """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
+    density on the base model), timed in one process."""
+    from .griffin import GriffinConfig
+
     from .bench import bench_models, speed_markdown, speed_table
     from .evaluation.runner import sliced_copy
 
@@ -239,7 +243,12 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
         check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
         name, _ = p.expert(expert or None)
         models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced_copy(lm, p, name)
-    speeds = bench_models(models, config)
+    dynamic = {}
+    for d in griffin:
+        GriffinConfig(density=d)
+        models[f"griffin@{d:g}"] = lm
+        dynamic[f"griffin@{d:g}"] = d
+    speeds = bench_models(models, config, griffin=dynamic)
     rows = speed_table(speeds, "dense")
     if out:
         cfg = config.__dict__ if config is not None else {}
@@ -323,15 +332,31 @@ def explain(model: str | LoadedModel | None, router: str | Path | Router, prompt
 
 def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
              router: str | Path | Router | None = None, expert: str | None = None,
-             max_new_tokens: int = 64) -> list[dict]:
-    """`seap generate`: greedy continuations on the dense model, one expert, or routed experts."""
+             max_new_tokens: int = 64, griffin: float | None = None, stop: Sequence[str] = ()) -> list[dict]:
+    """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
+    with `griffin`, per-prompt GRIFFIN experts at that density (within the plan's expert if given)."""
+    from .evaluation.runner import sliced_copy
     from .experts import MultiExpertModel
+    from .griffin import GriffinConfig, cut_at_stop, generate_texts
 
     if not prompts:
         raise ConfigError("give at least one prompt")
     if max_new_tokens < 1:
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model)
+    if griffin is not None:
+        GriffinConfig(density=griffin)
+        if router is not None:
+            raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
+        label = f"griffin@{griffin:g}"
+        if plans:
+            p = _plans(plans)[0]
+            check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
+            name, _ = p.expert(expert)
+            lm, label = sliced_copy(lm, p, name), f"{name}+griffin@{griffin:g}"
+        texts, out = generate_texts(lm, prompts, density=griffin, max_new_tokens=max_new_tokens, stop=stop)
+        return [{"prompt": p, "expert": label, "text": t, "kept_fraction": round(out.kept_fraction, 4)}
+                for p, t in zip(prompts, texts)]
     if not plans:
         if router is not None or expert is not None:
             raise ConfigError("--router and --expert need the plan(s) their experts come from: add --plan")
@@ -346,10 +371,11 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
         from .experts import greedy_batch
 
         texts = greedy_batch(lm, prompts, max_new_tokens)
-        return [{"prompt": p, "expert": "dense", "text": t} for p, t in zip(prompts, texts)]
+        return [{"prompt": p, "expert": "dense", "text": cut_at_stop(t, stop)} for p, t in zip(prompts, texts)]
     routes = multi.route(prompts) if expert is None else None
     texts, names = multi.generate(prompts, experts=[r.expert for r in routes] if routes else expert,
                                   max_new_tokens=max_new_tokens)
+    texts = [cut_at_stop(t, stop) for t in texts]
     return [{"prompt": p, "expert": n, "text": t, **({"confidence": round(routes[i].confidence, 4),
                                                       "reason": routes[i].reason} if routes else {})}
             for i, (p, n, t) in enumerate(zip(prompts, names, texts))]

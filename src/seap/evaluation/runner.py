@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
+from ..adapters import get_adapter
 from ..models import LoadedModel, check_fingerprint
 from ..plan import GENERIC, Plan
 from ..surgery import count_params, slice_model
@@ -38,6 +39,10 @@ class EvalConfig:
     ppl_windows: int | None = None  # None: the whole test stream
     token_ppl: bool = True
     word_ppl_docs: int | None = 0  # 0: skip lm-eval's word perplexity; None: every article
+    xsum: int = 0  # XSum prompts to summarise (ROUGE); 0: skip
+    xsum_shots: int = 1  # GRIFFIN reports XSum 1-shot; instruct models end a 0-shot prompt at once
+    gen_batch_size: int = 8
+    griffin: float | None = None  # GRIFFIN density: classification mode for accuracy, experts for XSum
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ACCURACY_TASKS]
@@ -49,6 +54,10 @@ class EvalConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.word_ppl_docs is not None and self.word_ppl_docs < 0:
             raise ConfigError(f"word perplexity documents must be >= 0, got {self.word_ppl_docs}")
+        if self.xsum < 0 or self.xsum_shots not in (0, 1) or self.gen_batch_size < 1:
+            raise ConfigError("XSum needs items >= 0, shots 0 or 1 and a generation batch size >= 1")
+        if self.griffin is not None and not 0 < self.griffin <= 1:
+            raise ConfigError(f"GRIFFIN density must be in (0, 1], got {self.griffin}")
 
 
 @dataclass
@@ -61,6 +70,7 @@ class EvalReport:
     word_ppl: dict | None = None
     items: dict[str, list[int]] = field(default_factory=dict)  # per-item correctness (paper metric)
     meta: dict = field(default_factory=dict)
+    generation: dict | None = None  # XSum ROUGE (GenerationReport.to_dict())
 
     @property
     def average(self) -> tuple[float, float] | None:
@@ -74,7 +84,7 @@ class EvalReport:
             "average": None if avg is None else {"value": avg[0], "stderr": avg[1],
                                                   "metrics": {t: PAPER_METRIC[t] for t in self.scores}},
             "token_perplexity": None if self.token_ppl is None else self.token_ppl.to_dict(),
-            "word_perplexity": self.word_ppl, "items": self.items,
+            "word_perplexity": self.word_ppl, "items": self.items, "generation": self.generation,
         }
 
     @classmethod
@@ -82,10 +92,22 @@ class EvalReport:
         scores = {t: TaskScore(t, s["metrics"], s["stderr"], s["n"], s["split"]) for t, s in d["tasks"].items()}
         ppl = Perplexity(**d["token_perplexity"]) if d.get("token_perplexity") else None
         return cls(d["label"], d["params"], scores, d.get("experts", {}), ppl, d.get("word_perplexity"),
-                   d.get("items", {}), d.get("meta", {}))
+                   d.get("items", {}), d.get("meta", {}), d.get("generation"))
 
 
 def _perplexities(report: EvalReport, model, tokenizer, cfg: EvalConfig, lm_eval_model) -> None:
+    if cfg.xsum:
+        from .generation import evaluate_xsum
+
+        if cfg.data_dir is None:
+            raise ConfigError("XSum reads local prompt files: pass --data-dir (e.g. ../shared/data)")
+        lm = LoadedModel(model, tokenizer, get_adapter(model), None)  # type: ignore[arg-type]
+        report.generation = evaluate_xsum(lm, data_dir=cfg.data_dir, limit=cfg.xsum, shots=cfg.xsum_shots,
+                                          batch_size=cfg.gen_batch_size, density=cfg.griffin,
+                                          label=report.label).to_dict()
+    if cfg.griffin is not None and (cfg.token_ppl or cfg.word_ppl_docs != 0):
+        report.meta["perplexity"] = "not measured with GRIFFIN (its experts are chosen per prompt)"
+        return
     if cfg.token_ppl:
         text, source = wikitext_stream(cfg.data_dir)
         report.token_ppl = token_perplexity(model, tokenizer, text, window=cfg.ppl_window,
@@ -98,12 +120,23 @@ def _perplexities(report: EvalReport, model, tokenizer, cfg: EvalConfig, lm_eval
                            "bits_per_byte": s.metrics.get("bits_per_byte"), "documents": s.n, "split": s.split}
 
 
+def _accuracy_lm(lm: LoadedModel, cfg: EvalConfig):
+    """lm-eval's model: plain, or GRIFFIN's classification mode when cfg.griffin is set."""
+    if cfg.griffin is not None:
+        from .generation import make_classification_lm
+
+        return make_classification_lm(lm, cfg.griffin, max_length=cfg.max_length)
+    return make_lm(lm.model, lm.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+
+
 def evaluate_model(lm: LoadedModel, cfg: EvalConfig | None = None, *, label: str = "model",
                    expert: str | None = None) -> EvalReport:
     """Every task of cfg on one model (dense or pruned), plus the perplexities."""
     cfg = cfg or EvalConfig()
     report = EvalReport(label, count_params(lm.model))
-    hf = make_lm(lm.model, lm.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    hf = _accuracy_lm(lm, cfg)
+    if cfg.griffin is not None:
+        report.meta["griffin"] = {"density": cfg.griffin, "accuracy": "classification mode (batch size 1)"}
     if cfg.tasks:
         report.scores, report.items = evaluate_tasks(hf, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
                                                      log_samples=True)
@@ -131,8 +164,8 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
         name, _ = plan.expert(experts)
         pruned = sliced_copy(lm, plan, name)
         report = evaluate_model(pruned, cfg, label=label, expert=name)
-        report.meta = {"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
-                       "achieved_ratio": plan.experts[name].stats.get("achieved_ratio")}
+        report.meta.update({"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
+                            "achieved_ratio": plan.experts[name].stats.get("achieved_ratio")})
         return report
     default, _ = plan.expert(None)
     by_expert: dict[str, list[str]] = {}
@@ -145,7 +178,7 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
             raise ConfigError(f"plan has no expert {name!r} for tasks {tasks}")
         log.info("expert %s on %s", name, ", ".join(tasks))
         pruned = sliced_copy(lm, plan, name)
-        hf = make_lm(pruned.model, pruned.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        hf = _accuracy_lm(pruned, cfg)
         scores, items = evaluate_tasks(hf, tasks, data_dir=cfg.data_dir, limit=cfg.limit, log_samples=True)
         report.scores.update(scores)
         report.items.update(items)
@@ -154,8 +187,8 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
         del pruned, hf
     report.params = round(sum(report.meta["params_by_expert"].values()) / len(by_expert))
     report.meta["params"] = "mean over the experts used"
-    if cfg.token_ppl or cfg.word_ppl_docs != 0:
-        # Language modelling has no task expert: perplexity comes from the generic expert when the plan has one.
+    if cfg.token_ppl or cfg.word_ppl_docs != 0 or cfg.xsum:
+        # Language modelling (and summarisation) has no task expert: perplexity comes from the generic expert when the plan has one.
         name = GENERIC if GENERIC in plan.experts else default
         pruned = sliced_copy(lm, plan, name)
         _perplexities(report, pruned.model, pruned.tokenizer, cfg,
@@ -173,8 +206,10 @@ def _fmt(v: float | None, pct: bool = True) -> str:
 def markdown_table(reports: Sequence[EvalReport], tasks: Sequence[str] | None = None) -> str:
     """Rows = reports; columns = the paper metric per task, the average (± s.e.), perplexities."""
     tasks = list(tasks or dict.fromkeys(t for r in reports for t in r.scores))
+    gen = any(r.generation for r in reports)
     head = ["model", "params"] + [f"{t} ({PAPER_METRIC[t]})" for t in tasks] + ["average ± s.e.", "token ppl",
                                                                                "word ppl"]
+    head += ["XSum R-1 / R-2 / R-L"] if gen else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         avg = r.average
@@ -183,6 +218,9 @@ def markdown_table(reports: Sequence[EvalReport], tasks: Sequence[str] | None = 
         cells.append("—" if avg is None else f"{100 * avg[0]:.1f} ± {100 * avg[1]:.1f}")
         cells.append(_fmt(r.token_ppl.perplexity, pct=False) if r.token_ppl else "—")
         cells.append(_fmt((r.word_ppl or {}).get("word_perplexity"), pct=False))
+        if gen:
+            g = (r.generation or {}).get("rouge")
+            cells.append(" / ".join(_fmt(g[k]) for k in ("rouge1", "rouge2", "rougeL")) if g else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,131 @@
+"""Generation quality (DESIGN 4): XSum summaries scored with ROUGE-1/2/L, greedy, stop at "###",
+on the dense model, a pruned one, or GRIFFIN experts; and GRIFFIN's classification mode for
+log-likelihood tasks.
+
+The XSum prompts are HELM-style rows (`article` holds the whole prompt, ending "Summarize the
+above article in 1 sentences.", with `summary_gt`, `max_tokens` and `stop`), as in the GRIFFIN
+authors' files; `../shared/data/xsum` holds a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from ..models import LoadedModel
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def load_xsum(data_dir: str | Path, shots: int = 0, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of <data_dir>/xsum/xsum_<shots>shot.jsonl."""
+    path = Path(data_dir) / "xsum" / f"xsum_{shots}shot.jsonl"
+    if not path.is_file():
+        raise DataError(f"no XSum prompts at {path}: pass --data-dir with an xsum/ folder (e.g. ../shared/data) "
+                        "holding xsum_0shot.jsonl / xsum_1shot.jsonl")
+    rows = []
+    try:
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row.get("article"), str) or not isinstance(row.get("summary_gt"), str):
+                raise DataError(f"{path} line {i + 1} lacks the 'article' or 'summary_gt' string")
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not JSON lines ({err}): restore the file") from None
+    if not rows:
+        raise DataError(f"{path} holds no prompts")
+    return rows
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-item ROUGE F-measures (rouge-score, Porter stemming, as HELM and GRIFFIN report)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_KEYS}
+    for p, r in zip(predictions, references):
+        s = scorer.score(r, p)
+        for k in ROUGE_KEYS:
+            out[k].append(s[k].fmeasure)
+    return out
+
+
+@dataclass
+class GenerationReport:
+    label: str
+    n: int
+    rouge: dict[str, float]  # mean F-measure per key (0..1)
+    stderr: dict[str, float]
+    items: dict[str, list[float]] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "n": self.n, "rouge": self.rouge, "stderr": self.stderr, "items": self.items,
+                "samples": self.samples, "meta": self.meta}
+
+
+def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 200, shots: int = 0,
+                  batch_size: int = 8, density: float | None = None, max_new_tokens: int | None = None,
+                  label: str = "model", progress: bool = True) -> GenerationReport:
+    """Greedy summaries of the first `limit` XSum prompts (batched by length, left-padded), each cut
+    at the row's stop strings, scored against the reference with ROUGE-1/2/L."""
+    from ..griffin import GriffinConfig, generate_texts
+
+    if density is not None:
+        GriffinConfig(density=density)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    rows = load_xsum(data_dir, shots, limit)
+    tok = lm.tokenizer
+    lengths = [len(tok(r["article"], add_special_tokens=False)["input_ids"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
+    preds: list[str] = [""] * len(rows)
+    kept, union = [], []
+    t0 = time.time()
+    for start in tqdm(range(0, len(order), batch_size), desc=f"xsum {label}", disable=not progress):
+        idx = order[start:start + batch_size]
+        new = max_new_tokens or max(int(rows[i].get("max_tokens", 64)) for i in idx)
+        stop = sorted({s for i in idx for s in rows[i].get("stop", ["###"])})
+        texts, out = generate_texts(lm, [rows[i]["article"] for i in idx], density=density, max_new_tokens=new,
+                                    stop=stop)
+        kept.append(out.kept_fraction)
+        union.append(out.union_fraction)
+        for i, t in zip(idx, texts):
+            preds[i] = t.strip()
+    items = rouge_scores(preds, [r["summary_gt"] for r in rows])
+    n = len(rows)
+    mean = {k: sum(v) / n for k, v in items.items()}
+    se = {k: (math.sqrt(sum((x - mean[k]) ** 2 for x in v) / (n - 1) / n) if n > 1 else 0.0) for k, v in items.items()}
+    samples = [{"reference": rows[i]["summary_gt"], "prediction": preds[i]} for i in range(min(3, n))]
+    meta = {"shots": shots, "batch_size": batch_size, "density": density, "seconds": round(time.time() - t0, 1),
+            "kept_fraction": sum(kept) / len(kept), "union_fraction": sum(union) / len(union),
+            "mean_prompt_tokens": sum(lengths) / n}
+    return GenerationReport(label, n, mean, se, items, samples, meta)
+
+
+def make_classification_lm(lm: LoadedModel, density: float, max_length: int | None = None):
+    """An lm-eval model scoring with GRIFFIN's classification mode. Batch size 1: lm-eval pads
+    without a mask, and the mode needs each sequence's last real token."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ..griffin import GriffinConfig, classification_mode
+
+    GriffinConfig(density=density, mode="class")
+
+    class GriffinClassLM(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            with classification_mode(lm.model, lm.adapter, density):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    return GriffinClassLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, max_length=max_length)
