@@ -138,3 +138,13 @@ def tiny_folder(tmp_path: Path, family: str, **kw) -> Path:
     model.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return folder
+
+
+def left_padded(seqs):
+    """Token sequences as one left-padded batch (ids, attention mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
+    return ids, mask

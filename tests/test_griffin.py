@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_loaded
+from conftest import left_padded, make_loaded
 
 from seap.errors import ConfigError
 from seap.griffin import (GriffinConfig, classification_mode, griffin_decode, keep_count, neuron_scores,
@@ -14,14 +14,6 @@ from seap.griffin import (GriffinConfig, classification_mode, griffin_decode, ke
 G = torch.Generator().manual_seed(5)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]
 
-
-def left_padded(seqs):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
-    return ids, mask
 
 
 def test_density_one_reproduces_dense_greedy_generation(family):

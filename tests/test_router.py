@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import TEXTS, make_loaded, tiny_folder
+from conftest import TEXTS, left_padded, make_loaded, tiny_folder
 
 from seap.cli import main
 from seap.config import PruneConfig
@@ -27,14 +27,6 @@ def multi_task_plan(lm, method="seap", ratio=0.5):
     return build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None,
                       fingerprint=fingerprint(lm.model, lm.adapter))
 
-
-def left_padded(seqs):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("materialize", [True, False])

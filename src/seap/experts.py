@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters.base import module_path, set_module
 from .errors import ConfigError
-from .models import LoadedModel, check_fingerprint
+from .models import LoadedModel, check_fingerprint, encode_left_padded
 from .plan import GENERIC, Expert, Plan
 from .router import Route, Router
 from .surgery import head_index_sets
@@ -268,12 +268,7 @@ class MultiExpertModel:
 def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
     """Greedy continuations of a left-padded batch with transformers' generate()."""
     tok = lm.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"  # decoder-only batches pad on the left so every row ends at its prompt
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(lm.model.device)
-    finally:
-        tok.padding_side = side
+    enc = encode_left_padded(tok, prompts, lm.model.device)
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                             **kwargs)
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -26,6 +26,7 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import module_path, set_module
 from .errors import ConfigError
+from .models import encode_left_padded
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +270,9 @@ def generate_texts(lm, prompts: Sequence[str], *, density: float | None = 0.5, m
                    stop: Sequence[str] = ()) -> tuple[list[str], GriffinOutput]:
     """Greedy continuations of a left-padded batch, with GRIFFIN experts (density None or 1: dense)."""
     tok = lm.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    device = next(lm.model.parameters()).device
-    out = griffin_decode(lm.model, lm.adapter, enc["input_ids"].to(device), max_new_tokens,
-                         enc["attention_mask"].to(device), density=1.0 if density is None else density,
+    enc = encode_left_padded(tok, prompts, next(lm.model.parameters()).device)
+    out = griffin_decode(lm.model, lm.adapter, enc["input_ids"], max_new_tokens,
+                         enc["attention_mask"], density=1.0 if density is None else density,
                          eos_token_id=getattr(tok, "eos_token_id", None))
     texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
     return [cut_at_stop(t, stop) for t in texts], out

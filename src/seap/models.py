@@ -103,6 +103,17 @@ class LoadedModel:
     source: ModelSource
 
 
+def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = None) -> dict:
+    """Tokenise a batch padded on the left, so that every row ends at its prompt (decoder-only batches)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
 def load_model(name_or_path: str | None = None, *, gguf_file: str | None = None, revision: str | None = None,
                dtype: torch.dtype | None = None, device: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer; a folder written by seap goes through seap's loader."""
