@@ -262,17 +262,22 @@ def speed_table(speeds: dict[str, ModelSpeed], reference: str | None = None) -> 
                 "kv_MB": m.kv_cache_bytes / 2**20, "peak_MB": m.peak_memory / 2**20, "prefill_tok_s": m.prefill_tok_s, "decode_tok_s": m.decode_tok_s,
                 "prefill_ratio": m.prefill_tok_s / r.prefill_tok_s, "decode_ratio": decode_ratio,
                 "bytes_limit": limit, "of_limit": decode_ratio / limit if limit > 0 else float("nan"),
+                "union_fraction": m.union_fraction,
             })
     return rows
 
 
+def _share(fraction: float | None) -> str:
+    return "all" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def speed_markdown(rows: Sequence[dict]) -> str:
     head = ("model", "batch", "params", "weights MB", "KV cache MB", "peak MB", "prefill tok/s", "decode tok/s", "prefill ×",
-            "decode ×", "bytes limit ×", "decode / limit")
+            "decode ×", "bytes limit ×", "decode / limit", "FFN read")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['weight_MB']:.0f} | "
                      f"{r['kv_MB']:.1f} | {r['peak_MB']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {r['bytes_limit']:.2f} | "
-                     f"{100 * r['of_limit']:.0f}% |")
+                     f"{100 * r['of_limit']:.0f}% | {_share(r.get('union_fraction'))} |")
     return "\n".join(lines) + "\n"

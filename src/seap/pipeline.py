@@ -203,20 +203,26 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
     config = config or EvalConfig()
     lm = _load(model)
+    dyn = f"griffin@{config.griffin:g}" if config.griffin is not None else None
     if routed is not None:
         from .evaluation.routed import evaluate_routed
 
+        if dyn:
+            raise ConfigError("--griffin composes with one plan expert, not with --routed: drop one of them")
         if plan is None:
             raise ConfigError("--routed needs the plan(s) whose experts the router picks: add --plan")
         report = evaluate_routed(lm, _plans([plan, *extra_plans]), _router(routed), config, label=label)
     elif plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        if dyn and label is None:
+            label = f"{plan.meta['method']}@{plan.meta['target_ratio']:g} ({experts})+{dyn}"
         report = evaluate_plan(lm, plan, config, experts=experts, label=label)
     elif extra_plans:
         raise ConfigError("several plans are only used with --routed")
     else:
         record = getattr(lm.model.config, "seap_pruning", None)
         default = f"{record['method']} {record['expert']} @{record['target_ratio']:g}" if record else "dense"
+        default = f"{default}+{dyn}" if dyn and record else dyn or default
         report = evaluate_model(lm, config, label=label or default)
     if out:
         report.meta["files"] = save_report([report], out)
