@@ -1,7 +1,7 @@
 """Reproduce SEAP's accuracy and speed tables on the bundled models; writes benchmarks/RESULTS.md.
 
     python benchmarks/run.py                      # everything (cached results are reused)
-    python benchmarks/run.py --stage accuracy     # or: routing, speed, render
+    python benchmarks/run.py --stage accuracy     # or: routing, speed, xsum, griffin-speed, render
 
 Each (model, method, ratio) result is a JSON file under benchmarks/results/, written when it
 finishes, so an interrupted run resumes where it stopped; `render` rebuilds RESULTS.md and the
@@ -128,12 +128,13 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "render"), default="all")
+    ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "render"), default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
+    ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -152,6 +153,14 @@ def main(argv=None) -> int:
         from speed import speed  # noqa: E402  (benchmarks/speed.py)
 
         speed(models)
+    if args.stage in ("all", "xsum"):
+        from griffin import xsum  # noqa: E402  (benchmarks/griffin.py)
+
+        xsum(models, args.xsum_limit)
+    if args.stage in ("all", "griffin-speed"):
+        from griffin import griffin_speed  # noqa: E402
+
+        griffin_speed(models)
     if args.stage in ("all", "render"):
         from render import render  # noqa: E402  (benchmarks/render.py)
 

@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, has_shared_data, tiny_folder
 from seap.cli import main
 from seap.errors import DataError
 from seap.evaluation.generation import evaluate_xsum, load_xsum, rouge_scores
-from seap.griffin import classification_mode, cut_at_stop
+from seap.griffin import classification_mode, cut_at_stop, generate_texts
 from seap.models import load_model
 
 ARTICLES = [
@@ -49,6 +49,15 @@ def test_rouge_matches_a_hand_count():
 def test_cut_at_stop_takes_the_earliest_stop():
     assert cut_at_stop("a summary.\n###\nArticle: more", ["###", "Article"]) == "a summary.\n"
     assert cut_at_stop("no stop here", ["###"]) == "no stop here"
+
+
+def test_stop_strings_end_decoding_without_changing_the_text(folder):
+    lm = load_model(str(folder))
+    prompts = ["Hello there", "A longer prompt, yes", "x"]
+    full, _ = generate_texts(lm, prompts, density=0.5, max_new_tokens=16)
+    stop = [full[0][5:7], full[1][9:10]]  # strings that occur mid-way in the unstopped outputs
+    cut, out = generate_texts(lm, prompts, density=0.5, max_new_tokens=16, stop=stop)
+    assert cut == [cut_at_stop(t, stop) for t in full] and len(cut[0]) < len(full[0])
 
 
 def test_load_xsum_errors_and_limit(tmp_path):
