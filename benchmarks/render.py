@@ -18,7 +18,8 @@ ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-g
 
 
 def _load(model: str) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json")) if p.name not in ("speed.json", "router.json")]
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
+            if p.name not in ("speed.json", "router.json", "griffin_speed.json") and not p.name.startswith("xsum_")]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
 
@@ -168,6 +169,86 @@ def routing_section(model: str, rows: list[dict]) -> str:
     return text
 
 
+def _xsum_rows(model: str) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in (RESULTS / model).glob("xsum_*.json")]
+    return sorted(rows, key=lambda r: (r["kind"] != "dense", -(r["density"] or 1), r["kind"]))
+
+
+def _rouge_delta(row: dict, dense: dict, key: str = "rougeL") -> tuple[float, float]:
+    """Mean per-item difference of a ROUGE F-measure (same prompts) and its paired standard error."""
+    d = [a - b for a, b in zip(row["items"][key], dense["items"][key])]
+    n = len(d)
+    mean = sum(d) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+
+
+def griffin_section(model: str) -> str:
+    """XSum ROUGE and decode speed: dense, GRIFFIN per-prompt experts, static magnitude at the same density."""
+    rows = _xsum_rows(model)
+    text = ""
+    dense = next((r for r in rows if r["kind"] == "dense"), None)
+    if dense:
+        m = dense["meta"]
+        text += (f"
+XSum ({m['shots']}-shot HELM prompts, first {dense['n']}, mean prompt {m['mean_prompt_tokens']:.0f} "
+                 f"tokens; greedy, cut at \"###\", batches of {m['batch_size']} left-padded prompts), ROUGE F-measure "
+                 "(%), rouge-score with stemming. GRIFFIN: each prompt keeps the top density × d_ff neurons of every "
+                 "layer by its own prefill statistic; the decode steps of a batch read the union of its prompts' "
+                 "neurons. Magnitude: one static uniform mask (no protected layers), the same density.\n\n"
+                 "| row | ROUGE-1 | ROUGE-2 | ROUGE-L ± s.e. | Δ ROUGE-L vs dense ± paired s.e. | FFN kept per prompt "
+                 "| FFN read per batch | minutes |\n|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            delta = "—" if r is dense else "{:+.2f} ± {:.2f}".format(*(100 * x for x in _rouge_delta(r, dense)))
+            kept = r["meta"]["kept_fraction"] if r["kind"] == "griffin" else (r["density"] or 1.0)
+            read = r["meta"]["union_fraction"] if r["kind"] == "griffin" else (r["density"] or 1.0)
+            text += (f"| {r['row']} | {100 * r['rouge']['rouge1']:.2f} | {100 * r['rouge']['rouge2']:.2f} | "
+                     f"{100 * r['rouge']['rougeL']:.2f} ± {100 * r['stderr']['rougeL']:.2f} | {delta} | "
+                     f"{100 * kept:.0f}% | {100 * read:.0f}% | {r['seconds'] / 60:.1f} |\n")
+    path = RESULTS / model / "griffin_speed.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        cfg = data["config"]
+        text += (f"\nGRIFFIN decode speed (`seap.bench`, prompt {cfg['prompt_len']} random tokens, {cfg['gen_len']} "
+                 f"generated, warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; GRIFFIN's "
+                 "selection is timed with the prefill and its weight gather with the decode):\n\n"
+                 "| row | batch | prefill × | decode tok/s | decode × | bytes limit × | FFN read |\n"
+                 "|---|---|---|---|---|---|---|\n")
+        for r in data["rows"]:
+            read = r.get("union_fraction")
+            text += (f"| {r['model']} | {r['batch']} | {r['prefill_ratio']:.2f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_ratio']:.2f} | {r['bytes_limit']:.2f} | "
+                     f"{'static' if read is None else f'{100 * read:.0f}%'} |\n")
+    return text
+
+
+def griffin_findings(models) -> str:
+    lines = []
+    for model in models:
+        rows = _xsum_rows(model)
+        dense = next((r for r in rows if r["kind"] == "dense"), None)
+        if not dense:
+            continue
+        within = []
+        for r in rows:
+            if r["kind"] != "griffin":
+                continue
+            d, se = _rouge_delta(r, dense)
+            mag = next((m for m in rows if m["kind"] == "magnitude" and m["density"] == r["density"]), None)
+            vs = (f", magnitude at the same density {100 * mag['rouge']['rougeL']:.2f}" if mag else "")
+            lines.append(f"- {model}, XSum: GRIFFIN {r['density']:g} ROUGE-L {100 * r['rouge']['rougeL']:.2f} vs dense "
+                         f"{100 * dense['rouge']['rougeL']:.2f} (Δ {100 * d:+.2f} ± {100 * se:.2f}){vs}.")
+            if abs(d) <= 0.01:
+                within.append(r["density"])
+        lines.append(f"- {model}, XSum: GRIFFIN densities within 1 ROUGE-L point of dense: "
+                     + (", ".join(f"{x:g}" for x in sorted(within)) if within else "none of those run") + ".")
+        path = RESULTS / model / "griffin_speed.json"
+        if path.is_file():
+            sp = [r for r in json.loads(path.read_text())["rows"] if r["model"].startswith("GRIFFIN")]
+            lines.append(f"- {model}, decode speed vs dense: " + ", ".join(
+                f"{r['model']} batch {r['batch']} {r['decode_ratio']:.2f}×" for r in sp) + ".")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -229,7 +310,7 @@ def render() -> Path:
         pass
     text = f"""# seap benchmark results
 
-Produced by `python benchmarks/run.py` (stages `accuracy`, `routing`, `speed`, `render`; each result is cached
+Produced by `python benchmarks/run.py` (stages `accuracy`, `routing`, `speed`, `xsum`, `griffin-speed`, `render`; each result is cached
 under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus the SEAP s_F rows by
 `python benchmarks/run.py --stage accuracy --models smollm2-135m --extra --ratios 0.5`. Rendered {date.today().isoformat()} from seap commit
 `{_git_commit()}`; Python {platform.python_version()}, {versions}; CPU only ({cpu}).
@@ -274,14 +355,14 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
 
 ## Findings (computed from the tables below)
 
-{findings(all_rows) if all_rows else '_no results yet_'}
-"""
+{findings(all_rows) if all_rows else '_no results yet_'}{griffin_findings(MODELS)}"""
     for model, rows in all_rows.items():
         n = rows[0]["eval_config"]["limit"]
         text += f"\n## {model}\n\nAccuracy (paper metric, %), N = {n} items per task:\n\n"
         text += accuracy_table(rows) + "\nacc / acc_norm per task (%):\n\n" + acc_detail_table(rows)
         text += routing_section(model, rows)
         text += "\nSpeed:\n" + speed_tables(model)
+        text += griffin_section(model)
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")
     dest = HERE / "RESULTS.md"

@@ -165,3 +165,6 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--no-ppl",
                  "--out", str(tmp_path / "no")]) == 2
     assert "--data-dir" in capsys.readouterr().err
+    assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--data-dir", str(tmp_path),
+                 "--plan", str(tmp_path), "--routed", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "not routed" in capsys.readouterr().err

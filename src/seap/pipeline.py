@@ -209,6 +209,8 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
         if dyn:
             raise ConfigError("--griffin composes with one plan expert, not with --routed: drop one of them")
+        if config.xsum:
+            raise ConfigError("--xsum is not routed: summarise with one expert (--plan P --experts generic)")
         if plan is None:
             raise ConfigError("--routed needs the plan(s) whose experts the router picks: add --plan")
         report = evaluate_routed(lm, _plans([plan, *extra_plans]), _router(routed), config, label=label)
@@ -234,10 +236,9 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
               griffin: Sequence[float] = ()):
     """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
     density on the base model), timed in one process."""
-    from .griffin import GriffinConfig
-
     from .bench import bench_models, speed_markdown, speed_table
     from .evaluation.runner import sliced_copy
+    from .griffin import GriffinConfig
 
     lm = _load(model)
     models = {"dense": lm}
@@ -356,10 +357,10 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
         label = f"griffin@{griffin:g}"
         if plans:
-            p = _plans(plans)[0]
-            check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
-            name, _ = p.expert(expert)
-            lm, label = sliced_copy(lm, p, name), f"{name}+griffin@{griffin:g}"
+            plan = _plans(plans)[0]
+            check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+            name, _ = plan.expert(expert)
+            lm, label = sliced_copy(lm, plan, name), f"{name}+griffin@{griffin:g}"
         texts, out = generate_texts(lm, prompts, density=griffin, max_new_tokens=max_new_tokens, stop=stop)
         return [{"prompt": p, "expert": label, "text": t, "kept_fraction": round(out.kept_fraction, 4)}
                 for p, t in zip(prompts, texts)]

@@ -19,7 +19,7 @@ from ..models import LoadedModel
 from ..plan import GENERIC, Plan
 from ..router import Router, prompt_features
 from .harness import evaluate_tasks, make_lm
-from .runner import EvalConfig, EvalReport, _perplexities
+from .runner import EvalConfig, EvalReport, _generation_and_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def evaluate_routed(lm: LoadedModel, plans: Plan | Sequence[Plan], router: Route
     report.meta["params_by_expert"] = params
     if cfg.token_ppl or cfg.word_ppl_docs != 0:
         with multi.use(GENERIC) as model:
-            _perplexities(report, model, lm.tokenizer, cfg, make_lm(model, lm.tokenizer, batch_size=cfg.batch_size,
+            _generation_and_perplexity(report, model, lm.tokenizer, cfg, make_lm(model, lm.tokenizer, batch_size=cfg.batch_size,
                                                                      max_length=cfg.max_length))
         report.meta["perplexity_expert"] = GENERIC
     return report

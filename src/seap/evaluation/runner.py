@@ -95,7 +95,8 @@ class EvalReport:
                    d.get("items", {}), d.get("meta", {}), d.get("generation"))
 
 
-def _perplexities(report: EvalReport, model, tokenizer, cfg: EvalConfig, lm_eval_model) -> None:
+def _generation_and_perplexity(report: EvalReport, model, tokenizer, cfg: EvalConfig, lm_eval_model) -> None:
+    """The measurements that are not task accuracy: XSum ROUGE, token and word perplexity."""
     if cfg.xsum:
         from .generation import evaluate_xsum
 
@@ -141,7 +142,7 @@ def evaluate_model(lm: LoadedModel, cfg: EvalConfig | None = None, *, label: str
         report.scores, report.items = evaluate_tasks(hf, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
                                                      log_samples=True)
         report.experts = {t: expert or label for t in cfg.tasks}
-    _perplexities(report, lm.model, lm.tokenizer, cfg, hf)
+    _generation_and_perplexity(report, lm.model, lm.tokenizer, cfg, hf)
     return report
 
 
@@ -191,7 +192,7 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
         # Language modelling (and summarisation) has no task expert: perplexity comes from the generic expert when the plan has one.
         name = GENERIC if GENERIC in plan.experts else default
         pruned = sliced_copy(lm, plan, name)
-        _perplexities(report, pruned.model, pruned.tokenizer, cfg,
+        _generation_and_perplexity(report, pruned.model, pruned.tokenizer, cfg,
                       make_lm(pruned.model, pruned.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length))
         report.meta["perplexity_expert"] = name
     return report
