@@ -189,8 +189,7 @@ def griffin_section(model: str) -> str:
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     if dense:
         m = dense["meta"]
-        text += (f"
-XSum ({m['shots']}-shot HELM prompts, first {dense['n']}, mean prompt {m['mean_prompt_tokens']:.0f} "
+        text += (f"\nXSum ({m['shots']}-shot HELM prompts, first {dense['n']}, mean prompt {m['mean_prompt_tokens']:.0f} "
                  f"tokens; greedy, cut at \"###\", batches of {m['batch_size']} left-padded prompts), ROUGE F-measure "
                  "(%), rouge-score with stemming. GRIFFIN: each prompt keeps the top density × d_ff neurons of every "
                  "layer by its own prefill statistic; the decode steps of a batch read the union of its prompts' "

@@ -14,7 +14,7 @@ from seap.evaluation.runner import sliced_copy
 from seap.experts import MultiExpertModel, greedy_batch
 from seap.models import fingerprint, load_model
 from seap.plan import GENERIC, build_plan
-from seap.router import BACKGROUND, Router, RouterConfig, fit_router, prompt_features
+from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
 from seap.stats import collect_stats
 from seap.surgery import ffn_params
 

@@ -70,3 +70,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind: str, fmt: str, version: int,
+                  missing: str, redo: str) -> tuple[dict, dict]:
+    """The JSON header and tensors of a saved folder (plan, router), checked for format and version.
+    `missing` says which folder to give instead, `redo` how to rebuild a damaged one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .errors import ArtifactError
+
+    folder = Path(folder)
+    js, st = folder / json_name, folder / tensors_name
+    if not folder.is_dir() or not js.is_file() or not st.is_file():
+        raise ArtifactError(f"{folder} is not a {kind} folder (needs {json_name} and {tensors_name}): {missing}")
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+        tensors = load_file(str(st))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{kind} {folder} is corrupt or truncated ({str(err)[:80]}): {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ArtifactError(f"{js} is not a seap {kind} (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+    if meta.get("version") != version:
+        raise ArtifactError(f"{kind} format version {meta.get('version')} is not {version}: {redo}")
+    return meta, tensors

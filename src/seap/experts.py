@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import nn
 from .adapters.base import module_path, set_module
 from .errors import ConfigError
 from .models import LoadedModel, check_fingerprint, encode_left_padded
-from .plan import GENERIC, Expert, Plan
+from .plan import Expert, Plan
 from .router import Route, Router
 from .surgery import head_index_sets
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from ._io import atomic_dir
+from ._io import atomic_dir, read_artifact
 from .adapters import Adapter
 from .allocation import Pool, adaptive, logistic, removed_params, uniform
 from .config import PruneConfig
@@ -87,20 +86,9 @@ class Plan:
 
     @classmethod
     def load(cls, folder: str | Path) -> Plan:
-        folder = Path(folder)
-        pj, ix = folder / "plan.json", folder / "indices.safetensors"
-        if not folder.is_dir() or not pj.is_file() or not ix.is_file():
-            raise ArtifactError(f"{folder} is not a plan folder (needs plan.json and indices.safetensors): "
-                                "give the folder that `seap prune` wrote as <out>/plan")
-        try:
-            meta = json.loads(pj.read_text(encoding="utf-8"))
-            tensors = load_file(str(ix))
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
-            raise ArtifactError(f"plan {folder} is corrupt or truncated ({str(err)[:80]}): prune again") from None
-        if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
-            raise ArtifactError(f"{pj} is not a seap plan (format {meta.get('format') if isinstance(meta, dict) else '?'})")
-        if meta.get("version") != PLAN_VERSION:
-            raise ArtifactError(f"plan format version {meta.get('version')} is not {PLAN_VERSION}: prune again")
+        meta, tensors = read_artifact(folder, "plan.json", "indices.safetensors", kind="plan", fmt=PLAN_FORMAT,
+                                      version=PLAN_VERSION, missing="give the folder that `seap prune` wrote as <out>/plan",
+                                      redo="prune again")
         n_layers = int(meta.get("fingerprint", {}).get("arch", {}).get("n_layers", 0))
         experts = {}
         try:

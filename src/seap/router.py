@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from ._io import atomic_dir
+from ._io import atomic_dir, read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
 from .models import LoadedModel, check_fingerprint, fingerprint
@@ -162,20 +161,9 @@ class Router:
 
     @classmethod
     def load(cls, folder: str | Path) -> Router:
-        folder = Path(folder)
-        js, st = folder / "router.json", folder / "router.safetensors"
-        if not js.is_file() or not st.is_file():
-            raise ArtifactError(f"{folder} is not a router folder (needs router.json and router.safetensors): "
-                                "give the folder that `seap route fit` wrote")
-        try:
-            meta = json.loads(js.read_text(encoding="utf-8"))
-            t = load_file(str(st))
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
-            raise ArtifactError(f"router {folder} is corrupt or truncated ({str(err)[:80]}): fit it again") from None
-        if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
-            raise ArtifactError(f"{js} is not a seap router")
-        if meta.get("version") != ROUTER_VERSION:
-            raise ArtifactError(f"router format version {meta.get('version')} is not {ROUTER_VERSION}: fit it again")
+        meta, t = read_artifact(folder, "router.json", "router.safetensors", kind="router", fmt=ROUTER_FORMAT,
+                                version=ROUTER_VERSION, missing="give the folder that `seap route fit` wrote",
+                                redo="fit it again")
         try:
             classes = tuple(meta["classes"])
             coef, intercept = t["coef"], t["intercept"]
