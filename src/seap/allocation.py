@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError
 
-ALLOCATIONS = ("uniform", "logistic", "adaptive")
+# logistic-fitted: the logistic schedule with (k, x0) fitted by `seap analyze sensitivity` (seap.analyze.sensitivity)
+ALLOCATIONS = ("uniform", "logistic", "adaptive", "logistic-fitted")
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,18 @@ def uniform(pool: Pool, ratio: float, *, protect_first: int = 0, protect_last: i
     return integerize(pool, target, budget, multiple=multiple, frozen=frozen)
 
 
+def relative_depths(n_layers: int, protect_first: int, protect_last: int) -> dict[int, float]:
+    """Relative depth x in [0, 1] of every pruned layer, the coordinate of the logistic schedule."""
+    active = active_layers(n_layers, protect_first, protect_last)
+    span = max(1, len(active) - 1)
+    return {i: pos / span for pos, i in enumerate(active)}
+
+
 def logistic_rho(n_layers: int, lam: float, *, protect_first: int, protect_last: int, k: float, x0: float,
                  rho_max: float) -> list[float]:
     """SEAP's layer-wise sparsity: rho_l = Lambda / (1 + exp(-k (x - x0))), deeper layers pruned more."""
-    active = active_layers(n_layers, protect_first, protect_last)
-    span = max(1, len(active) - 1)
     rho = [0.0] * n_layers
-    for pos, i in enumerate(active):
-        x = pos / span  # relative depth among the pruned layers, in [0, 1]
+    for i, x in relative_depths(n_layers, protect_first, protect_last).items():
         rho[i] = min(rho_max, max(0.0, lam / (1.0 + math.exp(-k * (x - x0)))))
     return rho
 
@@ -159,12 +164,13 @@ def logistic(pool: Pool, ratio: float, *, protect_first: int = 2, protect_last: 
         return sum(r * p for r, p in zip(rho, pool.params))
 
     active = active_layers(n, protect_first, protect_last)
-    if removed(1e6) < budget - 1e-6:
+    # As Lambda grows every active layer reaches rho_max: that is the reach, however steep the curve.
+    if sum(rho_max * pool.params[i] for i in active) < budget - 1e-6:
         raise ConfigError(f"ratio {ratio} is out of reach of the logistic schedule (layers capped at rho_max="
                           f"{rho_max}, {protect_first}+{protect_last} layers dense): lower the ratio, raise "
                           "--rho-max or protect fewer layers")
     lo, hi = 0.0, 2.0
-    while removed(hi) < budget:
+    while removed(hi) < budget and hi < 1e300:
         hi *= 2
     for _ in range(100):
         mid = (lo + hi) / 2

@@ -41,6 +41,8 @@ class PruneConfig:
     generic: bool = False
     lm_weight: float = 3.0  # weight of language-modelling corpora in the generic expert
     task_weight: float = 2.0
+    # logistic-fitted: k, x0 and what they were fitted on (set by seap.analyze.sensitivity.FittedSchedule.configure)
+    fitted: dict | None = None
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -60,6 +62,23 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"{name} must be >= 0, got {v}")
+        self._check_fitted()
+
+    def _check_fitted(self) -> None:
+        if self.allocation != "logistic-fitted":
+            if self.fitted is not None:
+                raise ConfigError("a fitted schedule is only used with --allocation logistic-fitted")
+            return
+        fix = "run `seap analyze sensitivity --out DIR` and pass --schedule DIR/sensitivity.json"
+        if not isinstance(self.fitted, dict) or not {"k", "x0", "protect_first", "protect_last"} <= set(self.fitted):
+            raise ConfigError(f"--allocation logistic-fitted needs a fitted schedule: {fix}")
+        if (self.k, self.x0) != (self.fitted["k"], self.fitted["x0"]):
+            raise ConfigError("k and x0 of logistic-fitted come from the schedule file: drop --k/--x0")
+        for name in ("protect_first", "protect_last"):
+            v = getattr(self, name)
+            if v is not None and v != self.fitted[name]:
+                raise ConfigError(f"the schedule was fitted with {name.replace('_', ' ')} = {self.fitted[name]} "
+                                  f"dense layers, not {v}: drop --{name.replace('_', '-')} or fit again with it")
 
     @classmethod
     def from_method(cls, method: str = "seap", **overrides) -> PruneConfig:
@@ -72,11 +91,16 @@ class PruneConfig:
 
     @property
     def first(self) -> int:
-        return self.protect_first if self.protect_first is not None else (2 if self.allocation == "logistic" else 0)
+        return self.protect_first if self.protect_first is not None else self._protect_default("protect_first")
 
     @property
     def last(self) -> int:
-        return self.protect_last if self.protect_last is not None else (2 if self.allocation == "logistic" else 0)
+        return self.protect_last if self.protect_last is not None else self._protect_default("protect_last")
+
+    def _protect_default(self, name: str) -> int:
+        if self.fitted is not None:
+            return int(self.fitted[name])  # the layers the fit left out are the layers kept dense
+        return 2 if self.allocation == "logistic" else 0
 
     @property
     def needs_stats(self) -> bool:

@@ -160,9 +160,10 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
         kept = adaptive(ps, ss, cfg.ratio, robust=cfg.robust, multiple=cfg.multiple, budget=budget)
         return kept[0], (kept[1] if head_pool else None)
     sched = dict(protect_first=cfg.first, protect_last=cfg.last, multiple=cfg.multiple)
-    if cfg.allocation == "logistic":
+    curve = cfg.allocation in ("logistic", "logistic-fitted")  # fitted: the same curve, its k and x0 measured
+    if curve:
         sched.update(k=cfg.k, x0=cfg.x0, rho_max=cfg.rho_max)
-    fn = logistic if cfg.allocation == "logistic" else uniform
+    fn = logistic if curve else uniform
     head_kept, head_removed = None, 0.0
     if head_pool:
         # Heads are coarse: round them first at the same ratio, let the FFN absorb the remainder.
@@ -227,6 +228,9 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     """One expert per task corpus, plus the generic expert when there are several tasks or asked for."""
     if not stats_by_task:
         raise ConfigError("no task given: name at least one task corpus")
+    if cfg.fitted is not None and cfg.fitted.get("arch_hash") != fingerprint.get("arch_hash"):
+        raise ArtifactError(f"the fitted schedule was measured on {cfg.fitted.get('model')}, another model: run "
+                            "`seap analyze sensitivity` on this one")
     head_unit = resolve_head_unit(cfg, adapter, model)
     experts: dict[str, Expert] = {}
     raw: dict[str, tuple] = {}
