@@ -118,25 +118,28 @@ def has_shared_data() -> bool:
     return SHARED_DATA.is_dir()
 
 
-def byte_level_tokenizer():
-    """A real (saveable, AutoTokenizer-loadable) byte-level tokenizer with 256 + 2 tokens."""
+def byte_level_tokenizer(merges: bool = False):
+    """A real (saveable, AutoTokenizer-loadable) byte-level tokenizer with 256 + 2 tokens (+ 2 merged
+    ones with `merges`: llama.cpp refuses a BPE vocabulary without merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    pairs = [("Ġ", "t"), ("e", "r")] if merges else []
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(pairs)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_folder(tmp_path: Path, family: str, **kw) -> Path:
+def tiny_folder(tmp_path: Path, family: str, merges: bool = False, **kw) -> Path:
     """A tiny random model of `family` saved as a Hugging Face folder with a real tokenizer."""
     model = FAMILIES[family](vocab_size=260, **kw)
     folder = tmp_path / f"tiny-{family}"
     model.save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
+    byte_level_tokenizer(merges).save_pretrained(folder)
     return folder
 
 
@@ -148,3 +151,16 @@ def left_padded(seqs):
     for r, s in enumerate(seqs):
         ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
     return ids, mask
+
+
+def plan_for(lm, cfg, texts=TEXTS, heads=None):
+    """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
+    from seap.models import fingerprint
+    from seap.plan import build_plan
+    from seap.stats import collect_stats
+
+    heads = lm.model.config.model_type == "opt" if heads is None else heads
+    stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, texts, heads=heads, meta={"corpus": "t"},
+                          progress=False)
+    return build_plan(lm.model, lm.adapter, cfg, {"t": stats}, base_model="tiny", revision=None,
+                      fingerprint=fingerprint(lm.model, lm.adapter)), stats

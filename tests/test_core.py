@@ -4,24 +4,16 @@ import copy
 
 import pytest
 import torch
-from conftest import TEXTS, make_loaded
+from conftest import TEXTS, make_loaded, plan_for
 
 from seap.config import PruneConfig
 from seap.models import fingerprint
-from seap.plan import Expert, Plan, build_plan
+from seap.plan import Expert, Plan
 from seap.pruned import load_pruned, save_pruned
 from seap.stats import ActivationStats, ChannelStats, collect_stats
 from seap.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))
-
-
-def plan_for(lm, cfg, texts=TEXTS, heads=None):
-    heads = lm.model.config.model_type == "opt" if heads is None else heads
-    stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, texts, heads=heads, meta={"corpus": "t"},
-                          progress=False)
-    return build_plan(lm.model, lm.adapter, cfg, {"t": stats}, base_model="tiny", revision=None,
-                      fingerprint=fingerprint(lm.model, lm.adapter)), stats
 
 
 def keep_all_plan(lm):

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="seap", choices=list(PRESETS))
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable parameters to remove (0, 1)")
     p.add_argument("--score", default=None, help="override: wifv, wifn, wanda_sp, magnitude, random")
-    p.add_argument("--allocation", default=None, help="override: uniform, logistic, adaptive")
+    p.add_argument("--allocation", default=None, help="override: uniform, logistic, adaptive, logistic-fitted "
+                   "(with --schedule)")
+    p.add_argument("--schedule", default=None, help="sensitivity.json of `seap analyze sensitivity`: the logistic "
+                   "schedule with its fitted k and x0 (implies --allocation logistic-fitted)")
     p.add_argument("--heads", default=None, choices=HEAD_MODES,
                    help="auto (default): heads for multi-head attention, FFN only for GQA")
     bc = p.add_mutually_exclusive_group()
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="cut the output at this string (repeatable)")
     p.add_argument("--json", action="store_true")
 
+    from .analyze.cli import add_parser as add_analyze
+    add_analyze(sub)
+
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -238,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
             for task, s in stats.items():
                 print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
         elif args.cmd == "prune":
+            from .analyze.cli import check_schedule_args
+            check_schedule_args(args)
             cfg = PruneConfig.from_method(
-                args.method, ratio=args.ratio, score=args.score, allocation=args.allocation, heads=args.heads,
+                args.method, ratio=args.ratio, score=args.score, heads=args.heads,
+                allocation=None if args.allocation == "logistic-fitted" else args.allocation,
                 bias_compensation=args.bias_compensation, protect_first=args.protect_first,
                 protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
                 multiple=args.multiple, seed=args.seed)
             res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
                                  data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
-                                 batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir)
+                                 batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir,
+                                 schedule=args.schedule)
             _print_result(res, args.out)
         elif args.cmd == "apply":
             res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out)
@@ -276,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "route":
             _route(pipeline, args)
+        elif args.cmd == "analyze":
+            from .analyze.cli import run as run_analyze
+            run_analyze(args)
         elif args.cmd == "generate":
             prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
             rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,

@@ -113,11 +113,16 @@ def _widths_brief(widths: list[int]) -> str:
 def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
           config: PruneConfig | None = None, data_dir: str | Path | None = None, out: str | Path | None = None,
           expert: str | None = None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
-          stats_dir: str | Path | None = None, progress: bool = True) -> PruneResult:
-    """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary)."""
+          stats_dir: str | Path | None = None, progress: bool = True, schedule: str | Path | None = None) -> PruneResult:
+    """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
+    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model only)."""
     t0 = time.time()
     config = config or PruneConfig()
     lm = _load(model)
+    if schedule is not None:
+        from .analyze.sensitivity import load_schedule
+
+        config = load_schedule(schedule).configure(config, lm)
     fp = fingerprint(lm.model, lm.adapter)
     heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
     if config.needs_stats:

@@ -1,0 +1,113 @@
+"""What do plans keep? Per-layer widths and kept fractions, and how much task experts overlap.
+
+Overlap of two experts in a layer is the Jaccard index of their kept FFN channels,
+|A n B| / |A u B|. For scale, two random sets of the same sizes a and b out of n channels overlap
+by E|A n B| = a b / n, a Jaccard of about (ab/n) / (a + b - ab/n) (1/3 for two halves): task
+experts above that share channels for a reason; near it they are as different as chance.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..plan import Plan
+from .common import Analysis, markdown_table
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|A n B| / |A u B| of two index sets (1 for two empty sets)."""
+    sa, sb = set(a.tolist()), set(b.tolist())
+    union = len(sa | sb)
+    return len(sa & sb) / union if union else 1.0
+
+
+def chance_jaccard(n: int, a: int, b: int) -> float:
+    """Jaccard expected of random sets of sizes a and b out of n (ratio of expectations)."""
+    inter = a * b / n
+    union = a + b - inter
+    return inter / union if union else 1.0
+
+
+def layer_jaccard(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[float]:
+    if len(a) != len(b):
+        raise ConfigError(f"experts with {len(a)} and {len(b)} layers cannot be compared: use plans of one model")
+    return [jaccard(x, y) for x, y in zip(a, b)]
+
+
+def _load(plans: Sequence[str | Path | Plan]) -> list[tuple[str, Plan]]:
+    if not plans:
+        raise ConfigError("give at least one plan (--plan DIR)")
+    loaded = [(str(p), p if isinstance(p, Plan) else Plan.load(p)) for p in plans]
+    hashes = {p.meta["fingerprint"]["arch_hash"] for _, p in loaded}
+    if len(hashes) > 1:
+        raise ConfigError("these plans were made for different models: compare plans of one base model")
+    return loaded
+
+
+def _label(plan: Plan) -> str:
+    """A short plan name: its allocation and ratio."""
+    return f"{plan.meta.get('config', {}).get('allocation', '?')}@{plan.meta['target_ratio']:g}"
+
+
+def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] | None = None,
+                  out: str | Path | None = None) -> Analysis:
+    """`seap analyze plan`: widths, kept fractions and the Jaccard overlap of the experts of one or more
+    plans (only the experts named in `experts`, when given)."""
+    loaded = _load(plans)
+    for want in experts or ():
+        if not any(want in p.experts for _, p in loaded):
+            raise ConfigError(f"no plan has an expert {want!r}: choose from "
+                              f"{', '.join(sorted({e for _, p in loaded for e in p.experts}))}")
+    many = len(loaded) > 1
+    labels = [_label(p) for _, p in loaded]
+    if len(set(labels)) < len(labels):  # two plans that read alike: number them
+        labels = [f"{label}#{i + 1}" for i, label in enumerate(labels)]
+    dense = loaded[0][1].meta["fingerprint"]["arch"]["d_ff"]
+    chosen, kept, widths = {}, {}, {}
+    for label, (_, plan) in zip(labels, loaded):
+        for name, ex in plan.experts.items():
+            if experts and name not in experts:
+                continue
+            key = f"{label}:{name}" if many else name
+            chosen[key] = ex.ffn
+            widths[key] = ex.widths()
+            kept[key] = [w / n for w, n in zip(ex.widths(), dense)]
+    names = list(chosen)
+    per_layer = {f"{a} | {b}": layer_jaccard(chosen[a], chosen[b]) for a, b in combinations(names, 2)}
+    n = len(dense)
+
+    def pair(a: str, b: str) -> list[float]:
+        return per_layer[f"{a} | {b}"] if f"{a} | {b}" in per_layer else per_layer[f"{b} | {a}"]
+
+    mean = [[1.0 if a == b else sum(pair(a, b)) / n for b in names] for a in names]
+    chance = {f"{a} | {b}": sum(chance_jaccard(d, len(x), len(y)) for d, x, y in zip(dense, chosen[a], chosen[b])) / n
+              for a, b in combinations(names, 2)}
+    plan_info = [{"folder": path, "label": label, "method": p.meta["method"], "target_ratio": p.meta["target_ratio"],
+                  "allocation": p.meta.get("config", {}).get("allocation"),
+                  "k": p.meta.get("config", {}).get("k"), "x0": p.meta.get("config", {}).get("x0"),
+                  "fitted": p.meta.get("config", {}).get("fitted")} for label, (path, p) in zip(labels, loaded)]
+    data = {"base_model": loaded[0][1].meta["base_model"], "plans": plan_info, "dense_widths": dense,
+            "widths": widths, "kept_fraction": kept, "jaccard": {"names": names, "mean": mean, "by_layer": per_layer,
+                                                                   "chance": chance}}
+    rows = [(k, f"{sum(w) / sum(dense):.3f}", f"{min(kept[k]):.2f}..{max(kept[k]):.2f}") for k, w in widths.items()]
+    md = (f"Base model `{data['base_model']}`; {len(loaded)} plan(s), {len(names)} experts.\n\n"
+          + markdown_table(("expert", "FFN kept", "kept per layer"), rows))
+    if per_layer:
+        md += ("\nMean Jaccard overlap of kept channels over the layers (chance: random sets of the same sizes):\n\n"
+               + markdown_table(("pair", "Jaccard", "chance"),
+                                [(pair, f"{sum(v) / n:.3f}", f"{chance[pair]:.3f}") for pair, v in per_layer.items()]))
+    res = Analysis("plan", data, md)
+    if out is not None:
+        from . import plots
+
+        figures = {"plan_widths.png": lambda p: plots.plan_widths(kept, data["base_model"], p)}
+        if per_layer:
+            figures["plan_jaccard.png"] = lambda p: plots.jaccard_matrix(mean, names, data["base_model"], p)
+            figures["plan_jaccard_layers.png"] = lambda p: plots.jaccard_layers(per_layer, data["base_model"], p)
+        res.save(out, figures)
+    return res

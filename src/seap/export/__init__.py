@@ -1,0 +1,131 @@
+"""Exports that runtimes load (DESIGN 3): GGUF for llama.cpp, DeciLM block configs for vLLM.
+
+`export_model` and `benchmark_gguf` are what `seap export` and `seap bench --backend llamacpp` run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .._io import write_json, write_text
+from ..errors import ConfigError, DataError
+from ..models import LoadedModel, check_fingerprint, load_model
+from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
+from .vllm import VLLMExport, export_vllm
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gguf", "vllm")
+
+
+def _with_plan(lm: LoadedModel, plan, expert: str | None) -> LoadedModel:
+    from ..evaluation.runner import sliced_copy
+    from ..plan import Plan
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+    name, _ = plan.expert(expert)
+    return sliced_copy(lm, plan, name)
+
+
+def check_text_tokens(lm: LoadedModel, n: int, data_dir: str | Path | None) -> tuple[list[int], str]:
+    """The first n tokens of WikiText-2 test (or of the embedded general text without data)."""
+    from ..evaluation.perplexity import wikitext_stream
+    from ..tasks import resolve_corpus
+
+    try:
+        text, source = wikitext_stream(data_dir)
+    except (DataError, OSError) as err:
+        if data_dir is not None:
+            raise
+        log.info("no WikiText-2 (%s): checking on the embedded general text", err)
+        corpus = resolve_corpus("default:general_text")
+        text, source = "\n\n".join(corpus.texts), corpus.source
+    ids = lm.tokenizer(text[: 40 * n], add_special_tokens=False)["input_ids"]
+    if len(ids) < n:
+        raise DataError(f"{source} gives only {len(ids)} tokens, fewer than the {n} asked for: lower --check")
+    return list(ids[:n]), source
+
+
+def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str = "gguf", plan=None,
+                 expert: str | None = None, out_type: str = "f32", tokenizer_from: str | None = None,
+                 tensor_parallel: int = 1, check: int = 0, data_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Export a model (a pruned folder, or a base model with `plan`) for llama.cpp or vLLM.
+
+    With `check` > 0 (GGUF only), llama.cpp's next-token logits on the first `check` WikiText-2
+    tokens are compared with the transformers model; the result is saved next to the file."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if check < 0:
+        raise ConfigError(f"--check must be >= 0 tokens, got {check}")
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    if plan is not None:
+        lm = _with_plan(lm, plan, expert)
+    if fmt == "vllm":
+        if check:
+            raise ConfigError("--check compares llama.cpp logits: it applies to --format gguf")
+        res: GGUFExport | VLLMExport = export_vllm(lm, out, tensor_parallel=tensor_parallel)
+        return {"format": fmt, **res.to_dict()}
+    res = export_gguf(lm, out, GGUFConfig(out_type=out_type, tokenizer_from=tokenizer_from), progress=progress)
+    report = {"format": fmt, **res.to_dict()}
+    if check:
+        from .llamacpp import compare_logits
+
+        tokens, source = check_text_tokens(lm, check, data_dir)
+        t0 = time.time()
+        report["check"] = {**compare_logits(lm.model, res.path, tokens).to_dict(), "text": source,
+                           "seconds": round(time.time() - t0, 1)}
+        write_json(Path(out).with_suffix(".json"), report)
+    return report
+
+
+def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
+                   plans: Sequence[str] = (), quant: str = "q8_0", prompt_len: int = 128, gen_len: int = 64,
+                   warmup: int = 1, repeats: int = 5, out: str | Path = "seap-bench",
+                   progress: bool = True) -> list[dict]:
+    """`seap bench --backend llamacpp`: the dense model and each pruned model exported to GGUF at the
+    same quantisation (files given as .gguf are used as they are), timed in llama.cpp in one run."""
+    from .llamacpp import bench_gguf, require, speed_markdown, speed_rows
+
+    require()
+    if quant not in OUT_TYPES:
+        raise ConfigError(f"unknown GGUF type {quant!r}: choose one of {', '.join(OUT_TYPES)}")
+    out = Path(out)
+    paths: dict[str, Path] = {}
+
+    def add(name: str, spec) -> None:
+        if isinstance(spec, str) and spec.endswith(".gguf"):
+            paths[name] = Path(spec)
+            return
+        lm = spec if isinstance(spec, LoadedModel) else load_model(spec)
+        paths[name] = export_gguf(lm, out / "gguf" / f"{_slug(name)}.{quant}.gguf", GGUFConfig(out_type=quant),
+                                  progress=progress).path
+
+    base = model if isinstance(model, LoadedModel) or (model and str(model).endswith(".gguf")) else load_model(model)
+    add("dense", base)
+    for path in compare:
+        add(Path(path).stem if str(path).endswith(".gguf") else Path(path).name, str(path))
+    for spec in plans:
+        folder, _, expert = str(spec).partition(":")
+        if not isinstance(base, LoadedModel):
+            raise ConfigError("--plan needs the base model as --model (a bundled name, folder or hub id), not a .gguf")
+        pruned = _with_plan(base, folder, expert or None)
+        add(f"{Path(folder).parent.name or folder}:{expert or 'default'}", pruned)
+    speeds = bench_gguf(paths, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeats=repeats)
+    rows = speed_rows(speeds, "dense")
+    config = {"backend": "llamacpp", "quant": quant, "prompt_len": prompt_len, "gen_len": gen_len,
+              "warmup": warmup, "repeats": repeats, "batch": 1}
+    write_json(out / "bench.json", {"config": config, "rows": rows})
+    write_text(out / "bench.md", f"# seap bench (llama.cpp, {quant}, batch 1)\n\n" + speed_markdown(rows))
+    return rows
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+__all__ = ["FORMATS", "OUT_TYPES", "GGUFConfig", "benchmark_gguf", "export_gguf", "export_model", "export_vllm"]

@@ -1,0 +1,352 @@
+"""GGUF export for llama.cpp (DESIGN 3): pruned models with uniform or per-layer widths.
+
+llama.cpp's `llama` architecture reads one `feed_forward_length` for all layers, so per-layer
+widths (and per-layer head counts) are written under the `deci` architecture, whose loader builds
+every layer from `feed_forward_length` / `attention.head_count(_kv)` arrays. Gemma 3 is written
+as `gemma3` (uniform widths only: its loader has no per-layer FFN length).
+
+Tensors are mapped to llama.cpp names with the gguf package's TensorNameMap. Two transforms undo
+what transformers' GGUF reader and the Hugging Face layout changed: Llama's q/k rows are permuted
+back to llama.cpp's interleaved RoPE pairs, and Gemma's RMSNorm weights get their +1 back.
+
+Tokenizer: copied key by key from a GGUF of the base model when there is one (the bundled
+models, a `.gguf` base, or `tokenizer_from`), so llama.cpp tokenises exactly as the original
+file did; otherwise rebuilt from the Hugging Face tokenizer with the gguf package's vocab
+readers (llama.cpp then picks its default pre-tokenizer for BPE vocabularies and says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._io import atomic_path
+from ..errors import ConfigError, ModelError
+from ..models import LoadedModel, load_model, resolve_model
+
+log = logging.getLogger(__name__)
+
+OUT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+NATIVE_TYPES = ("f32", "f16", "q8_0")  # written by the gguf package; the rest by llama.cpp's quantizer
+LLAMA_TYPES = ("llama", "mistral")  # model types written as llama / deci
+
+
+@dataclass(frozen=True)
+class GGUFConfig:
+    out_type: str = "f32"
+    tokenizer_from: str | None = None  # a .gguf whose tokenizer.* metadata is copied
+
+    def __post_init__(self) -> None:
+        if self.out_type not in OUT_TYPES:
+            raise ConfigError(f"unknown GGUF type {self.out_type!r}: choose one of {', '.join(OUT_TYPES)}")
+        if self.tokenizer_from is not None and not Path(self.tokenizer_from).is_file():
+            raise ConfigError(f"--tokenizer-from {self.tokenizer_from} is not a file: give a .gguf of the base model")
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    arch: str
+    out_type: str
+    ffn_widths: list[int]
+    n_tensors: int
+    file_bytes: int
+    tokenizer_source: str
+    seconds: float
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type -> tensor count
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+# -- architecture description ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    arch: str  # llama.cpp architecture name
+    ffn_widths: list[int]
+    heads: list[int]
+    kv_heads: list[int]
+    head_dim: int
+    permute_qk: bool  # llama.cpp's llama/deci rotate interleaved pairs, HF rotates halves
+    norm_shift: float  # Gemma: HF keeps w, llama.cpp multiplies by (1 + w)
+
+
+def layout(lm: LoadedModel) -> Layout:
+    """Which llama.cpp architecture can hold this model, or a clear error."""
+    model, adapter = lm.model, lm.adapter
+    cfg = model.config
+    layers = adapter.layers(model)
+    widths = [adapter.d_ff(layer) for layer in layers]
+    geo = [adapter.head_geometry(layer) for layer in layers]
+    heads, kv = [g.num_heads for g in geo], [g.num_kv_heads for g in geo]
+    uniform = len(set(widths)) == 1 and len(set(heads)) == 1 and len(set(kv)) == 1
+    mt = cfg.model_type
+    if mt in LLAMA_TYPES:
+        rope = _rope(cfg)
+        if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
+            raise ModelError(f"GGUF export does not write RoPE scaling {rope.get('rope_type')!r} yet: use llama.cpp's "
+                             "convert_hf_to_gguf.py on the pruned folder")
+        return Layout("llama" if uniform else "deci", widths, heads, kv, geo[0].head_dim, True, 0.0)
+    if mt in ("gemma3_text", "gemma3"):
+        if not uniform:
+            raise ModelError("llama.cpp's gemma3 architecture needs the same FFN width and heads in every layer: "
+                             "prune with --allocation uniform (seap prune --method wanda-sp or --allocation uniform)")
+        return Layout("gemma3", widths, heads, kv, geo[0].head_dim, False, 1.0)
+    raise ModelError(f"GGUF export supports Llama/Mistral (llama or deci) and Gemma 3 (gemma3), not {mt!r}: "
+                     "export a supported family, or use the Hugging Face folder")
+
+
+def _rope(cfg) -> dict:
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in rp:  # Gemma 3: per attention type
+        return rp["full_attention"]
+    return rp or {"rope_type": "default", "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
+
+
+def _write_hparams(w, lm: LoadedModel, lay: Layout) -> None:
+    import gguf
+
+    cfg = lm.model.config
+    one = lambda xs: xs[0] if len(set(xs)) == 1 else list(xs)  # noqa: E731  (scalar when uniform)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(len(lay.ffn_widths))
+    w.add_feed_forward_length(one(lay.ffn_widths))
+    w.add_head_count(one(lay.heads))
+    w.add_head_count_kv(one(lay.kv_heads))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_key_length(lay.head_dim)
+    w.add_value_length(lay.head_dim)
+    w.add_vocab_size(int(cfg.vocab_size))
+    rope = _rope(cfg)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if lay.arch in ("llama", "deci"):
+        w.add_rope_dimension_count(lay.head_dim)
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope["factor"]))
+    else:  # gemma3
+        swa = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention")
+        if swa:
+            w.add_rope_freq_base_swa(float(swa.get("rope_theta", 10000.0)))
+        if getattr(cfg, "sliding_window", None):
+            w.add_sliding_window(int(cfg.sliding_window))
+            types = getattr(cfg, "layer_types", None)
+            if types:
+                w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        if getattr(cfg, "final_logit_softcapping", None):
+            w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+
+
+def _llama3_rope_factors(cfg, head_dim: int) -> torch.Tensor:
+    """llama.cpp's rope_freqs tensor for Llama 3.x frequency scaling (a divisor per frequency)."""
+    import math
+
+    rope = _rope(cfg)
+    base = float(rope.get("rope_theta", 500000.0))
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factor, lo, hi = float(rope.get("factor", 8.0)), float(rope.get("low_freq_factor", 1.0)), \
+        float(rope.get("high_freq_factor", 4.0))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# -- tensors -------------------------------------------------------------------------------------
+def _unpermute_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half layout -> llama.cpp interleaved pairs, per head (rows of q/k, or a bias)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(lm: LoadedModel, lay: Layout):
+    """(gguf name, float32 numpy array) for every weight, in llama.cpp's layout."""
+    import gguf
+
+    model = lm.model
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI, "gemma3": gguf.MODEL_ARCH.GEMMA3}[lay.arch]
+    names = gguf.get_tensor_name_map(arch, len(lay.ffn_widths))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for key, t in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd as the output matrix
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ModelError(f"no llama.cpp name for tensor {key!r} (architecture {lay.arch}): this layout cannot be "
+                             "exported to GGUF")
+        t = t.detach().float().cpu()
+        if lay.permute_qk and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
+            layer = int(key.split(".layers.")[1].split(".")[0])
+            n = lay.heads[layer] if ".q_proj." in key else lay.kv_heads[layer]
+            t = _unpermute_heads(t, n)
+        if lay.norm_shift and key.endswith("norm.weight"):
+            t = t + lay.norm_shift
+        yield name, t.numpy()
+    if lay.arch in ("llama", "deci") and _rope(model.config).get("rope_type") == "llama3":
+        yield "rope_freqs.weight", _llama3_rope_factors(model.config, lay.head_dim).numpy()
+
+
+def _encode(name: str, data: np.ndarray, out_type: str):
+    """(array, ggml type) as stored: 1-D tensors stay F32 (llama.cpp's convention)."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if data.ndim < 2 or out_type == "f32":
+        return data.astype(np.float32), q.F32
+    if out_type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0] == 0:
+        return gguf.quants.quantize(data.astype(np.float32), q.Q8_0), q.Q8_0
+    return data.astype(np.float16), q.F16
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def _source_gguf(lm: LoadedModel, explicit: str | None) -> Path | None:
+    """A GGUF of the base model, whose tokenizer metadata is authoritative."""
+    if explicit:
+        return Path(explicit)
+    if lm.source.gguf_file:
+        return Path(lm.source.path) / lm.source.gguf_file
+    record = getattr(lm.model.config, "seap_pruning", None) or {}
+    base = record.get("base_model")
+    if not base:
+        return None
+    try:
+        src = resolve_model(base)
+    except ModelError:
+        return None
+    return Path(src.path) / src.gguf_file if src.gguf_file else None
+
+
+def _copy_tokenizer(w, source: Path, n_vocab: int) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ModelError(f"{source} holds no tokenizer (tokenizer.ggml.tokens): give --tokenizer-from another GGUF")
+    n = len(fields["tokenizer.ggml.tokens"].data)
+    if n != n_vocab:
+        raise ModelError(f"{source} has {n} tokens but the model's embedding has {n_vocab} rows: give "
+                         "--tokenizer-from the GGUF this model was made from")
+    for key, f in fields.items():
+        main = f.types[0]
+        sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), main, sub_type=sub)
+
+
+def _hf_tokenizer(w, lm: LoadedModel, n_vocab: int) -> None:
+    from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lm.tokenizer.save_pretrained(tmp)
+        folder = Path(tmp)
+        spm = (folder / "tokenizer.model").is_file()
+        vocab = SentencePieceVocab(folder) if spm else BpeVocab(folder)
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+        if len(tokens) > n_vocab:
+            raise ModelError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_vocab} rows")
+        while len(tokens) < n_vocab:  # embedding rows past the vocabulary (padding to a multiple)
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            types.append(5)  # UNUSED
+        w.add_tokenizer_model("llama" if spm else "gpt2")
+        if not spm:
+            log.warning("tokenizer rebuilt from the Hugging Face files: llama.cpp will use its default BPE "
+                        "pre-tokenizer; pass --tokenizer-from <base>.gguf for an exact copy")
+        w.add_token_list(tokens)
+        if spm:
+            w.add_token_scores(scores)
+        w.add_token_types(types)
+        SpecialVocab(folder, load_merges=not spm, n_vocab=n_vocab).add_to_gguf(w)
+
+
+# -- export --------------------------------------------------------------------------------------
+def write_gguf(lm: LoadedModel, path: Path, out_type: str, tokenizer_from: str | None = None,
+               progress: bool = True) -> tuple[Layout, str, dict[str, int]]:
+    """Write `lm` to `path` (a native type: f32, f16 or q8_0)."""
+    import gguf
+
+    lay = layout(lm)
+    w = gguf.GGUFWriter(str(path), lay.arch)
+    record = getattr(lm.model.config, "seap_pruning", None) or {}
+    base = record.get("base_model") or lm.source.model_id
+    w.add_name(f"{Path(str(base)).name}" + (f" seap-{record.get('method')}" if record else ""))
+    if record:
+        w.add_description(f"pruned by seap: {record.get('method')}, expert {record.get('expert')}, "
+                          f"{100 * (record.get('achieved_ratio') or 0):.1f}% of FFN parameters removed")
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_hparams(w, lm, lay)
+    n_vocab = int(lm.adapter.embeddings(lm.model).num_embeddings)
+    source = _source_gguf(lm, tokenizer_from)
+    if source is not None and source.is_file():
+        _copy_tokenizer(w, source, n_vocab)
+        tok_source = str(source)
+    else:
+        _hf_tokenizer(w, lm, n_vocab)
+        tok_source = "hugging face tokenizer"
+    counts: dict[str, int] = {}
+    tensors = list(gguf_tensors(lm, lay))
+    for name, data in tqdm(tensors, desc=f"gguf {out_type}", disable=not progress):
+        arr, qtype = _encode(name, data, out_type)
+        w.add_tensor(name, arr, raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return lay, tok_source, counts
+
+
+def export_gguf(model: str | LoadedModel, out: str | Path, config: GGUFConfig | None = None, *,
+                progress: bool = True) -> GGUFExport:
+    """Write a (pruned) model as one GGUF file, atomically. Q4_K_M goes through llama.cpp's quantizer."""
+    cfg = config or GGUFConfig()
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"the GGUF output must end in .gguf, got {out}")
+    t0 = time.time()
+    with atomic_path(out) as tmp:
+        if cfg.out_type in NATIVE_TYPES:
+            lay, tok, counts = write_gguf(lm, tmp, cfg.out_type, cfg.tokenizer_from, progress)
+        else:
+            from .llamacpp import quantize
+
+            with tempfile.TemporaryDirectory(dir=out.parent) as work:
+                f32 = Path(work) / "f32.gguf"
+                lay, tok, _ = write_gguf(lm, f32, "f32", cfg.tokenizer_from, progress)
+                counts = quantize(f32, tmp, cfg.out_type)
+    return GGUFExport(out, lay.arch, cfg.out_type, lay.ffn_widths, sum(counts.values()), out.stat().st_size, tok,
+                      round(time.time() - t0, 1), counts)
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """ggml type name -> count of tensors in a GGUF file."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
