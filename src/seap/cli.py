@@ -12,7 +12,8 @@ from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, PruneConfig
 from .evaluation.harness import ACCURACY_TASKS
 from .evaluation.runner import SHARED_TASKS
-from .errors import SeapError
+from .export.gguf import OUT_TYPES
+from .errors import ConfigError, SeapError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-path", default="seap", choices=DECODE_PATHS,
                    help="seap: lean greedy loop with the KV cache; generate: transformers' generate()")
+    p.add_argument("--backend", default="torch", choices=("torch", "llamacpp"),
+                   help="torch (default) or llamacpp: every model exported to GGUF at --quant and timed in "
+                        "llama.cpp (batch 1; needs the llamacpp extra); .gguf files are timed as they are")
+    p.add_argument("--quant", default="q8_0", choices=OUT_TYPES, help="with --backend llamacpp: GGUF type")
     p.add_argument("--out", default="seap-bench", help="folder for bench.json and bench.md")
+
+    p = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or vLLM (DeciLM block configs)")
+    _model_args(p)
+    p.add_argument("--format", dest="fmt", default="gguf", choices=("gguf", "vllm"))
+    p.add_argument("--plan", default=None, help="plan folder applied to --model first (else --model is exported)")
+    p.add_argument("--expert", default=None, help="with --plan: which expert")
+    p.add_argument("--type", dest="out_type", default="f32", choices=OUT_TYPES,
+                   help="GGUF tensor type: f32, f16, q8_0 (written here), q4_k_m (llama.cpp's quantizer)")
+    p.add_argument("--tokenizer-from", default=None, metavar="GGUF",
+                   help="copy the tokenizer from this GGUF (default: the base model's GGUF when there is one)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="vLLM: check that widths and heads split over N GPUs")
+    p.add_argument("--check", type=int, default=0, metavar="TOKENS",
+                   help="GGUF: compare llama.cpp's next-token logits with transformers on the first TOKENS "
+                        "WikiText-2 tokens (needs the llamacpp extra and --data-dir)")
+    p.add_argument("--data-dir", default=None, help="with --check: folder holding wikitext2/ (e.g. ../shared/data)")
+    p.add_argument("--out", required=True, help="a .gguf file (gguf) or a folder (vllm)")
 
     p = sub.add_parser("route", help="SEAP's task router: fit it, evaluate it, explain its choices")
     rsub = p.add_subparsers(dest="route_cmd", required=True)
@@ -184,6 +206,26 @@ def _print_result(res, out) -> None:
         print(f"  {k}: {v}")
     if out:
         print(f"  summary: {Path(out) / 'summary.md'}")
+
+
+def _print_export(rep: dict) -> None:
+    w = rep["ffn_widths"]
+    widths = f"{w[0]} in all {len(w)} layers" if len(set(w)) == 1 else f"{min(w)}..{max(w)} per layer"
+    if rep["format"] == "gguf":
+        types = ", ".join(f"{n} {k}" for k, n in rep["tensor_types"].items())
+        print(f"wrote {rep['path']} ({rep['file_bytes'] / 2**20:.1f} MB, llama.cpp architecture {rep['arch']}, "
+              f"{rep['out_type']}) in {rep['seconds']:.0f}s")
+        print(f"  FFN widths: {widths}; tensors: {types}; tokenizer: {rep['tokenizer_source']}")
+        if "check" in rep:
+            c = rep["check"]
+            print(f"  llama.cpp vs transformers on {c['positions']} tokens of {c['text']}: top-1 agreement "
+                  f"{c['top1_agreement']:.2%}, max |logit diff| {c['max_abs_diff']:.2e} (logits up to "
+                  f"{c['max_abs_logit']:.1f}); report: {Path(rep['path']).with_suffix('.json')}")
+    else:
+        how = ("DeciLM block configs (serve with trust_remote_code=True)" if rep["layout"] == "decilm"
+               else f"a plain {rep['layout']} folder")
+        print(f"wrote {rep['path']}: {how} in {rep['seconds']:.0f}s")
+        print(f"  FFN widths: {widths}; tensor parallel checked for {rep['tensor_parallel']} GPU(s)")
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -274,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
                                        config=cfg, out=args.out, routed=args.routed)
             print(markdown_table([report]), end="")
             print(f"results: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
+        elif args.cmd == "bench" and args.backend == "llamacpp":
+            from .export import benchmark_gguf
+            from .export.llamacpp import speed_markdown as gguf_markdown
+
+            if args.griffin or (args.batch and set(args.batch) != {1}):
+                raise ConfigError("--backend llamacpp times static models at batch 1: drop --griffin and --batch")
+            rows = benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
+                                  prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
+                                  repeats=args.repeats, out=args.out)
+            print(gguf_markdown(rows), end="")
+            print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "bench":
             from .bench import BenchConfig, speed_markdown
 
@@ -284,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                                       griffin=args.griffin)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
+        elif args.cmd == "export":
+            from .export import export_model
+
+            rep = export_model(args.model, args.out, fmt=args.fmt, plan=args.plan, expert=args.expert,
+                               out_type=args.out_type, tokenizer_from=args.tokenizer_from,
+                               tensor_parallel=args.tensor_parallel, check=args.check, data_dir=args.data_dir)
+            _print_export(rep)
         elif args.cmd == "route":
             _route(pipeline, args)
         elif args.cmd == "analyze":
