@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import plan_for, tiny_folder
+from conftest import make_loaded, plan_for, tiny_folder
 
 from seap.cli import main
 from seap.config import PruneConfig
@@ -24,7 +24,9 @@ needs_llamacpp = pytest.mark.skipif(not llamacpp_available(), reason="the llamac
 
 def pruned(tmp_path, family="llama", method="seap", ratio=0.5, **kw):
     """A tiny model with a real byte-level tokenizer, pruned in memory."""
-    model_kw = {"intermediate_size": 64} if family != "opt" else {}
+    model_kw = {"opt": {}, "llama": {"intermediate_size": 64},
+                # Gemma 3 checkpoints scale attention by 1/sqrt(head_dim): so must the tiny one, as llama.cpp does
+                "gemma3": {"intermediate_size": 64, "query_pre_attn_scalar": 8}}[family]
     lm = load_model(str(tiny_folder(tmp_path, family, merges=True, **model_kw)))
     protect = 0 if method in ("wanda-sp", "magnitude") else 1  # uniform methods: the same width everywhere
     cfg = PruneConfig.from_method(method, ratio=ratio, protect_first=protect, protect_last=protect, **kw)
@@ -123,18 +125,21 @@ def test_unsupported_family_and_bad_output_are_refused(tmp_path):
         export_gguf(lm, tmp_path / "o.bin", progress=False)
     with pytest.raises(ConfigError, match="GGUF type"):
         GGUFConfig(out_type="q3")
+    with pytest.raises(ModelError, match="query_pre_attn_scalar"):  # tiny Gemma 3 default: 256, head_dim 8
+        export_gguf(make_loaded("gemma3"), tmp_path / "g.gguf", progress=False)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
 
 
 # -- llama.cpp --------------------------------------------------------------------------------------
 @needs_llamacpp
-@pytest.mark.parametrize("method", ["seap", "wanda-sp"])
-def test_llama_cpp_loads_the_export_with_the_same_logits(tmp_path, method):
+@pytest.mark.parametrize("family,method,arch", [("llama", "seap", "deci"), ("llama", "wanda-sp", "llama"),
+                                                ("gemma3", "wanda-sp", "gemma3")])
+def test_llama_cpp_loads_the_export_with_the_same_logits(tmp_path, family, method, arch):
     from seap.export.llamacpp import compare_logits
 
-    lm = pruned(tmp_path, method=method)
+    lm = pruned(tmp_path, family=family, method=method)
     res = export_gguf(lm, tmp_path / "m.gguf", progress=False)
-    assert res.arch == ("deci" if method == "seap" else "llama")
+    assert res.arch == arch
     agree = compare_logits(lm.model, res.path, IDS[0].tolist())
     assert agree.top1_agreement == 1.0
     assert agree.max_abs_diff < 1e-3 * max(1.0, agree.max_abs_logit)

@@ -100,6 +100,10 @@ def layout(lm: LoadedModel) -> Layout:
         if not uniform:
             raise ModelError("llama.cpp's gemma3 architecture needs the same FFN width and heads in every layer: "
                              "prune with --allocation uniform (seap prune --method wanda-sp or --allocation uniform)")
+        scalar = getattr(cfg, "query_pre_attn_scalar", None)
+        if scalar is not None and scalar != geo[0].head_dim:
+            raise ModelError(f"llama.cpp's gemma3 scales attention by 1/sqrt(head_dim={geo[0].head_dim}) but this "
+                             f"model uses query_pre_attn_scalar={scalar}: it cannot be exported to GGUF faithfully")
         return Layout("gemma3", widths, heads, kv, geo[0].head_dim, False, 1.0)
     raise ModelError(f"GGUF export supports Llama/Mistral (llama or deci) and Gemma 3 (gemma3), not {mt!r}: "
                      "export a supported family, or use the Hugging Face folder")
@@ -312,6 +316,10 @@ def write_gguf(lm: LoadedModel, path: Path, out_type: str, tokenizer_from: str |
         arr, qtype = _encode(name, data, out_type)
         w.add_tensor(name, arr, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    fallback = counts.get("F16", 0) if out_type == "q8_0" else 0
+    if fallback:
+        log.warning("%d tensors have rows that are not a multiple of 32 and stay F16 in the Q8_0 file: prune with "
+                    "--multiple 32 for a fully quantised file", fallback)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
