@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import FAMILIES, make_loaded, tiny_folder
 
-from seap.bench import (BenchConfig, bench_models, decode_step_bytes, decode_weight_bytes, greedy_decode,
-                        kv_bytes_per_position, speed_markdown, speed_table, weight_bytes)
+from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes, greedy_decode,
+                        kv_bytes_per_position, speed_markdown, speed_table, text_prompts, weight_bytes)
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError
@@ -96,3 +96,23 @@ def test_bench_cli_dense_vs_pruned_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "--model", str(folder), "--plan", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert "not a plan folder" in capsys.readouterr().err
+
+
+def test_text_prompts_take_the_first_tokens_of_long_enough_texts(tmp_path, capsys):
+    from seap.models import load_model
+
+    lm = load_model(str(tiny_folder(tmp_path, "llama")))
+    texts = ["abcdefghij", "short", "0123456789xyz"]
+    pool = text_prompts(lm.tokenizer, texts, 8)
+    assert pool.tolist() == [lm.tokenizer("abcdefgh")["input_ids"], lm.tokenizer("01234567")["input_ids"]]
+    # repeats walk through the pool, wrapping around
+    assert _batch(pool, 3, 1, "cpu").tolist() == [pool[1].tolist(), pool[0].tolist(), pool[1].tolist()]
+    with pytest.raises(ConfigError, match="reaches 20 tokens"):
+        text_prompts(lm.tokenizer, texts, 20)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n\n".join(t * 3 for t in texts))
+    assert main(["bench", "--model", str(tmp_path / "tiny-llama"), "--griffin", "0.5", "--prompts", str(prompts),
+                 "--batch", "2", "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["config"]["prompts"] == str(prompts) and [r["model"] for r in data["rows"]] == ["dense", "griffin@0.5"]

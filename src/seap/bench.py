@@ -180,14 +180,34 @@ def _prompts(vocab: int, batch: int, length: int, seed: int, device) -> torch.Te
     return torch.randint(min(1000, vocab // 2), vocab, (batch, length), generator=g).to(device)
 
 
+def text_prompts(tokenizer, texts: Sequence[str], length: int) -> torch.Tensor:
+    """[N, length] token ids: the first `length` tokens of every text long enough to give them."""
+    rows = [ids[:length] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(ids) >= length]
+    if not rows:
+        raise ConfigError(f"no prompt text reaches {length} tokens: give longer texts or a shorter --prompt-len")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _batch(pool: torch.Tensor, batch: int, repeat: int, device) -> torch.Tensor:
+    """Rows of a prompt pool for one repeat: consecutive, wrapping around, different per repeat."""
+    idx = (torch.arange(batch) + repeat * batch) % pool.shape[0]
+    return pool[idx].to(device)
+
+
 def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None, *,
-                 progress: bool = True, griffin: dict[str, float] | None = None) -> dict[str, ModelSpeed]:
+                 progress: bool = True, griffin: dict[str, float] | None = None,
+                 texts: Sequence[str] | None = None) -> dict[str, ModelSpeed]:
     """Time every model at every batch size; repeats are interleaved across models so that drift
     of the machine (thermal, other load) hits all models alike. Names in `griffin` decode with
-    GRIFFIN experts at that density (the selection and the weight gather count as decode time)."""
+    GRIFFIN experts at that density (the selection and the weight gather count as decode time).
+
+    Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
+    (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
+    what the prompts say, which random tokens do not show."""
     from .griffin import griffin_decode
 
     cfg = cfg or BenchConfig()
+    pools = {name: text_prompts(lm.tokenizer, texts, cfg.prompt_len) for name, lm in models.items()} if texts else {}
     griffin = griffin or {}
     if set(griffin) - set(models):
         raise ConfigError(f"GRIFFIN entries {sorted(set(griffin) - set(models))} name no model to time")
@@ -210,7 +230,8 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
         for r in range(cfg.warmup + cfg.repeats):
             for name, lm in models.items():
                 dev = next(lm.model.parameters()).device
-                ids = _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev)
+                ids = (_batch(pools[name], b, r, dev) if pools else
+                       _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev))
                 if name in griffin:
                     g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name])
                     tp, td = g.prefill_s, g.decode_s

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
                    help="also time GRIFFIN per-prompt experts at this density on --model (repeatable)")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--prompts", default=None, metavar="TASK_OR_FILE",
+                   help="real prompts (their first --prompt-len tokens) from a task, the embedded corpus or a "
+                        ".txt/.jsonl file, as --task of prune; default: random tokens. GRIFFIN's union depends on them")
+    p.add_argument("--data-dir", default=None, help="with --prompts: local task data (e.g. ../shared/data)")
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
     p.add_argument("--warmup", type=int, default=1)
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_sizes=tuple(args.batch or (1, 8)), warmup=args.warmup, repeats=args.repeats,
                               decode_path=args.decode_path)
             rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
-                                      griffin=args.griffin)
+                                      griffin=args.griffin, prompts=args.prompts, data_dir=args.data_dir)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "export":

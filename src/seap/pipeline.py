@@ -238,9 +238,10 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
               plans: Sequence[str] = (), config=None, out: str | Path | None = None,
-              griffin: Sequence[float] = ()):
+              griffin: Sequence[float] = (), prompts: str | None = None, data_dir: str | Path | None = None):
     """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
-    density on the base model), timed in one process."""
+    density on the base model), timed in one process. `prompts` (a task, the embedded corpus or a
+    .txt/.jsonl file, as for calibration) gives real prompt texts instead of random tokens."""
     from .bench import bench_models, speed_markdown, speed_table
     from .evaluation.runner import sliced_copy
     from .griffin import GriffinConfig
@@ -260,10 +261,11 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
         GriffinConfig(density=d)
         models[f"griffin@{d:g}"] = lm
         dynamic[f"griffin@{d:g}"] = d
-    speeds = bench_models(models, config, griffin=dynamic)
+    texts = resolve_corpus(prompts, data_dir=data_dir).texts if prompts else None
+    speeds = bench_models(models, config, griffin=dynamic, texts=texts)
     rows = speed_table(speeds, "dense")
     if out:
-        cfg = config.__dict__ if config is not None else {}
+        cfg = {**(config.__dict__ if config is not None else {}), "prompts": prompts or "random tokens"}
         write_json(Path(out) / "bench.json", {"config": cfg, "models": {n: s.to_dict() for n, s in speeds.items()},
                                               "rows": rows})
         write_text(Path(out) / "bench.md", "# seap bench\n\n" + speed_markdown(rows))
