@@ -28,7 +28,7 @@ def pruned(tmp_path, family="llama", method="seap", ratio=0.5, **kw):
                 # Gemma 3 checkpoints scale attention by 1/sqrt(head_dim): so must the tiny one, as llama.cpp does
                 "gemma3": {"intermediate_size": 64, "query_pre_attn_scalar": 8}}[family]
     lm = load_model(str(tiny_folder(tmp_path, family, merges=True, **model_kw)))
-    protect = 0 if method in ("wanda-sp", "magnitude") else 1  # uniform methods: the same width everywhere
+    protect = kw.pop("protect", 0 if method in ("wanda-sp", "magnitude") else 1)  # uniform: one width everywhere
     cfg = PruneConfig.from_method(method, ratio=ratio, protect_first=protect, protect_last=protect, **kw)
     plan, _ = plan_for(lm, cfg, heads=family == "opt" or cfg.heads == "kv_groups")
     slice_model(lm.model, lm.adapter, plan)
@@ -115,6 +115,9 @@ def test_gemma3_exports_uniform_widths_with_llama_cpp_norms(tmp_path):
     np.testing.assert_allclose(np.asarray(norm.data), want)
     with pytest.raises(ModelError, match="uniform"):
         export_gguf(pruned(tmp_path / "b", family="gemma3"), tmp_path / "g2.gguf", progress=False)
+    flap = pruned(tmp_path / "c", family="gemma3", method="flap", allocation="uniform", protect=0)
+    with pytest.raises(ModelError, match="bias"):
+        export_gguf(flap, tmp_path / "g3.gguf", progress=False)
 
 
 def test_unsupported_family_and_bad_output_are_refused(tmp_path):
