@@ -255,6 +255,8 @@ def test_clusters_end_to_end(tmp_path):
     assert res.data["layers_shown"] == [1, 5] and len(res.data["silhouette"]) == 6
     assert all(-1 <= s <= 1 for s in res.data["silhouette"])
     assert len(res.data["points"]["pca"]["5"]) == 30
+    pts, labels = np.array(res.data["points"]["pca"]["5"]), res.data["labels"]
+    assert res.data["silhouette_2d"]["pca"]["5"] == pytest.approx(silhouette(pts, labels), abs=1e-3)
     for name in ("clusters_pca.png", "clusters_tsne.png", "clusters_silhouette.png", "clusters.json", "clusters.md"):
         assert (tmp_path / name).is_file()
     with pytest.raises(ConfigError, match="layer 9 does not exist"):
@@ -293,12 +295,14 @@ def test_plan_analysis_numbers(tmp_path):
     assert j["names"] == ["a", "b", "generic"]
     assert [j["mean"][i][i] for i in range(3)] == [1.0] * 3
     want = [jaccard(x, y) for x, y in zip(plan.experts["a"].ffn, plan.experts["b"].ffn)]
-    assert j["by_layer"]["a | b"] == pytest.approx(want)
-    assert j["mean"][0][1] == pytest.approx(sum(want) / 6)
+    assert j["by_layer"]["a vs b"] == pytest.approx(want)
+    cut = [l for l in range(6) if min(len(plan.experts["a"].ffn[l]), len(plan.experts["b"].ffn[l])) < 64]
+    assert cut == [2, 3]  # the logistic schedule keeps 2 first and 2 last layers dense: they do not dilute the mean
+    assert j["mean"][0][1] == pytest.approx(sum(want[l] for l in cut) / 2)
     assert res.data["kept_fraction"]["a"] == [w / 64 for w in plan.experts["a"].widths()]
     assert (tmp_path / "an" / "plan_jaccard.png").is_file() and (tmp_path / "an" / "plan_widths.png").is_file()
     twice = analyze_plans([folder, folder])  # a plan against itself: every layer overlaps fully
-    assert twice.data["jaccard"]["by_layer"]["logistic@0.25#1:a | logistic@0.25#2:a"] == [1.0] * 6
+    assert twice.data["jaccard"]["by_layer"]["logistic@0.25#1:a vs logistic@0.25#2:a"] == [1.0] * 6
 
 
 # -- CLI --------------------------------------------------------------------------------------------------

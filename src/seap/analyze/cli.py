@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     a.add_argument("--no-tsne", action="store_true", help="PCA only (t-SNE takes a few seconds per layer)")
 
     a = asub.add_parser("heatmap", help="per-task channel activation profiles, two random halves side by side")
-    _common(a, limit=80, tasks_help=suite)
+    _common(a, limit=60, tasks_help=suite)
     a.add_argument("--dims", type=int, default=128, help="channels drawn per layer (all are compared)")
 
     a = asub.add_parser("sensitivity", help="prune one layer at a time, measure the damage, fit the logistic "

@@ -140,35 +140,41 @@ def analyze_clusters(model: str | LoadedModel | None = None, tasks: Sequence[str
     labels = np.array([task for task in tasks for _ in texts[task]])
     feats = pooled_hidden_states(lm, flat, pool=cfg.pool, max_length=cfg.max_length, batch_size=cfg.batch_size,
                                  progress=progress)
-    scores, coords = [], {m: {} for m in methods}
+    scores, coords, map_scores = [], {m: {} for m in methods}, {m: {} for m in methods}
     for layer in tqdm(range(n_layers), desc="silhouette and 2-D maps", unit="layer", disable=not progress):
         x = standardize(feats[layer].numpy())
         scores.append(silhouette(x, labels))
         if layer in shown:
             for m in methods:
                 coords[m][layer] = reduce_2d(x, m, cfg.seed)
+                # The same score on the 2-D map: it describes the picture, the full-space one the model.
+                map_scores[m][layer] = silhouette(coords[m][layer], labels)
     best = int(np.argmax(scores))
     data = {
         "model": lm.source.model_id, "tasks": {t: len(texts[t]) for t in tasks}, "config": asdict(cfg),
         "layers_shown": list(shown), "methods": methods, "silhouette": scores,
-        "best_layer": best, "best_silhouette": scores[best], "seconds": round(time.time() - t0, 1),
+        "best_layer": best, "best_silhouette": scores[best],
+        "silhouette_2d": {m: {str(l): v for l, v in per.items()} for m, per in map_scores.items()},
+        "seconds": round(time.time() - t0, 1),
         # The 2-D points behind the pictures, so they can be redrawn without the model.
         "points": {m: {str(l): np.round(c, 4).tolist() for l, c in per.items()} for m, per in coords.items()},
         "labels": labels.tolist(),
     }
-    rows = [(l, f"{scores[l]:.3f}") for l in shown]
+    rows = [(l, f"{scores[l]:.3f}", *(f"{map_scores[m][l]:.3f}" for m in methods)) for l in shown]
     md = (f"Model `{lm.source.model_id}`; {len(flat)} prompts of {len(tasks)} tasks "
           f"({', '.join(f'{t} {len(texts[t])}' for t in tasks)}); hidden states pooled by {cfg.pool} over the "
           f"prompt's tokens and standardised per dimension. Silhouette (Euclidean, full space; 1 = separate task "
-          f"clusters, 0 = overlap): best at layer {best} ({scores[best]:.3f}).\n\n"
-          + markdown_table(("layer", "silhouette"), rows))
+          f"clusters, 0 = overlap): best at layer {best} ({scores[best]:.3f}). The same score on each 2-D map "
+          f"describes the picture (a map can separate what the full space barely does).\n\n"
+          + markdown_table(("layer", "silhouette (full space)", *(f"on the {METHOD_NAMES[m]} map" for m in methods)),
+                           rows))
     res = Analysis("clusters", data, md)
     if out is not None:
         from . import plots
 
         name = lm.source.model_id
         figures = {f"clusters_{m}.png": (lambda p, m=m: plots.cluster_maps(coords[m], labels, tasks, scores,
-                                                                           METHOD_NAMES[m], name, p))
+                                                                           map_scores[m], METHOD_NAMES[m], name, p))
                    for m in methods}
         figures["clusters_silhouette.png"] = lambda p: plots.silhouette_curve(scores, shown, name, p)
         res.save(out, figures)

@@ -31,7 +31,7 @@ _EPS = 1e-12  # dead channels (magnitude 0) stay finite under the log
 
 @dataclass(frozen=True)
 class HeatmapConfig:
-    limit: int = 80  # texts per task, split into two halves
+    limit: int = 60  # texts per task, split into two halves
     dims: int = 128  # channels drawn per layer (all are compared)
     max_length: int = 256
     batch_size: int = 8

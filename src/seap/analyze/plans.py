@@ -78,15 +78,19 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
             widths[key] = ex.widths()
             kept[key] = [w / n for w, n in zip(ex.widths(), dense)]
     names = list(chosen)
-    per_layer = {f"{a} | {b}": layer_jaccard(chosen[a], chosen[b]) for a, b in combinations(names, 2)}
-    n = len(dense)
+    per_layer = {f"{a} vs {b}": layer_jaccard(chosen[a], chosen[b]) for a, b in combinations(names, 2)}
 
-    def pair(a: str, b: str) -> list[float]:
-        return per_layer[f"{a} | {b}"] if f"{a} | {b}" in per_layer else per_layer[f"{b} | {a}"]
+    def pruned(a: str, b: str) -> list[int]:
+        """Layers where a or b removes something: dense layers overlap fully and would only dilute the mean."""
+        return [l for l, d in enumerate(dense) if min(len(chosen[a][l]), len(chosen[b][l])) < d] or list(range(len(dense)))
 
-    mean = [[1.0 if a == b else sum(pair(a, b)) / n for b in names] for a in names]
-    chance = {f"{a} | {b}": sum(chance_jaccard(d, len(x), len(y)) for d, x, y in zip(dense, chosen[a], chosen[b])) / n
-              for a, b in combinations(names, 2)}
+    def mean_of(a: str, b: str) -> float:
+        v = per_layer[f"{a} vs {b}"] if f"{a} vs {b}" in per_layer else per_layer[f"{b} vs {a}"]
+        return sum(v[l] for l in pruned(a, b)) / len(pruned(a, b))
+
+    mean = [[1.0 if a == b else mean_of(a, b) for b in names] for a in names]
+    chance = {f"{a} vs {b}": sum(chance_jaccard(dense[l], len(chosen[a][l]), len(chosen[b][l])) for l in pruned(a, b))
+              / len(pruned(a, b)) for a, b in combinations(names, 2)}
     plan_info = [{"folder": path, "label": label, "method": p.meta["method"], "target_ratio": p.meta["target_ratio"],
                   "allocation": p.meta.get("config", {}).get("allocation"),
                   "k": p.meta.get("config", {}).get("k"), "x0": p.meta.get("config", {}).get("x0"),
@@ -98,9 +102,10 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     md = (f"Base model `{data['base_model']}`; {len(loaded)} plan(s), {len(names)} experts.\n\n"
           + markdown_table(("expert", "FFN kept", "kept per layer"), rows))
     if per_layer:
-        md += ("\nMean Jaccard overlap of kept channels over the layers (chance: random sets of the same sizes):\n\n"
-               + markdown_table(("pair", "Jaccard", "chance"),
-                                [(pair, f"{sum(v) / n:.3f}", f"{chance[pair]:.3f}") for pair, v in per_layer.items()]))
+        means = {f"{a} vs {b}": mean_of(a, b) for a, b in combinations(names, 2)}
+        md += ("\nJaccard overlap of kept channels, mean over the pruned layers (chance: random sets of the same "
+               "sizes):\n\n" + markdown_table(("pair", "Jaccard", "chance"),
+                                               [(k, f"{v:.3f}", f"{chance[k]:.3f}") for k, v in means.items()]))
     res = Analysis("plan", data, md)
     if out is not None:
         from . import plots

@@ -3,6 +3,7 @@ saves one PNG atomically; none touches a model."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -15,14 +16,24 @@ from ..plots import _pyplot
 DPI = 100
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, layout: bool = True) -> Path:
     plt = _pyplot()
     path = Path(path)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+    if layout:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
+    with atomic_path(path) as tmp:
+        write_palette_png(buf.getvalue(), tmp)
     return path
+
+
+def write_palette_png(png: bytes, path: str | Path) -> None:
+    """A 256-colour palette PNG: a third of the size of matplotlib's RGBA, the same picture to the eye."""
+    from PIL import Image
+
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, format="PNG", optimize=True)
 
 
 def _short(name: str) -> str:
@@ -37,7 +48,7 @@ def _colours(n: int):
 
 # -- clusters ---------------------------------------------------------------------------------------
 def cluster_maps(coords: dict[int, np.ndarray], labels: np.ndarray, tasks: Sequence[str], scores: Sequence[float],
-                 method: str, model: str, path: str | Path) -> Path:
+                 map_scores: dict[int, float], method: str, model: str, path: str | Path) -> Path:
     """One panel per layer: the prompts in 2-D, one colour per task."""
     plt = _pyplot()
     layers = sorted(coords)
@@ -48,7 +59,7 @@ def cluster_maps(coords: dict[int, np.ndarray], labels: np.ndarray, tasks: Seque
         for task, c in zip(tasks, colours):
             sel = labels == task
             ax.scatter(pts[sel, 0], pts[sel, 1], s=9, color=c, alpha=0.75, label=_short(task), linewidths=0)
-        ax.set_title(f"layer {layer}: silhouette {scores[layer]:.2f}", fontsize=10)
+        ax.set_title(f"layer {layer}: silhouette {scores[layer]:.2f} (full), {map_scores[layer]:.2f} (map)", fontsize=9)
         ax.set_xlabel(f"{method} 1")
         ax.set_ylabel(f"{method} 2")
         ax.tick_params(labelsize=7)
@@ -65,6 +76,7 @@ def silhouette_curve(scores: Sequence[float], shown: Sequence[int], model: str, 
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel("silhouette by task (full space)")
+    ax.set_ylim(min(0.0, min(scores) - 0.02), max(scores) + 0.02)
     ax.set_title(f"{model}: how well task prompts separate, per layer", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -89,17 +101,8 @@ def activation_heatmaps(profiles: dict[str, np.ndarray], tasks: Sequence[str], m
     fig.suptitle(f"{model}: RMS activation per FFN channel, two random halves of each task", fontsize=11)
     fig.tight_layout()
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="log2(RMS / layer mean)")
-    return _save_no_layout(fig, path)
-
-
-def _save_no_layout(fig, path: str | Path) -> Path:
-    # tight_layout after a colorbar spanning several axes would squeeze it; lay out first, then add it.
-    plt = _pyplot()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-    return path
+    # tight_layout after a colorbar spanning several axes would squeeze it: laid out above, before it.
+    return _save(fig, path, layout=False)
 
 
 def similarity_matrix(sim: np.ndarray, names: Sequence[str], within: float, between: float, model: str,
@@ -240,7 +243,7 @@ def jaccard_matrix(mean: Sequence[Sequence[float]], names: Sequence[str], model:
             for j in range(n):
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if m[i, j] > 0.6 else "white")
-    ax.set_title(f"{model}: overlap of kept channels\n(Jaccard, mean over layers)", fontsize=10)
+    ax.set_title(f"{model}: overlap of kept channels\n(Jaccard, mean over the pruned layers)", fontsize=10)
     fig.colorbar(im, ax=ax, label="Jaccard index")
     return _save(fig, path)
 
