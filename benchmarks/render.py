@@ -11,10 +11,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+from schedules import schedules_section
 
 PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
                 "openbookqa": "acc_norm", "winogrande": "acc"}
-ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-gen", "SEAP s_F (task experts)", "SEAP-gen s_F")
+ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-gen", "SEAP s_F (task experts)", "SEAP-gen s_F",
+             "SEAP uniform (task experts)", "SEAP fitted (task experts)")
 
 
 def _load(model: str) -> list[dict]:
@@ -360,6 +362,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += f"\n## {model}\n\nAccuracy (paper metric, %), N = {n} items per task:\n\n"
         text += accuracy_table(rows) + "\nacc / acc_norm per task (%):\n\n" + acc_detail_table(rows)
         text += routing_section(model, rows)
+        text += schedules_section(model, rows)
         text += "\nSpeed:\n" + speed_tables(model)
         text += griffin_section(model)
     if not plotted:

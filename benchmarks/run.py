@@ -128,7 +128,8 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "render"), default="all")
+    ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "schedules",
+                                        "render"), default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
@@ -161,6 +162,10 @@ def main(argv=None) -> int:
         from griffin import griffin_speed  # noqa: E402
 
         griffin_speed(models)
+    if args.stage in ("all", "schedules"):
+        from schedules import schedules  # noqa: E402  (benchmarks/schedules.py)
+
+        schedules(models, limits)
     if args.stage in ("all", "render"):
         from render import render  # noqa: E402  (benchmarks/render.py)
 

@@ -1,0 +1,101 @@
+"""Schedules stage of benchmarks/run.py: SEAP task experts at 50% under three layer schedules.
+
+- "SEAP (task experts)" (the accuracy stage's row): SEAP's default logistic, k = 1.2, x0 = 0.3,
+  first and last 2 layers dense;
+- "SEAP uniform (task experts)": every layer pruned alike (no dense layers, DESIGN 2.3 UL);
+- "SEAP fitted (task experts)": the logistic with (k, x0) fitted by `seap analyze sensitivity`
+  with its defaults (results/<model>/schedule/sensitivity.json, computed here once and reused).
+Same calibration statistics, scores, items and perplexity subsets as the accuracy stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+
+from run import RESULTS, _plan, _slug, _stats, _write, eval_config
+
+log = logging.getLogger("benchmarks.schedules")
+ROWS = ("SEAP (task experts)", "SEAP uniform (task experts)", "SEAP fitted (task experts)")
+RATIO = 0.5
+
+
+def _schedule(lm, model_name: str):
+    """The fitted schedule of this model (`seap analyze sensitivity` defaults), cached as JSON."""
+    from seap.analyze import analyze_sensitivity, load_schedule
+
+    path = RESULTS / model_name / "schedule" / "sensitivity.json"
+    if not path.is_file():
+        t0 = time.time()
+        res = analyze_sensitivity(lm, progress=False)
+        _write(path, res.data)
+        log.info("%s: fitted k=%.3f x0=%.3f in %.0fs", model_name, res.data["schedule"]["k"],
+                 res.data["schedule"]["x0"], time.time() - t0)
+    return load_schedule(path)
+
+
+def schedules(models: list[str], limits: dict[str, int]) -> None:
+    from seap.config import PruneConfig
+    from seap.evaluation.runner import evaluate_plan
+    from seap.models import load_model
+
+    for model_name in models:
+        lm = load_model(model_name)
+        stats = None
+        for row in ROWS[1:]:
+            path = RESULTS / model_name / f"{_slug(row, RATIO)}.json"
+            cfg = eval_config(model_name, limits[model_name])
+            if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == cfg.limit:
+                continue
+            stats = stats or _stats(lm, model_name)
+            t0 = time.time()
+            if row.startswith("SEAP fitted"):
+                fitted = _schedule(lm, model_name).configure(PruneConfig.from_method("seap", ratio=RATIO), lm)
+                plan = _plan(lm, stats, "seap", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
+                                                                 "x0": fitted.x0, "fitted": fitted.fitted})
+            else:
+                plan = _plan(lm, stats, "seap", RATIO, "task", {"allocation": "uniform"})
+            rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
+            data = rep.to_dict()
+            data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),
+                        eval_config=cfg.__dict__, widths=plan.experts[plan.meta["tasks"][0]].widths(),
+                        schedule=plan.meta["config"].get("fitted"))
+            _write(path, data)
+            log.info("%s %s: average %.4f in %.0fs", model_name, row, rep.average[0], time.time() - t0)
+            gc.collect()
+        del lm
+        gc.collect()
+
+
+def schedules_section(model: str, rows: list[dict]) -> str:
+    """RESULTS.md: the three schedules side by side at 50%, with paired differences (same items)."""
+    from render import paired_delta
+
+    at = {r["row"]: r for r in rows if r["ratio"] == RATIO and r["row"] in ROWS}
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    if len(at) < 2 or dense is None:
+        return ""
+    sens = RESULTS / model / "schedule" / "sensitivity.json"
+    fit = json.loads(sens.read_text())["schedule"] if sens.is_file() else None
+    text = (f"\nLayer schedules at {int(100 * RATIO)}% (`python benchmarks/run.py --stage schedules`; SEAP task "
+            "experts, same statistics and items; every task expert's widths follow the schedule)")
+    text += (f"; fitted by `seap analyze sensitivity` (defaults: {fit['metric']} damage at ratios "
+             f"{', '.join(f'{r:g}' for r in fit['ratios'])}, layers {fit['protect_first']} first / "
+             f"{fit['protect_last']} last kept dense): k = {fit['k']:.3f}, x0 = {fit['x0']:.3f} "
+             "(default logistic: k = 1.2, x0 = 0.3):\n\n" if fit else ":\n\n")
+    text += ("| schedule | average ± s.e. | Δ vs dense ± paired s.e. | Δ vs default logistic ± paired s.e. | "
+             "token ppl |\n|---|---|---|---|---|\n")
+    base = at.get(ROWS[0])
+    for name in ROWS:
+        r = at.get(name)
+        if r is None:
+            continue
+        dd = "{:+.1f} ± {:.1f}".format(*(100 * x for x in paired_delta(r, dense)))
+        db = "—" if r is base or base is None else "{:+.2f} ± {:.2f}".format(*(100 * x for x in paired_delta(r, base)))
+        ppl = (r.get("token_perplexity") or {}).get("perplexity")
+        label = {"SEAP (task experts)": "logistic (default)"}.get(name, name.split()[1])
+        text += (f"| {label} | {100 * r['average']['value']:.1f} ± {100 * r['average']['stderr']:.1f} | {dd} | {db} | "
+                 f"{f'{ppl:.1f}' if ppl else '—'} |\n")
+    return text
