@@ -11,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+from llamacpp import llamacpp_section
 from schedules import schedules_section
 
 PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
@@ -209,7 +210,8 @@ def griffin_section(model: str) -> str:
     if path.is_file():
         data = json.loads(path.read_text())
         cfg = data["config"]
-        text += (f"\nGRIFFIN decode speed (`seap.bench`, prompt {cfg['prompt_len']} random tokens, {cfg['gen_len']} "
+        text += (f"\nGRIFFIN decode speed (`seap.bench`, prompts: the first {cfg['prompt_len']} tokens of "
+                 f"{data.get('prompts', 'random tokens')}, {cfg['gen_len']} "
                  f"generated, warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; GRIFFIN's "
                  "selection is timed with the prefill and its weight gather with the decode):\n\n"
                  "| row | batch | prefill × | decode tok/s | decode × | bytes limit × | FFN read |\n"
@@ -311,7 +313,7 @@ def render() -> Path:
         pass
     text = f"""# seap benchmark results
 
-Produced by `python benchmarks/run.py` (stages `accuracy`, `routing`, `speed`, `xsum`, `griffin-speed`, `render`; each result is cached
+Produced by `python benchmarks/run.py` (stages `accuracy`, `routing`, `speed`, `xsum`, `griffin-speed`, `schedules`, `llamacpp`, `render`; each result is cached
 under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus the SEAP s_F rows by
 `python benchmarks/run.py --stage accuracy --models smollm2-135m --extra --ratios 0.5`. Rendered {date.today().isoformat()} from seap commit
 `{_git_commit()}`; Python {platform.python_version()}, {versions}; CPU only ({cpu}).
@@ -365,6 +367,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += schedules_section(model, rows)
         text += "\nSpeed:\n" + speed_tables(model)
         text += griffin_section(model)
+        text += llamacpp_section(model)
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")
     dest = HERE / "RESULTS.md"

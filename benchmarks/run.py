@@ -129,7 +129,7 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "schedules",
-                                        "render"), default="all")
+                                        "llamacpp", "render"), default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
@@ -166,6 +166,10 @@ def main(argv=None) -> int:
         from schedules import schedules  # noqa: E402  (benchmarks/schedules.py)
 
         schedules(models, limits)
+    if args.stage in ("all", "llamacpp"):
+        from llamacpp import llamacpp  # noqa: E402  (benchmarks/llamacpp.py; needs the llamacpp extra)
+
+        llamacpp(models)
     if args.stage in ("all", "render"):
         from render import render  # noqa: E402  (benchmarks/render.py)
 
