@@ -41,7 +41,7 @@ class PruneConfig:
     generic: bool = False
     lm_weight: float = 3.0  # weight of language-modelling corpora in the generic expert
     task_weight: float = 2.0
-    # logistic-fitted: k, x0 and what they were fitted on (set by seap.analyze.sensitivity.FittedSchedule.configure)
+    # logistic-fitted: k, x0 and what they were fitted on (set by seap.analyze.schedule.FittedSchedule.configure)
     fitted: dict | None = None
 
     def __post_init__(self) -> None:

@@ -120,7 +120,7 @@ def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT
     config = config or PruneConfig()
     lm = _load(model)
     if schedule is not None:
-        from .analyze.sensitivity import load_schedule
+        from .analyze.schedule import load_schedule
 
         config = load_schedule(schedule).configure(config, lm)
     fp = fingerprint(lm.model, lm.adapter)

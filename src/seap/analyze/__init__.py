@@ -15,7 +15,8 @@ from .clusters import ClusterConfig, analyze_clusters
 from .common import Analysis
 from .heatmap import HeatmapConfig, analyze_heatmap
 from .plans import analyze_plans
-from .sensitivity import FittedSchedule, SensitivityConfig, analyze_sensitivity, fit_logistic, load_schedule
+from .schedule import FittedSchedule, load_schedule
+from .sensitivity import SensitivityConfig, analyze_sensitivity, fit_logistic
 
 __all__ = ["Analysis", "ClusterConfig", "HeatmapConfig", "SensitivityConfig", "FittedSchedule", "analyze_clusters",
            "analyze_heatmap", "analyze_sensitivity", "analyze_plans", "fit_logistic", "load_schedule"]

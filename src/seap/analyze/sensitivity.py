@@ -18,7 +18,7 @@ From damage to a pruning-rate curve ("less damage -> prune more"):
   3. tau(x) ~ A / (1 + exp(-k (x - x0))) fitted by least squares over the pruned layers' relative
      depth x (the logistic schedule's own coordinate, seap.allocation.relative_depths); A in
      closed form, (k, x0) by a zooming grid search.
-`--allocation logistic-fitted` uses that (k, x0) in SEAP's schedule with Lambda still bisected so
+`--allocation logistic-fitted` (seap.analyze.schedule) uses that (k, x0) in SEAP's schedule with Lambda still bisected so
 the ratio holds over all layers: the measured curve sets the shape, the budget its height. A flat
 curve (k = 0) is the uniform schedule over the pruned layers; k < 0 prunes shallow layers more.
 """
@@ -26,7 +26,6 @@ curve (k = 0) is the uniform schedule over the pruned layers; k < 0 prunes shall
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -40,19 +39,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import logistic, relative_depths, uniform
-from ..config import PruneConfig
-from ..errors import ArtifactError, ConfigError
-from ..models import LoadedModel, check_fingerprint, fingerprint, load_model
+from ..errors import ConfigError
+from ..models import LoadedModel, fingerprint, load_model
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores
 from ..stats import collect_stats
 from ..surgery import masked
 from ..tasks import resolve_corpus
 from .common import Analysis, batches, check_positive, layer_outputs, markdown_table, task_texts
+from .schedule import SENS_FORMAT, SENS_VERSION
 
 METRICS = ("cosine", "ppl")
-SENS_FORMAT = "seap-sensitivity"
-SENS_VERSION = 1
 DEFAULT_K, DEFAULT_X0 = 1.2, 0.3  # SEAP's default logistic, drawn for comparison
 
 
@@ -185,7 +182,6 @@ def _token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> t
 @dataclass
 class _Batch:
     enc: dict
-    mask: torch.Tensor  # [B, S] real tokens
     outs: list  # dense output of every layer, as the layer returned it
     h: torch.Tensor  # dense final hidden states of the real tokens [n, d]
     nll: torch.Tensor  # dense token NLL [m]
@@ -207,7 +203,7 @@ def _dense(lm: LoadedModel, texts: Sequence[str], cfg: SensitivityConfig) -> lis
         outs: dict[int, object] = {}
         with layer_outputs(lm.model, lm.adapter, outs.__setitem__, raw=True):
             h, nll = _run(lm.model, enc, store)
-        out.append(_Batch(enc, enc["attention_mask"].bool(), [outs[i] for i in sorted(outs)], h, nll))
+        out.append(_Batch(enc, [outs[i] for i in sorted(outs)], h, nll))
     return out
 
 
@@ -336,57 +332,3 @@ def _markdown(data: dict, depth: dict[int, float]) -> str:
             f"x0 = {DEFAULT_X0}). The other metric would give k = {other['k']:.3f}, x0 = {other['x0']:.3f} "
             f"(R² {other['r2']:.3f}).\n\nUse it: `seap prune --allocation logistic-fitted --schedule "
             f"<this folder>/sensitivity.json` (same model only).\n\n" + markdown_table(head, rows))
-
-
-# -- the fitted schedule as a pruning input ------------------------------------------------------------
-@dataclass(frozen=True)
-class FittedSchedule:
-    """The (k, x0) of `seap analyze sensitivity` and what they were fitted on."""
-
-    k: float
-    x0: float
-    protect_first: int
-    protect_last: int
-    metric: str
-    ratios: tuple[float, ...]
-    model: str
-    fingerprint: dict
-    file: str | None = None
-
-    def record(self) -> dict:
-        """What a plan records (PruneConfig.fitted): the parameters and their origin, not the weights' signature."""
-        return {"k": self.k, "x0": self.x0, "protect_first": self.protect_first, "protect_last": self.protect_last,
-                "metric": self.metric, "ratios": list(self.ratios), "model": self.model,
-                "arch_hash": self.fingerprint.get("arch_hash"), "file": self.file}
-
-    def configure(self, config: PruneConfig, lm: LoadedModel | None = None) -> PruneConfig:
-        """`config` with the logistic-fitted allocation; refused when `lm` is not the model it was fitted on."""
-        if lm is not None:
-            check_fingerprint(self.fingerprint, lm.model, lm.adapter, "fitted schedule")
-        return config.with_(allocation="logistic-fitted", k=self.k, x0=self.x0, fitted=self.record())
-
-
-def load_schedule(path: str | Path) -> FittedSchedule:
-    """The fitted schedule in a sensitivity.json (or the folder that holds one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "sensitivity.json"
-    fix = "give the sensitivity.json that `seap analyze sensitivity --out DIR` wrote"
-    if not path.is_file():
-        raise ArtifactError(f"schedule file {path} does not exist: {fix}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise ArtifactError(f"schedule file {path} is corrupt ({str(err)[:60]}): run the analysis again") from None
-    if not isinstance(data, dict) or data.get("format") != SENS_FORMAT:
-        raise ArtifactError(f"{path} is not a seap sensitivity file: {fix}")
-    if data.get("version") != SENS_VERSION:
-        raise ArtifactError(f"{path} has sensitivity format version {data.get('version')}, this seap reads "
-                            f"{SENS_VERSION}: run the analysis again")
-    try:
-        s = data["schedule"]
-        return FittedSchedule(float(s["k"]), float(s["x0"]), int(s["protect_first"]), int(s["protect_last"]),
-                              str(s["metric"]), tuple(s["ratios"]), str(data["model"]), dict(data["fingerprint"]),
-                              str(path))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"schedule file {path} is incomplete (missing {err}): run the analysis again") from None
