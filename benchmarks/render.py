@@ -22,7 +22,8 @@ ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-g
 
 def _load(model: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
-            if p.name not in ("speed.json", "router.json", "griffin_speed.json") and not p.name.startswith("xsum_")]
+            if p.name not in ("speed.json", "router.json", "griffin_speed.json", "llamacpp_check.json")
+            and not p.name.startswith("xsum_")]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
 

@@ -78,13 +78,15 @@ def schedules_section(model: str, rows: list[dict]) -> str:
     if len(at) < 2 or dense is None:
         return ""
     sens = RESULTS / model / "schedule" / "sensitivity.json"
-    fit = json.loads(sens.read_text())["schedule"] if sens.is_file() else None
+    data = json.loads(sens.read_text()) if sens.is_file() else None
+    fit = dict(data["schedule"], r2=data["fits"][data["schedule"]["metric"]]["r2"]) if data else None
     text = (f"\nLayer schedules at {int(100 * RATIO)}% (`python benchmarks/run.py --stage schedules`; SEAP task "
             "experts, same statistics and items; every task expert's widths follow the schedule)")
     text += (f"; fitted by `seap analyze sensitivity` (defaults: {fit['metric']} damage at ratios "
              f"{', '.join(f'{r:g}' for r in fit['ratios'])}, layers {fit['protect_first']} first / "
-             f"{fit['protect_last']} last kept dense): k = {fit['k']:.3f}, x0 = {fit['x0']:.3f} "
-             "(default logistic: k = 1.2, x0 = 0.3):\n\n" if fit else ":\n\n")
+             f"{fit['protect_last']} last kept dense): k = {fit['k']:.3f}, x0 = {fit['x0']:.3f}, R² of the fit "
+             f"{fit['r2']:.2f} (default logistic: k = 1.2, x0 = 0.3; pictures in docs/analyze/{model}):\n\n"
+             if fit else ":\n\n")
     text += ("| schedule | average ± s.e. | Δ vs dense ± paired s.e. | Δ vs default logistic ± paired s.e. | "
              "token ppl |\n|---|---|---|---|---|\n")
     base = at.get(ROWS[0])
@@ -95,7 +97,8 @@ def schedules_section(model: str, rows: list[dict]) -> str:
         dd = "{:+.1f} ± {:.1f}".format(*(100 * x for x in paired_delta(r, dense)))
         db = "—" if r is base or base is None else "{:+.2f} ± {:.2f}".format(*(100 * x for x in paired_delta(r, base)))
         ppl = (r.get("token_perplexity") or {}).get("perplexity")
-        label = {"SEAP (task experts)": "logistic (default)"}.get(name, name.split()[1])
+        label = {ROWS[0]: "logistic (default; 2 + 2 layers dense)", ROWS[1]: "uniform (every layer pruned alike)",
+                 ROWS[2]: "fitted logistic (2 + 2 layers dense)"}[name]
         text += (f"| {label} | {100 * r['average']['value']:.1f} ± {100 * r['average']['stderr']:.1f} | {dd} | {db} | "
                  f"{f'{ppl:.1f}' if ppl else '—'} |\n")
     return text
