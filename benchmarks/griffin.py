@@ -29,11 +29,13 @@ SPEED_REPEATS = {"smollm2-135m": 5, "gemma3-270m": 3}
 
 
 def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
-    """(row, density, kind) in the order they run: the pairs the issue compares come first."""
+    """(row, density, kind) in the order they run: the pairs the issue compares come first, then
+    GRIFFIN with one shared expert per batch (kind "shared": the batch-speed trade-off)."""
     rows = [("dense", None, "dense")]
     for d in DENSITIES:
         rows += [(f"GRIFFIN {d:g}", d, "griffin"), (f"magnitude {d:g}", d, "magnitude")]
-    return rows + [(f"GRIFFIN {d:g}", d, "griffin") for d in EXTRA_GRIFFIN.get(model_name, ())]
+    rows += [(f"GRIFFIN {d:g}", d, "griffin") for d in EXTRA_GRIFFIN.get(model_name, ())]
+    return rows + [(f"GRIFFIN {d:g} shared", d, "shared") for d in DENSITIES]
 
 
 def _magnitude(lm, model_name: str, density: float):
@@ -58,7 +60,8 @@ def xsum(models: list[str], limit: int) -> None:
             model = _magnitude(lm, model_name, density) if kind == "magnitude" else lm
             t0 = time.time()
             rep = evaluate_xsum(model, data_dir=DATA, limit=limit, shots=XSUM_SHOTS, batch_size=GEN_BATCH,
-                                density=density if kind == "griffin" else None, label=row)
+                                density=density if kind in ("griffin", "shared") else None, label=row,
+                                shared=kind == "shared")
             data = rep.to_dict()
             data.update(row=row, kind=kind, density=density, model=model_name, seconds=round(time.time() - t0, 1))
             _write(path, data)
@@ -75,6 +78,7 @@ SPEED_PROMPTS = 64  # XSum articles whose first 128 tokens are the timed prompts
 def griffin_speed(models: list[str]) -> None:
     from seap.bench import BenchConfig, bench_models, speed_table
     from seap.evaluation.generation import load_xsum
+    from seap.griffin import GriffinConfig
     from seap.models import load_model
 
     # GRIFFIN's experts depend on the prompt: time it on real text (0-shot XSum prompts), not random tokens
@@ -88,8 +92,8 @@ def griffin_speed(models: list[str]) -> None:
         candidates, dynamic = {}, {}
         for row, density, kind in _rows(model_name):
             candidates[row] = _magnitude(lm, model_name, density) if kind == "magnitude" else lm
-            if kind == "griffin":
-                dynamic[row] = density
+            if kind in ("griffin", "shared"):
+                dynamic[row] = GriffinConfig(density=density, shared=kind == "shared")
         cfg = BenchConfig(prompt_len=128, gen_len=64, batch_sizes=(1, 8), warmup=1,
                           repeats=SPEED_REPEATS.get(model_name, 3), decode_path="seap")
         t0 = time.time()

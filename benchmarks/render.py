@@ -197,13 +197,16 @@ def griffin_section(model: str) -> str:
                  f"tokens; greedy, cut at \"###\", batches of {m['batch_size']} left-padded prompts), ROUGE F-measure "
                  "(%), rouge-score with stemming. GRIFFIN: each prompt keeps the top density × d_ff neurons of every "
                  "layer by its own prefill statistic; the decode steps of a batch read the union of its prompts' "
-                 "neurons. Magnitude: one static uniform mask (no protected layers), the same density.\n\n"
+                 "neurons. GRIFFIN shared: one expert per batch, the top density × d_ff of the prompts' pooled "
+                 "statistic, so a batch reads only that share. Magnitude: one static uniform mask (no protected "
+                 "layers), the same density.\n\n"
                  "| row | ROUGE-1 | ROUGE-2 | ROUGE-L ± s.e. | Δ ROUGE-L vs dense ± paired s.e. | FFN kept per prompt "
                  "| FFN read per batch | minutes |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             delta = "—" if r is dense else "{:+.2f} ± {:.2f}".format(*(100 * x for x in _rouge_delta(r, dense)))
-            kept = r["meta"]["kept_fraction"] if r["kind"] == "griffin" else (r["density"] or 1.0)
-            read = r["meta"]["union_fraction"] if r["kind"] == "griffin" else (r["density"] or 1.0)
+            dynamic = r["kind"] in ("griffin", "shared")
+            kept = r["meta"]["kept_fraction"] if dynamic else (r["density"] or 1.0)
+            read = r["meta"]["union_fraction"] if dynamic else (r["density"] or 1.0)
             text += (f"| {r['row']} | {100 * r['rouge']['rouge1']:.2f} | {100 * r['rouge']['rouge2']:.2f} | "
                      f"{100 * r['rouge']['rougeL']:.2f} ± {100 * r['stderr']['rougeL']:.2f} | {delta} | "
                      f"{100 * kept:.0f}% | {100 * read:.0f}% | {r['seconds'] / 60:.1f} |\n")
@@ -234,16 +237,16 @@ def griffin_findings(models) -> str:
             continue
         within = []
         for r in rows:
-            if r["kind"] != "griffin":
+            if r["kind"] not in ("griffin", "shared"):
                 continue
             d, se = _rouge_delta(r, dense)
             mag = next((m for m in rows if m["kind"] == "magnitude" and m["density"] == r["density"]), None)
             vs = (f", magnitude at the same density {100 * mag['rouge']['rougeL']:.2f}" if mag else "")
-            lines.append(f"- {model}, XSum: GRIFFIN {r['density']:g} ROUGE-L {100 * r['rouge']['rougeL']:.2f} vs dense "
+            lines.append(f"- {model}, XSum: {r['row']} ROUGE-L {100 * r['rouge']['rougeL']:.2f} vs dense "
                          f"{100 * dense['rouge']['rougeL']:.2f} (Δ {100 * d:+.2f} ± {100 * se:.2f}){vs}.")
-            if abs(d) <= 0.01:
+            if abs(d) <= 0.01 and r["kind"] == "griffin":
                 within.append(r["density"])
-        lines.append(f"- {model}, XSum: GRIFFIN densities within 1 ROUGE-L point of dense: "
+        lines.append(f"- {model}, XSum: GRIFFIN (per-prompt experts) densities within 1 ROUGE-L point of dense: "
                      + (", ".join(f"{x:g}" for x in sorted(within)) if within else "none of those run") + ".")
         path = RESULTS / model / "griffin_speed.json"
         if path.is_file():

@@ -148,6 +148,13 @@ def test_unsupported_head_mode_on_gqa(tmp_path, capsys, tiny):
     assert_one_error(rc, err, "grouped-query attention")
 
 
+@pytest.mark.parametrize("argv", [["generate", "hi", "--griffin-shared"], ["generate", "hi", "--griffin", 0],
+                                  ["bench", "--griffin-shared", "--repeats", 1]])
+def test_griffin_options_without_a_valid_density(capsys, tiny, argv):
+    rc, err = run(capsys, argv[0], "--model", tiny, *argv[1:])
+    assert_one_error(rc, err, "--griffin" if "--griffin-shared" in argv else "density must be in (0, 1]")
+
+
 def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
     from seap.plan import Plan
 

@@ -113,3 +113,47 @@ def test_classification_mode_prunes_only_the_last_token():
             h.remove()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got[:, -1], dense[:, -1])
+
+
+def test_shared_batch_experts_are_the_top_k_of_the_pooled_unit_scores():
+    s = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)) + torch.tensor([[0.0], [5.0], [0.0]])
+    k = keep_count(0.25, 20)
+    pooled = [sum((s[b, j] / s[b].norm()) ** 2 for b in range(3)) ** 0.5 for j in range(20)]  # by hand
+    want = sorted(sorted(range(20), key=lambda j: -float(pooled[j]))[:k])
+    sel = select([s], 0.25, shared=True)
+    assert sel.union[0].tolist() == want and sel.member[0] is None and sel.union_fraction == k / 20
+    # one prompt: the shared expert is that prompt's own
+    assert torch.equal(select([s[:1]], 0.25, shared=True).union[0], select([s[:1]], 0.25).union[0])
+    with pytest.raises(ConfigError, match="classification"):
+        GriffinConfig(shared=True, mode="class")
+
+
+@torch.no_grad()
+def test_shared_batch_decode_equals_zeroing_outside_the_pooled_expert(family):
+    from seap.griffin import pooled_scores, positions
+
+    lm = make_loaded(family)
+    model, adapter = lm.model, lm.adapter
+    ids, mask = left_padded(SEQS)
+    got = griffin_decode(model, adapter, ids, 8, mask, density=0.5, shared=True)
+    assert got.union_fraction == got.kept_fraction == pytest.approx(0.5, abs=0.02)
+    # Independent path: dense prefill, the pooled top k, then decode steps with hooks zeroing the rest.
+    pos = positions(mask)
+    with prefill_statistics(model, adapter, mask) as scores:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    keep = [top_k(pooled_scores(s), keep_count(0.5, s.shape[-1]))[0] for s in scores]
+    nxt, tokens = out.logits[:, -1:].argmax(-1), []
+    handles = _zero_outside(adapter, model, keep)
+    try:
+        cache = out.past_key_values
+        for step in range(7):
+            tokens.append(nxt)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step + 1,
+                        past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(got.tokens, torch.cat(tokens, dim=1))

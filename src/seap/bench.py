@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .griffin import GriffinConfig
 from .models import LoadedModel
 from .surgery import count_params, ffn_params
 
@@ -195,11 +196,12 @@ def _batch(pool: torch.Tensor, batch: int, repeat: int, device) -> torch.Tensor:
 
 
 def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None, *,
-                 progress: bool = True, griffin: dict[str, float] | None = None,
+                 progress: bool = True, griffin: dict[str, float | GriffinConfig] | None = None,
                  texts: Sequence[str] | None = None) -> dict[str, ModelSpeed]:
     """Time every model at every batch size; repeats are interleaved across models so that drift
     of the machine (thermal, other load) hits all models alike. Names in `griffin` decode with
-    GRIFFIN experts at that density (the selection and the weight gather count as decode time).
+    GRIFFIN experts at that density, or as that GriffinConfig says (per-sequence or shared batch
+    experts); the selection and the weight gather count as decode time.
 
     Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
     (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
@@ -208,7 +210,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
 
     cfg = cfg or BenchConfig()
     pools = {name: text_prompts(lm.tokenizer, texts, cfg.prompt_len) for name, lm in models.items()} if texts else {}
-    griffin = griffin or {}
+    griffin = {n: g if isinstance(g, GriffinConfig) else GriffinConfig(density=g) for n, g in (griffin or {}).items()}
     if set(griffin) - set(models):
         raise ConfigError(f"GRIFFIN entries {sorted(set(griffin) - set(models))} name no model to time")
     if griffin and cfg.decode_path != "seap":
@@ -233,7 +235,8 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
                 ids = (_batch(pools[name], b, r, dev) if pools else
                        _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev))
                 if name in griffin:
-                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name])
+                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name].density,
+                                       shared=griffin[name].shared)
                     tp, td = g.prefill_s, g.decode_s
                     unions.setdefault((name, b), []).append(g.union_fraction)
                 elif cfg.decode_path == "seap":

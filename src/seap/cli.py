@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (XSum)")
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN per-prompt experts: XSum decodes through them, accuracy uses classification mode")
+    p.add_argument("--griffin-shared", action="store_true",
+                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
+                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
     p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
     p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
                    help="also time GRIFFIN per-prompt experts at this density on --model (repeatable)")
+    p.add_argument("--griffin-shared", action="store_true",
+                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
+                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prompts", default=None, metavar="TASK_OR_FILE",
                    help="real prompts (their first --prompt-len tokens) from a task, the embedded corpus or a "
@@ -184,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN: per-prompt experts keeping this share of each layer's FFN neurons (e.g. 0.5)")
+    p.add_argument("--griffin-shared", action="store_true",
+                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
+                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
     p.add_argument("--stop", action="append", default=[], help="cut the output at this string (repeatable)")
     p.add_argument("--json", action="store_true")
 
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                              ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, token_ppl=not args.no_ppl,
                              word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs,
                              xsum=args.xsum, xsum_shots=args.xsum_shots, gen_batch_size=args.gen_batch_size,
-                             griffin=args.griffin)
+                             griffin=args.griffin, griffin_shared=args.griffin_shared)
             plans = args.plan or [None]
             report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
                                        config=cfg, out=args.out, routed=args.routed)
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             from .export import benchmark_gguf
             from .export.llamacpp import speed_markdown as gguf_markdown
 
-            if args.griffin or (args.batch and set(args.batch) != {1}):
+            if args.griffin or args.griffin_shared or (args.batch and set(args.batch) != {1}):
                 raise ConfigError("--backend llamacpp times static models at batch 1: drop --griffin and --batch")
             rows = benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
                                   prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
@@ -338,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                               batch_sizes=tuple(args.batch or (1, 8)), warmup=args.warmup, repeats=args.repeats,
                               decode_path=args.decode_path)
             rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
-                                      griffin=args.griffin, prompts=args.prompts, data_dir=args.data_dir)
+                                      griffin=args.griffin, prompts=args.prompts, data_dir=args.data_dir,
+                                      griffin_shared=args.griffin_shared)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "export":
@@ -356,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "generate":
             prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
             rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
-                                     max_new_tokens=args.max_new_tokens, griffin=args.griffin, stop=args.stop)
+                                     max_new_tokens=args.max_new_tokens, griffin=args.griffin, stop=args.stop,
+                                     griffin_shared=args.griffin_shared)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:

@@ -208,7 +208,8 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
     config = config or EvalConfig()
     lm = _load(model)
-    dyn = f"griffin@{config.griffin:g}" if config.griffin is not None else None
+    dyn = (f"griffin@{config.griffin:g}{'-shared' if config.griffin_shared else ''}"
+           if config.griffin is not None else None)
     if routed is not None:
         from .evaluation.routed import evaluate_routed
 
@@ -238,10 +239,12 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
               plans: Sequence[str] = (), config=None, out: str | Path | None = None,
-              griffin: Sequence[float] = (), prompts: str | None = None, data_dir: str | Path | None = None):
+              griffin: Sequence[float] = (), prompts: str | None = None, data_dir: str | Path | None = None,
+              griffin_shared: bool = False):
     """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
-    density on the base model), timed in one process. `prompts` (a task, the embedded corpus or a
-    .txt/.jsonl file, as for calibration) gives real prompt texts instead of random tokens."""
+    density on the base model; `griffin_shared`: one expert per batch), timed in one process.
+    `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
+    prompt texts instead of random tokens."""
     from .bench import bench_models, speed_markdown, speed_table
     from .evaluation.runner import sliced_copy
     from .griffin import GriffinConfig
@@ -257,10 +260,12 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
         name, _ = p.expert(expert or None)
         models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced_copy(lm, p, name)
     dynamic = {}
+    if griffin_shared and not griffin:
+        raise ConfigError("--griffin-shared needs --griffin DENSITY")
     for d in griffin:
-        GriffinConfig(density=d)
-        models[f"griffin@{d:g}"] = lm
-        dynamic[f"griffin@{d:g}"] = d
+        name = f"griffin@{d:g}{'-shared' if griffin_shared else ''}"
+        models[name] = lm
+        dynamic[name] = GriffinConfig(density=d, shared=griffin_shared)
     texts = resolve_corpus(prompts, data_dir=data_dir).texts if prompts else None
     speeds = bench_models(models, config, griffin=dynamic, texts=texts)
     rows = speed_table(speeds, "dense")
@@ -346,9 +351,11 @@ def explain(model: str | LoadedModel | None, router: str | Path | Router, prompt
 
 def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
              router: str | Path | Router | None = None, expert: str | None = None,
-             max_new_tokens: int = 64, griffin: float | None = None, stop: Sequence[str] = ()) -> list[dict]:
+             max_new_tokens: int = 64, griffin: float | None = None, stop: Sequence[str] = (),
+             griffin_shared: bool = False) -> list[dict]:
     """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
-    with `griffin`, per-prompt GRIFFIN experts at that density (within the plan's expert if given)."""
+    with `griffin`, per-prompt GRIFFIN experts at that density (within the plan's expert if given;
+    `griffin_shared`: one expert for all the prompts, decoded as one batch)."""
     from .evaluation.runner import sliced_copy
     from .experts import MultiExpertModel
     from .griffin import GriffinConfig, cut_at_stop, generate_texts
@@ -359,18 +366,21 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model)
     if griffin is not None:
-        GriffinConfig(density=griffin)
+        GriffinConfig(density=griffin, shared=griffin_shared)
         if router is not None:
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
-        label = f"griffin@{griffin:g}"
+        label = f"griffin@{griffin:g}{'-shared' if griffin_shared else ''}"
         if plans:
             plan = _plans(plans)[0]
             check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
             name, _ = plan.expert(expert)
-            lm, label = sliced_copy(lm, plan, name), f"{name}+griffin@{griffin:g}"
-        texts, out = generate_texts(lm, prompts, density=griffin, max_new_tokens=max_new_tokens, stop=stop)
+            lm, label = sliced_copy(lm, plan, name), f"{name}+{label}"
+        texts, out = generate_texts(lm, prompts, density=griffin, max_new_tokens=max_new_tokens, stop=stop,
+                                    shared=griffin_shared)
         return [{"prompt": p, "expert": label, "text": t, "kept_fraction": round(out.kept_fraction, 4)}
                 for p, t in zip(prompts, texts)]
+    if griffin_shared:
+        raise ConfigError("--griffin-shared needs --griffin DENSITY")
     if not plans:
         if router is not None or expert is not None:
             raise ConfigError("--router and --expert need the plan(s) their experts come from: add --plan")

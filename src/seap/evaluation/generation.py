@@ -77,13 +77,16 @@ class GenerationReport:
 
 def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 200, shots: int = 0,
                   batch_size: int = 8, density: float | None = None, max_new_tokens: int | None = None,
-                  label: str = "model", progress: bool = True) -> GenerationReport:
+                  label: str = "model", progress: bool = True, shared: bool = False) -> GenerationReport:
     """Greedy summaries of the first `limit` XSum prompts (batched by length, left-padded), each cut
-    at the row's stop strings, scored against the reference with ROUGE-1/2/L."""
+    at the row's stop strings, scored against the reference with ROUGE-1/2/L. With GRIFFIN
+    (`density`) and `shared`, each batch decodes through one expert chosen for all its prompts."""
     from ..griffin import GriffinConfig, generate_texts
 
     if density is not None:
-        GriffinConfig(density=density)
+        GriffinConfig(density=density, shared=shared)
+    elif shared:
+        raise ConfigError("shared batch experts are GRIFFIN's: give a density too")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     rows = load_xsum(data_dir, shots, limit)
@@ -98,7 +101,7 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
         new = max_new_tokens or max(int(rows[i].get("max_tokens", 64)) for i in idx)
         stop = sorted({s for i in idx for s in rows[i].get("stop", ["###"])})
         texts, out = generate_texts(lm, [rows[i]["article"] for i in idx], density=density, max_new_tokens=new,
-                                    stop=stop)
+                                    stop=stop, shared=shared)
         kept.append(out.kept_fraction)
         union.append(out.union_fraction)
         for i, t in zip(idx, texts):
@@ -108,7 +111,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     mean = {k: sum(v) / n for k, v in items.items()}
     se = {k: (math.sqrt(sum((x - mean[k]) ** 2 for x in v) / (n - 1) / n) if n > 1 else 0.0) for k, v in items.items()}
     samples = [{"reference": rows[i]["summary_gt"], "prediction": preds[i]} for i in range(min(3, n))]
-    meta = {"shots": shots, "batch_size": batch_size, "density": density, "seconds": round(time.time() - t0, 1),
+    meta = {"shots": shots, "batch_size": batch_size, "density": density,
+            "batch_experts": ("shared" if shared else "per sequence") if density is not None else None, "seconds": round(time.time() - t0, 1),
             "kept_fraction": sum(kept) / len(kept), "union_fraction": sum(union) / len(union),
             "mean_prompt_tokens": sum(lengths) / n}
     return GenerationReport(label, n, mean, se, items, samples, meta)

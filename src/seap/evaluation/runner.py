@@ -43,6 +43,7 @@ class EvalConfig:
     xsum_shots: int = 1  # GRIFFIN reports XSum 1-shot; instruct models end a 0-shot prompt at once
     gen_batch_size: int = 8
     griffin: float | None = None  # GRIFFIN density: classification mode for accuracy, experts for XSum
+    griffin_shared: bool = False  # XSum with GRIFFIN: one expert per generation batch
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ACCURACY_TASKS]
@@ -58,6 +59,8 @@ class EvalConfig:
             raise ConfigError("XSum needs items >= 0, shots 0 or 1 and a generation batch size >= 1")
         if self.griffin is not None and not 0 < self.griffin <= 1:
             raise ConfigError(f"GRIFFIN density must be in (0, 1], got {self.griffin}")
+        if self.griffin_shared and self.griffin is None:
+            raise ConfigError("--griffin-shared needs --griffin DENSITY")
 
 
 @dataclass
@@ -105,7 +108,7 @@ def _generation_and_perplexity(report: EvalReport, model, tokenizer, cfg: EvalCo
         lm = LoadedModel(model, tokenizer, get_adapter(model), None)  # type: ignore[arg-type]
         report.generation = evaluate_xsum(lm, data_dir=cfg.data_dir, limit=cfg.xsum, shots=cfg.xsum_shots,
                                           batch_size=cfg.gen_batch_size, density=cfg.griffin,
-                                          label=report.label).to_dict()
+                                          label=report.label, shared=cfg.griffin_shared).to_dict()
     if cfg.griffin is not None and (cfg.token_ppl or cfg.word_ppl_docs != 0):
         report.meta["perplexity"] = "not measured with GRIFFIN (its experts are chosen per prompt)"
         return
