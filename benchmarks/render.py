@@ -22,8 +22,8 @@ ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-g
 
 def _load(model: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
-            if p.name not in ("speed.json", "router.json", "griffin_speed.json", "llamacpp_check.json")
-            and not p.name.startswith("xsum_")]
+            if p.name not in ("speed.json", "router.json")
+            and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
 
@@ -225,6 +225,16 @@ def griffin_section(model: str) -> str:
             text += (f"| {r['model']} | {r['batch']} | {r['prefill_ratio']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_ratio']:.2f} | {r['bytes_limit']:.2f} | "
                      f"{'static' if read is None else f'{100 * read:.0f}%'} |\n")
+    path = RESULTS / model / "griffin_speed_b1.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        g = next(r for r in data["rows"] if r["model"] != "dense")
+        runs = {n: m["results"]["1"]["decode_runs"] for n, m in data["models"].items()}
+        text += (f"\nBatch 1 again, {data['config']['repeats']} repeats ({data['note']}): {g['model']} decodes at "
+                 f"{g['decode_tok_s']:.1f} tok/s against dense {next(r for r in data['rows'] if r['model'] == 'dense')['decode_tok_s']:.1f}, "
+                 f"**{g['decode_ratio']:.3f}×** (bytes limit {g['bytes_limit']:.2f}×; decode seconds per repeat "
+                 + "; ".join(f"{n} {min(v):.2f}–{max(v):.2f}" for n, v in runs.items())
+                 + f"). Command: `{data['command']}`\n")
     return text
 
 
