@@ -130,6 +130,9 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     assert main(args + ["--griffin", "0.5"]) == 0
     half = json.loads(capsys.readouterr().out)
     assert half[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert main(args + ["--griffin", "0.5", "--griffin-shared"]) == 0
+    shared = json.loads(capsys.readouterr().out)
+    assert shared[0]["expert"] == "griffin@0.5-shared" and shared[0]["kept_fraction"] == half[0]["kept_fraction"]
     assert main(args + ["--griffin", "1.5"]) == 2
     assert "density" in capsys.readouterr().err
 
@@ -147,6 +150,11 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     # a bigger batch reads the union of more experts: no more saving than at batch 1
     assert by[("griffin@0.5", 2)]["bytes_limit"] <= by[("griffin@0.5", 1)]["bytes_limit"]
     assert "| griffin@0.5 | 1 |" in (out / "bench.md").read_text()
+    # one shared expert per batch: a batch of two reads no more than one prompt's share
+    assert main(["bench", "--model", str(folder), "--griffin", "0.5", "--griffin-shared", "--batch", "2",
+                 "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    g = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}["griffin@0.5-shared"]
+    assert g["union_fraction"] == by[("griffin@0.5", 1)]["union_fraction"]
 
 
 def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
@@ -160,7 +168,12 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     gen = report["generation"]
     assert gen["n"] == 4 and gen["meta"]["density"] == 0.5 and gen["meta"]["shots"] == 1
     assert gen["rouge"]["rougeL"] == pytest.approx(sum(gen["items"]["rougeL"]) / 4)
-    assert "XSum R-1 / R-2 / R-L" in (out / "eval.md").read_text()
+    assert "XSum R-1 / R-2 / R-L" in (out / "eval.md").read_text() and gen["meta"]["batch_experts"] == "per sequence"
+    assert main(["eval", "--model", str(folder), "--tasks", "", "--data-dir", str(tmp_path), "--xsum", "4",
+                 "--gen-batch-size", "2", "--griffin", "0.5", "--griffin-shared", "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())["reports"][0]
+    assert report["label"] == "griffin@0.5-shared" and report["generation"]["meta"]["batch_experts"] == "shared"
+    assert report["generation"]["meta"]["union_fraction"] == report["generation"]["meta"]["kept_fraction"]
     capsys.readouterr()
     assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--no-ppl",
                  "--out", str(tmp_path / "no")]) == 2
