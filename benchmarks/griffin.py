@@ -25,7 +25,7 @@ EXTRA_GRIFFIN: dict[str, tuple[float, ...]] = {}  # GRIFFIN alone at more densit
 # within 1 ROUGE-L point of dense, so no 0.9 row is run)
 XSUM_SHOTS = 1  # 0-shot prompts make SmolLM2 end the summary at once; the 1-shot row shows the format
 GEN_BATCH = 8
-SPEED_REPEATS = {"smollm2-135m": 5, "gemma3-270m": 3}
+SPEED_REPEATS = {"smollm2-135m": 7, "gemma3-270m": 3}
 
 
 def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
@@ -46,13 +46,16 @@ def _magnitude(lm, model_name: str, density: float):
     return sliced_copy(lm, _plan(lm, _stats(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)
 
 
-def xsum(models: list[str], limit: int) -> None:
+def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
     from seap.evaluation.generation import evaluate_xsum
     from seap.models import load_model
 
     for model_name in models:
         lm = None
-        for row, density, kind in _rows(model_name):
+        rows = {r[0]: r for r in _rows(model_name)}
+        if only and set(only) - set(rows):
+            raise SystemExit(f"unknown xsum rows {sorted(set(only) - set(rows))}: choose from {sorted(rows)}")
+        for row, density, kind in [rows[r] for r in only] if only else rows.values():
             path = RESULTS / model_name / f"xsum_{_slug(row)}.json"
             if path.is_file() and json.loads(path.read_text()).get("n") == limit:
                 continue

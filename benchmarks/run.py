@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
+    ap.add_argument("--rows", default=None, help="xsum stage: only these rows, in this order (comma-separated, "
+                    "e.g. 'magnitude 0.75,GRIFFIN 0.75'), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     if args.stage in ("all", "xsum"):
         from griffin import xsum  # noqa: E402  (benchmarks/griffin.py)
 
-        xsum(models, args.xsum_limit)
+        xsum(models, args.xsum_limit, [r.strip() for r in args.rows.split(",")] if args.rows else None)
     if args.stage in ("all", "griffin-speed"):
         from griffin import griffin_speed  # noqa: E402
 
