@@ -199,7 +199,8 @@ def griffin_section(model: str) -> str:
                  "layer by its own prefill statistic; the decode steps of a batch read the union of its prompts' "
                  "neurons. GRIFFIN shared: one expert per batch, the top density × d_ff of the prompts' pooled "
                  "statistic, so a batch reads only that share. Magnitude: one static uniform mask (no protected "
-                 "layers), the same density.\n\n"
+                 "layers), the same density. Minutes: wall time while other benchmark jobs shared the 2 cores "
+                 "(not a speed figure; the speed table below is).\n\n"
                  "| row | ROUGE-1 | ROUGE-2 | ROUGE-L ± s.e. | Δ ROUGE-L vs dense ± paired s.e. | FFN kept per prompt "
                  "| FFN read per batch | minutes |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
