@@ -33,6 +33,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per calibration text")
 
 
+GRIFFIN_SHARED_HELP = ("with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
+                       "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="seap", description="Training-free pruning of LLM feed-forward experts.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -102,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (XSum)")
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN per-prompt experts: XSum decodes through them, accuracy uses classification mode")
-    p.add_argument("--griffin-shared", action="store_true",
-                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
-                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
+    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
     p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
@@ -113,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
     p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
                    help="also time GRIFFIN per-prompt experts at this density on --model (repeatable)")
-    p.add_argument("--griffin-shared", action="store_true",
-                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
-                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
+    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prompts", default=None, metavar="TASK_OR_FILE",
                    help="real prompts (their first --prompt-len tokens) from a task, the embedded corpus or a "
@@ -190,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN: per-prompt experts keeping this share of each layer's FFN neurons (e.g. 0.5)")
-    p.add_argument("--griffin-shared", action="store_true",
-                   help="with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
-                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
+    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
     p.add_argument("--stop", action="append", default=[], help="cut the output at this string (repeatable)")
     p.add_argument("--json", action="store_true")
 

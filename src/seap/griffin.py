@@ -13,8 +13,10 @@ batch shares one matrix product. A step reads |U| neurons, and diverse prompts m
 memory-bound decode, per-sequence weight copies (one bmm per layer) read B * k neurons, more
 still. `shared=True` trades exactness for speed: one expert of k neurons for the whole batch,
 the top k of the pooled statistic (each sequence's scores scaled to unit norm, so that every
-prompt counts alike), and a step reads only k neurons. A model already sliced by a plan composes naturally: the
-selection is made within its kept neurons (k counts the sliced width).
+prompt counts alike), and a step reads only k neurons.
+
+A model already sliced by a plan composes naturally: the selection is made within its kept
+neurons (k counts the sliced width).
 """
 
 from __future__ import annotations

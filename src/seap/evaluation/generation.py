@@ -112,7 +112,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     se = {k: (math.sqrt(sum((x - mean[k]) ** 2 for x in v) / (n - 1) / n) if n > 1 else 0.0) for k, v in items.items()}
     samples = [{"reference": rows[i]["summary_gt"], "prediction": preds[i]} for i in range(min(3, n))]
     meta = {"shots": shots, "batch_size": batch_size, "density": density,
-            "batch_experts": ("shared" if shared else "per sequence") if density is not None else None, "seconds": round(time.time() - t0, 1),
+            "batch_experts": ("shared" if shared else "per sequence") if density is not None else None,
+            "seconds": round(time.time() - t0, 1),
             "kept_fraction": sum(kept) / len(kept), "union_fraction": sum(union) / len(union),
             "mean_prompt_tokens": sum(lengths) / n}
     return GenerationReport(label, n, mean, se, items, samples, meta)
