@@ -230,9 +230,10 @@ def griffin_section(model: str) -> str:
     if path.is_file():
         data = json.loads(path.read_text())
         g = next(r for r in data["rows"] if r["model"] != "dense")
+        dense_tok_s = next(r for r in data["rows"] if r["model"] == "dense")["decode_tok_s"]
         runs = {n: m["results"]["1"]["decode_runs"] for n, m in data["models"].items()}
         text += (f"\nBatch 1 again, {data['config']['repeats']} repeats ({data['note']}): {g['model']} decodes at "
-                 f"{g['decode_tok_s']:.1f} tok/s against dense {next(r for r in data['rows'] if r['model'] == 'dense')['decode_tok_s']:.1f}, "
+                 f"{g['decode_tok_s']:.1f} tok/s against dense {dense_tok_s:.1f}, "
                  f"**{g['decode_ratio']:.3f}×** (bytes limit {g['bytes_limit']:.2f}×; decode seconds per repeat "
                  + "; ".join(f"{n} {min(v):.2f}–{max(v):.2f}" for n, v in runs.items())
                  + f"). Command: `{data['command']}`\n")
