@@ -54,6 +54,11 @@ class GriffinConfig:
         if self.shared and self.mode == "class":
             raise ConfigError("shared batch experts apply to generation; classification mode selects per sequence")
 
+    @property
+    def label(self) -> str:
+        """How reports and benchmark rows name this setting, e.g. griffin@0.5 or griffin@0.5-shared."""
+        return f"griffin@{self.density:g}{'-shared' if self.shared else ''}"
+
 
 # -- the statistic (pure) -----------------------------------------------------------------------
 def neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -205,11 +205,11 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
     """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan
     (with `routed`, the router picks every item's expert among the plans' experts)."""
     from .evaluation.runner import EvalConfig, evaluate_model, evaluate_plan, save_report
+    from .griffin import GriffinConfig
 
     config = config or EvalConfig()
     lm = _load(model)
-    dyn = (f"griffin@{config.griffin:g}{'-shared' if config.griffin_shared else ''}"
-           if config.griffin is not None else None)
+    dyn = GriffinConfig(config.griffin, shared=config.griffin_shared).label if config.griffin is not None else None
     if routed is not None:
         from .evaluation.routed import evaluate_routed
 
@@ -263,9 +263,8 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     if griffin_shared and not griffin:
         raise ConfigError("--griffin-shared needs --griffin DENSITY")
     for d in griffin:
-        name = f"griffin@{d:g}{'-shared' if griffin_shared else ''}"
-        models[name] = lm
-        dynamic[name] = GriffinConfig(density=d, shared=griffin_shared)
+        g = GriffinConfig(density=d, shared=griffin_shared)
+        models[g.label], dynamic[g.label] = lm, g
     texts = resolve_corpus(prompts, data_dir=data_dir).texts if prompts else None
     speeds = bench_models(models, config, griffin=dynamic, texts=texts)
     rows = speed_table(speeds, "dense")
@@ -366,10 +365,9 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model)
     if griffin is not None:
-        GriffinConfig(density=griffin, shared=griffin_shared)
+        label = GriffinConfig(density=griffin, shared=griffin_shared).label
         if router is not None:
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
-        label = f"griffin@{griffin:g}{'-shared' if griffin_shared else ''}"
         if plans:
             plan = _plans(plans)[0]
             check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)

@@ -18,9 +18,10 @@ From damage to a pruning-rate curve ("less damage -> prune more"):
   3. tau(x) ~ A / (1 + exp(-k (x - x0))) fitted by least squares over the pruned layers' relative
      depth x (the logistic schedule's own coordinate, seap.allocation.relative_depths); A in
      closed form, (k, x0) by a zooming grid search.
-`--allocation logistic-fitted` (seap.analyze.schedule) uses that (k, x0) in SEAP's schedule with Lambda still bisected so
-the ratio holds over all layers: the measured curve sets the shape, the budget its height. A flat
-curve (k = 0) is the uniform schedule over the pruned layers; k < 0 prunes shallow layers more.
+`--allocation logistic-fitted` (seap.analyze.schedule) uses that (k, x0) in SEAP's schedule with
+Lambda still bisected so the ratio holds over all layers: the measured curve sets the shape, the
+budget its height. A flat curve (k = 0) is the uniform schedule over the pruned layers; k < 0
+prunes shallow layers more.
 """
 
 from __future__ import annotations
