@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for_config, get_adapter
 from .errors import ArtifactError, ModelError
+from .weights import ModuleWeights, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,9 @@ def _finish(model: nn.Module, tokenizer, src: ModelSource, device: str | None) -
 
 
 # -- fingerprints -----------------------------------------------------------------------------
-_SIGNATURE_SAMPLES = 64
-
-
 def architecture_key(model: nn.Module, adapter: Adapter) -> dict:
-    """The geometry a plan depends on: any mismatch makes its indices meaningless."""
+    """The geometry a plan depends on: any mismatch makes its indices meaningless (shapes only:
+    an empty skeleton gives the same key as the loaded model)."""
     layers = adapter.layers(model)
     g = adapter.head_geometry(layers[0])
     return {
@@ -181,28 +180,20 @@ def architecture_key(model: nn.Module, adapter: Adapter) -> dict:
     }
 
 
-def weight_signature(model: nn.Module, adapter: Adapter) -> list[float]:
-    """A few strided weights per layer: tells two checkpoints of one architecture apart.
-
-    Compared with a tolerance, so the same weights in another dtype still match.
-    """
-    out: list[float] = []
-    for layer in adapter.layers(model):
-        w = adapter.ffn_out(layer).weight.detach().flatten()
-        step = max(1, w.numel() // _SIGNATURE_SAMPLES)
-        out.extend(w[::step][:_SIGNATURE_SAMPLES].float().tolist())
-    return out
-
-
-def fingerprint(model: nn.Module, adapter: Adapter) -> dict:
+def fingerprint(model: nn.Module, adapter: Adapter, weights: WeightSource | None = None) -> dict:
+    """Geometry hash plus a few strided weights per layer (tells two checkpoints of one architecture
+    apart; compared with a tolerance, so the same weights in another dtype still match)."""
     arch = architecture_key(model, adapter)
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-    return {"arch": arch, "arch_hash": digest, "signature": weight_signature(model, adapter)}
+    weights = weights or ModuleWeights(model, adapter)
+    signature = [v for i in range(arch["n_layers"]) for v in weights.signature(i)]
+    return {"arch": arch, "arch_hash": digest, "signature": signature}
 
 
-def check_fingerprint(expected: dict, model: nn.Module, adapter: Adapter, what: str = "plan") -> None:
+def check_fingerprint(expected: dict, model: nn.Module, adapter: Adapter, what: str = "plan",
+                      weights: WeightSource | None = None) -> None:
     """Refuse a plan or statistics made for another base model."""
-    got = fingerprint(model, adapter)
+    got = fingerprint(model, adapter, weights)
     if expected.get("arch_hash") != got["arch_hash"]:
         diff = {k: (expected.get("arch", {}).get(k), v) for k, v in got["arch"].items()
                 if expected.get("arch", {}).get(k) != v}

@@ -23,6 +23,7 @@ from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .scores import channel_scores, group_scores
 from .stats import ActivationStats, ChannelStats
+from .weights import ModuleWeights, WeightSource
 
 PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1
@@ -124,17 +125,16 @@ def resolve_head_unit(cfg: PruneConfig, adapter: Adapter, model: nn.Module) -> s
 
 
 def _unit_scores(cfg: PruneConfig, adapter: Adapter, model: nn.Module, stats: ActivationStats | None,
-                 head_unit: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                 head_unit: str | None, weights: WeightSource) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     ffn, heads = [], [] if head_unit else None
     for i, layer in enumerate(adapter.layers(model)):
         s = stats.ffn[i] if stats is not None else None
-        ffn.append(channel_scores(cfg.score, stats=s, w_out=adapter.ffn_out(layer).weight,
-                                  w_in=[lin.weight for lin in adapter.ffn_in(layer)], seed=cfg.seed, salt=2 * i))
+        w = weights.layer(i)
+        ffn.append(channel_scores(cfg.score, stats=s, weights=w.ffn, seed=cfg.seed, salt=2 * i))
         if head_unit:
             g = adapter.head_geometry(layer)
             a = stats.attn[i] if stats is not None and stats.attn is not None else None
-            ch = channel_scores(cfg.score, stats=a, w_out=adapter.attn_out(layer).weight, seed=cfg.seed,
-                                salt=2 * i + 1)
+            ch = channel_scores(cfg.score, stats=a, weights=w.attn, seed=cfg.seed, salt=2 * i + 1)
             heads.append(group_scores(ch, g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)))
     return ffn, heads
 
@@ -189,12 +189,13 @@ def _compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) 
     """FLAP's bias compensation: W[:, removed] @ mean(z[removed]), keeping the expected output."""
     removed = torch.ones(w_out.shape[1], dtype=torch.bool)
     removed[kept] = False
-    return (w_out.detach().double()[:, removed] @ stats.mean[removed]).to(torch.float32)
+    w = w_out.detach()[:, removed.to(w_out.device)].double().cpu()
+    return (w @ stats.mean[removed]).to(torch.float32)
 
 
 def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_scores: list[torch.Tensor],
                  head_scores: list[torch.Tensor] | None, head_unit: str | None,
-                 stats: ActivationStats | None) -> Expert:
+                 stats: ActivationStats | None, weights: WeightSource | None = None) -> Expert:
     ffn_pool, head_pool = pools(adapter, model, head_unit)
     ffn_kept, head_kept = allocate(cfg, ffn_pool, head_pool, ffn_scores, head_scores)
     layers = adapter.layers(model)
@@ -204,14 +205,15 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
     if cfg.bias_compensation:
         if stats is None:
             raise ConfigError("bias compensation needs activation statistics (the mean of removed channels)")
-        ex.ffn_bias = [_compensation(adapter.ffn_out(l).weight, stats.ffn[i], ffn_idx[i]) for i, l in enumerate(layers)]
+        weights = weights or ModuleWeights(model, adapter)
+        ex.ffn_bias = [_compensation(weights.out_weight(i, "ffn"), stats.ffn[i], ffn_idx[i]) for i in range(len(layers))]
         if head_idx is not None and stats.attn is not None:
             ex.attn_bias = []
             for i, l in enumerate(layers):
                 g = adapter.head_geometry(l)
                 width = g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)
                 ch = (head_idx[i][:, None] * width + torch.arange(width)).flatten()
-                ex.attn_bias.append(_compensation(adapter.attn_out(l).weight, stats.attn[i], ch))
+                ex.attn_bias.append(_compensation(weights.out_weight(i, "attn"), stats.attn[i], ch))
     removed = removed_params(ffn_pool, ffn_kept)
     total = ffn_pool.total
     if head_pool:
@@ -224,8 +226,13 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
 
 
 def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_task: dict[str, ActivationStats | None],
-               *, base_model: str, revision: str | None, fingerprint: dict) -> Plan:
-    """One expert per task corpus, plus the generic expert when there are several tasks or asked for."""
+               *, base_model: str, revision: str | None, fingerprint: dict,
+               weights: WeightSource | None = None) -> Plan:
+    """One expert per task corpus, plus the generic expert when there are several tasks or asked for.
+
+    `model` gives the geometry (an empty skeleton will do); `weights` the weight norms (default: read
+    from `model`, which must then hold its weights)."""
+    weights = weights or ModuleWeights(model, adapter)
     if not stats_by_task:
         raise ConfigError("no task given: name at least one task corpus")
     if cfg.fitted is not None and cfg.fitted.get("arch_hash") != fingerprint.get("arch_hash"):
@@ -237,9 +244,9 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     for task, stats in stats_by_task.items():
         if stats is None and cfg.needs_stats:
             raise ConfigError(f"score {cfg.score!r} needs statistics for task {task!r}")
-        ffn_s, head_s = _unit_scores(cfg, adapter, model, stats, head_unit)
+        ffn_s, head_s = _unit_scores(cfg, adapter, model, stats, head_unit, weights)
         raw[task] = (ffn_s, head_s)
-        experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats)
+        experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats, weights)
     if len(stats_by_task) > 1 or cfg.generic:
         weights = {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in raw}
         ffn_g = [sum(weights[t] * raw[t][0][i] for t in raw) for i in range(len(adapter.layers(model)))]
@@ -251,7 +258,7 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
             merged = next(it)
             for s in it:
                 merged = merged.merge(s)
-        experts[GENERIC] = build_expert(cfg, adapter, model, ffn_g, head_g, head_unit, merged)
+        experts[GENERIC] = build_expert(cfg, adapter, model, ffn_g, head_g, head_unit, merged, weights)
         experts[GENERIC].stats["weights"] = weights
     default = GENERIC if cfg.generic or len(stats_by_task) > 1 else next(iter(stats_by_task))
     meta = {

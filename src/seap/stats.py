@@ -2,8 +2,9 @@
 
 Per channel of the FFN output linear's input z (and of the attention output's input when heads
 are pruned): token count N, mean, M2 (sum of squared deviations) and sum of squares, over the
-non-padding tokens of a corpus, accumulated in float64 and merged with Chan's formula so that
-batches, halves of a corpus and whole corpora combine exactly.
+non-padding tokens of a corpus. Each batch is reduced in float32 on the compute device and merged
+into float64 running values there (Chan's formula), so batches, halves of a corpus and whole
+corpora combine exactly and a GPU never waits for the host.
 """
 
 from __future__ import annotations
@@ -153,73 +154,149 @@ class ActivationStats:
         return cls(ffn, attn, meta)
 
 
+class DeviceStats:
+    """Running statistics of one layer's channels kept on the compute device.
+
+    Each batch is reduced in float32 (count, mean, M2 and sum of squares of its real tokens) and
+    merged into float64 running values with Chan's formula, all as device tensors: no `.item()`, no
+    boolean indexing, so a GPU never waits for the host between batches. Padding is excluded with
+    `where`, not a product, so that NaNs in fully masked padding rows cannot leak in.
+    """
+
+    def __init__(self, channels: int, device: torch.device):
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean, self.m2, self.sumsq = z, z.clone(), z.clone()
+
+    def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """x: [T, C] activations; keep: [T] bool, True for real tokens (None: all)."""
+        x = x.detach().float()
+        if keep is None:
+            n = torch.full((), float(x.shape[0]), device=x.device)
+        else:
+            keep = keep.to(x.device)[:, None]
+            x = torch.where(keep, x, 0.0)
+            n = keep.sum(dtype=torch.float32)
+        mean_b = x.sum(0) / n.clamp_min(1)
+        dev = x - mean_b
+        if keep is not None:
+            dev = torch.where(keep, dev, 0.0)
+        m2_b, sq_b = (dev * dev).sum(0), (x * x).sum(0)
+        n64 = n.double()
+        total = self.count + n64
+        frac = n64 / total.clamp_min(1)
+        delta = mean_b.double() - self.mean
+        self.m2 = self.m2 + m2_b.double() + delta * delta * self.count * frac
+        self.mean = self.mean + delta * frac
+        self.sumsq = self.sumsq + sq_b.double()
+        self.count = total
+
+    def result(self) -> ChannelStats:
+        return ChannelStats(int(round(float(self.count.item()))), self.mean.cpu(), self.m2.cpu(), self.sumsq.cpu())
+
+
 @contextmanager
-def capture_activations(model: nn.Module, adapter: Adapter, heads: bool = False) -> Iterator["_Recorder"]:
-    """Hooks on the inputs of every FFN output linear (and attention output linear).
+def capture_activations(model: nn.Module, adapter: Adapter, heads: bool = False,
+                        layers: dict[int, nn.Module] | None = None) -> Iterator["Recorder"]:
+    """Hooks on the inputs of the FFN output linears (and attention output linears) of `layers`
+    (default: every decoder layer of `model`), accumulating on each layer's device.
 
     The hooks are removed when the block exits, whatever happens inside it.
     """
-    layers = adapter.layers(model)
-    rec = _Recorder(
-        [ChannelStats.empty(adapter.d_ff(layer)) for layer in layers],
-        [ChannelStats.empty(adapter.attn_out(layer).in_features) for layer in layers] if heads else None,
-    )
+    if layers is None:
+        layers = dict(enumerate(adapter.layers(model)))
+    rec = Recorder()
     handles = []
     try:
-        for i, layer in enumerate(layers):
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(rec.hook(rec.ffn, i)))
+        for i, layer in layers.items():
+            out = adapter.ffn_out(layer)
+            rec.ffn[i] = DeviceStats(adapter.d_ff(layer), out.weight.device)
+            handles.append(out.register_forward_pre_hook(rec.hook(rec.ffn[i])))
             if heads:
-                handles.append(adapter.attn_out(layer).register_forward_pre_hook(rec.hook(rec.attn, i)))
+                o = adapter.attn_out(layer)
+                rec.attn[i] = DeviceStats(o.in_features, o.weight.device)
+                handles.append(o.register_forward_pre_hook(rec.hook(rec.attn[i])))
         yield rec
     finally:
         for h in handles:
             h.remove()
 
 
-class _Recorder:
-    def __init__(self, ffn: list[ChannelStats], attn: list[ChannelStats] | None):
-        self.ffn, self.attn = ffn, attn
-        self.token_mask: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+class Recorder:
+    """Device statistics per layer index; set `token_mask` ([B, S] bool) before each batch."""
 
-    def hook(self, store: list[ChannelStats], i: int):
+    def __init__(self) -> None:
+        self.ffn: dict[int, DeviceStats] = {}
+        self.attn: dict[int, DeviceStats] = {}
+        self.token_mask: torch.Tensor | None = None
+
+    def hook(self, acc: DeviceStats):
         def fn(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1])  # OPT already flattens to [B*S, C]
-            if self.token_mask is not None:
-                x = x[self.token_mask.reshape(-1)]
-            store[i] = store[i].merge(ChannelStats.of(x))
+            acc.add(x, None if self.token_mask is None else self.token_mask.reshape(-1))
         return fn
+
+    def results(self) -> tuple[list[ChannelStats], list[ChannelStats] | None]:
+        ffn = [self.ffn[i].result() for i in sorted(self.ffn)]
+        attn = [self.attn[i].result() for i in sorted(self.attn)] if self.attn else None
+        return ffn, attn
+
+
+def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """The corpus tokenised into padded batches, sorted by length (less padding; statistics do not
+    depend on the order). One definition for the whole-model and the layer-by-layer pass."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = []
+    for b in range(0, len(texts), batch_size):
+        chunk = [texts[i] for i in order[b:b + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":  # pinned memory: the copy does not wait for the GPU's queue
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def position_limit(config, max_length: int) -> int:
+    """Longer texts than the model has positions for would crash inside the embedding."""
+    return min(max_length, int(getattr(config, "max_position_embeddings", max_length) or max_length))
 
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence[str], *,
                   heads: bool = False, batch_size: int = 8, max_length: int = 512,
                   meta: dict | None = None, progress: bool = True) -> ActivationStats:
-    """Run the corpus through the model once and return its activation statistics."""
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
-    # Sorting by length keeps padding (wasted compute) low; statistics do not depend on order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    # Longer texts than the model has positions for would crash inside the embedding.
-    max_length = min(max_length, int(getattr(model.config, "max_position_embeddings", max_length) or max_length))
-    device = next(model.parameters()).device
+    """Run the corpus through the (whole, in-memory) model once and return its activation statistics."""
+    max_length = position_limit(model.config, max_length)
+    enc_batches = batches(tokenizer, texts, batch_size, max_length)
+    device = adapter.embeddings(model).weight.device
     was_training = model.training
     model.eval()
-    n_batches = (len(texts) + batch_size - 1) // batch_size
     # The decoder body is enough: the LM head (262k x 640 for Gemma 3) would dominate the cost.
     body = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
     try:
         with capture_activations(model, adapter, heads) as rec:
-            for b in tqdm(range(n_batches), desc="collecting statistics", disable=not progress, unit="batch"):
-                batch = [texts[i] for i in order[b * batch_size:(b + 1) * batch_size]]
-                enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-                enc = {k: v.to(device) for k, v in enc.items()}
+            for enc in tqdm(enc_batches, desc="collecting statistics", disable=not progress, unit="batch"):
+                enc = to_device(enc, device)
                 rec.token_mask = enc["attention_mask"].bool()
                 body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            ffn, attn = rec.results()
     finally:
         model.train(was_training)
-    stats = ActivationStats(rec.ffn, rec.attn, dict(meta or {}))
-    stats.meta["n_texts"] = len(texts)
+    return finish_stats(ffn, attn, meta, n_texts=sum(len(b["input_ids"]) for b in enc_batches),
+                        max_length=max_length)
+
+
+def finish_stats(ffn: list[ChannelStats], attn: list[ChannelStats] | None, meta: dict | None, *, n_texts: int,
+                 max_length: int) -> ActivationStats:
+    stats = ActivationStats(ffn, attn, dict(meta or {}))
+    stats.meta["n_texts"] = n_texts
     stats.meta["n_tokens"] = stats.n_tokens
     stats.meta["max_length"] = max_length
     return stats

@@ -45,6 +45,7 @@ from ..models import LoadedModel, fingerprint, load_model
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores
 from ..stats import collect_stats
+from ..weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus
 from .common import Analysis, batches, check_positive, layer_outputs, markdown_table, task_texts
@@ -268,10 +269,9 @@ def analyze_sensitivity(model: str | LoadedModel | None = None, tasks: Sequence[
         calib = task_texts(list(tasks), data_dir=data_dir, limit=cfg.limit, seed=cfg.seed, prompts=False)
         stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, [t for ts in calib.values() for t in ts],
                               batch_size=cfg.batch_size, progress=progress)
-    layers = lm.adapter.layers(lm.model)
-    scores = [channel_scores(cfg.score, stats=stats.ffn[i] if stats else None, w_out=lm.adapter.ffn_out(l).weight,
-                             w_in=[w.weight for w in lm.adapter.ffn_in(l)], seed=cfg.seed, salt=2 * i)
-              for i, l in enumerate(layers)]
+    weights = ModuleWeights(lm.model, lm.adapter)
+    scores = [channel_scores(cfg.score, stats=stats.ffn[i] if stats else None, weights=weights.layer(i).ffn,
+                             seed=cfg.seed, salt=2 * i) for i in range(n_layers)]
     dense = _dense(lm, sample, cfg)
     dense_nll = float(torch.cat([b.nll for b in dense]).mean())
     damage = {m: [[0.0] * len(cfg.ratios) for _ in range(n_layers)] for m in METRICS}

@@ -1,0 +1,370 @@
+"""Layer-by-layer calibration (DESIGN 2.9): statistics of a model that never fits in memory.
+
+The model is built as an empty skeleton (accelerate's `init_empty_weights`). The embeddings are
+loaded, every calibration batch runs through the body once with each decoder layer replaced by a
+catcher that records what the layer receives (hidden states of layer 0; attention masks and
+position embeddings of every layer: Gemma 3's differ between sliding and global layers), and the
+embeddings are freed. Then, for each layer: its tensors are read from the checkpoint's shards onto
+the compute device, every batch runs through it with the statistics hooks on, its outputs become
+the next layer's inputs (on the device, or on the CPU when they do not fit), and the layer goes
+back to the meta device. Peak memory: one layer, the embeddings (briefly), the hidden states.
+
+A long run checkpoints (statistics of the finished layers + the hidden states after the last one)
+whenever that costs under a tenth of the time since the previous checkpoint; a killed run started
+again with the same settings resumes after the last checkpointed layer and ends with the same
+statistics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, write_json
+from .adapters import Adapter, adapter_for_config
+from .checkpoint import Checkpoint
+from .errors import ModelError
+from .runtime import available_memory
+from .stats import ActivationStats, ChannelStats, batches, capture_activations, finish_stats, position_limit
+from .weights import CheckpointWeights, LayerWeights, UnitWeights, signature_positions
+
+log = logging.getLogger(__name__)
+
+RESUME_VERSION = 1
+
+
+# -- the skeleton and its tensors -------------------------------------------------------------------
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device (no memory); buffers are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    return model.eval()
+
+
+class SkeletonLoader:
+    """Maps a skeleton's parameter names to a checkpoint's tensor names and moves tensors in and out."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, ckpt: Checkpoint):
+        self.model, self.adapter, self.ckpt = model, adapter, ckpt
+        self.layers = adapter.layers(model)
+        self.layer_prefix = next(n for n, m in model.named_modules() if m is self.layers) + "."
+        prefix = getattr(model, "base_model_prefix", "model")
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.names: dict[str, str] = {}
+        missing = []
+        for name, _ in model.named_parameters():
+            found = next((c for c in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if c in ckpt), None)
+            if found is None:
+                if tied and name.endswith("lm_head.weight"):
+                    continue
+                missing.append(name)
+                continue
+            self.names[name] = found
+        if missing:
+            raise ModelError(f"checkpoint {ckpt.folder} lacks {len(missing)} tensor(s) the config describes, e.g. "
+                             f"{missing[0]}: is config.json the one that goes with these shards?")
+        self.resident_max = 0
+
+    def layer_params(self, i: int) -> list[str]:
+        p = f"{self.layer_prefix}{i}."
+        return [n for n, _ in self.model.named_parameters() if n.startswith(p)]
+
+    def other_params(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters() if not n.startswith(self.layer_prefix)]
+
+    def load(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = [n for n in names if n in self.names]
+        values = self.ckpt.read([self.names[n] for n in names], dtype=dtype)
+        for n in names:
+            set_module_tensor_to_device(self.model, n, device, value=values.pop(self.names[n]))
+        self.resident_max = max(self.resident_max, self.resident_layers())
+
+    def release(self, names: Sequence[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in names:
+            set_module_tensor_to_device(self.model, n, "meta")
+
+    def resident_layers(self) -> int:
+        """Decoder layers holding real weights now (the layer-by-layer pass keeps this at 1)."""
+        return sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in self.layers)
+
+    def read_out_weight(self, i: int, kind: str) -> torch.Tensor:
+        lin = self.adapter.ffn_out(self.layers[i]) if kind == "ffn" else self.adapter.attn_out(self.layers[i])
+        name = next(n for n, p in self.model.named_parameters() if p is lin.weight)
+        return self.ckpt.read([self.names[name]])[self.names[name]]
+
+    def signatures(self) -> list[list[float]]:
+        """Fingerprint samples of every layer, read element by element (no whole tensor is loaded)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            w = self.adapter.ffn_out(layer).weight
+            name = next(n for n, p in self.model.named_parameters() if p is w)
+            out.append(self.ckpt.read_elements(self.names[name], signature_positions(w.numel())))
+        return out
+
+    def weights(self, summaries: list[LayerWeights] | None) -> CheckpointWeights:
+        return CheckpointWeights(summaries, self.signatures(), self.read_out_weight)
+
+
+# -- catching each layer's inputs -------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer i: records its call and passes the hidden states through."""
+
+    def __init__(self, original: nn.Module, i: int, calls: list, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not a submodule: its meta weights stay out of sight
+        self.i, self.calls, self.last = i, calls, last
+
+    def __getattr__(self, name):  # e.g. `attention_type`, read by some model loops
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls[self.i] = (hidden_states if self.i == 0 else None, args, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def catch_inputs(model: nn.Module, adapter: Adapter, enc: dict[str, torch.Tensor]) -> list[tuple]:
+    """(hidden states of layer 0, args, kwargs of every layer) for one batch."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    calls: list = [None] * len(layers)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    try:
+        for i in range(len(layers)):
+            layers[i] = _Catcher(originals[i], i, calls, i == len(layers) - 1)
+        try:
+            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return calls
+
+
+# -- the pass -----------------------------------------------------------------------------------------
+@dataclass
+class LayerwiseResult:
+    stats: dict[str, ActivationStats]
+    weights: CheckpointWeights
+    max_resident_layers: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed_after: int | None = None  # the last layer a resumed run did not recompute
+    hidden_on: str = "device"
+
+
+def run_key(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def layerwise_stats(ckpt: Checkpoint, config, tokenizer, corpora: dict[str, Sequence[str]], *, heads: bool = False,
+                    batch_size: int = 8, max_length: int = 512, device: torch.device, dtype: torch.dtype,
+                    metas: dict[str, dict] | None = None, resume_dir: str | Path | None = None,
+                    checkpoint_overhead: float = 0.1, progress: bool = True) -> LayerwiseResult:
+    """Activation statistics of each corpus, one decoder layer in memory at a time."""
+    t0 = time.time()
+    adapter = adapter_for_config(config)
+    model = empty_model(config, dtype)
+    loader = SkeletonLoader(model, adapter, ckpt)
+    layers = loader.layers
+    n_layers = len(layers)
+    max_length = position_limit(config, max_length)
+    enc = {t: batches(tokenizer, texts, batch_size, max_length) for t, texts in corpora.items()}
+    key = run_key({"v": RESUME_VERSION, "ckpt": str(ckpt.folder.resolve()), "dtype": str(dtype),
+                   "device": device.type, "heads": heads, "batch": batch_size, "max_length": max_length,
+                   "texts": {t: hashlib.sha256("\x00".join(v).encode()).hexdigest() for t, v in corpora.items()},
+                   "shapes": [list(ckpt.tensors[n].shape) for n in sorted(ckpt.tensors)[:8]]})
+    resume = _Resume(Path(resume_dir), key) if resume_dir is not None else None
+
+    # Everything outside the decoder layers (embeddings, positions, rotary buffers) on the device.
+    others = loader.other_params()
+    loader.load(others, device, dtype)
+    for name, buf in list(model.named_buffers()):
+        if not name.startswith(loader.layer_prefix):
+            _set_buffer(model, name, buf.to(device))
+    calls = {t: [catch_inputs(model, adapter, _to(b, device)) for b in bs] for t, bs in enc.items()}
+    loader.release(others)
+    masks = {t: [b["attention_mask"].bool().to(device) for b in bs] for t, bs in enc.items()}
+    hidden = {t: [c[0][0] for c in cs] for t, cs in calls.items()}
+    for cs in calls.values():  # the hidden states live in `hidden` only, so they are freed as layers replace them
+        for c in cs:
+            c[0] = (None, c[0][1], c[0][2])
+    hidden_bytes = sum(h.numel() * h.element_size() for hs in hidden.values() for h in hs)
+    on_cpu = device.type != "cpu" and hidden_bytes * 3 > available_memory(device)
+    if on_cpu:
+        log.info("calibration hidden states (%.1f GB) stay on the CPU", hidden_bytes / 1e9)
+        hidden = {t: [h.cpu() for h in hs] for t, hs in hidden.items()}
+
+    ffn: dict[str, list[ChannelStats]] = {t: [] for t in corpora}
+    attn: dict[str, list[ChannelStats]] = {t: [] for t in corpora}
+    summaries: list[LayerWeights] = []
+    start, resumed = 0, None
+    if resume is not None and (state := resume.load(n_layers, list(corpora))) is not None:
+        start, saved_hidden, per_layer = state
+        resumed = start - 1
+        for t in corpora:
+            hidden[t] = [h.to(hidden[t][0].device) for h in saved_hidden[t]]
+        for layer_stats in per_layer:
+            for t in corpora:
+                ffn[t].append(layer_stats["ffn"][t])
+                if heads:
+                    attn[t].append(layer_stats["attn"][t])
+            summaries.append(layer_stats["weights"])
+        log.info("resuming the layer-by-layer pass at layer %d of %d", start, n_layers)
+    t_load = t_run = 0.0
+    last_ckpt, ckpt_cost = time.time(), 0.0
+    for i in tqdm(range(start, n_layers), desc="layer-by-layer statistics", unit="layer", disable=not progress,
+                  initial=start, total=n_layers):
+        ta = time.time()
+        names = loader.layer_params(i)
+        loader.load(names, device, dtype)
+        layer = layers[i]
+        tb = time.time()
+        t_load += tb - ta
+        done = {}
+        for t in corpora:
+            with capture_activations(model, adapter, heads, layers={i: layer}) as rec:
+                for b, h in enumerate(hidden[t]):
+                    _, args, kwargs = calls[t][b][i]
+                    rec.token_mask = masks[t][b]
+                    out = layer(h.to(device), *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    hidden[t][b] = out.cpu() if on_cpu else out
+                f, a = rec.results()
+            ffn[t].append(f[0])
+            if heads:
+                attn[t].append(a[0])
+            done[t] = (f[0], a[0] if heads else None)
+        summaries.append(LayerWeights.of_layer(layer, adapter))
+        loader.release(names)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t_run += time.time() - tb
+        if resume is not None:
+            resume.save_layer(i, done, summaries[-1])
+            since = time.time() - last_ckpt
+            if i < n_layers - 1 and since >= ckpt_cost / max(checkpoint_overhead, 1e-6):
+                tc = time.time()
+                resume.save_hidden(i + 1, hidden)
+                ckpt_cost, last_ckpt = time.time() - tc, time.time()
+    stats = {}
+    for t in corpora:
+        meta = dict((metas or {}).get(t, {}))
+        n_texts = sum(len(b["input_ids"]) for b in enc[t])
+        stats[t] = finish_stats(ffn[t], attn[t] if heads else None, meta, n_texts=n_texts, max_length=max_length)
+        stats[t].meta["pass"] = "layerwise"
+    if resume is not None:
+        resume.clear()
+    weights = loader.weights(summaries)
+    return LayerwiseResult(stats, weights, loader.resident_max,
+                           {"statistics": round(time.time() - t0, 2), "layer_loads": round(t_load, 2),
+                            "layer_compute": round(t_run, 2)}, resumed, "cpu" if on_cpu else "device")
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _set_buffer(model: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner, _, name = dotted.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    persistent = name not in getattr(mod, "_non_persistent_buffers_set", set())
+    mod.register_buffer(name, value, persistent=persistent)
+
+
+# -- resuming -----------------------------------------------------------------------------------------
+class _Resume:
+    """A folder of per-layer statistics and the latest hidden-state checkpoint of one run (by key)."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder / f".layerwise-{key}"
+        self.key = key
+
+    def save_layer(self, i: int, done: dict, w: LayerWeights) -> None:
+        tensors = {}
+        for t, (f, a) in enumerate(done.values()):  # corpora by position: names may hold '/' or '.'
+            for kind, s in (("ffn", f), ("attn", a)):
+                if s is None:
+                    continue
+                tensors.update({f"{t}/{kind}/mean": s.mean, f"{t}/{kind}/m2": s.m2, f"{t}/{kind}/sumsq": s.sumsq,
+                                f"{t}/{kind}/count": torch.tensor([s.count], dtype=torch.int64)})
+        for kind, u in (("ffn", w.ffn), ("attn", w.attn)):
+            tensors[f"weights/{kind}/col_sq"] = u.col_sq
+            tensors[f"weights/{kind}/col_absmean"] = u.col_absmean
+            if u.in_norm is not None:
+                tensors[f"weights/{kind}/in_norm"] = u.in_norm
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"layer-{i:05d}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+    def save_hidden(self, next_layer: int, hidden: dict[str, list[torch.Tensor]]) -> None:
+        tensors = {f"{t}/{b}": h.detach().cpu().contiguous() for t, hs in enumerate(hidden.values())
+                   for b, h in enumerate(hs)}
+        with atomic_path(self.folder / "hidden.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json(self.folder / "state.json", {"key": self.key, "next_layer": next_layer})
+
+    def load(self, n_layers: int, tasks: list[str]):
+        state_path = self.folder / "state.json"
+        if not state_path.is_file():
+            return None
+        try:
+            state = json.loads(state_path.read_text())
+            start = int(state["next_layer"])
+            if state.get("key") != self.key or not 0 < start < n_layers:
+                return None
+            raw = load_file(str(self.folder / "hidden.safetensors"))
+            hidden = {t: [raw[f"{j}/{b}"] for b in range(sum(k.startswith(f"{j}/") for k in raw))]
+                      for j, t in enumerate(tasks)}
+            per_layer = [self._layer(i, tasks) for i in range(start)]
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            log.warning("could not resume from %s (%s): starting over", self.folder, err)
+            return None
+        return start, hidden, per_layer
+
+    def _layer(self, i: int, tasks: list[str]) -> dict:
+        raw = load_file(str(self.folder / f"layer-{i:05d}.safetensors"))
+
+        def cs(t: int, kind: str) -> ChannelStats | None:
+            if f"{t}/{kind}/mean" not in raw:
+                return None
+            return ChannelStats(int(raw[f"{t}/{kind}/count"][0]), raw[f"{t}/{kind}/mean"], raw[f"{t}/{kind}/m2"],
+                                raw[f"{t}/{kind}/sumsq"])
+
+        def uw(kind: str) -> UnitWeights:
+            return UnitWeights(raw[f"weights/{kind}/col_sq"], raw[f"weights/{kind}/col_absmean"],
+                               raw.get(f"weights/{kind}/in_norm"))
+
+        return {"ffn": {t: cs(j, "ffn") for j, t in enumerate(tasks)}, "attn": {t: cs(j, "attn") for j, t in enumerate(tasks)},
+                "weights": LayerWeights(uw("ffn"), uw("attn"))}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
