@@ -14,6 +14,7 @@ from .evaluation.harness import ACCURACY_TASKS
 from .evaluation.runner import SHARED_TASKS
 from .export.gguf import OUT_TYPES
 from .errors import ConfigError, SeapError
+from .runtime import add_runtime_args, runtime_from_args
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -44,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="activation statistics of task corpora")
     _model_args(p)
+    add_runtime_args(p, load=True)
     _data_args(p)
     p.add_argument("--heads", action="store_true", help="also collect attention-output statistics")
     p.add_argument("--out", default="seap-stats", help="folder for <task>.safetensors")
 
     p = sub.add_parser("prune", help="statistics -> plan -> pruned model, in one command")
     _model_args(p)
+    add_runtime_args(p, load=True)
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the pruned model (e.g. 2GB)")
     _data_args(p)
     p.add_argument("--method", default="seap", choices=list(PRESETS))
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable parameters to remove (0, 1)")
@@ -77,12 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="apply a saved plan to its base model")
     _model_args(p)
+    add_runtime_args(p, load=True)
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the pruned model (e.g. 2GB)")
     p.add_argument("--plan", required=True)
     p.add_argument("--expert", default=None)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval) and perplexity of a model, pruned folder or plan")
     _model_args(p)
+    add_runtime_args(p, device_map=True)
     p.add_argument("--plan", action="append", default=None,
                    help="plan folder: evaluate its experts on --model (the plan's base); repeatable with --routed")
     p.add_argument("--routed", default=None, metavar="ROUTER",
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
     _model_args(p)
+    add_runtime_args(p, device_map=True)
     p.add_argument("--compare", action="append", default=[], help="pruned model folder (repeatable)")
     p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
     p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
@@ -135,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or vLLM (DeciLM block configs)")
     _model_args(p)
+    add_runtime_args(p, device_map=True)
     p.add_argument("--format", dest="fmt", default="gguf", choices=("gguf", "vllm"))
     p.add_argument("--plan", default=None, help="plan folder applied to --model first (else --model is exported)")
     p.add_argument("--expert", default=None, help="with --plan: which expert")
@@ -154,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="route_cmd", required=True)
     r = rsub.add_parser("fit", help="fit a router over the experts of one or more plans")
     _model_args(r)
+    add_runtime_args(r, device_map=True)
     r.add_argument("--plan", action="append", required=True, help="plan folder (repeatable)")
     r.add_argument("--task", dest="tasks", action="append", default=None,
                    help="router class (repeatable); default: every expert of the plans with a loadable corpus")
@@ -167,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="router folder (default: <first plan>/../router)")
     r = rsub.add_parser("eval", help="per-task precision, recall, F1 and confusion matrix on held-out prompts")
     _model_args(r)
+    add_runtime_args(r, device_map=True)
     r.add_argument("--router", required=True)
     r.add_argument("--data-dir", default=None)
     r.add_argument("--split", default="validation")
@@ -176,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="seap-route-eval")
     r = rsub.add_parser("explain", help="which expert each prompt gets, with the probabilities")
     _model_args(r)
+    add_runtime_args(r, device_map=True)
     r.add_argument("--router", required=True)
     r.add_argument("prompts", nargs="+")
     r.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="greedy generation on the dense model, one expert or routed experts")
     _model_args(p)
+    add_runtime_args(p, device_map=True)
     p.add_argument("prompts", nargs="*", help="prompts (or --file)")
     p.add_argument("--file", default=None, help="text file with one prompt per line, or JSONL with a 'prompt' key")
     p.add_argument("--plan", action="append", default=[], help="plan folder (repeatable)")
@@ -197,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analyze.cli import add_parser as add_analyze
     add_analyze(sub)
 
-    p = sub.add_parser("info", help="describe a plan folder or a pruned model folder")
+    p = sub.add_parser("info", help="describe a plan folder or a pruned model folder (read from the headers)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     return ap
@@ -254,14 +267,14 @@ def _read_prompts(path: str) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def _route(pipeline, args) -> None:
+def _route(pipeline, args, rt) -> None:
     from .router import RouterConfig
 
     if args.route_cmd == "fit":
         cfg = RouterConfig(threshold=args.threshold, limit=args.limit,
                            background=tuple(args.background or RouterConfig.background))
         router = pipeline.fit_router(args.model, args.plan, tasks=args.tasks, data_dir=args.data_dir,
-                                     split=args.split, config=cfg, out=args.out)
+                                     split=args.split, config=cfg, out=args.out, runtime=rt)
         counts = router.meta["train_counts"]
         print(f"router over {len(router.classes)} classes fitted in {router.meta['fit_seconds']:.0f}s "
               f"(train accuracy {router.meta['train_accuracy']:.3f})")
@@ -270,11 +283,11 @@ def _route(pipeline, args) -> None:
         print(f"  threshold {router.threshold}: lower top probability -> generic; saved to {router.meta['folder']}")
     elif args.route_cmd == "eval":
         res = pipeline.evaluate_router(args.model, args.router, data_dir=args.data_dir, split=args.split,
-                                       limit=args.limit, unknown=args.unknown, out=args.out)
+                                       limit=args.limit, unknown=args.unknown, out=args.out, runtime=rt)
         print(res.markdown(), end="")
         print("results: " + ", ".join(res.meta.get("files", {}).values()))
     else:
-        routes = pipeline.explain(args.model, args.router, args.prompts)
+        routes = pipeline.explain(args.model, args.router, args.prompts, runtime=rt)
         if args.json:
             print(json.dumps([{"prompt": p, **r.__dict__} for p, r in zip(args.prompts, routes)], indent=2))
             return
@@ -290,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import pipeline
 
+        rt = runtime_from_args(args)
         if args.cmd == "collect":
             stats = pipeline.collect(args.model, args.tasks or pipeline.DEFAULT_TASKS, data_dir=args.data_dir,
                                      limit=args.limit, heads=args.heads, batch_size=args.batch_size,
-                                     max_length=args.max_length, out=args.out)
+                                     max_length=args.max_length, out=args.out, runtime=rt)
             for task, s in stats.items():
                 print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
         elif args.cmd == "prune":
@@ -308,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
                                  data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
                                  batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir,
-                                 schedule=args.schedule)
+                                 schedule=args.schedule, runtime=rt, shard_size=args.shard_size)
             _print_result(res, args.out)
         elif args.cmd == "apply":
-            res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out)
+            res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out, runtime=rt,
+                                 shard_size=args.shard_size)
             _print_result(res, None)
         elif args.cmd == "eval":
             from .evaluation.runner import EvalConfig, markdown_table
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                              griffin=args.griffin, griffin_shared=args.griffin_shared)
             plans = args.plan or [None]
             report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
-                                       config=cfg, out=args.out, routed=args.routed)
+                                       config=cfg, out=args.out, routed=args.routed, runtime=rt)
             print(markdown_table([report]), end="")
             print(f"results: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
         elif args.cmd == "bench" and args.backend == "llamacpp":
@@ -335,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--backend llamacpp times static models at batch 1: drop --griffin and --batch")
             rows = benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
                                   prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
-                                  repeats=args.repeats, out=args.out)
+                                  repeats=args.repeats, out=args.out, runtime=rt)
             print(gguf_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "bench":
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                               decode_path=args.decode_path)
             rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
                                       griffin=args.griffin, prompts=args.prompts, data_dir=args.data_dir,
-                                      griffin_shared=args.griffin_shared)
+                                      griffin_shared=args.griffin_shared, runtime=rt)
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "export":
@@ -354,18 +369,19 @@ def main(argv: list[str] | None = None) -> int:
 
             rep = export_model(args.model, args.out, fmt=args.fmt, plan=args.plan, expert=args.expert,
                                out_type=args.out_type, tokenizer_from=args.tokenizer_from,
-                               tensor_parallel=args.tensor_parallel, check=args.check, data_dir=args.data_dir)
+                               tensor_parallel=args.tensor_parallel, check=args.check, data_dir=args.data_dir,
+                               runtime=rt)
             _print_export(rep)
         elif args.cmd == "route":
-            _route(pipeline, args)
+            _route(pipeline, args, rt)
         elif args.cmd == "analyze":
             from .analyze.cli import run as run_analyze
-            run_analyze(args)
+            run_analyze(args, rt)
         elif args.cmd == "generate":
             prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
             rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
                                      max_new_tokens=args.max_new_tokens, griffin=args.griffin, stop=args.stop,
-                                     griffin_shared=args.griffin_shared)
+                                     griffin_shared=args.griffin_shared, runtime=rt)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:

@@ -53,6 +53,8 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # from_config leaves a tied LM head untied; the saved folder must not hold it twice
     return model.eval()
 
 
@@ -120,8 +122,20 @@ class SkeletonLoader:
             out.append(self.ckpt.read_elements(self.names[name], signature_positions(w.numel())))
         return out
 
-    def weights(self, summaries: list[LayerWeights] | None) -> CheckpointWeights:
-        return CheckpointWeights(summaries, self.signatures(), self.read_out_weight)
+    def summaries(self, device: torch.device, dtype: torch.dtype) -> list[LayerWeights]:
+        """Weight norms of every layer, loading one layer at a time (when no calibration pass ran)."""
+        out = []
+        for i in tqdm(range(len(self.layers)), desc="reading weight norms", unit="layer", leave=False):
+            names = self.layer_params(i)
+            self.load(names, device, dtype)
+            out.append(LayerWeights.of_layer(self.layers[i], self.adapter))
+            self.release(names)
+        return out
+
+    def weights(self, summaries: list[LayerWeights] | None = None, device: torch.device | None = None,
+                dtype: torch.dtype | None = None) -> CheckpointWeights:
+        return CheckpointWeights(summaries, self.signatures, self.read_out_weight,
+                                 lambda: self.summaries(device or torch.device("cpu"), dtype or torch.float32))
 
 
 # -- catching each layer's inputs -------------------------------------------------------------------
@@ -283,7 +297,7 @@ def layerwise_stats(ckpt: Checkpoint, config, tokenizer, corpora: dict[str, Sequ
         stats[t].meta["pass"] = "layerwise"
     if resume is not None:
         resume.clear()
-    weights = loader.weights(summaries)
+    weights = loader.weights(summaries, device, dtype)
     return LayerwiseResult(stats, weights, loader.resident_max,
                            {"statistics": round(time.time() - t0, 2), "layer_loads": round(t_load, 2),
                             "layer_compute": round(t_run, 2)}, resumed, "cpu" if on_cpu else "device")

@@ -73,9 +73,11 @@ def _bundled_path(spec: BundledModel) -> tuple[Path, str]:
     return path.parent, path.name
 
 
-def resolve_model(name_or_path: str | None = None, *, gguf_file: str | None = None,
+def resolve_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str | None = None,
                   revision: str | None = None) -> ModelSource:
     """Turn a bundled name, a folder, a .gguf path or a hub id into a ModelSource."""
+    if isinstance(name_or_path, ModelSource):
+        return name_or_path
     name = name_or_path or DEFAULT_MODEL
     if name in BUNDLED:
         folder, fname = _bundled_path(BUNDLED[name])
@@ -102,6 +104,35 @@ class LoadedModel:
     tokenizer: object
     adapter: Adapter
     source: ModelSource
+    checkpoint_dtype: torch.dtype | None = None  # the dtype of its safetensors weights (None: GGUF, unknown)
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """What a pruned copy is written in: the checkpoint's own dtype (GGUF: the dequantised float32)."""
+        return self.checkpoint_dtype or next(self.model.parameters()).dtype
+
+    @property
+    def weights(self) -> WeightSource:
+        return ModuleWeights(self.model, self.adapter)
+
+
+@dataclass
+class LazyModel:
+    """A safetensors checkpoint left on disk: an empty skeleton (meta tensors) for its geometry plus
+    its shards, for the layer-by-layer path (seap.layerwise, seap.streaming)."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: ModelSource
+    checkpoint: object  # seap.checkpoint.Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+    weights: WeightSource  # fingerprint samples and weight norms read from the shards
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        return self.checkpoint.dtype
 
 
 def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = None) -> dict:
@@ -115,35 +146,82 @@ def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = N
     return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
 
 
-def load_model(name_or_path: str | None = None, *, gguf_file: str | None = None, revision: str | None = None,
-               dtype: torch.dtype | None = None, device: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer; a folder written by seap goes through seap's loader."""
+def _no_network(src: ModelSource, err: Exception) -> ModelError:
+    return ModelError(f"could not load model {src.model_id!r}: {str(err).splitlines()[0]} "
+                      "(no network here? use a local folder, a .gguf file or a bundled name: "
+                      f"{', '.join(BUNDLED)})")
+
+
+def local_folder(src: ModelSource) -> Path | None:
+    """The folder holding a safetensors checkpoint of `src` (a hub id is downloaded first), or None
+    for a GGUF file or a folder without safetensors weights."""
+    if src.gguf_file:
+        return None
+    path = Path(src.path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(src.path, revision=src.revision,
+                                          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                          "*.jinja", "*.txt", "*.tiktoken"]))
+        except Exception as err:  # noqa: BLE001 - any hub failure is the same problem to the user
+            raise _no_network(src, err) from None
+    has = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return path if has or any(path.glob("*.safetensors")) else None
+
+
+def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str | None = None, revision: str | None = None,
+               dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               device_map: str | dict | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer into memory (default float32 on the CPU); a folder written
+    by seap goes through seap's loader. `device_map` ('auto'): accelerate spreads the model over the
+    GPUs and the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(name_or_path, gguf_file=gguf_file, revision=revision)
     kwargs = {"revision": revision} if revision else {}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+    # A GGUF is dequantised to float32 by transformers: that is the precision a pruned copy keeps.
+    ckpt_dtype = torch.float32 if src.gguf_file else None
     try:
         if src.gguf_file is None and Path(src.path, "config.json").is_file():
             from .pruned import is_pruned_folder, load_pruned
 
+            ckpt_dtype = _config_dtype(Path(src.path, "config.json"))
             if is_pruned_folder(src.path):
-                model = load_pruned(src.path, dtype=dtype)
+                model = load_pruned(src.path, dtype=dtype, device=device, device_map=device_map)
                 tokenizer = AutoTokenizer.from_pretrained(src.path)
-                return _finish(model, tokenizer, src, device)
+                return _finish(model, tokenizer, src, None, ckpt_dtype)
         config = AutoConfig.from_pretrained(src.path, **kwargs)
         adapter_for_config(config)  # fail fast, before loading weights, on an unsupported family
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or torch.float32, **kwargs)
+        if device_map is None and device is not None and torch.device(device).type != "cpu" and not src.gguf_file:
+            device_map, device = {"": torch.device(device)}, None  # straight onto the GPU, not through the host
+        placement = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or torch.float32, **placement, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
+        if ckpt_dtype is None and not src.gguf_file:
+            ckpt_dtype = _config_dtype(Path(src.path, "config.json")) if Path(src.path).is_dir() else None
     except OSError as err:
-        raise ModelError(f"could not load model {src.model_id!r}: {str(err).splitlines()[0]} "
-                         "(no network here? use a local folder, a .gguf file or a bundled name: "
-                         f"{', '.join(BUNDLED)})") from None
-    return _finish(model, tokenizer, src, device)
+        raise _no_network(src, err) from None
+    except torch.OutOfMemoryError:
+        raise ModelError(f"out of memory loading {src.model_id!r} whole: use --load layerwise for pruning, "
+                         "--device-map auto to spread it over GPUs and the CPU, or a smaller --dtype") from None
+    return _finish(model, tokenizer, src, device, ckpt_dtype)
 
 
-def _finish(model: nn.Module, tokenizer, src: ModelSource, device: str | None) -> LoadedModel:
+def _config_dtype(path: Path) -> torch.dtype | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = str(data.get("dtype") or data.get("torch_dtype") or "").replace("torch.", "")
+    value = getattr(torch, name, None) if name else None
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _finish(model: nn.Module, tokenizer, src: ModelSource, device, ckpt_dtype: torch.dtype | None) -> LoadedModel:
     adapter = get_adapter(model)
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -156,10 +234,83 @@ def _finish(model: nn.Module, tokenizer, src: ModelSource, device: str | None) -
                 model.is_quantized = False
             except AttributeError:
                 pass
-    if device:
+    if device is not None and not getattr(model, "hf_device_map", None):
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, adapter, src)
+    return LoadedModel(model, tokenizer, adapter, src, ckpt_dtype)
+
+
+# -- whole or layer by layer -------------------------------------------------------------------------
+def choose_load(mode: str, ckpt, device: torch.device, dtype: torch.dtype, *, streamable: bool,
+                device_map=None, what: str = "the model") -> str:
+    """'whole' or 'layerwise' for a load `mode` of auto/whole/layerwise, from the memory free on `device`.
+
+    A model whole in memory needs about its parameters x the dtype's size (+15% for what loading and
+    one forward pass add). Auto takes the whole path when that fits in two thirds of what is free."""
+    from .runtime import dtype_name, fmt_bytes, available_memory
+
+    if mode == "layerwise":
+        if ckpt is None:
+            raise ModelError(f"--load layerwise streams safetensors shards and {what} has none (a GGUF file, .bin "
+                             "weights or a pruned folder): use --load whole")
+        if not streamable:
+            raise ModelError("--load layerwise is for statistics and pruning (collect, prune, apply); this command "
+                             "runs the whole model: use --device-map auto to spread a big one over GPUs and the CPU")
+        return "layerwise"
+    need = int(ckpt.n_params * torch.empty((), dtype=dtype).element_size() * 1.15) if ckpt is not None else None
+    if need is None or device_map is not None:
+        return "whole"
+    avail = available_memory(device)
+    if mode == "whole" or not streamable:
+        if need > avail:
+            fix = "use --load layerwise (or auto), " if streamable else "use --device-map auto, "
+            raise ModelError(f"not enough memory to load {what} whole: it needs about {fmt_bytes(need)} in "
+                             f"{dtype_name(dtype)} on {device} and {fmt_bytes(avail)} is free: {fix}"
+                             "or a smaller --dtype")
+        return "whole"
+    return "whole" if need * 1.5 <= avail else "layerwise"
+
+
+def open_model(name_or_path: str | ModelSource | None = None, runtime=None, *, revision: str | None = None,
+               streamable: bool = False) -> LoadedModel | LazyModel:
+    """A model placed and typed as `runtime` (seap.runtime.Runtime) says: whole in memory, or, where
+    `streamable` (statistics and pruning) and it does not fit or is asked to, a LazyModel left on disk.
+    Shards are checked (missing, truncated) before anything is loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checkpoint import Checkpoint
+    from .pruned import is_pruned_folder
+    from .runtime import Runtime
+
+    rt = runtime or Runtime()
+    src = resolve_model(name_or_path, revision=revision)
+    device = rt.torch_device
+    folder = local_folder(src)
+    ckpt = Checkpoint.open(folder) if folder is not None else None
+    dtype = rt.torch_dtype(ckpt.dtype if ckpt is not None else None)
+    if folder is not None and is_pruned_folder(folder):
+        streamable = False  # its layers have their own widths: loaded by seap's loader, whole
+    mode = choose_load(rt.load, ckpt, device, dtype, streamable=streamable, device_map=rt.device_map,
+                       what=src.model_id)
+    if mode == "whole":
+        target = ModelSource(src.model_id, str(folder), None, src.revision) if folder is not None else src
+        lm = load_model(target, dtype=dtype, device=device, device_map=rt.device_map)
+        if ckpt is not None:
+            lm.checkpoint_dtype = ckpt.dtype
+        return lm
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        adapter = adapter_for_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except OSError as err:
+        raise ModelError(f"{folder} is not a complete model folder ({str(err).splitlines()[0]})") from None
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from .layerwise import SkeletonLoader, empty_model
+
+    skeleton = empty_model(config, dtype)
+    weights = SkeletonLoader(skeleton, adapter, ckpt).weights(None, device, dtype)
+    return LazyModel(skeleton, tokenizer, adapter, src, ckpt, device, dtype, weights)
 
 
 # -- fingerprints -----------------------------------------------------------------------------

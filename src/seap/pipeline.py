@@ -4,171 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ._io import write_json, write_text
-from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
-from .models import LoadedModel, check_fingerprint, fingerprint, load_model
-from .plan import Plan, build_plan, resolve_head_unit
+from .models import LoadedModel, check_fingerprint, open_model
+from .plan import Plan
+from .pruned import read_record
+from .pruning import DEFAULT_TASKS, PruneResult, apply, collect, prune
 from .router import Router, RouterConfig, RouterEval, Route
-from .pruned import read_record, save_pruned
-from .stats import ActivationStats, collect_stats
-from .surgery import count_params, ffn_params, slice_model
+from .runtime import Runtime
 from .tasks import resolve_corpus
+
+__all__ = ["DEFAULT_TASKS", "PruneResult", "apply", "benchmark", "collect", "evaluate", "evaluate_router", "explain",
+           "fit_router", "generate", "info", "prune"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("default",)
 
-
-def _load(model: str | LoadedModel | None) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
-
-
-def collect(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
-            data_dir: str | Path | None = None, limit: int | None = None, heads: bool = False,
-            batch_size: int = 8, max_length: int = 512, out: str | Path | None = None, seed: int = 0,
-            progress: bool = True) -> dict[str, ActivationStats]:
-    """Activation statistics of each task corpus (saved as <out>/<task>.safetensors when out is given).
-
-    Statistics already in `out` for the same model are reused instead of recomputed.
-    """
-    lm = _load(model)
-    fp = fingerprint(lm.model, lm.adapter)
-    result = {}
-    for task in tasks:
-        path = Path(out) / f"{_safe(task)}.safetensors" if out else None
-        if path is not None and path.is_file():
-            cached = ActivationStats.load(path)
-            check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file")
-            if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit:
-                log.info("reusing statistics %s", path)
-                result[task] = cached
-                continue
-        corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
-        meta = {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp,
-                "corpus": task, "source": corpus.source, "limit": limit}
-        stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, corpus.texts, heads=heads,
-                              batch_size=batch_size, max_length=max_length, meta=meta, progress=progress)
-        if path is not None:
-            stats.save(path)
-        result[task] = stats
-    return result
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
-
-
-@dataclass
-class PruneResult:
-    plan: Plan
-    expert: str
-    out: Path | None
-    params_before: int
-    params_after: int
-    ffn_before: int
-    ffn_after: int
-    widths: list[int]
-    seconds: float
-    files: dict = field(default_factory=dict)
-    model: LoadedModel | None = None
-
-    def summary(self) -> dict:
-        ex = self.plan.experts[self.expert]
-        return {
-            "base_model": self.plan.meta["base_model"], "method": self.plan.meta["method"],
-            "expert": self.expert, "experts": list(self.plan.experts),
-            "target_ratio": self.plan.meta["target_ratio"], "achieved_ratio": ex.stats["achieved_ratio"],
-            "params_before": self.params_before, "params_after": self.params_after,
-            "total_reduction": 1 - self.params_after / self.params_before,
-            "ffn_params_before": self.ffn_before, "ffn_params_after": self.ffn_after,
-            "ffn_widths": self.widths, "heads_kept": ex.stats.get("heads_kept"),
-            "seconds": round(self.seconds, 1), "files": self.files,
-        }
-
-    def markdown(self) -> str:
-        s = self.summary()
-        rows = [
-            ("base model", s["base_model"]), ("method / expert", f"{s['method']} / {s['expert']}"),
-            ("target ratio (prunable params)", f"{s['target_ratio']:.4f}"),
-            ("achieved ratio", f"{s['achieved_ratio']:.4f}"),
-            ("parameters", f"{s['params_before']:,} -> {s['params_after']:,} (-{100 * s['total_reduction']:.1f}%)"),
-            ("FFN parameters", f"{s['ffn_params_before']:,} -> {s['ffn_params_after']:,}"),
-            ("FFN widths", _widths_brief(s["ffn_widths"])),
-        ]
-        rows += [(k, str(v)) for k, v in s["files"].items()]
-        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
-
-
-def _widths_brief(widths: list[int]) -> str:
-    if len(set(widths)) == 1:
-        return f"{widths[0]} in all {len(widths)} layers"
-    return ", ".join(str(w) for w in widths)
-
-
-def prune(model: str | LoadedModel | None = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
-          config: PruneConfig | None = None, data_dir: str | Path | None = None, out: str | Path | None = None,
-          expert: str | None = None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
-          stats_dir: str | Path | None = None, progress: bool = True, schedule: str | Path | None = None) -> PruneResult:
-    """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
-    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model only)."""
-    t0 = time.time()
-    config = config or PruneConfig()
-    lm = _load(model)
-    if schedule is not None:
-        from .analyze.schedule import load_schedule
-
-        config = load_schedule(schedule).configure(config, lm)
-    fp = fingerprint(lm.model, lm.adapter)
-    heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
-    if config.needs_stats:
-        sdir = stats_dir or (Path(out) / "stats" if out else None)
-        stats = collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
-                        max_length=max_length, out=sdir, seed=config.seed, progress=progress)
-    else:
-        stats = {t: None for t in tasks}
-    plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
-                      revision=lm.source.revision, fingerprint=fp)
-    res = _slice(lm, plan, expert, out)
-    if out:
-        out = Path(out)
-        res.files = {"plan": str(plan.save(out / "plan")),
-                     "model": str(save_pruned(lm.model, lm.tokenizer, out / "model"))}
-        if config.needs_stats:
-            res.files["stats"] = str(stats_dir or out / "stats")
-    res.seconds = time.time() - t0
-    if out:
-        write_json(out / "summary.json", res.summary())
-        write_text(out / "summary.md", res.markdown())
-    return res
-
-
-def _slice(lm: LoadedModel, plan: Plan, expert: str | None, out) -> PruneResult:
-    """Slice the loaded model to one expert and count what went."""
-    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
-    name, _ = plan.expert(expert)
-    slice_model(lm.model, lm.adapter, plan, name, check=False)
-    widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
-    return PruneResult(plan, name, Path(out) if out else None, before, count_params(lm.model), ffn_before,
-                       ffn_params(lm.model, lm.adapter), widths, 0.0, model=lm)
-
-
-def apply(model: str | LoadedModel | None, plan: str | Path | Plan, *, expert: str | None = None,
-          out: str | Path | None = None) -> PruneResult:
-    """Apply a saved plan to its base model (refused for any other model) and save the result."""
-    t0 = time.time()
-    lm = _load(model)
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
-    res = _slice(lm, plan, expert, out)
-    if out:
-        res.files = {"model": str(save_pruned(lm.model, lm.tokenizer, out))}
-    res.seconds = time.time() - t0
-    return res
+def _load(model: str | LoadedModel | None, runtime: Runtime | None = None) -> LoadedModel:
+    """A model in memory, placed as `runtime` says (device, dtype, device_map)."""
+    return model if isinstance(model, LoadedModel) else open_model(model, runtime)
 
 
 def info(path: str | Path) -> dict:
@@ -185,15 +42,23 @@ def info(path: str | Path) -> dict:
             "experts": {n: {"ffn_widths": e.widths(), **e.stats} for n, e in plan.experts.items()},
         }
     if (path / "config.json").is_file():
+        from .adapters import adapter_for_config
+        from .checkpoint import Checkpoint
+        from .runtime import dtype_name
+
         data = read_record(path)
         rec = data["seap_pruning"]
-        lm = load_model(str(path))
+        ckpt = Checkpoint.open(path)  # counted from the shard headers: nothing is loaded
+        adapter = adapter_for_config(type("C", (), {"model_type": data.get("model_type")})())
+        ffn_parts = tuple(f".{n}." for n in (*adapter.ffn_in_names, adapter.ffn_out_name))
         return {
             "kind": "pruned model", "base_model": rec["base_model"], "method": rec["method"], "expert": rec["expert"],
             "target_ratio": rec["target_ratio"], "achieved_ratio": rec["achieved_ratio"],
             "ffn_widths": rec["ffn_widths"], "dense_ffn_width": rec["dense_ffn_width"],
-            "num_heads": rec.get("num_heads"), "params": count_params(lm.model),
-            "ffn_params": ffn_params(lm.model, lm.adapter),
+            "num_heads": rec.get("num_heads"), "params": ckpt.n_params,
+            "ffn_params": sum(t.numel for n, t in ckpt.tensors.items() if any(p in n for p in ffn_parts)),
+            "dtype": dtype_name(ckpt.dtype), "bytes": ckpt.nbytes,
+            "shards": len({t.file for t in ckpt.tensors.values()}),
             "reload": "seap.load_model / seap's loader" if "per_layer_config" in data else "plain from_pretrained",
         }
     raise ArtifactError(f"{path} is neither a plan folder (plan.json) nor a pruned model folder (config.json)")
@@ -201,14 +66,15 @@ def info(path: str | Path) -> dict:
 
 def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan | None = None,
              experts: str = "task", config=None, out: str | Path | None = None, label: str | None = None,
-             routed: str | Path | Router | None = None, extra_plans: Sequence[str | Path | Plan] = ()):
+             routed: str | Path | Router | None = None, extra_plans: Sequence[str | Path | Plan] = (),
+             runtime: Runtime | None = None):
     """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan
     (with `routed`, the router picks every item's expert among the plans' experts)."""
     from .evaluation.runner import EvalConfig, evaluate_model, evaluate_plan, save_report
     from .griffin import GriffinConfig
 
     config = config or EvalConfig()
-    lm = _load(model)
+    lm = _load(model, runtime)
     dyn = GriffinConfig(config.griffin, shared=config.griffin_shared).label if config.griffin is not None else None
     if routed is not None:
         from .evaluation.routed import evaluate_routed
@@ -240,7 +106,7 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
               plans: Sequence[str] = (), config=None, out: str | Path | None = None,
               griffin: Sequence[float] = (), prompts: str | None = None, data_dir: str | Path | None = None,
-              griffin_shared: bool = False):
+              griffin_shared: bool = False, runtime: Runtime | None = None):
     """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
     density on the base model; `griffin_shared`: one expert per batch), timed in one process.
     `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
@@ -249,10 +115,10 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     from .evaluation.runner import sliced_copy
     from .griffin import GriffinConfig
 
-    lm = _load(model)
+    lm = _load(model, runtime)
     models = {"dense": lm}
     for path in compare:
-        models[Path(path).name or str(path)] = load_model(str(path))
+        models[Path(path).name or str(path)] = _load(str(path), runtime)
     for spec in plans:
         folder, _, expert = str(spec).partition(":")
         p = Plan.load(folder)
@@ -289,12 +155,13 @@ def _router(router: str | Path | Router) -> Router:
 
 def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Plan], *,
                tasks: Sequence[str] | None = None, data_dir: str | Path | None = None, split: str | None = "train",
-               config: RouterConfig | None = None, out: str | Path | None = None) -> Router:
+               config: RouterConfig | None = None, out: str | Path | None = None,
+               runtime: Runtime | None = None) -> Router:
     """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default."""
     from .experts import merge_experts
     from .router import fit_router as fit
 
-    lm = _load(model)
+    lm = _load(model, runtime)
     loaded = _plans(plans)
     experts, owner = merge_experts(loaded)
     for p in loaded:
@@ -313,12 +180,13 @@ def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Pla
 
 def evaluate_router(model: str | LoadedModel | None, router: str | Path | Router, *,
                     data_dir: str | Path | None = None, split: str | None = "validation", limit: int | None = None,
-                    unknown: Sequence[str] = (), out: str | Path | None = None) -> RouterEval:
+                    unknown: Sequence[str] = (), out: str | Path | None = None,
+                    runtime: Runtime | None = None) -> RouterEval:
     """`seap route eval`: precision, recall, F1 and the confusion matrix on held-out prompts."""
     from .router import evaluate_router as run
     from .tasks import resolve_corpus
 
-    lm = _load(model)
+    lm = _load(model, runtime)
     r = _router(router)
     extra = {}
     for spec in unknown:
@@ -340,18 +208,19 @@ def evaluate_router(model: str | LoadedModel | None, router: str | Path | Router
     return res
 
 
-def explain(model: str | LoadedModel | None, router: str | Path | Router, prompts: Sequence[str]) -> list[Route]:
+def explain(model: str | LoadedModel | None, router: str | Path | Router, prompts: Sequence[str], *,
+            runtime: Runtime | None = None) -> list[Route]:
     """`seap route explain`: the expert each prompt gets, with the class probabilities."""
     if not prompts:
         raise ConfigError("give at least one prompt to explain")
-    lm = _load(model)
+    lm = _load(model, runtime)
     return _router(router).route(lm, prompts)
 
 
 def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
              router: str | Path | Router | None = None, expert: str | None = None,
              max_new_tokens: int = 64, griffin: float | None = None, stop: Sequence[str] = (),
-             griffin_shared: bool = False) -> list[dict]:
+             griffin_shared: bool = False, runtime: Runtime | None = None) -> list[dict]:
     """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
     with `griffin`, per-prompt GRIFFIN experts at that density (within the plan's expert if given;
     `griffin_shared`: one expert for all the prompts, decoded as one batch)."""
@@ -363,7 +232,7 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
         raise ConfigError("give at least one prompt")
     if max_new_tokens < 1:
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
-    lm = _load(model)
+    lm = _load(model, runtime)
     if griffin is not None:
         label = GriffinConfig(density=griffin, shared=griffin_shared).label
         if router is not None:

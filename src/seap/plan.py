@@ -248,9 +248,9 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
         raw[task] = (ffn_s, head_s)
         experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats, weights)
     if len(stats_by_task) > 1 or cfg.generic:
-        weights = {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in raw}
-        ffn_g = [sum(weights[t] * raw[t][0][i] for t in raw) for i in range(len(adapter.layers(model)))]
-        head_g = None if head_unit is None else [sum(weights[t] * raw[t][1][i] for t in raw)
+        task_weights = {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in raw}
+        ffn_g = [sum(task_weights[t] * raw[t][0][i] for t in raw) for i in range(len(adapter.layers(model)))]
+        head_g = None if head_unit is None else [sum(task_weights[t] * raw[t][1][i] for t in raw)
                                                  for i in range(len(adapter.layers(model)))]
         merged = None
         if all(s is not None for s in stats_by_task.values()):
@@ -259,7 +259,7 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
             for s in it:
                 merged = merged.merge(s)
         experts[GENERIC] = build_expert(cfg, adapter, model, ffn_g, head_g, head_unit, merged, weights)
-        experts[GENERIC].stats["weights"] = weights
+        experts[GENERIC].stats["weights"] = task_weights
     default = GENERIC if cfg.generic or len(stats_by_task) > 1 else next(iter(stats_by_task))
     meta = {
         "base_model": base_model, "revision": revision, "fingerprint": fingerprint,

@@ -1,4 +1,7 @@
-"""Pruned models as Hugging Face folders (config.json + model.safetensors + tokenizer), no pickle.
+"""Pruned models as Hugging Face folders (config.json + sharded safetensors + tokenizer), no pickle.
+
+One writer serves both paths: a sliced model in memory, and the layer-by-layer path that streams
+sliced tensors from the source checkpoint; tensors go to disk one at a time, in the saved dtype.
 
 Uniform widths and native biases reload with plain `from_pretrained`. Per-layer widths, pruned
 heads or a bias the stock class cannot hold are written as `per_layer_config` (the transformers
@@ -8,18 +11,18 @@ heads or a bias the stock class cannot hold are written as `per_layer_config` (t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ._io import atomic_dir
 from .adapters import adapter_for_config
-from .errors import ArtifactError
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_tensors
+from .errors import ArtifactError, ModelError
 from .surgery import SEAP_CONFIG_KEY
 
 log = logging.getLogger(__name__)
@@ -30,33 +33,78 @@ def needs_seap_loader(record: dict) -> bool:
             or (record.get("ffn_out_bias") and not record.get("ffn_out_bias_native")))
 
 
-def save_pruned(model: nn.Module, tokenizer, folder: str | Path) -> Path:
-    """Write the (sliced) model and its tokenizer atomically; returns the folder."""
+def model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a saved folder holds: parameters (a tied one once) and persistent buffers."""
+    out = [(n, p) for n, p in model.named_parameters()]
+    for mod_name, mod in model.named_modules():
+        for b_name, b in mod._buffers.items():
+            if b is not None and b_name not in mod._non_persistent_buffers_set:
+                out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b))
+    return out
+
+
+def tensor_specs(model: nn.Module, dtype: torch.dtype) -> list[TensorSpec]:
+    """Names, shapes and saved dtypes (floating tensors in `dtype`) of `model_tensors(model)`."""
+    return [TensorSpec(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in model_tensors(model)]
+
+
+def save_pruned(model: nn.Module, tokenizer, folder: str | Path, *, dtype: torch.dtype | None = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a (sliced) model in memory and its tokenizer atomically, as sharded safetensors in `dtype`
+    (default: the model's own); returns the folder."""
+    if getattr(model.config, SEAP_CONFIG_KEY, None) is None:
+        raise ArtifactError("this model has not been pruned by seap (no seap_pruning record): slice it first")
+    dtype = dtype or next(model.parameters()).dtype
+    specs = tensor_specs(model, dtype)
+    values = ((n, t.detach().to(s.dtype)) for (n, t), s in zip(model_tensors(model), specs))
+    return write_pruned_folder(folder, model, specs, values, tokenizer, dtype, max_shard_bytes)
+
+
+def write_pruned_folder(folder: str | Path, layout: nn.Module, specs: list[TensorSpec], values, tokenizer,
+                        dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """The one writer of pruned folders: `layout` gives the config (a meta skeleton will do), `values`
+    yields (name, tensor) in the order of `specs`, streamed to shards. Atomic: an interrupted or
+    failed write leaves no folder behind."""
     folder = Path(folder)
-    record = getattr(model.config, SEAP_CONFIG_KEY, None)
+    record = getattr(layout.config, SEAP_CONFIG_KEY, None)
     if record is None:
         raise ArtifactError("this model has not been pruned by seap (no seap_pruning record): slice it first")
-    adapter = adapter_for_config(model.config)
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.pop("quantization_config", None)
-        if needs_seap_loader(record):
-            width_key = adapter.ffn_width_key
-            cfg[width_key] = record["dense_ffn_width"]  # per-layer values differ from it: plain loads refuse
-            per_layer = {}
-            for i, w in enumerate(record["ffn_widths"]):
-                entry = {width_key: w}
-                if record.get("num_heads") is not None:
-                    entry["seap_num_heads"] = record["num_heads"][i]
-                    entry["seap_num_kv_heads"] = record["num_kv_heads"][i]
-                per_layer[str(i).zfill(len(str(len(record["ffn_widths"]) - 1)))] = entry
-            cfg["per_layer_config"] = per_layer
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    try:
+        with atomic_dir(folder) as tmp:
+            write_tensors(tmp, values, specs, max_shard_bytes)
+            _write_config(layout, record, tmp, dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except OSError as err:
+        raise ArtifactError(f"could not write {folder} ({err.strerror or err}): free space or choose another --out; "
+                            "nothing was kept") from None
     return folder
+
+
+def _write_config(layout: nn.Module, record: dict, folder: Path, dtype: torch.dtype) -> None:
+    config = copy.deepcopy(layout.config)
+    config.architectures = [type(layout).__name__]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    gen = getattr(layout, "generation_config", None)
+    if gen is not None and getattr(layout, "can_generate", lambda: False)():
+        gen.save_pretrained(folder)
+    adapter = adapter_for_config(layout.config)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    if needs_seap_loader(record):
+        width_key = adapter.ffn_width_key
+        cfg[width_key] = record["dense_ffn_width"]  # per-layer values differ from it: plain loads refuse
+        per_layer = {}
+        for i, w in enumerate(record["ffn_widths"]):
+            entry = {width_key: w}
+            if record.get("num_heads") is not None:
+                entry["seap_num_heads"] = record["num_heads"][i]
+                entry["seap_num_kv_heads"] = record["num_kv_heads"][i]
+            per_layer[str(i).zfill(len(str(len(record["ffn_widths"]) - 1)))] = entry
+        cfg["per_layer_config"] = per_layer
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def is_pruned_folder(folder: str | Path) -> bool:
@@ -78,53 +126,86 @@ def read_record(folder: str | Path) -> dict:
     return data
 
 
-def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    try:
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
-            for f in files:
-                sd.update(load_file(str(folder / f)))
-            return sd
-        return load_file(str(folder / "model.safetensors"))
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise ArtifactError(f"weights in {folder} are missing or corrupt ({str(err)[:80]}): prune again") from None
+def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device: torch.device | str | None = None,
+                device_map: str | dict | None = None) -> nn.Module:
+    """Rebuild a seap-pruned folder at its recorded sizes and load its weights (default float32 on the CPU).
 
-
-def load_pruned(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a seap-pruned folder at its recorded sizes and load its weights."""
+    `device_map` (e.g. 'auto'): accelerate places the layers over the GPUs and the CPU, as
+    `from_pretrained(device_map=...)` does for plain folders. Weights are read one shard at a time."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .layerwise import empty_model
 
     folder = Path(folder)
     data = read_record(folder)
     record = data[SEAP_CONFIG_KEY]
+    torch_dtype = dtype or torch.float32
     if not needs_seap_loader(record):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        kwargs = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        if device_map is None and device is not None:
+            model.to(device)
         return model.eval()
     data = dict(data)
     data.pop("per_layer_config", None)
     config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
     adapter = adapter_for_config(config)
-    torch_dtype = dtype or getattr(torch, str(data.get("dtype") or "float32").replace("torch.", ""))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = empty_model(config, torch_dtype)
     ffn_out_bias = bool(record.get("ffn_out_bias"))
     for i, layer in enumerate(adapter.layers(model)):
         heads = record["num_heads"][i] if record.get("num_heads") else None
         kv = record["num_kv_heads"][i] if record.get("num_kv_heads") else None
         adapter.resize_layer(layer, record["ffn_widths"][i], heads, kv, ffn_out_bias,
                              bool(record.get("attn_out_bias")))
-    sd = _state_dict(folder)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # A tied LM head is not stored; tie_weights() below restores it.
+    try:
+        ckpt = Checkpoint.open(folder)
+    except ModelError as err:
+        raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
+    expected = {n: t for n, t in model_tensors(model) if not (tied and n.endswith("lm_head.weight"))}
+    missing = [n for n in expected if n not in ckpt]
+    unexpected = [n for n in ckpt.names() if n not in expected]
+    wrong = [n for n in expected if n in ckpt and tuple(expected[n].shape) != ckpt.tensors[n].shape]
+    if missing or unexpected or wrong:
         raise ArtifactError(f"weights in {folder} do not match its recorded shapes (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}): prune again")
+                            f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}): prune again")
+    if device_map is not None:
+        from accelerate import infer_auto_device_map
+
+        placement = device_map if isinstance(device_map, dict) else infer_auto_device_map(
+            model, no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []), dtype=torch_dtype)
+    else:
+        placement = {"": str(device or "cpu")}
+    _load_tensors(model, ckpt, placement, torch_dtype)
     if tied:
         model.tie_weights()
     if len(set(record["ffn_widths"])) == 1:
         setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])
-    return model.to(torch_dtype).eval()
+    if device_map is not None:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, placement)
+    return model.eval()
+
+
+def _load_tensors(model: nn.Module, ckpt: Checkpoint, placement: dict, dtype: torch.dtype) -> None:
+    """Each tensor from its shard to the device `placement` names for it (longest matching prefix)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    def where(name: str) -> str:
+        best = max((k for k in placement if k == "" or name == k or name.startswith(k + ".")), key=len)
+        dev = placement[best]
+        return "cpu" if dev == "disk" else dev  # GPU indices stay ints, as accelerate takes them
+
+    by_file: dict[str, list[str]] = {}
+    for n, info in ckpt.tensors.items():
+        by_file.setdefault(info.file, []).append(n)
+    for names in by_file.values():
+        for n, t in ckpt.read(names).items():
+            set_module_tensor_to_device(model, n, where(n), value=t.to(dtype) if t.is_floating_point() else t)
+    for n, b in list(model.named_buffers()):  # non-persistent buffers (rotary tables) follow their module
+        if b is not None and b.device.type != "meta":
+            dev = where(n)
+            if b.device != torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}"):
+                set_module_tensor_to_device(model, n, dev, value=b)

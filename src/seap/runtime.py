@@ -174,3 +174,24 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# -- command-line options ---------------------------------------------------------------------------
+def add_runtime_args(p, *, load: bool = False, device_map: bool = False) -> None:
+    """--device and --dtype on every command; --load where a model can stay on disk (collect, prune,
+    apply); --device-map where a whole model runs (eval, generate, bench, route, analyze, export)."""
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype; auto: the checkpoint's own on a GPU, float32 on a CPU")
+    if load:
+        p.add_argument("--load", default="auto", choices=LOAD_MODES,
+                       help="whole: the model in memory; layerwise: one decoder layer at a time from the safetensors "
+                            "shards (models bigger than memory); auto: whole when it fits")
+    if device_map:
+        p.add_argument("--device-map", default=None, choices=("auto", "balanced", "sequential"),
+                       help="spread a big model over the GPUs and the CPU with accelerate (default: all on --device)")
+
+
+def runtime_from_args(args) -> Runtime:
+    return Runtime(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
+                   load=getattr(args, "load", "auto"), device_map=getattr(args, "device_map", None))

@@ -15,7 +15,7 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import zero_bias
 from .models import check_fingerprint
-from .plan import Plan
+from .plan import Expert, Plan
 
 SEAP_CONFIG_KEY = "seap_pruning"
 
@@ -50,13 +50,46 @@ def _slice_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
 
 
 def _add_bias(lin: nn.Linear, delta: torch.Tensor) -> None:
-    lin.bias.data += delta.to(lin.bias.device, lin.bias.dtype)
+    # In float32 whatever the model's dtype, so a bf16 layer and a float32 copy of it end equal once saved.
+    b = lin.bias.data
+    lin.bias.data = (b.float() + delta.to(b.device, torch.float32)).to(b.dtype)
+
+
+def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> tuple[int, int] | None:
+    """Cut decoder layer i to expert `ex` in place; returns its new (query, KV) head counts when heads go."""
+    idx = ex.ffn[i]
+    if ex.ffn_bias is not None:
+        adapter.prepare_ffn_out_bias(layer)
+    if len(idx) < adapter.d_ff(layer):
+        for lin in adapter.ffn_in(layer):
+            _slice_rows(lin, idx)
+        _slice_cols(adapter.ffn_out(layer), idx)
+    if ex.ffn_bias is not None:
+        _add_bias(adapter.ffn_out(layer), ex.ffn_bias[i])
+    if ex.heads is None:
+        return None
+    q_idx, kv_idx, n_q, n_kv = head_index_sets(adapter, layer, ex.heads[i], head_unit)
+    q, k, v = adapter.attn_in(layer)
+    o = adapter.attn_out(layer)
+    if ex.attn_bias is not None:
+        for lin in (q, k, v, o):
+            zero_bias(lin)
+    _slice_rows(q, q_idx)
+    _slice_rows(k, kv_idx)
+    _slice_rows(v, kv_idx)
+    _slice_cols(o, q_idx)
+    if ex.attn_bias is not None:
+        _add_bias(o, ex.attn_bias[i])
+    adapter.set_head_counts(layer, n_q, n_kv)
+    return n_q, n_kv
 
 
 @torch.no_grad()
 def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None,
                 check: bool = True) -> nn.Module:
-    """Physically prune `model` in place to the plan's expert and record the result in its config."""
+    """Physically prune `model` in place to the plan's expert and record the result in its config.
+
+    Works on an empty (meta) skeleton too: that gives the pruned layout without any weights."""
     if check:
         check_fingerprint(plan.meta["fingerprint"], model, adapter)
     name, ex = plan.expert(expert)
@@ -69,31 +102,10 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
         model.config.attention_bias = True
     heads, kv_heads = [], []
     for i, layer in enumerate(layers):
-        idx = ex.ffn[i]
-        if ex.ffn_bias is not None:
-            adapter.prepare_ffn_out_bias(layer)
-        if len(idx) < adapter.d_ff(layer):
-            for lin in adapter.ffn_in(layer):
-                _slice_rows(lin, idx)
-            _slice_cols(adapter.ffn_out(layer), idx)
-        if ex.ffn_bias is not None:
-            _add_bias(adapter.ffn_out(layer), ex.ffn_bias[i])
-        if ex.heads is not None:
-            q_idx, kv_idx, n_q, n_kv = head_index_sets(adapter, layer, ex.heads[i], plan.head_unit)
-            q, k, v = adapter.attn_in(layer)
-            o = adapter.attn_out(layer)
-            if attn_bias:
-                for lin in (q, k, v, o):
-                    zero_bias(lin)
-            _slice_rows(q, q_idx)
-            _slice_rows(k, kv_idx)
-            _slice_rows(v, kv_idx)
-            _slice_cols(o, q_idx)
-            if attn_bias:
-                _add_bias(o, ex.attn_bias[i])
-            adapter.set_head_counts(layer, n_q, n_kv)
-            heads.append(n_q)
-            kv_heads.append(n_kv)
+        counts = slice_layer(layer, adapter, ex, i, plan.head_unit)
+        if counts is not None:
+            heads.append(counts[0])
+            kv_heads.append(counts[1])
     widths = [adapter.d_ff(layer) for layer in layers]
     record = {
         "ffn_widths": widths,

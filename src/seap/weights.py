@@ -109,20 +109,26 @@ class ModuleWeights(WeightSource):
 
 
 class CheckpointWeights(WeightSource):
-    """A model on disk: summaries measured during the layer-by-layer pass, matrices read when asked."""
+    """A model on disk: summaries measured during the layer-by-layer pass (or by a pass over the
+    weights alone when there was none), fingerprint samples and matrices read when asked."""
 
-    def __init__(self, summaries: list[LayerWeights] | None, signatures: list[list[float]], read_out_weight):
+    def __init__(self, summaries: list[LayerWeights] | None, signatures, read_out_weight, summarise=None):
         self.summaries = summaries
-        self.signatures = signatures
+        self._signatures = signatures  # a list, or a callable that reads them
         self._read = read_out_weight  # (layer index, 'ffn' | 'attn') -> tensor
+        self._summarise = summarise  # () -> list[LayerWeights], one layer in memory at a time
 
     def layer(self, i: int) -> LayerWeights:
         if self.summaries is None:
-            raise RuntimeError("weight summaries come from the layer-by-layer pass; none was run")
+            if self._summarise is None:
+                raise RuntimeError("no weight summaries: run the layer-by-layer pass first")
+            self.summaries = self._summarise()
         return self.summaries[i]
 
     def signature(self, i: int) -> list[float]:
-        return self.signatures[i]
+        if callable(self._signatures):
+            self._signatures = self._signatures()
+        return self._signatures[i]
 
     def out_weight(self, i: int, kind: str) -> torch.Tensor:
         return self._read(i, kind)

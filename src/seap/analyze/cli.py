@@ -10,6 +10,9 @@ OUT_HELP = "output folder for <name>.json, <name>.md and the PNG figures (defaul
 
 
 def _common(p: argparse.ArgumentParser, *, limit: int, tasks_help: str) -> None:
+    from ..runtime import add_runtime_args
+
+    add_runtime_args(p, device_map=True)
     p.add_argument("--model", default=None, help="bundled name (smollm2-135m [default], gemma3-270m), a Hugging "
                    "Face id, a local folder or a .gguf file")
     p.add_argument("--task", dest="tasks", action="append", default=None, help=tasks_help)
@@ -79,7 +82,7 @@ def _given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, runtime=None) -> None:
     """Dispatch `seap analyze <cmd>` and print what was written."""
     from . import analyze_clusters, analyze_heatmap, analyze_plans, analyze_sensitivity
     from .clusters import ClusterConfig
@@ -95,13 +98,15 @@ def run(args: argparse.Namespace) -> None:
         if cmd == "clusters":
             cfg = ClusterConfig(layers=tuple(args.layers) if args.layers else None, pool=args.pool, limit=args.limit,
                                 methods=("pca",) if args.no_tsne else ("pca", "tsne", "umap"), seed=args.seed, **size)
-            res = analyze_clusters(args.model, args.tasks, config=cfg, data_dir=args.data_dir, out=args.out)
+            res = analyze_clusters(args.model, args.tasks, config=cfg, data_dir=args.data_dir, out=args.out,
+                                   runtime=runtime)
             d = res.data
             print(f"silhouette by task: best layer {d['best_layer']} ({d['best_silhouette']:.3f}); layers drawn "
                   + ", ".join(f"{l} ({d['silhouette'][l]:.3f})" for l in d["layers_shown"]))
         elif cmd == "heatmap":
             cfg = HeatmapConfig(limit=args.limit, dims=args.dims, seed=args.seed, **size)
-            res = analyze_heatmap(args.model, args.tasks, config=cfg, data_dir=args.data_dir, out=args.out)
+            res = analyze_heatmap(args.model, args.tasks, config=cfg, data_dir=args.data_dir, out=args.out,
+                                  runtime=runtime)
             print(f"profile similarity: within-task {res.data['within_task']:.3f}, "
                   f"between tasks {res.data['between_task']:.3f}")
         else:
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
                                     texts=args.texts, protect_first=args.protect_first,
                                     protect_last=args.protect_last, seed=args.seed, **size)
             res = analyze_sensitivity(args.model, args.tasks or ("default",), config=cfg, data_dir=args.data_dir,
-                                      out=args.out)
+                                      out=args.out, runtime=runtime)
             s = res.data["schedule"]
             print(f"fitted logistic ({s['metric']}): k = {s['k']:.3f}, x0 = {s['x0']:.3f} "
                   f"(R² {res.data['fits'][s['metric']]['r2']:.3f}); use it with "

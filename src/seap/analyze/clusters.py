@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, open_model
 from .common import (Analysis, batches, check_layers, check_positive, decoder_body, default_tasks, layer_outputs,
                      markdown_table, spread_layers, task_texts)
 
@@ -126,13 +126,13 @@ def reduce_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
 def analyze_clusters(model: str | LoadedModel | None = None, tasks: Sequence[str] | None = None, *,
                      config: ClusterConfig | None = None, data_dir: str | Path | None = None,
-                     out: str | Path | None = None, progress: bool = True) -> Analysis:
+                     out: str | Path | None = None, progress: bool = True, runtime=None) -> Analysis:
     """`seap analyze clusters`: silhouette per layer and 2-D maps of the task prompts' hidden states."""
     t0 = time.time()
     cfg = config or ClusterConfig()
     tasks = list(tasks or default_tasks(data_dir))
     texts = task_texts(tasks, data_dir=data_dir, limit=cfg.limit, seed=cfg.seed, prompts=True)
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
     n_layers = len(lm.adapter.layers(lm.model))
     shown = check_layers(cfg.layers, n_layers) if cfg.layers else spread_layers(n_layers)
     methods = [m for m in cfg.methods if m != "umap" or umap_available()]

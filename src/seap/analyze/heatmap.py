@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, open_model
 from ..stats import ActivationStats, collect_stats
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts
 
@@ -99,13 +99,13 @@ def within_between(per_layer: dict[tuple[str, str], list[float]], tasks: Sequenc
 
 def analyze_heatmap(model: str | LoadedModel | None = None, tasks: Sequence[str] | None = None, *,
                     config: HeatmapConfig | None = None, data_dir: str | Path | None = None,
-                    out: str | Path | None = None, progress: bool = True) -> Analysis:
+                    out: str | Path | None = None, progress: bool = True, runtime=None) -> Analysis:
     """`seap analyze heatmap`: split-half activation profiles per task, and within- vs between-task similarity."""
     t0 = time.time()
     cfg = config or HeatmapConfig()
     tasks = list(tasks or default_tasks(data_dir))
     texts = task_texts(tasks, data_dir=data_dir, limit=cfg.limit, seed=cfg.seed, prompts=False)
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
     logs: dict[str, list[torch.Tensor]] = {}
     for task in tasks:
         for half, part in zip(HALVES, split_halves(texts[task], cfg.seed)):

@@ -38,7 +38,7 @@ class FittedSchedule:
     def configure(self, config: PruneConfig, lm: LoadedModel | None = None) -> PruneConfig:
         """`config` with the logistic-fitted allocation; refused when `lm` is not the model it was fitted on."""
         if lm is not None:
-            check_fingerprint(self.fingerprint, lm.model, lm.adapter, "fitted schedule")
+            check_fingerprint(self.fingerprint, lm.model, lm.adapter, "fitted schedule", weights=lm.weights)
         return config.with_(allocation="logistic-fitted", k=self.k, x0=self.x0, fitted=self.record())
 
 

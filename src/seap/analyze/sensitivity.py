@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
-from ..models import LoadedModel, fingerprint, load_model
+from ..models import LoadedModel, fingerprint, open_model
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores
 from ..stats import collect_stats
@@ -256,11 +256,11 @@ def _rates_at(lm: LoadedModel, ratio: float, cfg: SensitivityConfig, fit: Logist
 # -- the command ------------------------------------------------------------------------------------
 def analyze_sensitivity(model: str | LoadedModel | None = None, tasks: Sequence[str] = ("default",), *,
                         config: SensitivityConfig | None = None, data_dir: str | Path | None = None,
-                        out: str | Path | None = None, progress: bool = True) -> Analysis:
+                        out: str | Path | None = None, progress: bool = True, runtime=None) -> Analysis:
     """`seap analyze sensitivity`: damage of pruning each layer alone, and the logistic fitted to it."""
     t0 = time.time()
     cfg = config or SensitivityConfig()
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
     n_layers = len(lm.adapter.layers(lm.model))
     depth = relative_depths(n_layers, cfg.protect_first, cfg.protect_last)
     sample = list(resolve_corpus(cfg.sample, data_dir=data_dir, limit=cfg.texts, seed=cfg.seed).texts)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .._io import write_json, write_text
 from ..errors import ConfigError, DataError
-from ..models import LoadedModel, check_fingerprint, load_model
+from ..models import LoadedModel, check_fingerprint, open_model
 from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
 from .vllm import VLLMExport, export_vllm
 
@@ -53,7 +53,7 @@ def check_text_tokens(lm: LoadedModel, n: int, data_dir: str | Path | None) -> t
 def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str = "gguf", plan=None,
                  expert: str | None = None, out_type: str = "f32", tokenizer_from: str | None = None,
                  tensor_parallel: int = 1, check: int = 0, data_dir: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, runtime=None) -> dict:
     """Export a model (a pruned folder, or a base model with `plan`) for llama.cpp or vLLM.
 
     With `check` > 0 (GGUF only), llama.cpp's next-token logits on the first `check` WikiText-2
@@ -62,7 +62,7 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
         raise ConfigError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
     if check < 0:
         raise ConfigError(f"--check must be >= 0 tokens, got {check}")
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
     if plan is not None:
         lm = _with_plan(lm, plan, expert)
     if fmt == "vllm":
@@ -86,7 +86,7 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
 def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
                    plans: Sequence[str] = (), quant: str = "q8_0", prompt_len: int = 128, gen_len: int = 64,
                    warmup: int = 1, repeats: int = 5, out: str | Path = "seap-bench",
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, runtime=None) -> list[dict]:
     """`seap bench --backend llamacpp`: the dense model and each pruned model exported to GGUF at the
     same quantisation (files given as .gguf are used as they are), timed in llama.cpp in one run."""
     from .llamacpp import bench_gguf, require, speed_markdown, speed_rows
@@ -101,11 +101,12 @@ def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[
         if isinstance(spec, str) and spec.endswith(".gguf"):
             paths[name] = Path(spec)
             return
-        lm = spec if isinstance(spec, LoadedModel) else load_model(spec)
+        lm = spec if isinstance(spec, LoadedModel) else open_model(spec, runtime)
         paths[name] = export_gguf(lm, out / "gguf" / f"{_slug(name)}.{quant}.gguf", GGUFConfig(out_type=quant),
                                   progress=progress).path
 
-    base = model if isinstance(model, LoadedModel) or (model and str(model).endswith(".gguf")) else load_model(model)
+    base = (model if isinstance(model, LoadedModel) or (model and str(model).endswith(".gguf"))
+            else open_model(model, runtime))
     add("dense", base)
     for path in compare:
         add(Path(path).stem if str(path).endswith(".gguf") else Path(path).name, str(path))

@@ -1,0 +1,265 @@
+"""collect -> plan -> slice -> save, whole in memory or layer by layer, with a summary.
+
+The path is chosen by `seap.models.open_model` from the memory free (or forced by Runtime.load):
+a model that fits is loaded whole; a bigger safetensors checkpoint stays on disk, its statistics
+come from the layer-by-layer pass (seap.layerwise) and its pruned copy is streamed from the
+source shards (seap.streaming). Both paths give the same statistics, plan and files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ._io import write_json, write_text
+from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
+from .config import PruneConfig
+from .errors import ConfigError
+from .models import LazyModel, LoadedModel, check_fingerprint, fingerprint, open_model
+from .plan import Plan, build_plan, resolve_head_unit
+from .pruned import save_pruned
+from .runtime import Runtime, dtype_name
+from .stats import ActivationStats, collect_stats
+from .surgery import count_params, ffn_params, slice_model
+from .tasks import resolve_corpus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("default",)
+Model = str | LoadedModel | LazyModel | None
+
+
+def open_for_pruning(model: Model, runtime: Runtime | None = None) -> LoadedModel | LazyModel:
+    if isinstance(model, (LoadedModel, LazyModel)):
+        return model
+    return open_model(model, runtime, streamable=True)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+
+
+def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, limit, heads: bool, batch_size: int,
+             max_length: int, out, seed: int, progress: bool) -> dict[str, ActivationStats]:
+    """Statistics per task; those already in `out` for the same model are reused, the rest are
+    collected in one pass (one whole-model pass per task, or one layer-by-layer pass for all)."""
+    fp = fingerprint(lm.model, lm.adapter, lm.weights)
+    result: dict[str, ActivationStats | None] = {}
+    todo: dict[str, tuple] = {}
+    for task in tasks:
+        path = Path(out) / f"{_safe(task)}.safetensors" if out else None
+        if path is not None and path.is_file():
+            cached = ActivationStats.load(path)
+            check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file",
+                              weights=lm.weights)
+            if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit:
+                log.info("reusing statistics %s", path)
+                result[task] = cached
+                continue
+        corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
+        meta = {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp,
+                "corpus": task, "source": corpus.source, "limit": limit}
+        todo[task] = (corpus, meta, path)
+        result[task] = None
+    if todo and isinstance(lm, LoadedModel):
+        for task, (corpus, meta, path) in todo.items():
+            result[task] = collect_stats(lm.model, lm.tokenizer, lm.adapter, corpus.texts, heads=heads,
+                                         batch_size=batch_size, max_length=max_length, meta=meta, progress=progress)
+    elif todo:
+        from .layerwise import layerwise_stats
+
+        res = layerwise_stats(lm.checkpoint, lm.model.config, lm.tokenizer, {t: c.texts for t, (c, _, _) in todo.items()},
+                              heads=heads, batch_size=batch_size, max_length=max_length, device=lm.device,
+                              dtype=lm.dtype, metas={t: m for t, (_, m, _) in todo.items()}, resume_dir=out,
+                              progress=progress)
+        lm.weights.summaries = res.weights.summaries  # measured on the way: no second read of the weights
+        result.update(res.stats)
+    for task, (_, _, path) in todo.items():
+        if path is not None:
+            result[task].save(path)
+    return result  # type: ignore[return-value]
+
+
+def collect(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: str | Path | None = None,
+            limit: int | None = None, heads: bool = False, batch_size: int = 8, max_length: int = 512,
+            out: str | Path | None = None, seed: int = 0, progress: bool = True,
+            runtime: Runtime | None = None) -> dict[str, ActivationStats]:
+    """Activation statistics of each task corpus (saved as <out>/<task>.safetensors when out is given).
+
+    Statistics already in `out` for the same model are reused instead of recomputed; a killed
+    layer-by-layer pass with the same settings resumes from its last checkpoint in `out`."""
+    lm = open_for_pruning(model, runtime)
+    return _collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
+                    max_length=max_length, out=out, seed=seed, progress=progress)
+
+
+@dataclass
+class PruneResult:
+    plan: Plan
+    expert: str
+    out: Path | None
+    params_before: int
+    params_after: int
+    ffn_before: int
+    ffn_after: int
+    widths: list[int]
+    seconds: float
+    files: dict = field(default_factory=dict)
+    model: LoadedModel | None = None  # the sliced model in memory (the whole-model path only)
+    path: str = "whole"  # "whole" or "layerwise"
+    stage_seconds: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # device, compute dtype, saved dtype
+    max_resident_layers: int | None = None  # decoder layers in memory at once (layer-by-layer path)
+    bytes_written: int | None = None
+
+    def summary(self) -> dict:
+        ex = self.plan.experts[self.expert]
+        return {
+            "base_model": self.plan.meta["base_model"], "method": self.plan.meta["method"],
+            "expert": self.expert, "experts": list(self.plan.experts),
+            "target_ratio": self.plan.meta["target_ratio"], "achieved_ratio": ex.stats["achieved_ratio"],
+            "params_before": self.params_before, "params_after": self.params_after,
+            "total_reduction": 1 - self.params_after / self.params_before,
+            "ffn_params_before": self.ffn_before, "ffn_params_after": self.ffn_after,
+            "ffn_widths": self.widths, "heads_kept": ex.stats.get("heads_kept"),
+            "seconds": round(self.seconds, 1), "files": self.files, "path": self.path,
+            "stage_seconds": self.stage_seconds, "runtime": self.runtime,
+            "max_resident_layers": self.max_resident_layers, "bytes_written": self.bytes_written,
+        }
+
+    def markdown(self) -> str:
+        s = self.summary()
+        rows = [
+            ("base model", s["base_model"]), ("method / expert", f"{s['method']} / {s['expert']}"),
+            ("target ratio (prunable params)", f"{s['target_ratio']:.4f}"),
+            ("achieved ratio", f"{s['achieved_ratio']:.4f}"),
+            ("parameters", f"{s['params_before']:,} -> {s['params_after']:,} (-{100 * s['total_reduction']:.1f}%)"),
+            ("FFN parameters", f"{s['ffn_params_before']:,} -> {s['ffn_params_after']:,}"),
+            ("FFN widths", _widths_brief(s["ffn_widths"])),
+            ("path", f"{s['path']} ({', '.join(f'{k} {v}' for k, v in s['runtime'].items())})"),
+            ("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items())),
+        ]
+        rows += [(k, str(v)) for k, v in s["files"].items()]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def _widths_brief(widths: list[int]) -> str:
+    if len(set(widths)) == 1:
+        return f"{widths[0]} in all {len(widths)} layers"
+    return ", ".join(str(w) for w in widths)
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.time()
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 2)
+        self._t = now
+
+
+def _runtime_record(lm: LoadedModel | LazyModel) -> dict:
+    if isinstance(lm, LazyModel):
+        return {"device": str(lm.device), "dtype": dtype_name(lm.dtype), "saved as": dtype_name(lm.save_dtype)}
+    p = next(lm.model.parameters())
+    return {"device": str(p.device), "dtype": dtype_name(p.dtype), "saved as": dtype_name(lm.save_dtype)}
+
+
+def prune(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
+          config: PruneConfig | None = None, data_dir: str | Path | None = None, out: str | Path | None = None,
+          expert: str | None = None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
+          stats_dir: str | Path | None = None, progress: bool = True, schedule: str | Path | None = None,
+          runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES) -> PruneResult:
+    """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
+    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model only).
+    `runtime`: device, dtype and whole / layer-by-layer loading; `shard_size` of the saved safetensors."""
+    t0 = time.time()
+    stages = _Stages()
+    config = config or PruneConfig()
+    max_shard = parse_size(shard_size)
+    lm = open_for_pruning(model, runtime)
+    if isinstance(lm, LazyModel) and not out:
+        raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
+    if schedule is not None:
+        from .analyze.schedule import load_schedule
+
+        config = load_schedule(schedule).configure(config, lm)
+    fp = fingerprint(lm.model, lm.adapter, lm.weights)
+    heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
+    stages.done("load")
+    sdir = stats_dir or (Path(out) / "stats" if out else None)
+    if config.needs_stats:
+        stats = _collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
+                         max_length=max_length, out=sdir, seed=config.seed, progress=progress)
+    else:
+        stats = {t: None for t in tasks}
+    stages.done("statistics")
+    plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
+                      revision=lm.source.revision, fingerprint=fp, weights=lm.weights)
+    stages.done("plan")
+    if out:
+        out = Path(out)
+        files = {"plan": str(plan.save(out / "plan"))}
+    res = _materialise(lm, plan, expert, out / "model" if out else None, max_shard, progress)
+    stages.done("slice_and_save")
+    if out:
+        res.files = {**files, **res.files}
+        if config.needs_stats:
+            res.files["stats"] = str(sdir)
+    res.out = Path(out) if out else None
+    res.seconds = time.time() - t0
+    res.stage_seconds = stages.seconds
+    if out:
+        write_json(out / "summary.json", res.summary())
+        write_text(out / "summary.md", res.markdown())
+    return res
+
+
+def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, folder: Path | None,
+                 max_shard: int, progress: bool) -> PruneResult:
+    """The plan's expert as a pruned model: sliced in memory (and saved), or streamed to `folder`."""
+    name, _ = plan.expert(expert)
+    before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
+    if isinstance(lm, LazyModel):
+        from .streaming import write_streamed
+
+        w = write_streamed(lm.checkpoint, lm.model.config, lm.tokenizer, plan, name, folder,
+                           dtype=lm.save_dtype, max_shard_bytes=max_shard, progress=progress)
+        layout = w.layout
+        res = PruneResult(plan, name, None, before, count_params(layout), ffn_before, ffn_params(layout, lm.adapter),
+                          [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(layout)], 0.0,
+                          files={"model": str(w.folder)}, path="layerwise", max_resident_layers=w.max_resident_layers,
+                          bytes_written=w.bytes_written)
+    else:
+        slice_model(lm.model, lm.adapter, plan, name, check=False)
+        res = PruneResult(plan, name, None, before, count_params(lm.model), ffn_before,
+                          ffn_params(lm.model, lm.adapter),
+                          [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)], 0.0, model=lm)
+        if folder is not None:
+            res.files = {"model": str(save_pruned(lm.model, lm.tokenizer, folder, dtype=lm.save_dtype,
+                                                  max_shard_bytes=max_shard))}
+            res.bytes_written = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    res.runtime = _runtime_record(lm)
+    return res
+
+
+def apply(model: Model, plan: str | Path | Plan, *, expert: str | None = None, out: str | Path | None = None,
+          runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
+          progress: bool = True) -> PruneResult:
+    """Apply a saved plan to its base model (refused for any other model) and save the result
+    (streamed from the shards when the model is not loaded whole)."""
+    t0 = time.time()
+    lm = open_for_pruning(model, runtime)
+    if isinstance(lm, LazyModel) and not out:
+        raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter, weights=lm.weights)
+    res = _materialise(lm, plan, expert, Path(out) if out else None, parse_size(shard_size), progress)
+    res.out = Path(out) if out else None
+    res.seconds = time.time() - t0
+    return res

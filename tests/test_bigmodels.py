@@ -1,0 +1,210 @@
+"""Big models: the layer-by-layer path against the whole-model path, sharded folders, resume, errors.
+
+Every check runs on tiny random checkpoints of each family saved in bfloat16 (as 7B-70B
+checkpoints ship), so the dtype handling is exercised as well as the streaming.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, TEXTS, byte_level_tokenizer
+
+from seap import runtime as rt_mod
+from seap.checkpoint import Checkpoint, ShardWriter
+from seap.cli import main
+from seap.config import PruneConfig
+from seap.errors import ConfigError, ModelError
+from seap.layerwise import layerwise_stats
+from seap.models import load_model, open_model
+from seap.pruning import prune
+from seap.runtime import Runtime
+from seap.stats import collect_stats
+
+CPU = torch.device("cpu")
+
+
+def bf16_folder(tmp_path: Path, family: str, name: str = "ckpt", shard: str | None = None) -> Path:
+    """A tiny random checkpoint of `family` as hub checkpoints ship: bf16 safetensors, real tokenizer."""
+    model = FAMILIES[family](vocab_size=260).to(torch.bfloat16)
+    folder = tmp_path / f"{name}-{family}"
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _close(a, b, rtol=1e-6):
+    for x, y in zip(a, b):
+        for f in ("mean", "m2", "sumsq"):
+            u, v = getattr(x, f), getattr(y, f)
+            assert torch.allclose(u, v, rtol=rtol, atol=rtol * float(v.abs().max() + 1e-30)), f
+        assert x.count == y.count
+
+
+def test_layerwise_statistics_equal_whole_model_statistics(tmp_path, family):
+    folder = bf16_folder(tmp_path, family)
+    lm = load_model(str(folder))  # float32, whole
+    heads = family == "opt"
+    whole = collect_stats(lm.model, lm.tokenizer, lm.adapter, TEXTS, heads=heads, batch_size=4, progress=False)
+    res = layerwise_stats(Checkpoint.open(folder), lm.model.config, lm.tokenizer, {"t": TEXTS}, heads=heads,
+                          batch_size=4, device=CPU, dtype=torch.float32, progress=False)
+    _close(res.stats["t"].ffn, whole.ffn)
+    if heads:
+        _close(res.stats["t"].attn, whole.attn)
+    assert res.max_resident_layers == 1
+
+
+@pytest.mark.parametrize("method", ["seap", "flap"])
+def test_streamed_pruning_equals_whole_model_pruning_tensor_for_tensor(tmp_path, family, method):
+    folder = bf16_folder(tmp_path, family, shard="40KB")  # several source shards
+    cfg = PruneConfig.from_method(method, ratio=0.4, protect_first=1, protect_last=1)
+    runs = {}
+    for load in ("whole", "layerwise"):
+        res = prune(str(folder), [str(_corpus(tmp_path))], config=cfg, out=tmp_path / load, progress=False,
+                    runtime=Runtime(device="cpu", load=load), shard_size="30KB")
+        assert res.path == load
+        runs[load] = Checkpoint.open(tmp_path / load / "model")
+    whole, streamed = runs["whole"], runs["layerwise"]
+    assert len({t.file for t in whole.tensors.values()}) > 1  # sharded output, with an index
+    assert (tmp_path / "layerwise" / "model" / "model.safetensors.index.json").is_file()
+    assert sorted(whole.names()) == sorted(streamed.names())
+    a, b = whole.read(whole.names()), streamed.read(streamed.names())
+    for name in a:
+        assert a[name].dtype == torch.bfloat16 or not a[name].is_floating_point()  # the checkpoint's own dtype
+        assert torch.equal(a[name], b[name]), name
+    summary = json.loads((tmp_path / "layerwise" / "summary.json").read_text())
+    assert summary["max_resident_layers"] <= 2  # the acceptance bound (it is 1: one layer at a time)
+    assert set(summary["stage_seconds"]) == {"load", "statistics", "plan", "slice_and_save"}
+
+
+def _corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("ratio_cfg", [dict(allocation="uniform"), dict(protect_first=1, protect_last=1)])
+def test_sharded_save_and_reload_give_identical_logits(tmp_path, family, ratio_cfg):
+    folder = bf16_folder(tmp_path, family)
+    cfg = PruneConfig.from_method("seap", ratio=0.5, **ratio_cfg)
+    res = prune(str(folder), [str(_corpus(tmp_path))], config=cfg, out=tmp_path / "out", progress=False,
+                runtime=Runtime(device="cpu", load="whole"), shard_size="20KB")
+    ids = torch.tensor([[5, 9, 40, 7, 99, 3, 12]])
+    # In memory the sliced model is float32 from bf16 weights; the folder holds those bf16 values.
+    ref = res.model.model(ids).logits
+    ckpt = Checkpoint.open(tmp_path / "out" / "model")
+    assert len({t.file for t in ckpt.tensors.values()}) > 1
+    for dtype in (torch.float32, torch.bfloat16):
+        again = load_model(str(tmp_path / "out" / "model"), dtype=dtype)
+        assert next(again.model.parameters()).dtype == dtype
+        if dtype == torch.float32:
+            assert torch.equal(again.model(ids).logits, ref)
+    mapped = load_model(str(tmp_path / "out" / "model"), device_map="auto")  # accelerate's placement
+    assert torch.equal(mapped.model(ids).logits, ref)
+
+
+def test_a_killed_layerwise_pass_resumes_from_its_last_layer(tmp_path, monkeypatch):
+    folder = bf16_folder(tmp_path, "llama")
+    lm = load_model(str(folder))
+    ckpt = Checkpoint.open(folder)
+    kwargs = dict(batch_size=4, device=CPU, dtype=torch.float32, progress=False, checkpoint_overhead=1e9)
+    clean = layerwise_stats(ckpt, lm.model.config, lm.tokenizer, {"t": TEXTS}, **kwargs)
+
+    import seap.layerwise as lw
+
+    real = lw.LayerWeights.of_layer
+    calls = {"n": 0}
+
+    def dies_at_layer_4(layer, adapter):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # a kill while layer 4 runs
+        return real(layer, adapter)
+
+    monkeypatch.setattr(lw.LayerWeights, "of_layer", staticmethod(dies_at_layer_4))
+    with pytest.raises(KeyboardInterrupt):
+        layerwise_stats(ckpt, lm.model.config, lm.tokenizer, {"t": TEXTS}, resume_dir=tmp_path / "r", **kwargs)
+    monkeypatch.setattr(lw.LayerWeights, "of_layer", staticmethod(real))
+    again = layerwise_stats(ckpt, lm.model.config, lm.tokenizer, {"t": TEXTS}, resume_dir=tmp_path / "r", **kwargs)
+    assert again.resumed_after == 3  # layers 0..3 were not run again
+    for a, b in zip(again.stats["t"].ffn, clean.stats["t"].ffn):
+        assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+    assert not any((tmp_path / "r").iterdir())  # the resume folder goes once the pass is complete
+
+
+# -- bad input: one clear line, nothing half-written ---------------------------------------------------
+def _one_line_error(argv, capsys, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("seap: error:"), err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu(capsys):
+    _one_line_error(["prune", "--device", "cuda", "--ratio", "0.5"], capsys, "no CUDA GPU", "--device cpu")
+
+
+def test_a_dtype_the_device_cannot_run(tmp_path, monkeypatch, capsys):
+    folder = bf16_folder(tmp_path, "llama")
+    monkeypatch.setattr(rt_mod, "dtype_supported", lambda device, dtype: dtype != torch.bfloat16)
+    _one_line_error(["prune", "--model", str(folder), "--method", "wanda-sp", "--dtype", "bfloat16", "--out", str(tmp_path / "o")], capsys,
+                    "bfloat16 cannot run on cpu")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError):
+        Runtime(dtype="float8")
+
+
+def test_missing_and_truncated_shards(tmp_path, capsys):
+    folder = bf16_folder(tmp_path, "llama", shard="40KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    _one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "truncated or corrupt",
+                    shards[1].name)
+    shards[1].unlink()
+    _one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "missing shard",
+                    shards[1].name)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("load", ["whole", "layerwise"])
+def test_a_disk_that_fills_up_during_the_save(tmp_path, monkeypatch, capsys, load):
+    folder = bf16_folder(tmp_path, "llama")
+    real = ShardWriter.write
+    written = {"n": 0}
+
+    def full_disk(self, name, tensor):
+        written["n"] += 1
+        if written["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", full_disk)
+    out = tmp_path / "o"
+    _one_line_error(["prune", "--model", str(folder), "--load", load, "--method", "wanda-sp", "--limit", "4",
+                     "--out", str(out)], capsys,
+                    "disk filled up", "nothing was kept")
+    assert not (out / "model").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".model")]  # no temp folder left behind
+
+
+def test_not_enough_memory_for_a_forced_whole_model(tmp_path, monkeypatch, capsys):
+    folder = bf16_folder(tmp_path, "llama")
+    monkeypatch.setattr(rt_mod, "available_memory", lambda device: 10_000)
+    _one_line_error(["prune", "--model", str(folder), "--load", "whole", "--out", str(tmp_path / "o")], capsys,
+                    "not enough memory", "--load layerwise")
+    # auto takes the layer-by-layer path instead
+    lm = open_model(str(folder), Runtime(device="cpu"), streamable=True)
+    assert type(lm).__name__ == "LazyModel"
+    with pytest.raises(ModelError, match="--device-map auto"):
+        open_model(str(folder), Runtime(device="cpu"))  # eval, generate: the model must fit
+
+
+def test_layerwise_needs_safetensors(capsys):
+    _one_line_error(["prune", "--load", "layerwise", "--ratio", "0.5"], capsys, "--load whole")
