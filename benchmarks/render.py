@@ -384,6 +384,10 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += "\nSpeed:\n" + speed_tables(model)
         text += griffin_section(model)
         text += llamacpp_section(model)
+    from precision import precision_section
+    from scaling import scaling_section
+
+    text += precision_section() + scaling_section()
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")
     dest = HERE / "RESULTS.md"

@@ -1,0 +1,249 @@
+"""Cost of pruning at scale: `seap prune` on random-weight checkpoints of real geometries.
+
+    python benchmarks/scaling.py                       # 135M, 1B, 3B, 8B geometries (about an hour on 2 cores)
+    python benchmarks/scaling.py --models llama-3.2-1b --work /tmp/seap-scaling
+
+Each checkpoint (benchmarks/checkpoints.py: bf16 sharded safetensors, a real tokenizer, seeded
+random weights) is pruned by 50% with SEAP on a fixed calibration set (the embedded corpus,
+--limit 32 texts, at most 128 tokens each) as a separate process under `/usr/bin/time -v`: the
+layer-by-layer path always, the whole-model path where the float32 model fits in memory. Then the
+pruned folder is reloaded (bfloat16) and generates one token. Wall time per stage comes from the
+run's summary.json; peak RSS and wall time from /usr/bin/time. Random weights make accuracy
+meaningless; time, memory and bytes are exact. Results: benchmarks/results/scaling/*.json, a
+section of RESULTS.md (`python benchmarks/run.py --stage render`) and scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "scaling"
+ORDER = ("smollm2-135m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
+CALIBRATION = ["--task", "default", "--limit", "32", "--max-length", "128", "--batch-size", "8"]
+WHOLE_FITS_BYTES = 14e9  # the float32 model must leave room for Python, torch and the activations in 24 GB
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run `cmd` under /usr/bin/time -v; wall seconds, peak RSS and the exit status."""
+    t0 = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1),
+            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None, "command": " ".join(cmd)}
+
+
+def run_model(name: str, work: Path, keep: bool) -> dict:
+    from checkpoints import GEOMETRIES, write_checkpoint
+
+    from seap.checkpoint import Checkpoint
+
+    ckpt_dir = work / name / "checkpoint"
+    t0 = time.time()
+    if not ckpt_dir.is_dir():
+        write_checkpoint(name, ckpt_dir)
+    ckpt = Checkpoint.open(ckpt_dir)
+    row = {"model": name, "geometry": GEOMETRIES[name], "params": ckpt.n_params, "checkpoint_bytes": ckpt.nbytes,
+           "checkpoint_write_s": round(time.time() - t0, 1), "calibration": " ".join(CALIBRATION), "paths": {}}
+    seap = [sys.executable, "-m", "seap"]
+    paths = ["layerwise"] + (["whole"] if ckpt.n_params * 4 <= WHOLE_FITS_BYTES else [])
+    for path in paths:
+        out = work / name / path
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [*seap, "prune", "--model", str(ckpt_dir), "--load", path, "--device", "cpu", "--ratio", "0.5",
+               *CALIBRATION, "--out", str(out)]
+        res = timed(cmd, work / name / f"{path}.log")
+        if res["rc"] == 0:
+            summary = json.loads((out / "summary.json").read_text())
+            res.update(stage_seconds=summary["stage_seconds"], bytes_written=summary["bytes_written"],
+                       params_after=summary["params_after"], achieved_ratio=summary["achieved_ratio"],
+                       max_resident_layers=summary["max_resident_layers"], runtime=summary["runtime"],
+                       calibration_tokens=_tokens(out / "stats"))
+        row["paths"][path] = res
+        print(f"{name} {path}: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GB", flush=True)
+    pruned = work / name / "layerwise" / "model"
+    if pruned.is_dir():
+        cmd = [*seap, "generate", "--model", str(pruned), "--dtype", "bfloat16", "--device", "cpu",
+               "--max-new-tokens", "1", "--json", "The capital of France is"]
+        res = timed(cmd, work / name / "generate.log")
+        text = (work / name / "generate.log").read_text(errors="replace")
+        res["generated"] = re.findall(r'"text": "(.*)"', text)[:1]
+        row["reload_generate"] = res
+        print(f"{name} reload + 1 token: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GB",
+              flush=True)
+    if not keep:
+        shutil.rmtree(work / name, ignore_errors=True)
+    return row
+
+
+def resume_check(name: str, work: Path, kill_after: int = 6) -> dict:
+    """Kill a layer-by-layer `seap prune` (SIGKILL) once it has checkpointed `kill_after` layers, run the
+    same command again, and compare its plan with an uninterrupted run's."""
+    import signal
+
+    from seap.plan import Plan
+
+    ckpt_dir = work / name / "checkpoint"
+    if not ckpt_dir.is_dir():
+        from checkpoints import write_checkpoint
+
+        write_checkpoint(name, ckpt_dir)
+    args = ["prune", "--model", str(ckpt_dir), "--load", "layerwise", "--device", "cpu", "--ratio", "0.5", *CALIBRATION]
+    seap = [sys.executable, "-m", "seap", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    clean, resumed = work / name / "clean", work / name / "resumed"
+    for d in (clean, resumed):
+        shutil.rmtree(d, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run([*seap, "--out", str(clean)], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    clean_s = time.time() - t0
+    proc = subprocess.Popen([*seap, "--out", str(resumed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = 0
+    while proc.poll() is None:
+        states = list((resumed / "stats").glob(".layerwise-*/state.json"))
+        done = json.loads(states[0].read_text())["next_layer"] if states else 0
+        if done >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    t1 = time.time()
+    log = work / name / "resumed.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run([sys.executable, "-m", "seap", "-v", *args, "--out", str(resumed)], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    resumed_s = time.time() - t1
+    a, b = Plan.load(clean / "plan"), Plan.load(resumed / "plan")
+    same = all(torch_equal(x, y) for x, y in zip(a.experts["default"].ffn, b.experts["default"].ffn))
+    note = re.findall(r"resuming the layer-by-layer pass at layer (\d+)", log.read_text())
+    return {"model": name, "killed_after_layers": done, "kill_signal": "SIGKILL", "restart_rc": rc,
+            "resumed_at_layer": int(note[0]) if note else None, "plans_equal": same,
+            "uninterrupted_s": round(clean_s, 1), "restart_s": round(resumed_s, 1)}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _tokens(stats_dir: Path) -> int | None:
+    from safetensors import safe_open
+
+    for f in stats_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            return int(json.loads(fh.metadata()["seap"])["n_tokens"])
+    return None
+
+
+def scaling_section() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows.sort(key=lambda r: r["params"])
+    if not rows:
+        return ""
+    tok = next((p.get("calibration_tokens") for r in rows for p in r["paths"].values() if p.get("calibration_tokens")),
+               None)
+    text = ("\n## Scaling: pruning 135M to 8B checkpoints on this machine\n\n"
+            "`python benchmarks/scaling.py` (then `--stage render`): seeded random-weight checkpoints with the exact "
+            "geometry of each model (bf16 sharded safetensors as the hub ships them, SmolLM2's tokenizer), pruned "
+            f"by 50% with SEAP on {tok} calibration tokens (`{rows[0]['calibration']}`), each run a separate process "
+            "under `/usr/bin/time -v` on the CPU (float32 compute, output saved in bf16). **Random weights make "
+            "accuracy meaningless; time, memory and bytes are exact.** Stages from the run's summary.json: load "
+            "(skeleton or whole model, tokenizer, fingerprint), statistics (the calibration pass), plan, slice and "
+            "save.\n\n"
+            "| model | params | checkpoint | path | wall s | load | statistics | plan | slice+save | peak RSS GB | "
+            "written GB | layers in memory |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        for path, p in r["paths"].items():
+            if p["rc"] != 0:
+                text += (f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_bytes'] / 1e9:.1f} GB | {path} | "
+                         f"failed (rc {p['rc']}) | | | | | {p['peak_rss_gb']} | | |\n")
+                continue
+            s = p["stage_seconds"]
+            text += (f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_bytes'] / 1e9:.1f} GB | {path} | "
+                     f"{p['wall_s']:.0f} | {s['load']:.0f} | {s['statistics']:.0f} | {s['plan']:.1f} | "
+                     f"{s['slice_and_save']:.0f} | {p['peak_rss_gb']:.2f} | {p['bytes_written'] / 1e9:.2f} | "
+                     f"{p['max_resident_layers'] if p['max_resident_layers'] is not None else 'all'} |\n")
+    text += "\nReload of each layer-by-layer output (bfloat16, CPU) and one generated token:\n\n"
+    text += "| model | wall s | peak RSS GB | token |\n|---|---|---|---|\n"
+    for r in rows:
+        g = r.get("reload_generate")
+        if g:
+            text += f"| {r['model']} | {g['wall_s']:.0f} | {g['peak_rss_gb']:.2f} | {(g.get('generated') or ['?'])[0]!r} |\n"
+    check = HERE / "results" / "resume_check.json"
+    if check.is_file():
+        c = json.loads(check.read_text())
+        text += (f"\nResume (`python benchmarks/scaling.py --resume-check {c['model']}`): a layer-by-layer prune of the "
+                 f"{c['model']} geometry was killed with {c['kill_signal']} after {c['killed_after_layers']} layers had "
+                 f"been checkpointed; the same command started again resumed at layer {c['resumed_at_layer']} and "
+                 f"finished in {c['restart_s']:.0f} s (an uninterrupted run: {c['uninterrupted_s']:.0f} s); its plan "
+                 f"{'equals' if c['plans_equal'] else 'DIFFERS from'} the uninterrupted run's, index for index.\n")
+    if (HERE / "scaling.png").is_file():
+        text += "\n![time and peak memory against parameters](scaling.png)\n"
+    return text
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for path, marker in (("layerwise", "o-"), ("whole", "s--")):
+        pts = [(r["params"] / 1e9, r["paths"][path]) for r in rows if path in r["paths"] and r["paths"][path]["rc"] == 0]
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        a.plot(x, [p[1]["wall_s"] / 60 for p in pts], marker, label=path)
+        b.plot(x, [p[1]["peak_rss_gb"] for p in pts], marker, label=path)
+    a.set(xlabel="parameters (billions)", ylabel="wall minutes", title="seap prune --ratio 0.5 (CPU)")
+    b.set(xlabel="parameters (billions)", ylabel="peak RSS (GB)", title="peak memory")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "scaling.png", dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(ORDER))
+    ap.add_argument("--work", default="/tmp/seap-scaling", help="where checkpoints and outputs go (deleted after)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--resume-check", default=None, metavar="MODEL",
+                    help="only: kill a layer-by-layer prune of MODEL midway, restart it, compare plans")
+    args = ap.parse_args()
+    from seap._io import write_json
+
+    if args.resume_check:
+        res = resume_check(args.resume_check, Path(args.work))
+        write_json(HERE / "results" / "resume_check.json", res)
+        print(json.dumps(res, indent=2))
+        if not args.keep:
+            shutil.rmtree(Path(args.work) / args.resume_check, ignore_errors=True)
+        return 0
+
+    for name in [m for m in args.models.split(",") if m]:
+        row = run_model(name, Path(args.work), args.keep)
+        write_json(RESULTS / f"{name}.json", row)
+    rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")), key=lambda r: r["params"])
+    plot(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())
