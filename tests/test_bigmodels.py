@@ -208,3 +208,40 @@ def test_not_enough_memory_for_a_forced_whole_model(tmp_path, monkeypatch, capsy
 
 def test_layerwise_needs_safetensors(capsys):
     _one_line_error(["prune", "--load", "layerwise", "--ratio", "0.5"], capsys, "--load whole")
+
+
+def test_apply_and_collect_stream_like_the_whole_path(tmp_path):
+    folder = bf16_folder(tmp_path, "gemma3")
+    corpus = str(_corpus(tmp_path))
+    for load in ("whole", "layerwise"):
+        assert main(["collect", "--model", str(folder), "--load", load, "--task", corpus, "--out",
+                     str(tmp_path / f"stats-{load}")]) == 0
+    from seap.stats import ActivationStats
+
+    name = f"{Path(corpus).name}.safetensors"
+    a, b = (ActivationStats.load(tmp_path / f"stats-{x}" / name) for x in ("whole", "layerwise"))
+    _close(a.ffn, b.ffn)
+    assert main(["prune", "--model", str(folder), "--method", "wanda-sp", "--task", corpus, "--out",
+                 str(tmp_path / "p")]) == 0
+    for load in ("whole", "layerwise"):
+        assert main(["apply", "--model", str(folder), "--load", load, "--plan", str(tmp_path / "p" / "plan"),
+                     "--out", str(tmp_path / f"apply-{load}")]) == 0
+    x, y = (Checkpoint.open(tmp_path / f"apply-{t}") for t in ("whole", "layerwise"))
+    tx, ty = x.read(x.names()), y.read(y.names())
+    assert tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx)
+
+
+def test_generate_and_info_on_a_pruned_folder_with_a_device_map(tmp_path, capsys):
+    folder = bf16_folder(tmp_path, "llama")
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(folder), "--load", "layerwise", "--method", "seap", "--protect-first", "1",
+                 "--protect-last", "1", "--task", str(_corpus(tmp_path)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "model"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "bfloat16" and info["params"] == Checkpoint.open(out / "model").n_params
+    for extra in (["--device-map", "auto"], ["--dtype", "bfloat16"]):
+        assert main(["generate", "--model", str(out / "model"), *extra, "--max-new-tokens", "3", "--json",
+                     "hello"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert rows[0]["prompt"] == "hello"
