@@ -306,3 +306,13 @@ def test_bad_pruned_folders_are_refused_before_writing(case, tmp_path, capsys):
                     "down_proj", "prune again")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "v").exists()
     assert not _leftovers(tmp_path)
+
+
+def test_an_offloaded_model_in_memory_is_refused_in_one_line(tmp_path):
+    from conftest import make_loaded
+
+    lm = make_loaded("llama")
+    lm.model.model.layers[2].mlp.to("meta")  # what accelerate's offload leaves in the module
+    with pytest.raises(ModelError, match="offloaded"):
+        export_vllm(lm, tmp_path / "v")
+    assert not list(tmp_path.iterdir())

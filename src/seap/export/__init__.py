@@ -78,7 +78,7 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
             lm = _with_plan(lm, plan, expert)
         src = ExportSource.of(lm)
     if fmt == "vllm":
-        res: GGUFExport | VLLMExport = export_vllm(src, out, tensor_parallel=tensor_parallel)
+        res: GGUFExport | VLLMExport = export_vllm(src, out, tensor_parallel=tensor_parallel, progress=progress)
         return {"format": fmt, **res.to_dict()}
     res = export_gguf(src, out, GGUFConfig(out_type=out_type, tokenizer_from=tokenizer_from), progress=progress)
     report = {"format": fmt, **res.to_dict()}

@@ -43,6 +43,9 @@ class ExportSource:
     @classmethod
     def of(cls, lm: LoadedModel) -> ExportSource:
         tensors = model_tensors(lm.model)
+        if any(t.device.type == "meta" for _, t in tensors):  # accelerate's CPU/disk offload keeps them elsewhere
+            raise ModelError("parts of this model are offloaded by its device map (weights on the meta device): "
+                             "export the folder without --load whole and --device-map; it streams from the shards")
         return cls(lm.model, lm.tokenizer, lm.adapter, lm.source, next(lm.model.parameters()).dtype,
                    [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors])
 

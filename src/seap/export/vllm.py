@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .._io import atomic_dir
 from ..checkpoint import DEFAULT_SHARD_BYTES, write_tensors
 from ..errors import ArtifactError, ConfigError, ModelError
@@ -94,7 +96,7 @@ def decilm_config(lm: ExportSource, widths: list[int], heads: list[int], kv_head
 
 
 def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, tensor_parallel: int = 1,
-                runtime=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> VLLMExport:
+                runtime=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> VLLMExport:
     """Write a folder that vLLM loads: plain when widths are uniform, DeciLM block configs otherwise.
     Tensors go to sharded safetensors one at a time (a safetensors folder streams from its shards)."""
     t0 = time.time()
@@ -114,6 +116,7 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
     if data is not None and data.get("tie_word_embeddings"):  # vLLM ties lm_head back to embed_tokens
         specs = [s for s in specs if s.name != "lm_head.weight"]
         values = ((n, t) for n, t in raw if n != "lm_head.weight")
+    values = tqdm(values, total=len(specs), desc="vllm", unit="tensor", disable=not progress)
     out = Path(out)
     try:
         with atomic_dir(out) as tmp:
@@ -131,6 +134,7 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
         raise ArtifactError(f"could not write {out} ({err.strerror or err}): free space or choose another --out; "
                             "nothing was kept") from None
     finally:
+        values.close()
         raw.close()  # a streamed source frees its loaded layer even when writing stopped early
     return VLLMExport(out, kind, widths, kv, tensor_parallel, round(time.time() - t0, 1), src.streamed,
                       src.max_resident_layers)
