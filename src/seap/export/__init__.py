@@ -14,6 +14,7 @@ from .._io import write_json, write_text
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel, check_fingerprint, open_model
 from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
+from .source import ExportSource, open_source
 from .vllm import VLLMExport, export_vllm
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,30 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
                  progress: bool = True, runtime=None) -> dict:
     """Export a model (a pruned folder, or a base model with `plan`) for llama.cpp or vLLM.
 
+    A safetensors folder (pruned, or a base checkpoint cut by `plan`) is streamed from its shards,
+    one decoder layer in memory at a time; a LoadedModel, a GGUF or a bundled model is exported
+    from memory, and so is any model with `check` or `--load whole` (the check runs it whole).
     With `check` > 0 (GGUF only), llama.cpp's next-token logits on the first `check` WikiText-2
     tokens are compared with the transformers model; the result is saved next to the file."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
     if check < 0:
         raise ConfigError(f"--check must be >= 0 tokens, got {check}")
-    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
-    if plan is not None:
-        lm = _with_plan(lm, plan, expert)
+    if check and fmt == "vllm":
+        raise ConfigError("--check compares llama.cpp logits: it applies to --format gguf")
+    src = None
+    if not isinstance(model, LoadedModel) and not check:
+        src = open_source(model, runtime, plan, expert)
+    lm = None
+    if src is None:
+        lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
+        if plan is not None:
+            lm = _with_plan(lm, plan, expert)
+        src = ExportSource.of(lm)
     if fmt == "vllm":
-        if check:
-            raise ConfigError("--check compares llama.cpp logits: it applies to --format gguf")
-        res: GGUFExport | VLLMExport = export_vllm(lm, out, tensor_parallel=tensor_parallel)
+        res: GGUFExport | VLLMExport = export_vllm(src, out, tensor_parallel=tensor_parallel, progress=progress)
         return {"format": fmt, **res.to_dict()}
-    res = export_gguf(lm, out, GGUFConfig(out_type=out_type, tokenizer_from=tokenizer_from), progress=progress)
+    res = export_gguf(src, out, GGUFConfig(out_type=out_type, tokenizer_from=tokenizer_from), progress=progress)
     report = {"format": fmt, **res.to_dict()}
     if check:
         from .llamacpp import compare_logits
@@ -101,9 +111,8 @@ def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[
         if isinstance(spec, str) and spec.endswith(".gguf"):
             paths[name] = Path(spec)
             return
-        lm = spec if isinstance(spec, LoadedModel) else open_model(spec, runtime)
-        paths[name] = export_gguf(lm, out / "gguf" / f"{_slug(name)}.{quant}.gguf", GGUFConfig(out_type=quant),
-                                  progress=progress).path
+        paths[name] = export_gguf(spec, out / "gguf" / f"{_slug(name)}.{quant}.gguf", GGUFConfig(out_type=quant),
+                                  progress=progress, runtime=runtime).path  # a folder streams from its shards
 
     base = (model if isinstance(model, LoadedModel) or (model and str(model).endswith(".gguf"))
             else open_model(model, runtime))
@@ -129,4 +138,5 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
-__all__ = ["FORMATS", "OUT_TYPES", "GGUFConfig", "benchmark_gguf", "export_gguf", "export_model", "export_vllm"]
+__all__ = ["FORMATS", "OUT_TYPES", "ExportSource", "GGUFConfig", "benchmark_gguf", "export_gguf", "export_model",
+           "export_vllm", "open_source"]

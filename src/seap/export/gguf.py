@@ -9,6 +9,12 @@ Tensors are mapped to llama.cpp names with the gguf package's TensorNameMap. Two
 what transformers' GGUF reader and the Hugging Face layout changed: Llama's q/k rows are permuted
 back to llama.cpp's interleaved RoPE pairs, and Gemma's RMSNorm weights get their +1 back.
 
+Writing streams: the header, metadata and every tensor's name, shape and type are computed from
+the geometry (a meta skeleton will do) and written first; then each tensor is read, transformed,
+encoded and written, one at a time (`ExportSource`: from memory, or from safetensors shards one
+decoder layer at a time). The file equals, byte for byte, what the gguf package's whole-file path
+writes from the same tensors.
+
 Tokenizer: copied key by key from a GGUF of the base model when there is one (the bundled
 models, a `.gguf` base, or `tokenizer_from`), so llama.cpp tokenises exactly as the original
 file did; otherwise rebuilt from the Hugging Face tokenizer with the gguf package's vocab
@@ -17,9 +23,11 @@ readers (llama.cpp then picks its default pre-tokenizer for BPE vocabularies and
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_path
-from ..errors import ConfigError, ModelError
-from ..models import LoadedModel, load_model, resolve_model
+from ..errors import ArtifactError, ConfigError, ModelError
+from ..models import LoadedModel, resolve_model
+from .source import ExportSource, as_source
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,8 @@ class GGUFExport:
     tokenizer_source: str
     seconds: float
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type -> tensor count
+    streamed: bool = False  # read from the shards layer by layer (else from the model in memory)
+    max_resident_layers: int | None = None  # decoder layers held at once while streaming
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -80,7 +91,7 @@ class Layout:
     norm_shift: float  # Gemma: HF keeps w, llama.cpp multiplies by (1 + w)
 
 
-def layout(lm: LoadedModel) -> Layout:
+def layout(lm: ExportSource | LoadedModel) -> Layout:
     """Which llama.cpp architecture can hold this model, or a clear error."""
     model, adapter = lm.model, lm.adapter
     cfg = model.config
@@ -119,7 +130,7 @@ def _rope(cfg) -> dict:
     return rp or {"rope_type": "default", "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
 
 
-def _write_hparams(w, lm: LoadedModel, lay: Layout) -> None:
+def _write_hparams(w, lm: ExportSource, lay: Layout) -> None:
     import gguf
 
     cfg = lm.model.config
@@ -183,47 +194,106 @@ def _unpermute_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(lm: LoadedModel, lay: Layout):
-    """(gguf name, float32 numpy array) for every weight, in llama.cpp's layout."""
+@dataclass(frozen=True)
+class GGUFTensor:
+    key: str | None  # the Hugging Face name (None: made here, e.g. rope_freqs)
+    name: str  # llama.cpp's name
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType as stored
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n // block * size
+
+
+def tensor_plan(src: ExportSource, lay: Layout, out_type: str) -> list[GGUFTensor]:
+    """Every tensor of the file (name, shape, stored type) in writing order, from the geometry
+    alone: the header is written before any value is read."""
     import gguf
 
-    model = lm.model
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI, "gemma3": gguf.MODEL_ARCH.GEMMA3}[lay.arch]
     names = gguf.get_tensor_name_map(arch, len(lay.ffn_widths))
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for key, t in model.state_dict().items():
-        if tied and key == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd as the output matrix
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    out = []
+    for spec in src.specs:
+        if _skipped(src, spec.name):
+            continue
+        name = names.get_name(spec.name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ModelError(f"no llama.cpp name for tensor {key!r} (architecture {lay.arch}): this layout cannot be "
-                             "exported to GGUF")
-        t = t.detach().float().cpu()
-        if lay.permute_qk and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
-            layer = int(key.split(".layers.")[1].split(".")[0])
-            n = lay.heads[layer] if ".q_proj." in key else lay.kv_heads[layer]
-            t = _unpermute_heads(t, n)
-        if lay.norm_shift and key.endswith("norm.weight"):
-            t = t + lay.norm_shift
-        yield name, t.numpy()
-    if lay.arch in ("llama", "deci") and _rope(model.config).get("rope_type") == "llama3":
-        yield "rope_freqs.weight", _llama3_rope_factors(model.config, lay.head_dim).numpy()
+            raise ModelError(f"no llama.cpp name for tensor {spec.name!r} (architecture {lay.arch}): this layout "
+                             "cannot be exported to GGUF")
+        out.append(GGUFTensor(spec.name, name, spec.shape, _qtype(spec.shape, out_type)))
+    if _llama3_rope(src, lay):
+        out.append(GGUFTensor(None, "rope_freqs.weight", (lay.head_dim // 2,), gguf.GGMLQuantizationType.F32))
+    return out
 
 
-def _encode(name: str, data: np.ndarray, out_type: str):
-    """(array, ggml type) as stored: 1-D tensors stay F32 (llama.cpp's convention)."""
+def _skipped(src: ExportSource, key: str) -> bool:
+    # A tied LM head: llama.cpp reuses token_embd as the output matrix.
+    return key == "lm_head.weight" and bool(getattr(src.model.config, "tie_word_embeddings", False))
+
+
+def _llama3_rope(src: ExportSource, lay: Layout) -> bool:
+    return lay.arch in ("llama", "deci") and _rope(src.model.config).get("rope_type") == "llama3"
+
+
+def to_llamacpp(key: str, t: torch.Tensor, lay: Layout) -> np.ndarray:
+    """One weight in llama.cpp's layout, float32."""
+    t = t.detach().float().cpu()
+    if lay.permute_qk and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
+        layer = int(key.split(".layers.")[1].split(".")[0])
+        n = lay.heads[layer] if ".q_proj." in key else lay.kv_heads[layer]
+        t = _unpermute_heads(t, n)
+    if lay.norm_shift and key.endswith("norm.weight"):
+        t = t + lay.norm_shift
+    return t.numpy()
+
+
+def gguf_tensors(src: ExportSource, lay: Layout, plan: list[GGUFTensor]):
+    """(entry, float32 array in llama.cpp's layout) in the order of `plan`, one tensor at a time."""
+    entries = iter(plan)
+    with closing(src.tensors()) as values:  # closed at once when writing stops early
+        for key, t in values:
+            if _skipped(src, key):
+                continue
+            e = next(entries)
+            if e.key != key:  # the header already promised this order
+                raise RuntimeError(f"tensor {key} came where {e.key} was expected")
+            yield e, to_llamacpp(key, t, lay)
+    for e in entries:
+        if e.key is not None:
+            raise RuntimeError(f"tensor {e.key} never came")
+        yield e, _llama3_rope_factors(src.model.config, lay.head_dim).numpy()
+
+
+def _qtype(shape: tuple[int, ...], out_type: str):
+    """The stored type: 1-D tensors stay F32 (llama.cpp's convention); Q8_0 needs rows of whole blocks."""
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if data.ndim < 2 or out_type == "f32":
-        return data.astype(np.float32), q.F32
-    if out_type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0] == 0:
-        return gguf.quants.quantize(data.astype(np.float32), q.Q8_0), q.Q8_0
-    return data.astype(np.float16), q.F16
+    if len(shape) < 2 or out_type == "f32":
+        return q.F32
+    if out_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0] == 0:
+        return q.Q8_0
+    return q.F16
+
+
+def _encode(data: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if qtype == q.Q8_0:
+        return gguf.quants.quantize(data.astype(np.float32), q.Q8_0)
+    return data.astype(np.float16 if qtype == q.F16 else np.float32)
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
-def _source_gguf(lm: LoadedModel, explicit: str | None) -> Path | None:
+def _source_gguf(lm: ExportSource, explicit: str | None) -> Path | None:
     """A GGUF of the base model, whose tokenizer metadata is authoritative."""
     if explicit:
         return Path(explicit)
@@ -257,7 +327,7 @@ def _copy_tokenizer(w, source: Path, n_vocab: int) -> None:
         w.add_key_value(key, f.contents(), main, sub_type=sub)
 
 
-def _hf_tokenizer(w, lm: LoadedModel, n_vocab: int) -> None:
+def _hf_tokenizer(w, lm: ExportSource, n_vocab: int) -> None:
     from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,15 +358,17 @@ def _hf_tokenizer(w, lm: LoadedModel, n_vocab: int) -> None:
 
 
 # -- export --------------------------------------------------------------------------------------
-def write_gguf(lm: LoadedModel, path: Path, out_type: str, tokenizer_from: str | None = None,
+def write_gguf(src: ExportSource, path: Path, out_type: str, tokenizer_from: str | None = None,
                progress: bool = True) -> tuple[Layout, str, dict[str, int]]:
-    """Write `lm` to `path` (a native type: f32, f16 or q8_0)."""
+    """Write `src` to `path` (a native type: f32, f16 or q8_0), streaming: header, metadata and
+    tensor infos from the geometry first, then the tensors one at a time as they are read."""
     import gguf
 
-    lay = layout(lm)
+    lay = layout(src)
+    plan = tensor_plan(src, lay, out_type)
     w = gguf.GGUFWriter(str(path), lay.arch)
-    record = getattr(lm.model.config, "seap_pruning", None) or {}
-    base = record.get("base_model") or lm.source.model_id
+    record = getattr(src.model.config, "seap_pruning", None) or {}
+    base = record.get("base_model") or src.source.model_id
     w.add_name(f"{Path(str(base)).name}" + (f" seap-{record.get('method')}" if record else ""))
     if record:
         w.add_description(f"pruned by seap: {record.get('method')}, expert {record.get('expert')}, "
@@ -304,53 +376,62 @@ def write_gguf(lm: LoadedModel, path: Path, out_type: str, tokenizer_from: str |
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_hparams(w, lm, lay)
-    n_vocab = int(lm.adapter.embeddings(lm.model).num_embeddings)
-    source = _source_gguf(lm, tokenizer_from)
+    _write_hparams(w, src, lay)
+    n_vocab = int(src.adapter.embeddings(src.model).num_embeddings)
+    source = _source_gguf(src, tokenizer_from)
     if source is not None and source.is_file():
         _copy_tokenizer(w, source, n_vocab)
         tok_source = str(source)
     else:
-        _hf_tokenizer(w, lm, n_vocab)
+        _hf_tokenizer(w, src, n_vocab)
         tok_source = "hugging face tokenizer"
     counts: dict[str, int] = {}
-    tensors = list(gguf_tensors(lm, lay))
-    for name, data in tqdm(tensors, desc=f"gguf {out_type}", disable=not progress):
-        arr, qtype = _encode(name, data, out_type)
-        w.add_tensor(name, arr, raw_dtype=qtype)
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    for e in plan:
+        w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+        counts[e.qtype.name] = counts.get(e.qtype.name, 0) + 1
     fallback = counts.get("F16", 0) if out_type == "q8_0" else 0
     if fallback:
         log.warning("%d tensors have rows that are not a multiple of 32 and stay F16 in the Q8_0 file: prune with "
                     "--multiple 32 for a fully quantised file", fallback)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = gguf_tensors(src, lay, plan)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for e, data in tqdm(tensors, total=len(plan), desc=f"gguf {out_type}", disable=not progress):
+            w.write_tensor_data(_encode(data, e.qtype))
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise ArtifactError(f"{'the disk filled up while writing' if full else 'could not write'} {path} "
+                            f"({err.strerror or err}): free space or choose another --out; nothing was kept") from None
+    finally:
+        tensors.close()  # a streamed source frees its loaded layer
+        w.close()
     return lay, tok_source, counts
 
 
-def export_gguf(model: str | LoadedModel, out: str | Path, config: GGUFConfig | None = None, *,
-                progress: bool = True) -> GGUFExport:
-    """Write a (pruned) model as one GGUF file, atomically. Q4_K_M goes through llama.cpp's quantizer."""
+def export_gguf(model: str | LoadedModel | ExportSource, out: str | Path, config: GGUFConfig | None = None, *,
+                progress: bool = True, runtime=None) -> GGUFExport:
+    """Write a (pruned) model as one GGUF file, atomically. A safetensors folder streams from its
+    shards, one decoder layer in memory at a time. Q4_K_M goes through llama.cpp's quantizer."""
     cfg = config or GGUFConfig()
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
     out = Path(out)
     if out.suffix != ".gguf":
         raise ConfigError(f"the GGUF output must end in .gguf, got {out}")
+    src = as_source(model, runtime)
     t0 = time.time()
     with atomic_path(out) as tmp:
         if cfg.out_type in NATIVE_TYPES:
-            lay, tok, counts = write_gguf(lm, tmp, cfg.out_type, cfg.tokenizer_from, progress)
+            lay, tok, counts = write_gguf(src, tmp, cfg.out_type, cfg.tokenizer_from, progress)
         else:
             from .llamacpp import quantize
 
             with tempfile.TemporaryDirectory(dir=out.parent) as work:
                 f32 = Path(work) / "f32.gguf"
-                lay, tok, _ = write_gguf(lm, f32, "f32", cfg.tokenizer_from, progress)
+                lay, tok, _ = write_gguf(src, f32, "f32", cfg.tokenizer_from, progress)
                 counts = quantize(f32, tmp, cfg.out_type)
     return GGUFExport(out, lay.arch, cfg.out_type, lay.ffn_widths, sum(counts.values()), out.stat().st_size, tok,
-                      round(time.time() - t0, 1), counts)
+                      round(time.time() - t0, 1), counts, src.streamed, src.max_resident_layers)
 
 
 def tensor_types(path: str | Path) -> dict[str, int]:

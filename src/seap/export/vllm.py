@@ -6,23 +6,31 @@ Nemotron-NAS block-config layout that vLLM's `DeciLMForCausalLM` reads: `block_c
 layer i's `ffn.intermediate_size` and `attention.n_heads_in_group`; the weights keep their Llama
 names. The folder carries its own `configuration_decilm.py` (serve with `trust_remote_code`).
 
+Tensors are written to sharded safetensors one at a time (seap.checkpoint's writer), so a pruned
+folder or a base checkpoint with a plan is exported one decoder layer in memory at a time.
+
 Tensor parallelism shards every FFN width and head count over the GPUs, so `tensor_parallel=N`
 checks that each layer's width and heads divide by N (prune with `--multiple N` to get there).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .._io import atomic_dir
-from ..errors import ConfigError, ModelError
-from ..models import LoadedModel, load_model
+from ..checkpoint import DEFAULT_SHARD_BYTES, write_tensors
+from ..errors import ArtifactError, ConfigError, ModelError
+from ..models import LoadedModel
 from ..pruned import needs_seap_loader
 from ..surgery import SEAP_CONFIG_KEY
+from .source import ExportSource, as_source
 
 DECILM_TYPES = ("llama", "mistral")
 CONFIG_MODULE = Path(__file__).with_name("configuration_decilm.py")
@@ -36,12 +44,14 @@ class VLLMExport:
     kv_heads: list[int]
     tensor_parallel: int
     seconds: float
+    streamed: bool = False  # read from the shards layer by layer (else from the model in memory)
+    max_resident_layers: int | None = None  # decoder layers held at once while streaming
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
 
 
-def _geometry(lm: LoadedModel) -> tuple[list[int], list[int], list[int]]:
+def _geometry(lm: ExportSource) -> tuple[list[int], list[int], list[int]]:
     layers = lm.adapter.layers(lm.model)
     geo = [lm.adapter.head_geometry(layer) for layer in layers]
     return [lm.adapter.d_ff(layer) for layer in layers], [g.num_heads for g in geo], [g.num_kv_heads for g in geo]
@@ -60,7 +70,7 @@ def check_tensor_parallel(widths: list[int], heads: list[int], kv_heads: list[in
                           f"split over {tp} GPUs: choose a tensor-parallel size that divides them")
 
 
-def decilm_config(lm: LoadedModel, widths: list[int], heads: list[int], kv_heads: list[int]) -> dict:
+def decilm_config(lm: ExportSource, widths: list[int], heads: list[int], kv_heads: list[int]) -> dict:
     """config.json of the DeciLM layout for a Llama-family model with per-layer widths."""
     cfg = lm.model.config
     if cfg.model_type not in DECILM_TYPES:
@@ -85,37 +95,62 @@ def decilm_config(lm: LoadedModel, widths: list[int], heads: list[int], kv_heads
     return data
 
 
-def export_vllm(model: str | LoadedModel, out: str | Path, *, tensor_parallel: int = 1) -> VLLMExport:
-    """Write a folder that vLLM loads: plain when widths are uniform, DeciLM block configs otherwise."""
-    from safetensors.torch import save_file
-
+def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, tensor_parallel: int = 1,
+                runtime=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> VLLMExport:
+    """Write a folder that vLLM loads: plain when widths are uniform, DeciLM block configs otherwise.
+    Tensors go to sharded safetensors one at a time (a safetensors folder streams from its shards)."""
     t0 = time.time()
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
-    widths, heads, kv = _geometry(lm)
+    src = as_source(model, runtime)
+    widths, heads, kv = _geometry(src)
     check_tensor_parallel(widths, heads, kv, tensor_parallel)
-    record = getattr(lm.model.config, SEAP_CONFIG_KEY, None)
+    config = src.model.config
+    record = getattr(config, SEAP_CONFIG_KEY, None)
     uniform = len(set(widths)) == 1 and len(set(heads)) == 1 and len(set(kv)) == 1
     if record and record.get("ffn_out_bias") and not record.get("ffn_out_bias_native"):
-        raise ModelError(f"{lm.model.config.model_type} cannot hold the FFN bias that bias compensation added, in "
+        raise ModelError(f"{config.model_type} cannot hold the FFN bias that bias compensation added, in "
                          "vLLM or transformers: prune without --bias-compensation for serving")
+    plain = uniform and not (record and needs_seap_loader(record))
+    data = None if plain else decilm_config(src, widths, heads, kv)
+    specs, raw = src.specs, src.tensors()
+    values = raw
+    if data is not None and data.get("tie_word_embeddings"):  # vLLM ties lm_head back to embed_tokens
+        specs = [s for s in specs if s.name != "lm_head.weight"]
+        values = ((n, t) for n, t in raw if n != "lm_head.weight")
+    values = tqdm(values, total=len(specs), desc="vllm", unit="tensor", disable=not progress)
     out = Path(out)
-    with atomic_dir(out) as tmp:
-        if uniform and not (record and needs_seap_loader(record)):
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            data = json.loads((tmp / "config.json").read_text())
-            data.pop("quantization_config", None)
-            (tmp / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-            kind = lm.model.config.model_type
-        else:
-            data = decilm_config(lm, widths, heads, kv)
-            state = lm.model.state_dict()
-            if data.get("tie_word_embeddings"):
-                state.pop("lm_head.weight", None)  # vLLM ties it back to embed_tokens
-            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-            shutil.copyfile(CONFIG_MODULE, tmp / "configuration_decilm.py")
-            kind = "decilm"
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(tmp)
-    return VLLMExport(out, kind, widths, kv, tensor_parallel, round(time.time() - t0, 1))
+    try:
+        with atomic_dir(out) as tmp:
+            write_tensors(tmp, values, specs, max_shard_bytes)
+            if plain:
+                _write_plain_config(src.model, tmp, src.dtype)
+                kind = config.model_type
+            else:
+                (tmp / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+                shutil.copyfile(CONFIG_MODULE, tmp / "configuration_decilm.py")
+                kind = "decilm"
+            if src.tokenizer is not None:
+                src.tokenizer.save_pretrained(tmp)
+    except OSError as err:
+        raise ArtifactError(f"could not write {out} ({err.strerror or err}): free space or choose another --out; "
+                            "nothing was kept") from None
+    finally:
+        values.close()
+        raw.close()  # a streamed source frees its loaded layer even when writing stopped early
+    return VLLMExport(out, kind, widths, kv, tensor_parallel, round(time.time() - t0, 1), src.streamed,
+                      src.max_resident_layers)
+
+
+def _write_plain_config(model, folder: Path, dtype) -> None:
+    """config.json (+ generation_config.json) as save_pretrained writes them, without the GGUF
+    quantisation record a dequantised model may carry."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(folder)
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.pop("quantization_config", None)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,189 @@
+"""What the exporters read: a model's geometry and config plus its tensors, one at a time.
+
+A model loaded in memory (the bundled GGUF models, small models) is read from memory. A folder of
+safetensors (a pruned folder, a base checkpoint with a plan, or a dense checkpoint) is streamed:
+the geometry comes from a meta skeleton at the final widths, the values from the shards, one
+decoder layer at a time (seap.streaming), so a 70B export holds one layer, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, adapter_for_config
+from ..checkpoint import Checkpoint, TensorSpec
+from ..errors import ArtifactError, ModelError
+from ..models import LoadedModel, ModelSource, check_fingerprint, local_folder, open_model, resolve_model
+from ..pruned import is_pruned_folder, model_tensors, needs_seap_loader, read_record
+from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors
+from ..surgery import SEAP_CONFIG_KEY
+
+
+@dataclass
+class ExportSource:
+    """`model` gives config and geometry (the model in memory, or a meta skeleton); `tensors()`
+    yields (name, tensor) in the order of `specs`, as the saved folder names them."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: ModelSource
+    dtype: torch.dtype  # of the floating values (what a vLLM folder is written in)
+    specs: list[TensorSpec]
+    stream: TensorStream | None = None  # None: read from the model in memory
+    max_resident_layers: int | None = None  # decoder layers held at once while streaming
+    _used: bool = field(default=False, repr=False)
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> ExportSource:
+        tensors = model_tensors(lm.model)
+        if any(t.device.type == "meta" for _, t in tensors):  # accelerate's CPU/disk offload keeps them elsewhere
+            raise ModelError("parts of this model are offloaded by its device map (weights on the meta device): "
+                             "export the folder without --load whole and --device-map; it streams from the shards")
+        return cls(lm.model, lm.tokenizer, lm.adapter, lm.source, next(lm.model.parameters()).dtype,
+                   [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors])
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The values, once for a streamed source (its shards are read as they are consumed)."""
+        if self.stream is None:
+            for name, t in model_tensors(self.model):
+                yield name, t.detach()
+            return
+        if self._used:
+            raise RuntimeError("a streamed export source is read once: open it again to export it again")
+        self._used = True
+        try:
+            yield from self.stream.tensors
+        finally:
+            self.stream.close()
+            self.max_resident_layers = self.stream.max_resident_layers
+
+
+def as_source(model: str | LoadedModel | ExportSource, runtime=None) -> ExportSource:
+    """A LoadedModel is read from memory; a name or path streams when it is a safetensors folder."""
+    if isinstance(model, ExportSource):
+        return model
+    if isinstance(model, LoadedModel):
+        return ExportSource.of(model)
+    return open_source(model, runtime) or ExportSource.of(open_model(model, runtime))
+
+
+def open_source(model: str, runtime=None, plan=None, expert: str | None = None) -> ExportSource | None:
+    """A streamed source for a local safetensors folder (a hub id is downloaded first): the pruned
+    folder as it is, or the base checkpoint cut by `plan`; None for anything else (GGUF files, the
+    bundled models, .bin weights) and under `--load whole`: those are loaded whole."""
+    from ..runtime import Runtime
+
+    rt = runtime or Runtime()
+    if rt.load == "whole":
+        return None
+    src = resolve_model(model)
+    folder = local_folder(src)
+    if folder is None:
+        return None
+    if is_pruned_folder(folder):
+        if plan is not None:
+            raise ArtifactError(f"{folder} is already pruned (seap_pruning in its config.json): --plan applies to "
+                                "the base model; export the folder without --plan")
+        return _pruned_source(folder, src, rt)
+    # Statistics' layer-by-layer machinery: a meta skeleton + the checkpoint, shards checked.
+    lazy = open_model(src, dataclasses.replace(rt, load="layerwise"), streamable=True)
+    config, ckpt, dtype = lazy.model.config, lazy.checkpoint, lazy.dtype
+    if plan is not None:
+        from ..plan import Plan
+
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_fingerprint(plan.meta["fingerprint"], lazy.model, lazy.adapter, weights=lazy.weights)
+        stream = _checked(stream_pruned_tensors(ckpt, config, plan, expert, dtype), ModelError,
+                          "download the checkpoint again")
+    else:
+        from ..layerwise import empty_model
+
+        stream = _checked(stream_tensors(ckpt, lazy.model, empty_model(config, dtype), lazy.adapter, dtype),
+                          ModelError, "download the checkpoint again")
+    _generation_config(stream.layout, folder)
+    return ExportSource(stream.layout, lazy.tokenizer, lazy.adapter, src, dtype, stream.specs, stream)
+
+
+def pruned_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """A pruned folder's model as a meta skeleton at its recorded widths (as `load_pruned` builds it)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..layerwise import empty_model
+
+    data = read_record(folder)
+    record = data[SEAP_CONFIG_KEY]
+    if not needs_seap_loader(record):
+        return empty_model(AutoConfig.from_pretrained(folder), dtype)
+    data = {k: v for k, v in data.items() if k != "per_layer_config"}
+    config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    adapter = adapter_for_config(config)
+    model = empty_model(config, dtype)
+    for i, layer in enumerate(adapter.layers(model)):
+        heads = record["num_heads"][i] if record.get("num_heads") else None
+        kv = record["num_kv_heads"][i] if record.get("num_kv_heads") else None
+        adapter.resize_layer(layer, record["ffn_widths"][i], heads, kv, bool(record.get("ffn_out_bias")),
+                             bool(record.get("attn_out_bias")))
+    if len(set(record["ffn_widths"])) == 1:
+        setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])
+    return model
+
+
+def _pruned_source(folder: Path, src: ModelSource, rt) -> ExportSource:
+    from transformers import AutoTokenizer
+
+    try:
+        ckpt = Checkpoint.open(folder)
+    except ModelError as err:
+        raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
+    dtype = rt.torch_dtype(ckpt.dtype)
+    layout = pruned_skeleton(folder, dtype)
+    adapter = adapter_for_config(layout.config)
+    try:
+        stream = _checked(stream_tensors(ckpt, layout, pruned_skeleton(folder, dtype), adapter, dtype),
+                          ArtifactError, "prune again")
+    except ModelError as err:  # a tensor the recorded layout has and the shards lack
+        raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
+    _generation_config(layout, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except OSError as err:
+        raise ArtifactError(f"{folder} has no usable tokenizer ({str(err).splitlines()[0]}): prune again") from None
+    if getattr(tokenizer, "pad_token_id", None) is None:  # as load_model sets it: the saved tokenizer must match
+        tokenizer.pad_token = tokenizer.eos_token
+    return ExportSource(layout, tokenizer, adapter, src, dtype, stream.specs, stream)
+
+
+def _checked(stream: TensorStream, error: type[Exception], fix: str) -> TensorStream:
+    """Refuse shards whose shapes differ from the skeleton's before anything is written (else the
+    mismatch would surface deep inside accelerate halfway through the export)."""
+    loader = stream.loader
+    shapes = dict(loader.model.named_parameters())
+    wrong = [n for n, c in loader.names.items() if tuple(shapes[n].shape) != loader.ckpt.tensors[c].shape]
+    if wrong:
+        n, c = wrong[0], loader.names[wrong[0]]
+        raise error(f"{loader.ckpt.folder}: tensor {c} has shape {loader.ckpt.tensors[c].shape} but its config says "
+                    f"{tuple(shapes[n].shape)} ({len(wrong)} such tensors): {fix}")
+    return stream
+
+
+def _generation_config(layout: nn.Module, folder: Path) -> None:
+    """The folder's own generation config, as from_pretrained would load it (the skeleton has defaults)."""
+    if (folder / "generation_config.json").is_file() and getattr(layout, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        try:
+            layout.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError):
+            pass  # a broken generation config is not the export's business: the defaults stay
