@@ -81,18 +81,27 @@ def write_pruned_folder(folder: str | Path, layout: nn.Module, specs: list[Tenso
     return folder
 
 
-def _write_config(layout: nn.Module, record: dict, folder: Path, dtype: torch.dtype) -> None:
-    config = copy.deepcopy(layout.config)
-    config.architectures = [type(layout).__name__]
+def write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> dict:
+    """config.json (+ generation_config.json) as save_pretrained writes them, in `dtype`, without the
+    GGUF quantisation record a dequantised model carries; returns the config written."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
     config.dtype = dtype
     config.save_pretrained(folder)
-    gen = getattr(layout, "generation_config", None)
-    if gen is not None and getattr(layout, "can_generate", lambda: False)():
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
         gen.save_pretrained(folder)
-    adapter = adapter_for_config(layout.config)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def _write_config(layout: nn.Module, record: dict, folder: Path, dtype: torch.dtype) -> None:
+    cfg = write_config(layout, folder, dtype)
+    adapter = adapter_for_config(layout.config)
+    cfg_path = folder / "config.json"
     if needs_seap_loader(record):
         width_key = adapter.ffn_width_key
         cfg[width_key] = record["dense_ffn_width"]  # per-layer values differ from it: plain loads refuse
@@ -133,13 +142,9 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device:
     `device_map` (e.g. 'auto'): accelerate places the layers over the GPUs and the CPU, as
     `from_pretrained(device_map=...)` does for plain folders. Weights are read one shard at a time."""
     from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from .layerwise import empty_model
 
     folder = Path(folder)
-    data = read_record(folder)
-    record = data[SEAP_CONFIG_KEY]
+    record = read_record(folder)[SEAP_CONFIG_KEY]
     torch_dtype = dtype or torch.float32
     if not needs_seap_loader(record):
         kwargs = {"device_map": device_map} if device_map is not None else {}
@@ -147,17 +152,8 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device:
         if device_map is None and device is not None:
             model.to(device)
         return model.eval()
-    data = dict(data)
-    data.pop("per_layer_config", None)
-    config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
-    adapter = adapter_for_config(config)
-    model = empty_model(config, torch_dtype)
-    ffn_out_bias = bool(record.get("ffn_out_bias"))
-    for i, layer in enumerate(adapter.layers(model)):
-        heads = record["num_heads"][i] if record.get("num_heads") else None
-        kv = record["num_kv_heads"][i] if record.get("num_kv_heads") else None
-        adapter.resize_layer(layer, record["ffn_widths"][i], heads, kv, ffn_out_bias,
-                             bool(record.get("attn_out_bias")))
+    model = pruned_skeleton(folder, torch_dtype)
+    config, adapter = model.config, adapter_for_config(model.config)
     try:
         ckpt = Checkpoint.open(folder)
     except ModelError as err:
@@ -180,13 +176,36 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device:
     _load_tensors(model, ckpt, placement, torch_dtype)
     if tied:
         model.tie_weights()
-    if len(set(record["ffn_widths"])) == 1:
-        setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])
     if device_map is not None:
         from accelerate import dispatch_model
 
         model = dispatch_model(model, placement)
     return model.eval()
+
+
+def pruned_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """A pruned folder's model as an empty (meta) skeleton at its recorded widths and heads."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .layerwise import empty_model
+
+    data = read_record(folder)
+    record = data[SEAP_CONFIG_KEY]
+    if not needs_seap_loader(record):
+        return empty_model(AutoConfig.from_pretrained(folder), dtype)
+    data = {k: v for k, v in data.items() if k != "per_layer_config"}
+    config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    adapter = adapter_for_config(config)
+    model = empty_model(config, dtype)
+    for i, layer in enumerate(adapter.layers(model)):
+        heads = record["num_heads"][i] if record.get("num_heads") else None
+        kv = record["num_kv_heads"][i] if record.get("num_kv_heads") else None
+        adapter.resize_layer(layer, record["ffn_widths"][i], heads, kv, bool(record.get("ffn_out_bias")),
+                             bool(record.get("attn_out_bias")))
+    if len(set(record["ffn_widths"])) == 1:
+        setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])
+    return model
 
 
 def _load_tensors(model: nn.Module, ckpt: Checkpoint, placement: dict, dtype: torch.dtype) -> None:

@@ -8,6 +8,7 @@ tasks. Experts are sliced from a copy of the base model, so the base stays dense
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def sliced_copy(lm: LoadedModel, plan: Plan, expert: str) -> LoadedModel:
     """A physically pruned copy of the base model; the base stays untouched."""
     model = copy.deepcopy(lm.model)
     slice_model(model, lm.adapter, plan, expert, check=False)
-    return LoadedModel(model, lm.tokenizer, lm.adapter, lm.source)
+    return dataclasses.replace(lm, model=model)
 
 
 def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *, experts: str = TASK_EXPERTS,

@@ -20,9 +20,8 @@ from ..adapters import Adapter, adapter_for_config
 from ..checkpoint import Checkpoint, TensorSpec
 from ..errors import ArtifactError, ModelError
 from ..models import LoadedModel, ModelSource, check_fingerprint, local_folder, open_model, resolve_model
-from ..pruned import is_pruned_folder, model_tensors, needs_seap_loader, read_record
+from ..pruned import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
 from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors
-from ..surgery import SEAP_CONFIG_KEY
 
 
 @dataclass
@@ -46,8 +45,8 @@ class ExportSource:
         if any(t.device.type == "meta" for _, t in tensors):  # accelerate's CPU/disk offload keeps them elsewhere
             raise ModelError("parts of this model are offloaded by its device map (weights on the meta device): "
                              "export the folder without --load whole and --device-map; it streams from the shards")
-        return cls(lm.model, lm.tokenizer, lm.adapter, lm.source, next(lm.model.parameters()).dtype,
-                   [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors])
+        dtype = lm.save_dtype  # the checkpoint's own, whatever the model was computed in
+        return cls(lm.model, lm.tokenizer, lm.adapter, lm.source, dtype, tensor_specs(lm.model, dtype))
 
     @property
     def streamed(self) -> bool:
@@ -56,8 +55,8 @@ class ExportSource:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The values, once for a streamed source (its shards are read as they are consumed)."""
         if self.stream is None:
-            for name, t in model_tensors(self.model):
-                yield name, t.detach()
+            for (name, t), spec in zip(model_tensors(self.model), self.specs):
+                yield name, t.detach().to(spec.dtype)
             return
         if self._used:
             raise RuntimeError("a streamed export source is read once: open it again to export it again")
@@ -98,7 +97,8 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
         return _pruned_source(folder, src, rt)
     # Statistics' layer-by-layer machinery: a meta skeleton + the checkpoint, shards checked.
     lazy = open_model(src, dataclasses.replace(rt, load="layerwise"), streamable=True)
-    config, ckpt, dtype = lazy.model.config, lazy.checkpoint, lazy.dtype
+    config, ckpt = lazy.model.config, lazy.checkpoint
+    dtype = ckpt.dtype  # tensors are copied, not computed with: they keep the checkpoint's dtype
     if plan is not None:
         from ..plan import Plan
 
@@ -115,31 +115,6 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
     return ExportSource(stream.layout, lazy.tokenizer, lazy.adapter, src, dtype, stream.specs, stream)
 
 
-def pruned_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """A pruned folder's model as a meta skeleton at its recorded widths (as `load_pruned` builds it)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from ..layerwise import empty_model
-
-    data = read_record(folder)
-    record = data[SEAP_CONFIG_KEY]
-    if not needs_seap_loader(record):
-        return empty_model(AutoConfig.from_pretrained(folder), dtype)
-    data = {k: v for k, v in data.items() if k != "per_layer_config"}
-    config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
-    adapter = adapter_for_config(config)
-    model = empty_model(config, dtype)
-    for i, layer in enumerate(adapter.layers(model)):
-        heads = record["num_heads"][i] if record.get("num_heads") else None
-        kv = record["num_kv_heads"][i] if record.get("num_kv_heads") else None
-        adapter.resize_layer(layer, record["ffn_widths"][i], heads, kv, bool(record.get("ffn_out_bias")),
-                             bool(record.get("attn_out_bias")))
-    if len(set(record["ffn_widths"])) == 1:
-        setattr(model.config, adapter.ffn_width_key, record["ffn_widths"][0])
-    return model
-
-
 def _pruned_source(folder: Path, src: ModelSource, rt) -> ExportSource:
     from transformers import AutoTokenizer
 
@@ -147,7 +122,7 @@ def _pruned_source(folder: Path, src: ModelSource, rt) -> ExportSource:
         ckpt = Checkpoint.open(folder)
     except ModelError as err:
         raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
-    dtype = rt.torch_dtype(ckpt.dtype)
+    dtype = ckpt.dtype  # copied, not computed with
     layout = pruned_skeleton(folder, dtype)
     adapter = adapter_for_config(layout.config)
     try:

@@ -15,7 +15,6 @@ checks that each layer's width and heads divide by N (prune with `--multiple N` 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -28,7 +27,7 @@ from .._io import atomic_dir
 from ..checkpoint import DEFAULT_SHARD_BYTES, write_tensors
 from ..errors import ArtifactError, ConfigError, ModelError
 from ..models import LoadedModel
-from ..pruned import needs_seap_loader
+from ..pruned import needs_seap_loader, write_config
 from ..surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
 
@@ -111,6 +110,9 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
                          "vLLM or transformers: prune without --bias-compensation for serving")
     plain = uniform and not (record and needs_seap_loader(record))
     data = None if plain else decilm_config(src, widths, heads, kv)
+    if data is not None:  # the dtype the tensors are written in, not the one the model was computed in
+        data.pop("torch_dtype", None)
+        data["dtype"] = str(src.dtype).replace("torch.", "")
     specs, raw = src.specs, src.tensors()
     values = raw
     if data is not None and data.get("tie_word_embeddings"):  # vLLM ties lm_head back to embed_tokens
@@ -122,7 +124,7 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
         with atomic_dir(out) as tmp:
             write_tensors(tmp, values, specs, max_shard_bytes)
             if plain:
-                _write_plain_config(src.model, tmp, src.dtype)
+                write_config(src.model, tmp, src.dtype)
                 kind = config.model_type
             else:
                 (tmp / "config.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -138,19 +140,3 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
         raw.close()  # a streamed source frees its loaded layer even when writing stopped early
     return VLLMExport(out, kind, widths, kv, tensor_parallel, round(time.time() - t0, 1), src.streamed,
                       src.max_resident_layers)
-
-
-def _write_plain_config(model, folder: Path, dtype) -> None:
-    """config.json (+ generation_config.json) as save_pretrained writes them, without the GGUF
-    quantisation record a dequantised model may carry."""
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.dtype = dtype
-    config.save_pretrained(folder)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and getattr(model, "can_generate", lambda: False)():
-        gen.save_pretrained(folder)
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    data.pop("quantization_config", None)
-    path.write_text(json.dumps(data, indent=2) + "\n")
