@@ -71,7 +71,7 @@ def run_model(name: str, work: Path, keep: bool) -> dict:
                        max_resident_layers=summary["max_resident_layers"], runtime=summary["runtime"],
                        calibration_tokens=_tokens(out / "stats"))
         row["paths"][path] = res
-        print(f"{name} {path}: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GB", flush=True)
+        print(f"{name} {path}: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GiB", flush=True)
     pruned = work / name / "layerwise" / "model"
     if pruned.is_dir():
         cmd = [*seap, "generate", "--model", str(pruned), "--dtype", "bfloat16", "--device", "cpu",
@@ -80,7 +80,7 @@ def run_model(name: str, work: Path, keep: bool) -> dict:
         text = (work / name / "generate.log").read_text(errors="replace")
         res["generated"] = re.findall(r'"text": "(.*)"', text)[:1]
         row["reload_generate"] = res
-        print(f"{name} reload + 1 token: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GB",
+        print(f"{name} reload + 1 token: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GiB",
               flush=True)
     if not keep:
         shutil.rmtree(work / name, ignore_errors=True)
@@ -123,7 +123,8 @@ def resume_check(name: str, work: Path, kill_after: int = 6) -> dict:
     t1 = time.time()
     log = work / name / "resumed.log"
     with open(log, "w") as fh:
-        rc = subprocess.run([sys.executable, "-m", "seap", "-v", *args, "--out", str(resumed)], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([sys.executable, "-m", "seap", "-v", *args, "--out", str(resumed)], env=env, stdout=fh,
+                            stderr=subprocess.STDOUT).returncode
     resumed_s = time.time() - t1
     a, b = Plan.load(clean / "plan"), Plan.load(resumed / "plan")
     same = all(torch_equal(x, y) for x, y in zip(a.experts["default"].ffn, b.experts["default"].ffn))
@@ -163,7 +164,7 @@ def scaling_section() -> str:
             "accuracy meaningless; time, memory and bytes are exact.** Stages from the run's summary.json: load "
             "(skeleton or whole model, tokenizer, fingerprint), statistics (the calibration pass), plan, slice and "
             "save.\n\n"
-            "| model | params | checkpoint | path | wall s | load | statistics | plan | slice+save | peak RSS GB | "
+            "| model | params | checkpoint | path | wall s | load | statistics | plan | slice+save | peak RSS GiB | "
             "written GB | layers in memory |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         for path, p in r["paths"].items():
@@ -177,11 +178,12 @@ def scaling_section() -> str:
                      f"{s['slice_and_save']:.0f} | {p['peak_rss_gb']:.2f} | {p['bytes_written'] / 1e9:.2f} | "
                      f"{p['max_resident_layers'] if p['max_resident_layers'] is not None else 'all'} |\n")
     text += "\nReload of each layer-by-layer output (bfloat16, CPU) and one generated token:\n\n"
-    text += "| model | wall s | peak RSS GB | token |\n|---|---|---|---|\n"
+    text += "| model | wall s | peak RSS GiB | token |\n|---|---|---|---|\n"
     for r in rows:
         g = r.get("reload_generate")
         if g:
-            text += f"| {r['model']} | {g['wall_s']:.0f} | {g['peak_rss_gb']:.2f} | {(g.get('generated') or ['?'])[0]!r} |\n"
+            token = (g.get("generated") or ["?"])[0]
+            text += f"| {r['model']} | {g['wall_s']:.0f} | {g['peak_rss_gb']:.2f} | {token!r} |\n"
     check = HERE / "results" / "resume_check.json"
     if check.is_file():
         c = json.loads(check.read_text())
@@ -203,14 +205,15 @@ def plot(rows: list[dict]) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for path, marker in (("layerwise", "o-"), ("whole", "s--")):
-        pts = [(r["params"] / 1e9, r["paths"][path]) for r in rows if path in r["paths"] and r["paths"][path]["rc"] == 0]
+        pts = [(r["params"] / 1e9, r["paths"][path]) for r in rows
+               if path in r["paths"] and r["paths"][path]["rc"] == 0]
         if not pts:
             continue
         x = [p[0] for p in pts]
         a.plot(x, [p[1]["wall_s"] / 60 for p in pts], marker, label=path)
         b.plot(x, [p[1]["peak_rss_gb"] for p in pts], marker, label=path)
     a.set(xlabel="parameters (billions)", ylabel="wall minutes", title="seap prune --ratio 0.5 (CPU)")
-    b.set(xlabel="parameters (billions)", ylabel="peak RSS (GB)", title="peak memory")
+    b.set(xlabel="parameters (billions)", ylabel="peak RSS (GiB)", title="peak memory")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()

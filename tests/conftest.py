@@ -164,3 +164,14 @@ def plan_for(lm, cfg, texts=TEXTS, heads=None):
                           progress=False)
     return build_plan(lm.model, lm.adapter, cfg, {"t": stats}, base_model="tiny", revision=None,
                       fingerprint=fingerprint(lm.model, lm.adapter)), stats
+
+
+def one_line_error(argv, capsys, *fragments):
+    """`seap argv` fails with exit status 2 and one line that starts "seap: error:" and names each fragment."""
+    from seap.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("seap: error:"), err
+    for f in fragments:
+        assert f in err, err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, TEXTS, byte_level_tokenizer
+from conftest import FAMILIES, TEXTS, byte_level_tokenizer, one_line_error
 
 from seap import runtime as rt_mod
 from seap.checkpoint import Checkpoint, ShardWriter
@@ -137,23 +137,15 @@ def test_a_killed_layerwise_pass_resumes_from_its_last_layer(tmp_path, monkeypat
 
 
 # -- bad input: one clear line, nothing half-written ---------------------------------------------------
-def _one_line_error(argv, capsys, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("seap: error:"), err
-    for f in fragments:
-        assert f in err, err
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu(capsys):
-    _one_line_error(["prune", "--device", "cuda", "--ratio", "0.5"], capsys, "no CUDA GPU", "--device cpu")
+    one_line_error(["prune", "--device", "cuda", "--ratio", "0.5"], capsys, "no CUDA GPU", "--device cpu")
 
 
 def test_a_dtype_the_device_cannot_run(tmp_path, monkeypatch, capsys):
     folder = bf16_folder(tmp_path, "llama")
     monkeypatch.setattr(rt_mod, "dtype_supported", lambda device, dtype: dtype != torch.bfloat16)
-    _one_line_error(["prune", "--model", str(folder), "--method", "wanda-sp", "--dtype", "bfloat16", "--out", str(tmp_path / "o")], capsys,
+    one_line_error(["prune", "--model", str(folder), "--method", "wanda-sp", "--dtype", "bfloat16", "--out", str(tmp_path / "o")], capsys,
                     "bfloat16 cannot run on cpu")
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError):
@@ -165,10 +157,10 @@ def test_missing_and_truncated_shards(tmp_path, capsys):
     shards = sorted(folder.glob("model-*.safetensors"))
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
-    _one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "truncated or corrupt",
+    one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "truncated or corrupt",
                     shards[1].name)
     shards[1].unlink()
-    _one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "missing shard",
+    one_line_error(["prune", "--model", str(folder), "--out", str(tmp_path / "o")], capsys, "missing shard",
                     shards[1].name)
     assert not (tmp_path / "o").exists()
 
@@ -187,7 +179,7 @@ def test_a_disk_that_fills_up_during_the_save(tmp_path, monkeypatch, capsys, loa
 
     monkeypatch.setattr(ShardWriter, "write", full_disk)
     out = tmp_path / "o"
-    _one_line_error(["prune", "--model", str(folder), "--load", load, "--method", "wanda-sp", "--limit", "4",
+    one_line_error(["prune", "--model", str(folder), "--load", load, "--method", "wanda-sp", "--limit", "4",
                      "--out", str(out)], capsys,
                     "disk filled up", "nothing was kept")
     assert not (out / "model").exists()
@@ -197,7 +189,7 @@ def test_a_disk_that_fills_up_during_the_save(tmp_path, monkeypatch, capsys, loa
 def test_not_enough_memory_for_a_forced_whole_model(tmp_path, monkeypatch, capsys):
     folder = bf16_folder(tmp_path, "llama")
     monkeypatch.setattr(rt_mod, "available_memory", lambda device: 10_000)
-    _one_line_error(["prune", "--model", str(folder), "--load", "whole", "--out", str(tmp_path / "o")], capsys,
+    one_line_error(["prune", "--model", str(folder), "--load", "whole", "--out", str(tmp_path / "o")], capsys,
                     "not enough memory", "--load layerwise")
     # auto takes the layer-by-layer path instead
     lm = open_model(str(folder), Runtime(device="cpu"), streamable=True)
@@ -207,7 +199,7 @@ def test_not_enough_memory_for_a_forced_whole_model(tmp_path, monkeypatch, capsy
 
 
 def test_layerwise_needs_safetensors(capsys):
-    _one_line_error(["prune", "--load", "layerwise", "--ratio", "0.5"], capsys, "--load whole")
+    one_line_error(["prune", "--load", "layerwise", "--ratio", "0.5"], capsys, "--load whole")
 
 
 def test_apply_and_collect_stream_like_the_whole_path(tmp_path):

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, byte_level_tokenizer, plan_for
+from conftest import FAMILIES, byte_level_tokenizer, one_line_error, plan_for
 from safetensors.torch import load_file, save_file
 
 from seap.checkpoint import Checkpoint, ShardWriter
-from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ModelError
 from seap.evaluation.runner import sliced_copy
@@ -204,14 +203,6 @@ def test_a_streamed_export_holds_at_most_two_decoder_layers(case, tmp_path, monk
 
 
 # -- failures: one clear line, nothing half-written --------------------------------------------------
-def _one_line_error(argv, capsys, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("seap: error:"), err
-    for f in fragments:
-        assert f in err, err
-
-
 def _fail_at_layer(monkeypatch, layer: int, error: BaseException):
     """Reading layer `layer` from the shards raises `error`."""
     real = Checkpoint.read
@@ -274,22 +265,22 @@ def test_a_full_disk_or_a_bad_shard_is_one_line(case, tmp_path, monkeypatch, cap
 
     with monkeypatch.context() as m:
         _fail_on_write(m, gguf.GGUFWriter, "write_tensor_data", 5, OSError(errno.ENOSPC, "No space left on device"))
-        _one_line_error(["export", "--model", str(case.pruned), "--out", str(tmp_path / "m.gguf")], capsys,
+        one_line_error(["export", "--model", str(case.pruned), "--out", str(tmp_path / "m.gguf")], capsys,
                         "disk filled up", "nothing was kept")
     with monkeypatch.context() as m:
         _fail_on_write(m, ShardWriter, "write", 5, OSError(errno.ENOSPC, "No space left on device"))
-        _one_line_error(["export", "--model", str(case.base), "--plan", str(case.plan), "--format", "vllm",
+        one_line_error(["export", "--model", str(case.base), "--plan", str(case.plan), "--format", "vllm",
                          "--out", str(tmp_path / "v")], capsys, "disk filled up", "nothing was kept")
     with monkeypatch.context() as m:
         _fail_at_layer(m, 2, ModelError("reading shard x failed (bad bytes): the shard is damaged; download the "
                                         "checkpoint again"))
-        _one_line_error(["export", "--model", str(case.base), "--plan", str(case.plan), "--out",
+        one_line_error(["export", "--model", str(case.base), "--plan", str(case.plan), "--out",
                          str(tmp_path / "p.gguf")], capsys, "download the checkpoint again")
     assert not list(tmp_path.iterdir())
 
 
 def test_bad_pruned_folders_are_refused_before_writing(case, tmp_path, capsys):
-    _one_line_error(["export", "--model", str(case.pruned), "--plan", str(case.plan), "--out",
+    one_line_error(["export", "--model", str(case.pruned), "--plan", str(case.plan), "--out",
                      str(tmp_path / "x.gguf")], capsys, "already pruned", "without --plan")
     # a shard whose tensor no longer has the recorded shape
     import shutil
@@ -303,7 +294,7 @@ def test_bad_pruned_folders_are_refused_before_writing(case, tmp_path, capsys):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match="prune again"):
         export_model(str(bad), tmp_path / "x.gguf", progress=False)
-    _one_line_error(["export", "--model", str(bad), "--format", "vllm", "--out", str(tmp_path / "v")], capsys,
+    one_line_error(["export", "--model", str(bad), "--format", "vllm", "--out", str(tmp_path / "v")], capsys,
                     "down_proj", "prune again")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "v").exists()
     assert not _leftovers(tmp_path)

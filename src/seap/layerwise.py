@@ -377,7 +377,8 @@ class _Resume:
             return UnitWeights(raw[f"weights/{kind}/col_sq"], raw[f"weights/{kind}/col_absmean"],
                                raw.get(f"weights/{kind}/in_norm"))
 
-        return {"ffn": {t: cs(j, "ffn") for j, t in enumerate(tasks)}, "attn": {t: cs(j, "attn") for j, t in enumerate(tasks)},
+        return {"ffn": {t: cs(j, "ffn") for j, t in enumerate(tasks)},
+                "attn": {t: cs(j, "attn") for j, t in enumerate(tasks)},
                 "weights": LayerWeights(uw("ffn"), uw("attn"))}
 
     def clear(self) -> None:

@@ -171,7 +171,8 @@ def local_folder(src: ModelSource) -> Path | None:
     return path if has or any(path.glob("*.safetensors")) else None
 
 
-def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str | None = None, revision: str | None = None,
+def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str | None = None,
+               revision: str | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer into memory (default float32 on the CPU); a folder written

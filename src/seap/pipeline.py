@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Sequence
 
@@ -49,7 +50,7 @@ def info(path: str | Path) -> dict:
         data = read_record(path)
         rec = data["seap_pruning"]
         ckpt = Checkpoint.open(path)  # counted from the shard headers: nothing is loaded
-        adapter = adapter_for_config(type("C", (), {"model_type": data.get("model_type")})())
+        adapter = adapter_for_config(SimpleNamespace(model_type=data.get("model_type")))
         ffn_parts = tuple(f".{n}." for n in (*adapter.ffn_in_names, adapter.ffn_out_name))
         return {
             "kind": "pruned model", "base_model": rec["base_model"], "method": rec["method"], "expert": rec["expert"],

@@ -206,7 +206,8 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
         if stats is None:
             raise ConfigError("bias compensation needs activation statistics (the mean of removed channels)")
         weights = weights or ModuleWeights(model, adapter)
-        ex.ffn_bias = [_compensation(weights.out_weight(i, "ffn"), stats.ffn[i], ffn_idx[i]) for i in range(len(layers))]
+        ex.ffn_bias = [_compensation(weights.out_weight(i, "ffn"), stats.ffn[i], ffn_idx[i])
+                       for i in range(len(layers))]
         if head_idx is not None and stats.attn is not None:
             ex.attn_bias = []
             for i, l in enumerate(layers):

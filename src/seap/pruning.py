@@ -71,7 +71,8 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
     elif todo:
         from .layerwise import layerwise_stats
 
-        res = layerwise_stats(lm.checkpoint, lm.model.config, lm.tokenizer, {t: c.texts for t, (c, _, _) in todo.items()},
+        texts = {t: c.texts for t, (c, _, _) in todo.items()}
+        res = layerwise_stats(lm.checkpoint, lm.model.config, lm.tokenizer, texts,
                               heads=heads, batch_size=batch_size, max_length=max_length, device=lm.device,
                               dtype=lm.dtype, metas={t: m for t, (_, m, _) in todo.items()}, resume_dir=out,
                               progress=progress)

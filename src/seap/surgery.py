@@ -55,7 +55,8 @@ def _add_bias(lin: nn.Linear, delta: torch.Tensor) -> None:
     lin.bias.data = (b.float() + delta.to(b.device, torch.float32)).to(b.dtype)
 
 
-def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> tuple[int, int] | None:
+def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int,
+                head_unit: str | None) -> tuple[int, int] | None:
     """Cut decoder layer i to expert `ex` in place; returns its new (query, KV) head counts when heads go."""
     idx = ex.ffn[i]
     if ex.ffn_bias is not None:
