@@ -35,7 +35,9 @@ def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
     for d in DENSITIES:
         rows += [(f"GRIFFIN {d:g}", d, "griffin"), (f"magnitude {d:g}", d, "magnitude")]
     rows += [(f"GRIFFIN {d:g}", d, "griffin") for d in EXTRA_GRIFFIN.get(model_name, ())]
-    return rows + [(f"GRIFFIN {d:g} shared", d, "shared") for d in DENSITIES]
+    rows += [(f"GRIFFIN {d:g} shared", d, "shared") for d in DENSITIES]
+    # seap's default GRIFFIN: the short-prompt prior (n0 = 64 tokens; the rows above are the paper's pure statistic)
+    return rows + [("GRIFFIN 0.5 + prior", 0.5, "griffin-prior")]
 
 
 def _magnitude(lm, model_name: str, density: float):
@@ -62,9 +64,14 @@ def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
             lm = lm or load_model(model_name)
             model = _magnitude(lm, model_name, density) if kind == "magnitude" else lm
             t0 = time.time()
+            if kind == "griffin-prior":
+                from seap.griffin import GriffinConfig
+
+                griffin = GriffinConfig(density=density, short="prior")
+            else:  # a bare density: the paper's pure statistic
+                griffin = density if kind in ("griffin", "shared") else None
             rep = evaluate_xsum(model, data_dir=DATA, limit=limit, shots=XSUM_SHOTS, batch_size=GEN_BATCH,
-                                density=density if kind in ("griffin", "shared") else None, label=row,
-                                shared=kind == "shared")
+                                density=griffin, label=row, shared=kind == "shared")
             data = rep.to_dict()
             data.update(row=row, kind=kind, density=density, model=model_name, seconds=round(time.time() - t0, 1))
             _write(path, data)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
 from llamacpp import llamacpp_section
+from shortprompts import shortprompts_section
 from schedules import schedules_section
 
 PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
@@ -205,7 +206,7 @@ def griffin_section(model: str) -> str:
                  "| FFN read per batch | minutes |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             delta = "—" if r is dense else "{:+.2f} ± {:.2f}".format(*(100 * x for x in _rouge_delta(r, dense)))
-            dynamic = r["kind"] in ("griffin", "shared")
+            dynamic = r["kind"] in ("griffin", "shared", "griffin-prior")
             kept = r["meta"]["kept_fraction"] if dynamic else (r["density"] or 1.0)
             read = r["meta"]["union_fraction"] if dynamic else (r["density"] or 1.0)
             text += (f"| {r['row']} | {100 * r['rouge']['rouge1']:.2f} | {100 * r['rouge']['rouge2']:.2f} | "
@@ -383,6 +384,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += schedules_section(model, rows)
         text += "\nSpeed:\n" + speed_tables(model)
         text += griffin_section(model)
+        text += shortprompts_section(model)
         text += llamacpp_section(model)
     from precision import precision_section
     from scaling import scaling_section

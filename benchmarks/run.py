@@ -1,7 +1,8 @@
 """Reproduce SEAP's accuracy and speed tables on the bundled models; writes benchmarks/RESULTS.md.
 
     python benchmarks/run.py                      # everything (cached results are reused)
-    python benchmarks/run.py --stage accuracy     # or: routing, speed, xsum, griffin-speed, precision, render
+    python benchmarks/run.py --stage accuracy     # or: routing, speed, xsum, griffin-speed, precision,
+                                                  #     short-prompts, render
     python benchmarks/scaling.py                  # cost at 135M-8B on random-weight checkpoints (separate)
 
 Each (model, method, ratio) result is a JSON file under benchmarks/results/, written when it
@@ -130,7 +131,8 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "schedules",
-                                        "llamacpp", "precision", "render"), default="all")
+                                        "llamacpp", "precision", "short-prompts", "render"),
+                    default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
@@ -177,6 +179,10 @@ def main(argv=None) -> int:
         from precision import precision  # noqa: E402  (benchmarks/precision.py)
 
         precision(limits.get("smollm2-135m", 250))
+    if args.stage in ("all", "short-prompts"):
+        from shortprompts import shortprompts  # noqa: E402  (benchmarks/shortprompts.py)
+
+        shortprompts(models)
     if args.stage in ("all", "render"):
         from render import render  # noqa: E402  (benchmarks/render.py)
 

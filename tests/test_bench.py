@@ -115,4 +115,16 @@ def test_text_prompts_take_the_first_tokens_of_long_enough_texts(tmp_path, capsy
                  "--batch", "2", "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1",
                  "--out", str(tmp_path / "b")]) == 0
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert data["config"]["prompts"] == str(prompts) and [r["model"] for r in data["rows"]] == ["dense", "griffin@0.5"]
+    assert data["config"]["prompts"] == str(prompts)
+    assert [r["model"] for r in data["rows"]] == ["dense", "griffin@0.5+prior64"]
+    assert data["config"]["chat_template"] is False
+
+
+def test_chat_prompts_for_the_bench_end_where_the_answer_starts():
+    from conftest import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}{% endfor %}<a>"
+    pool = text_prompts(tok, ["a long enough prompt text", "tiny"], 12, chat=True)
+    want = tok("<u>a long enough prompt text<a>", add_special_tokens=False)["input_ids"][-12:]
+    assert pool.tolist() == [want]  # "tiny" wrapped is 11 tokens: too short for 12

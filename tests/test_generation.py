@@ -120,19 +120,22 @@ def test_classification_mode_lm_scores_like_a_direct_computation(folder):
     assert got == pytest.approx(want, abs=1e-4) and abs(got - dense) > 1e-4
 
 
+G = "griffin@0.5+prior64"  # seap's default GRIFFIN: the short-prompt prior with n0 = 64 tokens
+
+
 def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     args = ["generate", "--model", str(folder), "--json", "--max-new-tokens", "5", "Hello there", "A longer prompt, yes"]
     assert main(args) == 0
     dense = json.loads(capsys.readouterr().out)
     assert main(args + ["--griffin", "1.0"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert [r["text"] for r in full] == [r["text"] for r in dense] and full[0]["expert"] == "griffin@1"
+    assert [r["text"] for r in full] == [r["text"] for r in dense] and full[0]["expert"] == "griffin@1+prior64"
     assert main(args + ["--griffin", "0.5"]) == 0
     half = json.loads(capsys.readouterr().out)
     assert half[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02)
     assert main(args + ["--griffin", "0.5", "--griffin-shared"]) == 0
     shared = json.loads(capsys.readouterr().out)
-    assert shared[0]["expert"] == "griffin@0.5-shared" and shared[0]["kept_fraction"] == half[0]["kept_fraction"]
+    assert shared[0]["expert"] == "griffin@0.5-shared+prior64" and shared[0]["kept_fraction"] == half[0]["kept_fraction"]
     assert main(args + ["--griffin", "1.5"]) == 2
     assert "density" in capsys.readouterr().err
 
@@ -141,20 +144,20 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
                  "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     by = {(r["model"], r["batch"]): r for r in rows}
-    assert set(by) == {("dense", 1), ("dense", 2), ("griffin@0.5", 1), ("griffin@0.5", 2)}
+    assert set(by) == {("dense", 1), ("dense", 2), (G, 1), (G, 2)}
     for b in (1, 2):
-        g, d = by[("griffin@0.5", b)], by[("dense", b)]
+        g, d = by[(G, b)], by[("dense", b)]
         assert 0.5 <= g["union_fraction"] <= 1 and d.get("union_fraction") is None
         assert g["bytes_limit"] > 1 == d["bytes_limit"]  # a step reads fewer bytes than dense
-    assert by[("griffin@0.5", 1)]["union_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert by[(G, 1)]["union_fraction"] == pytest.approx(0.5, abs=0.02)
     # a bigger batch reads the union of more experts: no more saving than at batch 1
-    assert by[("griffin@0.5", 2)]["bytes_limit"] <= by[("griffin@0.5", 1)]["bytes_limit"]
-    assert "| griffin@0.5 | 1 |" in (out / "bench.md").read_text()
+    assert by[(G, 2)]["bytes_limit"] <= by[(G, 1)]["bytes_limit"]
+    assert f"| {G} | 1 |" in (out / "bench.md").read_text()
     # one shared expert per batch: a batch of two reads no more than one prompt's share
     assert main(["bench", "--model", str(folder), "--griffin", "0.5", "--griffin-shared", "--batch", "2",
                  "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
-    g = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}["griffin@0.5-shared"]
-    assert g["union_fraction"] == by[("griffin@0.5", 1)]["union_fraction"]
+    g = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}["griffin@0.5-shared+prior64"]
+    assert g["union_fraction"] == by[(G, 1)]["union_fraction"]
 
 
 def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
@@ -164,7 +167,7 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     assert main(["eval", "--model", str(folder), "--tasks", "", "--data-dir", str(tmp_path), "--xsum", "4",
                  "--gen-batch-size", "2", "--griffin", "0.5", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())["reports"][0]
-    assert report["label"] == "griffin@0.5" and "not measured" in report["meta"]["perplexity"]
+    assert report["label"] == G and "not measured" in report["meta"]["perplexity"]
     gen = report["generation"]
     assert gen["n"] == 4 and gen["meta"]["density"] == 0.5 and gen["meta"]["shots"] == 1
     assert gen["rouge"]["rougeL"] == pytest.approx(sum(gen["items"]["rougeL"]) / 4)
@@ -172,7 +175,7 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     assert main(["eval", "--model", str(folder), "--tasks", "", "--data-dir", str(tmp_path), "--xsum", "4",
                  "--gen-batch-size", "2", "--griffin", "0.5", "--griffin-shared", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())["reports"][0]
-    assert report["label"] == "griffin@0.5-shared" and report["generation"]["meta"]["batch_experts"] == "shared"
+    assert report["label"] == "griffin@0.5-shared+prior64" and report["generation"]["meta"]["batch_experts"] == "shared"
     assert report["generation"]["meta"]["union_fraction"] == report["generation"]["meta"]["kept_fraction"]
     capsys.readouterr()
     assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--no-ppl",
@@ -181,3 +184,34 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--data-dir", str(tmp_path),
                  "--plan", str(tmp_path), "--routed", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "not routed" in capsys.readouterr().err
+
+
+def test_generate_applies_the_chat_template_unless_raw(tmp_path, capsys):
+    from conftest import byte_level_tokenizer
+    from transformers import AutoTokenizer
+
+    folder = tiny_folder(tmp_path, "llama", max_position_embeddings=1024)
+    tok = byte_level_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(folder)
+    templated = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    assert templated == "<|user|>What is the capital of France?\n<|assistant|>"
+    base = ["generate", "--model", str(folder), "--json", "--max-new-tokens", "6"]
+    assert main(base + ["What is the capital of France?"]) == 0
+    chat = json.loads(capsys.readouterr().out)[0]
+    assert main(base + ["--raw", templated]) == 0  # the template by hand, sent raw: the same input
+    by_hand = json.loads(capsys.readouterr().out)[0]
+    assert main(base + ["--raw", "What is the capital of France?"]) == 0
+    raw = json.loads(capsys.readouterr().out)[0]
+    assert chat["chat_template"] and not raw["chat_template"] and chat["text"] == by_hand["text"]
+    assert chat["prompt"] == "What is the capital of France?"
+    assert main(base + ["--griffin", "0.5", "What is the capital of France?"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["chat_template"]
+    # a model without a template: auto sends the text raw, --chat is refused in one line
+    plain = tiny_folder(tmp_path / "plain", "llama", max_position_embeddings=1024)
+    assert main(["generate", "--model", str(plain), "--json", "--max-new-tokens", "2", "hi"]) == 0
+    assert not json.loads(capsys.readouterr().out)[0]["chat_template"]
+    assert main(["generate", "--model", str(plain), "--chat", "--max-new-tokens", "2", "hi"]) == 2
+    assert "no chat template" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import torch
 from conftest import left_padded, make_loaded
 
 from seap.errors import ConfigError
-from seap.griffin import (GriffinConfig, classification_mode, griffin_decode, keep_count, neuron_scores,
-                          prefill_statistics, select, top_k)
+from seap.griffin import (GriffinConfig, classification_mode, corpus_statistic, griffin_decode, keep_count,
+                          neuron_scores, prefill_statistics, select, top_k, with_prior)
 
 G = torch.Generator().manual_seed(5)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]
@@ -157,3 +157,60 @@ def test_shared_batch_decode_equals_zeroing_outside_the_pooled_expert(family):
         for h in handles:
             h.remove()
     assert torch.equal(got.tokens, torch.cat(tokens, dim=1))
+
+
+# -- short prompts: the prior and the density fix ---------------------------------------------------
+def test_prior_weighs_like_n0_tokens_of_evidence():
+    s = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
+    p = torch.softmax(torch.randn(16, generator=torch.Generator().manual_seed(2)), 0)
+    got = with_prior(s, p, 64.0)
+    torch.testing.assert_close(got, (s.square() + 64 * p).sqrt())
+    torch.testing.assert_close(with_prior(s, p, 0.0), s)
+    # a long prompt's own ranking wins, a one-token prompt's ranking is the prior's
+    z = torch.randn(1, 4000, 16, generator=torch.Generator().manual_seed(3))
+    long = neuron_scores(z)
+    assert torch.equal(top_k(with_prior(long, p, 1.0), 8), top_k(long, 8))
+    assert torch.equal(top_k(with_prior(neuron_scores(z[:, :1]), p, 1e6), 8), top_k(p[None], 8))
+
+
+def test_density_fix_keeps_more_of_a_short_prompt_and_selects_per_row():
+    cfg = GriffinConfig(density=0.5, short="density", prior_tokens=64)
+    d = cfg.densities(torch.tensor([0, 64, 10_000]))
+    assert d[0] == 1.0 and d[1] == pytest.approx(0.75) and d[2] == pytest.approx(0.5, abs=0.004)
+    s = torch.rand(3, 40, generator=torch.Generator().manual_seed(4))
+    sel = select([s], torch.tensor([1.0, 0.5, 0.25]))
+    rows = [set(sel.union[0][sel.member[0][r]].tolist()) for r in range(3)]
+    assert [len(r) for r in rows] == [40, 20, 10]
+    for r, k in ((1, 20), (2, 10)):
+        assert rows[r] == set(top_k(s[r:r + 1], k)[0].tolist())
+    assert sel.kept[0] == pytest.approx((40 + 20 + 10) / 3)
+    assert GriffinConfig(density=0.5, short="none").densities(torch.tensor([3]))[0] == 0.5
+
+
+def test_the_prior_fix_decodes_through_the_combined_top_k(family):
+    lm = make_loaded(family)
+    model, adapter, ids = lm.model, lm.adapter, SEQS[3][None]  # a 4-token prompt
+    prior = corpus_statistic(lm, ["some generic text", "and a second one, longer than the first"])
+    assert all(float(p.sum()) == pytest.approx(1.0, rel=1e-5) for p in prior)  # per-token shares
+    cfg = GriffinConfig(density=0.5, short="prior", prior_tokens=32)
+    out = griffin_decode(model, adapter, ids, 2, None, density=cfg, prior=prior)
+    with prefill_statistics(model, adapter, None) as scores:
+        dense = model(ids, use_cache=True)
+    first = dense.logits[:, -1:].argmax(-1)
+    keep = [top_k(with_prior(s, p, 32), keep_count(0.5, s.shape[-1]))[0] for s, p in zip(scores, prior)]
+    pure = [top_k(s, keep_count(0.5, s.shape[-1]))[0] for s in scores]
+    assert any(not torch.equal(a, b) for a, b in zip(keep, pure))  # the prior changes this prompt's experts
+    handles = _zero_outside(adapter, model, keep)
+    try:
+        second = model(first, past_key_values=dense.past_key_values).logits[:, -1:].argmax(-1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.tokens.tolist() == [[first.item(), second.item()]]
+    with pytest.raises(ConfigError, match="prior"):
+        griffin_decode(model, adapter, ids, 2, None, density=cfg)
+    zero = griffin_decode(model, adapter, ids, 6, None, density=GriffinConfig(density=0.5, prior_tokens=0),
+                          prior=prior)
+    assert torch.equal(zero.tokens, griffin_decode(model, adapter, ids, 6, None, density=0.5).tokens)
+    assert GriffinConfig(density=0.5).label == "griffin@0.5+prior64"
+    assert GriffinConfig(density=0.5, short="none").label == "griffin@0.5"

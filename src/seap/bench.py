@@ -181,9 +181,19 @@ def _prompts(vocab: int, batch: int, length: int, seed: int, device) -> torch.Te
     return torch.randint(min(1000, vocab // 2), vocab, (batch, length), generator=g).to(device)
 
 
-def text_prompts(tokenizer, texts: Sequence[str], length: int) -> torch.Tensor:
-    """[N, length] token ids: the first `length` tokens of every text long enough to give them."""
-    rows = [ids[:length] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(ids) >= length]
+def text_prompts(tokenizer, texts: Sequence[str], length: int, chat: bool = False) -> torch.Tensor:
+    """[N, length] token ids: the first `length` tokens of every text long enough to give them; with
+    `chat`, the last `length` tokens of each text as a user turn of the chat template (so a prompt
+    ends where the assistant's answer starts, as an instruct model is served)."""
+    from .models import chat_prompts
+
+    if chat:
+        wrapped, _ = chat_prompts(tokenizer, texts, True)
+        ids = tokenizer(wrapped, add_special_tokens=False)["input_ids"]
+        rows = [x[-length:] for x in ids if len(x) >= length]
+    else:
+        rows = [ids[:length] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+                if len(ids) >= length]
     if not rows:
         raise ConfigError(f"no prompt text reaches {length} tokens: give longer texts or a shorter --prompt-len")
     return torch.tensor(rows, dtype=torch.long)
@@ -197,7 +207,7 @@ def _batch(pool: torch.Tensor, batch: int, repeat: int, device) -> torch.Tensor:
 
 def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None, *,
                  progress: bool = True, griffin: dict[str, float | GriffinConfig] | None = None,
-                 texts: Sequence[str] | None = None) -> dict[str, ModelSpeed]:
+                 texts: Sequence[str] | None = None, chat: bool = False) -> dict[str, ModelSpeed]:
     """Time every model at every batch size; repeats are interleaved across models so that drift
     of the machine (thermal, other load) hits all models alike. Names in `griffin` decode with
     GRIFFIN experts at that density, or as that GriffinConfig says (per-sequence or shared batch
@@ -206,13 +216,15 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
     Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
     (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
     what the prompts say, which random tokens do not show."""
-    from .griffin import griffin_decode
+    from .griffin import griffin_decode, griffin_prior
 
     cfg = cfg or BenchConfig()
-    pools = {name: text_prompts(lm.tokenizer, texts, cfg.prompt_len) for name, lm in models.items()} if texts else {}
+    pools = ({name: text_prompts(lm.tokenizer, texts, cfg.prompt_len, chat) for name, lm in models.items()}
+             if texts else {})
     griffin = {n: g if isinstance(g, GriffinConfig) else GriffinConfig(density=g) for n, g in (griffin or {}).items()}
     if set(griffin) - set(models):
         raise ConfigError(f"GRIFFIN entries {sorted(set(griffin) - set(models))} name no model to time")
+    priors = {n: griffin_prior(models[n]) for n, g in griffin.items() if g.short == "prior" and not g.pure}
     if griffin and cfg.decode_path != "seap":
         raise ConfigError("GRIFFIN is timed with seap's decode loop only: use --decode-path seap")
     if not models:
@@ -235,8 +247,8 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
                 ids = (_batch(pools[name], b, r, dev) if pools else
                        _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev))
                 if name in griffin:
-                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name].density,
-                                       shared=griffin[name].shared)
+                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name],
+                                       prior=priors.get(name))
                     tp, td = g.prefill_s, g.decode_s
                     unions.setdefault((name, b), []).append(g.union_fraction)
                 elif cfg.decode_path == "seap":

@@ -13,6 +13,7 @@ from .config import HEAD_MODES, PRESETS, PruneConfig
 from .evaluation.harness import ACCURACY_TASKS
 from .evaluation.runner import SHARED_TASKS
 from .export.gguf import OUT_TYPES
+from .griffin import DEFAULT_SHORT, SHORT_MODES, GriffinConfig
 from .errors import ConfigError, SeapError
 from .runtime import add_runtime_args, runtime_from_args
 
@@ -32,6 +33,32 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="calibration examples per task (seeded subset)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="tokens per calibration text")
+
+
+def _chat_args(p: argparse.ArgumentParser, chat_help: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--chat", dest="chat", action="store_true", default=None, help=chat_help)
+    g.add_argument("--raw", dest="chat", action="store_false", help="the prompt text as it is, no chat template")
+
+
+def _griffin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
+    p.add_argument("--griffin-short", default=DEFAULT_SHORT, choices=SHORT_MODES,
+                   help="with --griffin, short prompts: prior (default: the prompt's statistic plus the model's "
+                        "generic one, worth --griffin-prior-tokens tokens), density (keep more neurons the "
+                        "shorter the prompt), none (the paper's pure GRIFFIN)")
+    p.add_argument("--griffin-prior-tokens", type=float, default=64.0, metavar="N0",
+                   help="weight of the short-prompt fix in prompt tokens (default 64)")
+
+
+def _griffin(args, density: float | None):
+    """The GriffinConfig the GRIFFIN options describe, at `density` (None: no GRIFFIN)."""
+    if density is None:
+        if args.griffin_shared:
+            raise ConfigError("--griffin-shared needs --griffin DENSITY")
+        return None
+    return GriffinConfig(density=density, shared=args.griffin_shared, short=args.griffin_short,
+                         prior_tokens=args.griffin_prior_tokens)
 
 
 GRIFFIN_SHARED_HELP = ("with --griffin: one expert per batch (top k of the pooled statistic) instead of one per "
@@ -73,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x0", type=float, default=None, help="logistic midpoint (relative depth)")
     p.add_argument("--rho-max", type=float, default=None)
     p.add_argument("--robust", action="store_true", default=None, help="adaptive: median/IQR standardisation")
-    p.add_argument("--multiple", type=int, default=None, help="round widths to a multiple (32, 256 for GGUF)")
+    p.add_argument("--multiple", type=int, default=None,
+                   help="round widths to a multiple (default 32: Q8_0 GGUF blocks and GPU tiles; 256 for K-quants; "
+                        "1 for exact widths); the ratio is still met model-wide")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--expert", default=None, help="which expert of the plan to materialise")
     p.add_argument("--stats-dir", default=None, help="reuse/store statistics here (default <out>/stats)")
@@ -113,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (XSum)")
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN per-prompt experts: XSum decodes through them, accuracy uses classification mode")
-    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
+    _griffin_args(p)
+    _chat_args(p, "XSum prompts as user turns of the chat template (default: raw, the GRIFFIN paper's protocol)")
     p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
@@ -123,12 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="append", default=[], help="plan folder[:expert] applied to --model (repeatable)")
     p.add_argument("--griffin", type=float, action="append", default=[], metavar="DENSITY",
                    help="also time GRIFFIN per-prompt experts at this density on --model (repeatable)")
-    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
+    _griffin_args(p)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prompts", default=None, metavar="TASK_OR_FILE",
                    help="real prompts (their first --prompt-len tokens) from a task, the embedded corpus or a "
                         ".txt/.jsonl file, as --task of prune; default: random tokens. GRIFFIN's union depends on them")
     p.add_argument("--data-dir", default=None, help="with --prompts: local task data (e.g. ../shared/data)")
+    _chat_args(p, "with --prompts: the last --prompt-len tokens of each text as a chat-template user turn "
+                  "(default: raw text)")
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
     p.add_argument("--warmup", type=int, default=1)
@@ -203,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--griffin", type=float, default=None, metavar="DENSITY",
                    help="GRIFFIN: per-prompt experts keeping this share of each layer's FFN neurons (e.g. 0.5)")
-    p.add_argument("--griffin-shared", action="store_true", help=GRIFFIN_SHARED_HELP)
+    _griffin_args(p)
     p.add_argument("--stop", action="append", default=[], help="cut the output at this string (repeatable)")
+    _chat_args(p, "each prompt as a user turn of the model's chat template (default when it has one)")
     p.add_argument("--json", action="store_true")
 
     from .analyze.cli import add_parser as add_analyze
@@ -336,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                              ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, token_ppl=not args.no_ppl,
                              word_ppl_docs=None if args.word_ppl_docs == -1 else args.word_ppl_docs,
                              xsum=args.xsum, xsum_shots=args.xsum_shots, gen_batch_size=args.gen_batch_size,
-                             griffin=args.griffin, griffin_shared=args.griffin_shared)
+                             griffin=args.griffin, griffin_shared=args.griffin_shared,
+                             griffin_short=args.griffin_short, griffin_prior_tokens=args.griffin_prior_tokens,
+                             chat=bool(args.chat))
             plans = args.plan or [None]
             report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
                                        config=cfg, out=args.out, routed=args.routed, runtime=rt)
@@ -360,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                               batch_sizes=tuple(args.batch or (1, 8)), warmup=args.warmup, repeats=args.repeats,
                               decode_path=args.decode_path)
             rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
-                                      griffin=args.griffin, prompts=args.prompts, data_dir=args.data_dir,
-                                      griffin_shared=args.griffin_shared, runtime=rt)
+                                      griffin=[_griffin(args, d) for d in args.griffin], prompts=args.prompts,
+                                      data_dir=args.data_dir, griffin_shared=args.griffin_shared, runtime=rt,
+                                      chat=bool(args.chat))
             print(speed_markdown(rows), end="")
             print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
         elif args.cmd == "export":
@@ -380,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "generate":
             prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
             rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
-                                     max_new_tokens=args.max_new_tokens, griffin=args.griffin, stop=args.stop,
-                                     griffin_shared=args.griffin_shared, runtime=rt)
+                                     max_new_tokens=args.max_new_tokens, griffin=_griffin(args, args.griffin),
+                                     stop=args.stop, runtime=rt, chat=args.chat)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:

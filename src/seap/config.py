@@ -9,6 +9,8 @@ from .errors import ConfigError
 from .scores import SCORES
 
 HEAD_MODES = ("auto", "none", "heads", "kv_groups")
+DEFAULT_MULTIPLE = 32
+MIN_WIDTH_FOR_MULTIPLE = 512
 
 PRESETS: dict[str, dict] = {
     # SEAP: task statistics, s_W score, logistic layer schedule; the plan's task expert is used.
@@ -36,7 +38,7 @@ class PruneConfig:
     x0: float = 0.3
     rho_max: float = 0.9
     robust: bool = False
-    multiple: int = 1
+    multiple: int | None = None  # None: 32 for real models (FFNs >= 512 wide), 1 for tiny ones (resolve_multiple)
     seed: int = 0
     generic: bool = False
     lm_weight: float = 3.0  # weight of language-modelling corpora in the generic expert
@@ -54,7 +56,7 @@ class PruneConfig:
             raise ConfigError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.heads not in HEAD_MODES:
             raise ConfigError(f"unknown head mode {self.heads!r}: choose one of {', '.join(HEAD_MODES)}")
-        if self.multiple < 1:
+        if self.multiple is not None and self.multiple < 1:
             raise ConfigError(f"multiple must be a positive integer, got {self.multiple}")
         if not 0 < self.rho_max <= 1:
             raise ConfigError(f"rho_max must be in (0, 1], got {self.rho_max}")
@@ -101,6 +103,14 @@ class PruneConfig:
         if self.fitted is not None:
             return int(self.fitted[name])  # the layers the fit left out are the layers kept dense
         return 2 if self.allocation == "logistic" else 0
+
+    def resolve_multiple(self, widths: list[int]) -> PruneConfig:
+        """The config with its width multiple fixed for a model of these FFN widths: 32 by default (Q8_0
+        blocks and GPU tensor-core tiles, so exports quantise fully), 1 when the FFN is too narrow for
+        such steps to leave a choice (under 512: test-size models)."""
+        if self.multiple is not None:
+            return self
+        return self.with_(multiple=DEFAULT_MULTIPLE if min(widths) >= MIN_WIDTH_FOR_MULTIPLE else 1)
 
     @property
     def needs_stats(self) -> bool:

@@ -255,20 +255,21 @@ class MultiExpertModel:
         return names
 
     def generate(self, prompts: Sequence[str], *, experts: Sequence[str] | str | None = None,
-                 max_new_tokens: int = 64, **kwargs) -> tuple[list[str], list[str]]:
+                 max_new_tokens: int = 64, special_tokens: bool = True, **kwargs) -> tuple[list[str], list[str]]:
         """Greedy continuations of a batch of prompts, each on its expert; returns (texts, experts)."""
         if not prompts:
             raise ConfigError("no prompt given")
         names = self.experts_for(prompts, experts)
         with self.use(names):
-            return greedy_batch(self.lm, prompts, max_new_tokens, **kwargs), names
+            return greedy_batch(self.lm, prompts, max_new_tokens, special_tokens=special_tokens, **kwargs), names
 
 
 @torch.no_grad()
-def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
+def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, *, special_tokens: bool = True,
+                 **kwargs) -> list[str]:
     """Greedy continuations of a left-padded batch with transformers' generate()."""
     tok = lm.tokenizer
-    enc = encode_left_padded(tok, prompts, lm.model.device)
+    enc = encode_left_padded(tok, prompts, lm.model.device, special_tokens=special_tokens)
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                             **kwargs)
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

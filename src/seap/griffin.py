@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -38,6 +39,8 @@ from .models import encode_left_padded
 log = logging.getLogger(__name__)
 
 MODES = ("gen", "class")
+SHORT_MODES = ("prior", "density", "none")
+DEFAULT_SHORT = "prior"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class GriffinConfig:
     density: float = 0.5  # share of each layer's FFN neurons kept per prompt
     mode: str = "gen"  # "gen": select at prefill, prune decoding; "class": prune the last token only
     shared: bool = False  # one expert per batch (pooled statistic) instead of one per sequence
+    # Short prompts are little evidence. "prior": the statistic plus a generic one worth `prior_tokens`
+    # prompt tokens; "density": keep d + (1 - d) * n0 / (n + n0) of the neurons for an n-token prompt;
+    # "none": the paper's pure statistic.
+    short: str = DEFAULT_SHORT
+    prior_tokens: float = 64.0  # n0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -53,11 +61,29 @@ class GriffinConfig:
             raise ConfigError(f"GRIFFIN mode must be one of {MODES}, got {self.mode!r}")
         if self.shared and self.mode == "class":
             raise ConfigError("shared batch experts apply to generation; classification mode selects per sequence")
+        if self.short not in SHORT_MODES:
+            raise ConfigError(f"GRIFFIN short-prompt mode must be one of {', '.join(SHORT_MODES)}, got {self.short!r}")
+        if self.prior_tokens < 0:
+            raise ConfigError(f"GRIFFIN prior tokens must be >= 0, got {self.prior_tokens}")
+
+    @property
+    def pure(self) -> bool:
+        return self.short == "none" or self.prior_tokens == 0
 
     @property
     def label(self) -> str:
-        """How reports and benchmark rows name this setting, e.g. griffin@0.5 or griffin@0.5-shared."""
-        return f"griffin@{self.density:g}{'-shared' if self.shared else ''}"
+        """How reports and benchmark rows name this setting, e.g. griffin@0.5, griffin@0.5-shared,
+        griffin@0.5+prior64 (the short-prompt fix and its n0)."""
+        fix = "" if self.pure or self.mode == "class" else f"+{self.short}{self.prior_tokens:g}"
+        return f"griffin@{self.density:g}{'-shared' if self.shared else ''}{fix}"
+
+    def densities(self, counts: torch.Tensor) -> torch.Tensor:
+        """[B] density per sequence of `counts` real tokens (raised for short prompts in 'density' mode)."""
+        d = torch.full(counts.shape, self.density, dtype=torch.float64)
+        if self.short == "density" and not self.pure:
+            n0 = self.prior_tokens
+            d = d + (1 - d) * n0 / (counts.double().cpu() + n0)
+        return d
 
 
 # -- the statistic (pure) -----------------------------------------------------------------------
@@ -103,21 +129,35 @@ def pooled_scores(scores: torch.Tensor) -> torch.Tensor:
     return unit.square().sum(0, keepdim=True).sqrt()
 
 
-def select(scores: Sequence[torch.Tensor], density: float, shared: bool = False) -> Selection:
-    """Each layer's top k per sequence (or, `shared`, one top k of the pooled scores for all)."""
+def with_prior(scores: torch.Tensor, prior: torch.Tensor, tokens: float) -> torch.Tensor:
+    """[B, F] prompt scores combined with a generic statistic: sqrt(s^2 + n0 * p). A prompt's squared
+    scores sum to its token count n, and p sums to 1, so the prior weighs as n0 tokens would."""
+    return (scores.float().square() + tokens * prior.to(scores.device, torch.float32)[None]).sqrt()
+
+
+def select(scores: Sequence[torch.Tensor], density: float | torch.Tensor, shared: bool = False) -> Selection:
+    """Each layer's top k per sequence (or, `shared`, one top k of the pooled scores for all).
+    `density`: one for all, or [B] per sequence (GriffinConfig.densities)."""
     union, member, widths, kept = [], [], [], []
     for s in scores:
         width = s.shape[-1]
-        k = keep_count(density, width)
-        idx = top_k(pooled_scores(s) if shared else s, k)  # [B, k] (or [1, k] shared by all rows)
-        u = torch.unique(idx)
-        m = torch.zeros(idx.shape[0], width, dtype=torch.bool, device=s.device)
-        m.scatter_(1, idx, True)
+        ds = density.tolist() if isinstance(density, torch.Tensor) else [density] * s.shape[0]
+        ks = [keep_count(d, width) for d in ds]
+        if shared:  # one set for the batch, as large as its largest member's
+            s, ks = pooled_scores(s), [max(ks)]
+        if len(set(ks)) == 1:
+            idx = top_k(s, ks[0])  # [B, k] (or [1, k] shared by all rows)
+            m = torch.zeros(idx.shape[0], width, dtype=torch.bool, device=s.device).scatter_(1, idx, True)
+        else:  # the k_b best of each row
+            order = torch.argsort(s, dim=-1, descending=True, stable=True)[:, :max(ks)]
+            first = torch.arange(order.shape[1], device=s.device)[None] < torch.tensor(ks, device=s.device)[:, None]
+            m = torch.zeros(s.shape[0], width, dtype=torch.bool, device=s.device).scatter_(1, order, first)
+        u = torch.nonzero(m.any(0)).flatten()
         m = m[:, u]
         union.append(u)
         member.append(None if bool(m.all()) else m)
         widths.append(width)
-        kept.append(k)
+        kept.append(sum(ks) / len(ks))
     return Selection(union, member, widths, kept)
 
 
@@ -245,19 +285,25 @@ class GriffinOutput:
 
 @torch.inference_mode()
 def griffin_decode(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, new_tokens: int,
-                   attention_mask: torch.Tensor | None = None, density: float = 0.5,
+                   attention_mask: torch.Tensor | None = None, density: float | GriffinConfig = 0.5,
                    eos_token_id: int | None = None,
                    finished: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-                   shared: bool = False) -> GriffinOutput:
+                   shared: bool = False, prior: Sequence[torch.Tensor] | None = None) -> GriffinOutput:
     """Greedy decoding with GRIFFIN experts: a dense prefill picks them, the decode steps use them.
 
+    `density`: a share of neurons (the paper's pure statistic), or a GriffinConfig (with its
+    short-prompt fix; 'prior' needs `prior`, per-layer shares from `griffin_prior`).
     With `eos_token_id`, a sequence that produced it keeps producing it (as generate() pads),
     and the loop stops when every sequence has. `finished(tokens so far)` may return a [B] bool
     of sequences that are done for another reason (a stop string): they are padded the same way.
     `shared`: one expert for the whole batch (see the module docstring)."""
     import time
 
-    GriffinConfig(density=density, shared=shared)
+    cfg = density if isinstance(density, GriffinConfig) else GriffinConfig(density=density, shared=shared,
+                                                                           short="none")
+    if cfg.short == "prior" and not cfg.pure and prior is None:
+        raise ConfigError("GRIFFIN's short-prompt prior needs the model's generic statistic: "
+                          "pass prior=seap.griffin.griffin_prior(lm), or short='none'")
     if new_tokens < 1:
         raise ConfigError(f"new tokens must be >= 1, got {new_tokens}")
     padded = attention_mask is not None
@@ -269,7 +315,9 @@ def griffin_decode(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, 
     with prefill_statistics(model, adapter, mask) as scores:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
                     logits_to_keep=1)
-    sel = select(scores, density, shared)
+    if cfg.short == "prior" and not cfg.pure:
+        scores = [with_prior(s, p, cfg.prior_tokens) for s, p in zip(scores, prior)]
+    sel = select(scores, cfg.densities(mask.sum(-1)) if cfg.short == "density" else cfg.density, cfg.shared)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t1 = time.perf_counter()
     cache, tokens = out.past_key_values, [nxt]
@@ -313,16 +361,94 @@ def stop_strings_seen(tokenizer, stop: Sequence[str], every: int = 4) -> Callabl
     return finished
 
 
-def generate_texts(lm, prompts: Sequence[str], *, density: float | None = 0.5, max_new_tokens: int = 64,
-                   stop: Sequence[str] = (), shared: bool = False) -> tuple[list[str], GriffinOutput]:
+def generate_texts(lm, prompts: Sequence[str], *, density: float | GriffinConfig | None = 0.5,
+                   max_new_tokens: int = 64, stop: Sequence[str] = (), shared: bool = False,
+                   special_tokens: bool = True, prior: Sequence[torch.Tensor] | None = None
+                   ) -> tuple[list[str], GriffinOutput]:
     """Greedy continuations of a left-padded batch, with GRIFFIN experts (density None or 1: dense;
-    `shared`: one expert for the batch)."""
+    a float: the paper's pure statistic; a GriffinConfig: with its short-prompt fix, the prior
+    computed or read from the cache when not given; `shared`: one expert for the batch)."""
     tok = lm.tokenizer
-    enc = encode_left_padded(tok, prompts, next(lm.model.parameters()).device)
+    cfg = density if isinstance(density, GriffinConfig) else GriffinConfig(
+        density=1.0 if density is None else density, shared=shared, short="none")
+    if prior is None and cfg.short == "prior" and not cfg.pure:
+        prior = griffin_prior(lm)
+    enc = encode_left_padded(tok, prompts, next(lm.model.parameters()).device, special_tokens=special_tokens)
     out = griffin_decode(lm.model, lm.adapter, enc["input_ids"], max_new_tokens,
-                         enc["attention_mask"], density=1.0 if density is None else density,
+                         enc["attention_mask"], density=cfg,
                          eos_token_id=getattr(tok, "eos_token_id", None),
                          finished=stop_strings_seen(tok, [x for x in stop if x]) if any(stop) else None,
-                         shared=shared)
+                         prior=prior)
     texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
     return [cut_at_stop(t, stop) for t in texts], out
+
+
+# -- the generic prior for short prompts ----------------------------------------------------------
+PRIOR_TEXTS = 64  # embedded-corpus texts the prior is measured on (about 4k tokens)
+PRIOR_FORMAT, PRIOR_VERSION = "seap-griffin-prior", 1
+
+
+@torch.inference_mode()
+def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> list[torch.Tensor]:
+    """Per layer [F]: GRIFFIN's statistic over a corpus, per token, sum_t z_tj^2 / ||z_t||^2 / N (it
+    sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons."""
+    from .stats import batches, to_device
+
+    device = next(lm.model.parameters()).device
+    total: list[torch.Tensor] | None = None
+    n = 0
+    body = getattr(lm.model, getattr(lm.model, "base_model_prefix", ""), None) or lm.model
+    for enc in batches(lm.tokenizer, texts, batch_size, max_length):
+        enc = to_device(enc, device)
+        with prefill_statistics(lm.model, lm.adapter, enc["attention_mask"]) as scores:
+            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        sq = [s.double().square().sum(0) for s in scores]
+        total = sq if total is None else [a + b for a, b in zip(total, sq)]
+        n += int(enc["attention_mask"].sum())
+    return [(t / max(n, 1)).float().cpu() for t in total]
+
+
+def prior_cache_path(lm) -> Path:
+    """Where the prior of this exact model (geometry and weights) is cached."""
+    import hashlib
+    import json
+    import os
+
+    from .models import fingerprint
+
+    fp = fingerprint(lm.model, lm.adapter)
+    key = hashlib.sha256(json.dumps([fp["arch_hash"], fp["signature"]]).encode()).hexdigest()[:24]
+    root = Path(os.environ.get("SEAP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                / "seap")
+    return root / "griffin-priors" / f"{key}.safetensors"
+
+
+def griffin_prior(lm, texts: Sequence[str] | None = None, *, cache: bool = True) -> list[torch.Tensor]:
+    """The generic statistic that steadies GRIFFIN on short prompts: `corpus_statistic` of the
+    embedded general corpus (or `texts`) on this model, computed once and cached per model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ._io import atomic_path
+
+    path = prior_cache_path(lm) if cache and texts is None else None
+    if path is not None and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if (fh.metadata() or {}).get("format") == f"{PRIOR_FORMAT}/{PRIOR_VERSION}":
+                    return [fh.get_tensor(f"layer.{i}") for i in range(len(lm.adapter.layers(lm.model)))]
+        except Exception as err:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
+            log.info("recomputing the GRIFFIN prior (%s)", err)
+    if texts is None:
+        from .tasks import resolve_corpus
+
+        texts = resolve_corpus("default", limit=PRIOR_TEXTS).texts
+    prior = corpus_statistic(lm, texts)
+    if path is not None:
+        try:
+            with atomic_path(path) as tmp:
+                save_file({f"layer.{i}": p.contiguous() for i, p in enumerate(prior)}, str(tmp),
+                          metadata={"format": f"{PRIOR_FORMAT}/{PRIOR_VERSION}"})
+        except OSError as err:  # a read-only home: the prior still works, uncached
+            log.info("could not cache the GRIFFIN prior at %s (%s)", path, err)
+    return prior

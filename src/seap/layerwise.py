@@ -87,7 +87,12 @@ class SkeletonLoader:
         return [n for n, _ in self.model.named_parameters() if n.startswith(p)]
 
     def other_params(self) -> list[str]:
-        return [n for n, _ in self.model.named_parameters() if not n.startswith(self.layer_prefix)]
+        """The decoder body's parameters outside its layers (embeddings, positions, final norm): what
+        the catch pass runs. Not the LM head: an 8B model's is 1 GB in bf16 that statistics never use."""
+        body = getattr(self.model, "base_model_prefix", "")
+        inside = f"{body}." if body and hasattr(self.model, body) else ""
+        return [n for n, _ in self.model.named_parameters()
+                if not n.startswith(self.layer_prefix) and n.startswith(inside)]
 
     def load(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -214,7 +219,7 @@ def layerwise_stats(ckpt: Checkpoint, config, tokenizer, corpora: dict[str, Sequ
     enc = {t: batches(tokenizer, texts, batch_size, max_length) for t, texts in corpora.items()}
     key = run_key({"v": RESUME_VERSION, "ckpt": str(ckpt.folder.resolve()), "dtype": str(dtype),
                    "device": device.type, "heads": heads, "batch": batch_size, "max_length": max_length,
-                   "texts": {t: hashlib.sha256("\x00".join(v).encode()).hexdigest() for t, v in corpora.items()},
+                   "texts": [[t, hashlib.sha256("\x00".join(v).encode()).hexdigest()] for t, v in corpora.items()],
                    "shapes": [list(ckpt.tensors[n].shape) for n in sorted(ckpt.tensors)[:8]]})
     resume = _Resume(Path(resume_dir), key) if resume_dir is not None else None
 

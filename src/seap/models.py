@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for_config, get_adapter
-from .errors import ArtifactError, ModelError
+from .errors import ArtifactError, ConfigError, ModelError
 from .weights import ModuleWeights, WeightSource
 
 log = logging.getLogger(__name__)
@@ -135,15 +135,35 @@ class LazyModel:
         return self.checkpoint.dtype
 
 
-def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = None) -> dict:
-    """Tokenise a batch padded on the left, so that every row ends at its prompt (decoder-only batches)."""
+def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = None, *,
+                       special_tokens: bool = True) -> dict:
+    """Tokenise a batch padded on the left, so that every row ends at its prompt (decoder-only batches).
+    `special_tokens=False` for prompts that already hold them (a chat template writes its own BOS)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=special_tokens)
     finally:
         tokenizer.padding_side = side
     return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompts(tokenizer, prompts, chat: bool | None = None) -> tuple[list[str], bool]:
+    """Prompts as an instruct model expects them: each one a user turn of the tokenizer's chat
+    template, ending where the assistant's answer starts. `chat` None: when the tokenizer has a
+    template (instruct models); True: always (refused without one); False: the raw text.
+    Returns the texts and whether the template was applied (encode them without special tokens)."""
+    if chat is False or (chat is None and not has_chat_template(tokenizer)):
+        return list(prompts), False
+    if not has_chat_template(tokenizer):
+        raise ConfigError("this model's tokenizer has no chat template (a base model?): drop --chat, or give "
+                          "prompts in the format the model was trained on")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts], True
 
 
 def _no_network(src: ModelSource, err: Exception) -> ModelError:

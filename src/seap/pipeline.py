@@ -10,7 +10,8 @@ from typing import Sequence
 
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
-from .models import LoadedModel, check_fingerprint, open_model
+from .griffin import GriffinConfig
+from .models import LoadedModel, chat_prompts, check_fingerprint, open_model
 from .plan import Plan
 from .pruned import read_record
 from .pruning import DEFAULT_TASKS, PruneResult, apply, collect, prune
@@ -72,11 +73,10 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
     """`seap eval`: a dense model, a pruned folder (as --model), or a base model plus a plan
     (with `routed`, the router picks every item's expert among the plans' experts)."""
     from .evaluation.runner import EvalConfig, evaluate_model, evaluate_plan, save_report
-    from .griffin import GriffinConfig
 
     config = config or EvalConfig()
     lm = _load(model, runtime)
-    dyn = GriffinConfig(config.griffin, shared=config.griffin_shared).label if config.griffin is not None else None
+    dyn = config.griffin_config.label if config.griffin is not None else None
     if routed is not None:
         from .evaluation.routed import evaluate_routed
 
@@ -106,15 +106,15 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
               plans: Sequence[str] = (), config=None, out: str | Path | None = None,
-              griffin: Sequence[float] = (), prompts: str | None = None, data_dir: str | Path | None = None,
-              griffin_shared: bool = False, runtime: Runtime | None = None):
+              griffin: Sequence[float | GriffinConfig] = (), prompts: str | None = None,
+              data_dir: str | Path | None = None,
+              griffin_shared: bool = False, runtime: Runtime | None = None, chat: bool = False):
     """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
     density on the base model; `griffin_shared`: one expert per batch), timed in one process.
     `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
-    prompt texts instead of random tokens."""
+    prompt texts instead of random tokens; `chat` wraps them in the chat template."""
     from .bench import bench_models, speed_markdown, speed_table
     from .evaluation.runner import sliced_copy
-    from .griffin import GriffinConfig
 
     lm = _load(model, runtime)
     models = {"dense": lm}
@@ -130,13 +130,16 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     if griffin_shared and not griffin:
         raise ConfigError("--griffin-shared needs --griffin DENSITY")
     for d in griffin:
-        g = GriffinConfig(density=d, shared=griffin_shared)
+        g = d if isinstance(d, GriffinConfig) else GriffinConfig(density=d, shared=griffin_shared)
         models[g.label], dynamic[g.label] = lm, g
     texts = resolve_corpus(prompts, data_dir=data_dir).texts if prompts else None
-    speeds = bench_models(models, config, griffin=dynamic, texts=texts)
+    if chat and texts is None:
+        raise ConfigError("--chat wraps real prompt texts in the chat template: give --prompts")
+    speeds = bench_models(models, config, griffin=dynamic, texts=texts, chat=chat)
     rows = speed_table(speeds, "dense")
     if out:
-        cfg = {**(config.__dict__ if config is not None else {}), "prompts": prompts or "random tokens"}
+        cfg = {**(config.__dict__ if config is not None else {}), "prompts": prompts or "random tokens",
+               "chat_template": chat}
         write_json(Path(out) / "bench.json", {"config": cfg, "models": {n: s.to_dict() for n, s in speeds.items()},
                                               "rows": rows})
         write_text(Path(out) / "bench.md", "# seap bench\n\n" + speed_markdown(rows))
@@ -220,22 +223,25 @@ def explain(model: str | LoadedModel | None, router: str | Path | Router, prompt
 
 def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
              router: str | Path | Router | None = None, expert: str | None = None,
-             max_new_tokens: int = 64, griffin: float | None = None, stop: Sequence[str] = (),
-             griffin_shared: bool = False, runtime: Runtime | None = None) -> list[dict]:
+             max_new_tokens: int = 64, griffin: float | GriffinConfig | None = None, stop: Sequence[str] = (),
+             griffin_shared: bool = False, runtime: Runtime | None = None, chat: bool | None = None) -> list[dict]:
     """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
-    with `griffin`, per-prompt GRIFFIN experts at that density (within the plan's expert if given;
-    `griffin_shared`: one expert for all the prompts, decoded as one batch)."""
+    with `griffin`, per-prompt GRIFFIN experts at that density or as that GriffinConfig says (within the
+    plan's expert if given; `griffin_shared`: one expert for all the prompts, decoded as one batch). `chat`: each prompt as a
+    user turn of the tokenizer's chat template (None: when the model has one; every row says)."""
     from .evaluation.runner import sliced_copy
     from .experts import MultiExpertModel
-    from .griffin import GriffinConfig, cut_at_stop, generate_texts
+    from .griffin import cut_at_stop, generate_texts
 
     if not prompts:
         raise ConfigError("give at least one prompt")
     if max_new_tokens < 1:
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model, runtime)
+    inputs, templated = chat_prompts(lm.tokenizer, prompts, chat)
     if griffin is not None:
-        label = GriffinConfig(density=griffin, shared=griffin_shared).label
+        g = griffin if isinstance(griffin, GriffinConfig) else GriffinConfig(density=griffin, shared=griffin_shared)
+        label = g.label
         if router is not None:
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
         if plans:
@@ -243,10 +249,10 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
             check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
             name, _ = plan.expert(expert)
             lm, label = sliced_copy(lm, plan, name), f"{name}+{label}"
-        texts, out = generate_texts(lm, prompts, density=griffin, max_new_tokens=max_new_tokens, stop=stop,
-                                    shared=griffin_shared)
-        return [{"prompt": p, "expert": label, "text": t, "kept_fraction": round(out.kept_fraction, 4)}
-                for p, t in zip(prompts, texts)]
+        texts, out = generate_texts(lm, inputs, density=g, max_new_tokens=max_new_tokens, stop=stop,
+                                    special_tokens=not templated)
+        return [{"prompt": p, "expert": label, "text": t, "chat_template": templated,
+                 "kept_fraction": round(out.kept_fraction, 4)} for p, t in zip(prompts, texts)]
     if griffin_shared:
         raise ConfigError("--griffin-shared needs --griffin DENSITY")
     if not plans:
@@ -262,12 +268,14 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
     if multi is None:
         from .experts import greedy_batch
 
-        texts = greedy_batch(lm, prompts, max_new_tokens)
-        return [{"prompt": p, "expert": "dense", "text": cut_at_stop(t, stop)} for p, t in zip(prompts, texts)]
-    routes = multi.route(prompts) if expert is None else None
-    texts, names = multi.generate(prompts, experts=[r.expert for r in routes] if routes else expert,
-                                  max_new_tokens=max_new_tokens)
+        texts = greedy_batch(lm, inputs, max_new_tokens, special_tokens=not templated)
+        return [{"prompt": p, "expert": "dense", "text": cut_at_stop(t, stop), "chat_template": templated}
+                for p, t in zip(prompts, texts)]
+    routes = multi.route(prompts) if expert is None else None  # the router reads the bare prompt
+    texts, names = multi.generate(inputs, experts=[r.expert for r in routes] if routes else expert,
+                                  max_new_tokens=max_new_tokens, special_tokens=not templated)
     texts = [cut_at_stop(t, stop) for t in texts]
-    return [{"prompt": p, "expert": n, "text": t, **({"confidence": round(routes[i].confidence, 4),
+    return [{"prompt": p, "expert": n, "text": t, "chat_template": templated,
+             **({"confidence": round(routes[i].confidence, 4),
                                                       "reason": routes[i].reason} if routes else {})}
             for i, (p, n, t) in enumerate(zip(prompts, names, texts))]

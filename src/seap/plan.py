@@ -152,6 +152,7 @@ def pools(adapter: Adapter, model: nn.Module, head_unit: str | None) -> tuple[Po
 def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_scores: list[torch.Tensor],
              head_scores: list[torch.Tensor] | None) -> tuple[list[int], list[int] | None]:
     """Kept units per layer for the FFN pool (and the head pool) at the model-wide ratio."""
+    cfg = cfg.resolve_multiple(list(ffn_pool.counts))
     total = ffn_pool.total + (head_pool.total if head_pool else 0)
     budget = cfg.ratio * total
     if cfg.allocation == "adaptive":
@@ -234,6 +235,7 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     `model` gives the geometry (an empty skeleton will do); `weights` the weight norms (default: read
     from `model`, which must then hold its weights)."""
     weights = weights or ModuleWeights(model, adapter)
+    cfg = cfg.resolve_multiple([adapter.d_ff(layer) for layer in adapter.layers(model)])
     if not stats_by_task:
         raise ConfigError("no task given: name at least one task corpus")
     if cfg.fitted is not None and cfg.fitted.get("arch_hash") != fingerprint.get("arch_hash"):

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..griffin import GriffinConfig
 from ..models import LoadedModel
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -76,22 +77,30 @@ class GenerationReport:
 
 
 def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 200, shots: int = 0,
-                  batch_size: int = 8, density: float | None = None, max_new_tokens: int | None = None,
-                  label: str = "model", progress: bool = True, shared: bool = False) -> GenerationReport:
+                  batch_size: int = 8, density: float | GriffinConfig | None = None, max_new_tokens: int | None = None,
+                  label: str = "model", progress: bool = True, shared: bool = False,
+                  chat: bool = False) -> GenerationReport:
     """Greedy summaries of the first `limit` XSum prompts (batched by length, left-padded), each cut
     at the row's stop strings, scored against the reference with ROUGE-1/2/L. With GRIFFIN
-    (`density`) and `shared`, each batch decodes through one expert chosen for all its prompts."""
-    from ..griffin import GriffinConfig, generate_texts
+    (`density`) and `shared`, each batch decodes through one expert chosen for all its prompts.
+    `chat`: each prompt as a user turn of the chat template (GRIFFIN's protocol is the raw prompt)."""
+    from ..griffin import griffin_prior, generate_texts
+    from ..models import chat_prompts
 
-    if density is not None:
-        GriffinConfig(density=density, shared=shared)
+    griffin = None
+    if density is not None:  # a float: the paper's pure GRIFFIN; a GriffinConfig: as it says
+        griffin = density if isinstance(density, GriffinConfig) else GriffinConfig(density, shared=shared,
+                                                                                  short="none")
+        shared = griffin.shared
     elif shared:
         raise ConfigError("shared batch experts are GRIFFIN's: give a density too")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     rows = load_xsum(data_dir, shots, limit)
     tok = lm.tokenizer
-    lengths = [len(tok(r["article"], add_special_tokens=False)["input_ids"]) for r in rows]
+    prior = griffin_prior(lm) if griffin is not None and griffin.short == "prior" and not griffin.pure else None
+    prompts, templated = chat_prompts(tok, [r["article"] for r in rows], chat)
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
     preds: list[str] = [""] * len(rows)
     kept, union = [], []
@@ -100,8 +109,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
         idx = order[start:start + batch_size]
         new = max_new_tokens or max(int(rows[i].get("max_tokens", 64)) for i in idx)
         stop = sorted({s for i in idx for s in rows[i].get("stop", ["###"])})
-        texts, out = generate_texts(lm, [rows[i]["article"] for i in idx], density=density, max_new_tokens=new,
-                                    stop=stop, shared=shared)
+        texts, out = generate_texts(lm, [prompts[i] for i in idx], density=griffin, max_new_tokens=new,
+                                    stop=stop, special_tokens=not templated, prior=prior)
         kept.append(out.kept_fraction)
         union.append(out.union_fraction)
         for i, t in zip(idx, texts):
@@ -111,7 +120,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     mean = {k: sum(v) / n for k, v in items.items()}
     se = {k: (math.sqrt(sum((x - mean[k]) ** 2 for x in v) / (n - 1) / n) if n > 1 else 0.0) for k, v in items.items()}
     samples = [{"reference": rows[i]["summary_gt"], "prediction": preds[i]} for i in range(min(3, n))]
-    meta = {"shots": shots, "batch_size": batch_size, "density": density,
+    meta = {"shots": shots, "batch_size": batch_size, "density": None if griffin is None else griffin.density,
+            "griffin": None if griffin is None else griffin.label, "chat_template": templated,
             "batch_experts": ("shared" if shared else "per sequence") if density is not None else None,
             "seconds": round(time.time() - t0, 1),
             "kept_fraction": sum(kept) / len(kept), "union_fraction": sum(union) / len(union),

@@ -45,6 +45,9 @@ class EvalConfig:
     gen_batch_size: int = 8
     griffin: float | None = None  # GRIFFIN density: classification mode for accuracy, experts for XSum
     griffin_shared: bool = False  # XSum with GRIFFIN: one expert per generation batch
+    griffin_short: str = "prior"  # XSum with GRIFFIN: the short-prompt fix (GriffinConfig.short)
+    griffin_prior_tokens: float = 64.0
+    chat: bool = False  # XSum prompts as user turns of the chat template (the papers' protocol is raw)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ACCURACY_TASKS]
@@ -62,6 +65,15 @@ class EvalConfig:
             raise ConfigError(f"GRIFFIN density must be in (0, 1], got {self.griffin}")
         if self.griffin_shared and self.griffin is None:
             raise ConfigError("--griffin-shared needs --griffin DENSITY")
+        if self.griffin is not None:
+            self.griffin_config  # noqa: B018 - validates the short-prompt options
+
+    @property
+    def griffin_config(self):
+        from ..griffin import GriffinConfig
+
+        return GriffinConfig(density=self.griffin, shared=self.griffin_shared, short=self.griffin_short,
+                             prior_tokens=self.griffin_prior_tokens)
 
 
 @dataclass
@@ -108,8 +120,10 @@ def _generation_and_perplexity(report: EvalReport, model, tokenizer, cfg: EvalCo
             raise ConfigError("XSum reads local prompt files: pass --data-dir (e.g. ../shared/data)")
         lm = LoadedModel(model, tokenizer, get_adapter(model), None)  # type: ignore[arg-type]
         report.generation = evaluate_xsum(lm, data_dir=cfg.data_dir, limit=cfg.xsum, shots=cfg.xsum_shots,
-                                          batch_size=cfg.gen_batch_size, density=cfg.griffin,
-                                          label=report.label, shared=cfg.griffin_shared).to_dict()
+                                          batch_size=cfg.gen_batch_size,
+                                          density=cfg.griffin_config if cfg.griffin is not None else None,
+                                          label=report.label,
+                                          chat=cfg.chat).to_dict()
     if cfg.griffin is not None and (cfg.token_ppl or cfg.word_ppl_docs != 0):
         report.meta["perplexity"] = "not measured with GRIFFIN (its experts are chosen per prompt)"
         return
