@@ -36,8 +36,9 @@ def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
         rows += [(f"GRIFFIN {d:g}", d, "griffin"), (f"magnitude {d:g}", d, "magnitude")]
     rows += [(f"GRIFFIN {d:g}", d, "griffin") for d in EXTRA_GRIFFIN.get(model_name, ())]
     rows += [(f"GRIFFIN {d:g} shared", d, "shared") for d in DENSITIES]
-    # seap's default GRIFFIN: the short-prompt prior (n0 = 64 tokens; the rows above are the paper's pure statistic)
-    return rows + [("GRIFFIN 0.5 + prior", 0.5, "griffin-prior")]
+    # the short-prompt fixes (n0 = 64 tokens; the rows above are the paper's pure statistic); "+ density" is
+    # seap's default GRIFFIN
+    return rows + [("GRIFFIN 0.5 + prior", 0.5, "griffin-prior"), ("GRIFFIN 0.5 + density", 0.5, "griffin-density")]
 
 
 def _magnitude(lm, model_name: str, density: float):
@@ -64,10 +65,10 @@ def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
             lm = lm or load_model(model_name)
             model = _magnitude(lm, model_name, density) if kind == "magnitude" else lm
             t0 = time.time()
-            if kind == "griffin-prior":
+            if kind in ("griffin-prior", "griffin-density"):
                 from seap.griffin import GriffinConfig
 
-                griffin = GriffinConfig(density=density, short="prior")
+                griffin = GriffinConfig(density=density, short=kind.split("-")[1])
             else:  # a bare density: the paper's pure statistic
                 griffin = density if kind in ("griffin", "shared") else None
             rep = evaluate_xsum(model, data_dir=DATA, limit=limit, shots=XSUM_SHOTS, batch_size=GEN_BATCH,

@@ -206,7 +206,7 @@ def griffin_section(model: str) -> str:
                  "| FFN read per batch | minutes |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             delta = "—" if r is dense else "{:+.2f} ± {:.2f}".format(*(100 * x for x in _rouge_delta(r, dense)))
-            dynamic = r["kind"] in ("griffin", "shared", "griffin-prior")
+            dynamic = r["kind"] in ("griffin", "shared", "griffin-prior", "griffin-density")
             kept = r["meta"]["kept_fraction"] if dynamic else (r["density"] or 1.0)
             read = r["meta"]["union_fraction"] if dynamic else (r["density"] or 1.0)
             text += (f"| {r['row']} | {100 * r['rouge']['rouge1']:.2f} | {100 * r['rouge']['rouge2']:.2f} | "

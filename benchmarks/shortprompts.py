@@ -3,9 +3,9 @@
 200 short prompts (the first 50 questions of ARC-Easy and of ARC-Challenge validation and the first
 100 PIQA validation goals, as a user would ask them), each as a user turn of the model's chat
 template, greedy, 48 new tokens, batches of 8. Rows: the dense model; GRIFFIN at densities 0.5 and
-0.75, pure (the paper's statistic) and with each short-prompt fix (`prior`: the prompt's statistic
-plus the model's generic one worth n0 = 64 tokens; `density`: keep d + (1 - d) * n0 / (n + n0) of the
-neurons); the static generic expert (SEAP-gen, the accuracy stage's calibration) keeping the same
+0.75, pure (the paper's statistic) and with each short-prompt fix (`density`, seap's default: keep
+d + (1 - d) * n0 / (n + n0) of the neurons of an n-token prompt, n0 = 64; `prior`: the same density,
+the prompt's statistic plus the model's generic one worth n0 tokens); the static generic expert (SEAP-gen, the accuracy stage's calibration) keeping the same
 share of FFN parameters. Scores, per continuation: ROUGE-L against the dense model's, and whether it
 is degenerate (empty or whitespace only, or one token repeated 8 or more times in a row).
 

@@ -116,7 +116,7 @@ def test_text_prompts_take_the_first_tokens_of_long_enough_texts(tmp_path, capsy
                  "--out", str(tmp_path / "b")]) == 0
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert data["config"]["prompts"] == str(prompts)
-    assert [r["model"] for r in data["rows"]] == ["dense", "griffin@0.5+prior64"]
+    assert [r["model"] for r in data["rows"]] == ["dense", "griffin@0.5+density64"]
     assert data["config"]["chat_template"] is False
 
 

@@ -120,7 +120,8 @@ def test_classification_mode_lm_scores_like_a_direct_computation(folder):
     assert got == pytest.approx(want, abs=1e-4) and abs(got - dense) > 1e-4
 
 
-G = "griffin@0.5+prior64"  # seap's default GRIFFIN: the short-prompt prior with n0 = 64 tokens
+G = "griffin@0.5"  # the paper's pure GRIFFIN (--griffin-short none): exactly half of every layer
+PURE = ["--griffin-short", "none"]
 
 
 def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
@@ -129,18 +130,21 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     dense = json.loads(capsys.readouterr().out)
     assert main(args + ["--griffin", "1.0"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert [r["text"] for r in full] == [r["text"] for r in dense] and full[0]["expert"] == "griffin@1+prior64"
-    assert main(args + ["--griffin", "0.5"]) == 0
+    assert [r["text"] for r in full] == [r["text"] for r in dense] and full[0]["expert"] == "griffin@1+density64"
+    assert main(args + ["--griffin", "0.5", *PURE]) == 0
     half = json.loads(capsys.readouterr().out)
-    assert half[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02)
-    assert main(args + ["--griffin", "0.5", "--griffin-shared"]) == 0
+    assert half[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02) and half[0]["expert"] == G
+    assert main(args + ["--griffin", "0.5"]) == 0  # the default: short prompts keep more (d + (1 - d) n0/(n + n0))
+    fixed = json.loads(capsys.readouterr().out)
+    assert fixed[0]["expert"] == "griffin@0.5+density64" and fixed[0]["kept_fraction"] > 0.8
+    assert main(args + ["--griffin", "0.5", "--griffin-shared", *PURE]) == 0
     shared = json.loads(capsys.readouterr().out)
-    assert shared[0]["expert"] == "griffin@0.5-shared+prior64" and shared[0]["kept_fraction"] == half[0]["kept_fraction"]
+    assert shared[0]["expert"] == "griffin@0.5-shared" and shared[0]["kept_fraction"] == half[0]["kept_fraction"]
     assert main(args + ["--griffin", "1.5"]) == 2
     assert "density" in capsys.readouterr().err
 
     out = tmp_path / "b"
-    assert main(["bench", "--model", str(folder), "--griffin", "0.5", "--batch", "1", "--batch", "2",
+    assert main(["bench", "--model", str(folder), "--griffin", "0.5", *PURE, "--batch", "1", "--batch", "2",
                  "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     by = {(r["model"], r["batch"]): r for r in rows}
@@ -154,9 +158,9 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     assert by[(G, 2)]["bytes_limit"] <= by[(G, 1)]["bytes_limit"]
     assert f"| {G} | 1 |" in (out / "bench.md").read_text()
     # one shared expert per batch: a batch of two reads no more than one prompt's share
-    assert main(["bench", "--model", str(folder), "--griffin", "0.5", "--griffin-shared", "--batch", "2",
+    assert main(["bench", "--model", str(folder), "--griffin", "0.5", "--griffin-shared", *PURE, "--batch", "2",
                  "--prompt-len", "8", "--gen-len", "3", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
-    g = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}["griffin@0.5-shared+prior64"]
+    g = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}["griffin@0.5-shared"]
     assert g["union_fraction"] == by[(G, 1)]["union_fraction"]
 
 
@@ -165,7 +169,7 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     write_xsum(tmp_path)
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(folder), "--tasks", "", "--data-dir", str(tmp_path), "--xsum", "4",
-                 "--gen-batch-size", "2", "--griffin", "0.5", "--out", str(out)]) == 0
+                 "--gen-batch-size", "2", "--griffin", "0.5", *PURE, "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())["reports"][0]
     assert report["label"] == G and "not measured" in report["meta"]["perplexity"]
     gen = report["generation"]
@@ -175,7 +179,7 @@ def test_eval_cli_xsum_with_griffin(tmp_path, capsys, folder):
     assert main(["eval", "--model", str(folder), "--tasks", "", "--data-dir", str(tmp_path), "--xsum", "4",
                  "--gen-batch-size", "2", "--griffin", "0.5", "--griffin-shared", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())["reports"][0]
-    assert report["label"] == "griffin@0.5-shared+prior64" and report["generation"]["meta"]["batch_experts"] == "shared"
+    assert report["label"] == "griffin@0.5-shared+density64" and report["generation"]["meta"]["batch_experts"] == "shared"
     assert report["generation"]["meta"]["union_fraction"] == report["generation"]["meta"]["kept_fraction"]
     capsys.readouterr()
     assert main(["eval", "--model", str(folder), "--tasks", "", "--xsum", "4", "--no-ppl",

@@ -212,5 +212,6 @@ def test_the_prior_fix_decodes_through_the_combined_top_k(family):
     zero = griffin_decode(model, adapter, ids, 6, None, density=GriffinConfig(density=0.5, prior_tokens=0),
                           prior=prior)
     assert torch.equal(zero.tokens, griffin_decode(model, adapter, ids, 6, None, density=0.5).tokens)
-    assert GriffinConfig(density=0.5).label == "griffin@0.5+prior64"
+    assert GriffinConfig(density=0.5).label == "griffin@0.5+density64"
+    assert GriffinConfig(density=0.5, short="prior").label == "griffin@0.5+prior64"
     assert GriffinConfig(density=0.5, short="none").label == "griffin@0.5"

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("gen", "class")
 SHORT_MODES = ("prior", "density", "none")
-DEFAULT_SHORT = "prior"
+DEFAULT_SHORT = "density"  # measured best on short prompts (benchmarks/RESULTS.md, "Short prompts")
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ class GriffinConfig:
     density: float = 0.5  # share of each layer's FFN neurons kept per prompt
     mode: str = "gen"  # "gen": select at prefill, prune decoding; "class": prune the last token only
     shared: bool = False  # one expert per batch (pooled statistic) instead of one per sequence
-    # Short prompts are little evidence. "prior": the statistic plus a generic one worth `prior_tokens`
-    # prompt tokens; "density": keep d + (1 - d) * n0 / (n + n0) of the neurons for an n-token prompt;
-    # "none": the paper's pure statistic.
+    # Short prompts are little evidence. "density" (default): keep d + (1 - d) * n0 / (n + n0) of the
+    # neurons for an n-token prompt; "prior": the prompt's statistic plus a generic one worth n0 prompt
+    # tokens, at the same density; "none": the paper's pure statistic.
     short: str = DEFAULT_SHORT
     prior_tokens: float = 64.0  # n0
 
@@ -65,6 +65,7 @@ class GriffinConfig:
             raise ConfigError(f"GRIFFIN short-prompt mode must be one of {', '.join(SHORT_MODES)}, got {self.short!r}")
         if self.prior_tokens < 0:
             raise ConfigError(f"GRIFFIN prior tokens must be >= 0, got {self.prior_tokens}")
+
 
     @property
     def pure(self) -> bool:

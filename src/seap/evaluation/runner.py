@@ -45,7 +45,7 @@ class EvalConfig:
     gen_batch_size: int = 8
     griffin: float | None = None  # GRIFFIN density: classification mode for accuracy, experts for XSum
     griffin_shared: bool = False  # XSum with GRIFFIN: one expert per generation batch
-    griffin_short: str = "prior"  # XSum with GRIFFIN: the short-prompt fix (GriffinConfig.short)
+    griffin_short: str = "density"  # XSum with GRIFFIN: the short-prompt fix (GriffinConfig.short)
     griffin_prior_tokens: float = 64.0
     chat: bool = False  # XSum prompts as user turns of the chat template (the papers' protocol is raw)
 
