@@ -85,6 +85,34 @@ def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> 
         gc.collect()
 
 
+DEFAULT_CMD = "seap prune --ratio 0.5"
+
+
+def llamacpp_default(model_name: str = "smollm2-135m") -> None:
+    """What a user gets by default: `seap prune --ratio 0.5` (SEAP on the embedded corpus, widths
+    multiples of 32) exported to Q8_0 and timed against dense in llama.cpp, as the speed rows above."""
+    from seap.export import benchmark_gguf
+    from seap.export.gguf import tensor_types
+    from seap.pruning import prune
+
+    path = RESULTS / model_name / "llamacpp_default.json"
+    if path.is_file():
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        work = Path(work)
+        res = prune(model_name, out=work / "seap-out", progress=False)
+        t0 = time.time()
+        rows = benchmark_gguf(model_name, compare=[str(work / "seap-out" / "model")], quant="q8_0", prompt_len=128,
+                              gen_len=64, warmup=1, repeats=REPEATS.get(model_name, 5), out=work / "bench",
+                              progress=False)
+        types = {p.stem: tensor_types(p) for p in (work / "bench" / "gguf").glob("*.gguf")}
+        _write(path, {"model": model_name, "command": DEFAULT_CMD, "ffn_widths": res.widths,
+                      "config": res.plan.meta["config"], "rows": rows, "tensor_types": types,
+                      "seconds": round(time.time() - t0, 1)})
+        log.info("%s default prune: Q8_0 decode x%.2f", model_name, rows[1]["decode_ratio"])
+
+
 def llamacpp_section(model: str) -> str:
     """RESULTS.md text: the llama.cpp check and speed of one model (empty when not run)."""
     import json
@@ -114,4 +142,14 @@ def llamacpp_section(model: str) -> str:
                 text += (f"| {quant} | {r['model']} | {r['file_MB']:.0f} | {types} | {r['prefill_tok_s']:.0f} | "
                          f"{r['decode_tok_s']:.1f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | "
                          f"{r['bytes_limit']:.2f} |\n")
+    default = RESULTS / model / "llamacpp_default.json"
+    if default.is_file():
+        d = json.loads(default.read_text())
+        r = d["rows"][1]
+        f16 = sum(t.get("F16", 0) for t in d["tensor_types"].values())
+        widths = d["ffn_widths"]
+        text += (f"\nThe default prune (`{d['command']}`: SEAP on the embedded corpus, widths multiples of "
+                 f"{d['config']['multiple']}, {min(widths)}–{max(widths)}) in llama.cpp Q8_0, timed the same way: "
+                 f"decode {r['decode_tok_s']:.1f} tok/s, **{r['decode_ratio']:.2f}×** dense (bytes limit "
+                 f"{r['bytes_limit']:.2f}×); {f16} tensors left in F16.\n")
     return text

@@ -24,7 +24,7 @@ ROW_ORDER = ("WandA-sp", "FLAP", "SEAP (task experts)", "SEAP (routed)", "SEAP-g
 def _load(model: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
             if p.name not in ("speed.json", "router.json")
-            and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed"))]
+            and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
 

@@ -176,9 +176,10 @@ def main(argv=None) -> int:
 
         schedules(models, limits)
     if args.stage in ("all", "llamacpp"):
-        from llamacpp import llamacpp  # noqa: E402  (benchmarks/llamacpp.py; needs the llamacpp extra)
+        from llamacpp import llamacpp, llamacpp_default  # noqa: E402  (benchmarks/llamacpp.py; llamacpp extra)
 
         llamacpp(models)
+        llamacpp_default()
     if args.stage in ("all", "precision"):
         from precision import precision  # noqa: E402  (benchmarks/precision.py)
 

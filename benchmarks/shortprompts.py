@@ -134,8 +134,8 @@ def shortprompts_section(model: str) -> str:
             "| row | FFN kept | ROUGE-L vs dense ± s.e. | Δ vs pure GRIFFIN ± paired s.e. | degenerate |\n"
             "|---|---|---|---|---|\n")
     for name, r in rows.items():
-        pure = next((rows[k] for k in rows if k.endswith("pure") and k.split()[1] == name.split()[1]
-                     and name.startswith("GRIFFIN")), None)
+        density = name.split()[1] if name.startswith("GRIFFIN") else None
+        pure = rows.get(f"GRIFFIN {density} pure") if density else None
         delta = "—"
         if pure is not None and pure is not r:
             diff = [a - b for a, b in zip(r["rougeL_vs_dense"], pure["rougeL_vs_dense"])]
