@@ -1,7 +1,6 @@
 """seap analyze: the numbers behind the pictures, checked against independent computations on tiny models."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.models import fingerprint
-from seap.plan import Expert, Plan, allocate, build_plan, pools
+from seap.plan import Expert, Plan, allocate, build_plan
 from seap.stats import collect_stats
 from seap.surgery import masked
 

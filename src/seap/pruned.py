@@ -153,7 +153,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device:
             model.to(device)
         return model.eval()
     model = pruned_skeleton(folder, torch_dtype)
-    config, adapter = model.config, adapter_for_config(model.config)
+    config = model.config
     try:
         ckpt = Checkpoint.open(folder)
     except ModelError as err:
