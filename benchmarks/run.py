@@ -46,6 +46,26 @@ EXTRA_CONFIGS = (  # run after the required rows: SEAP with FLAP's fluctuation s
     ("SEAP-gen (multiple 32)", "seap", "generic", {"multiple": 32}),
 )
 
+# Training-free reconstruction (seap.reconstruct) on top of each method, same calibration text
+RECON_CONFIGS = (
+    ("SEAP-gen + sequential refit", "seap", "generic", {"reconstruct": "sequential"}),
+    ("FLAP + sequential refit", "flap", "all", {"reconstruct": "sequential"}),
+    ("WandA-sp + sequential refit", "wanda-sp", "all", {"reconstruct": "sequential"}),
+    ("SEAP (task experts) + sequential refit", "seap", "task", {"reconstruct": "sequential"}),
+    ("SEAP-gen + refit", "seap", "generic", {"reconstruct": "refit"}),
+)
+
+# The paper's protocol (SEAP on each task's own data, the baselines on general text as their papers
+# calibrate them): WandA-sp and FLAP calibrated on WikiText-2, and SEAP at the reference code's
+# effective ratio. Only WikiText-2's test split is here: its tail, disjoint from what perplexity scores.
+PAPER_CONFIGS = (
+    ("WandA-sp (WikiText-2 calibration)", "wanda-sp", "wikitext-tail", {}),
+    ("FLAP (WikiText-2 calibration)", "flap", "wikitext-tail", {}),
+)
+# The SEAP reference code's "50%" removes about 44% of the prunable parameters: that row, nominally 50%
+REFERENCE_CONFIGS = (("SEAP (task experts), reference's effective 44%", "seap", "task", {"ratio": 0.44}),)
+WIKITEXT_TAIL = (0.6, 128, 2000)  # from 60% of the test stream on: 128 pieces of 2,000 characters
+
 log = logging.getLogger("benchmarks")
 
 
@@ -75,15 +95,61 @@ def _plan(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict
 
     # The accuracy rows were measured with exact widths (multiple 1, the default then); seap's default
     # is now multiples of 32, measured apart by the "SEAP-gen (multiple 32)" row.
-    cfg = PruneConfig.from_method(method, ratio=ratio, **{"multiple": 1, **extra})
+    cfg = PruneConfig.from_method(method, **{"ratio": ratio, "multiple": 1, **extra})
+    if protocol == "wikitext-tail":
+        stats = {"wikitext2-tail": _wikitext_stats(lm, lm.source.model_id)}
     if protocol == "all":  # baselines: one mask from all calibration text pooled
         it = iter(stats.values())
         merged = next(it)
         for s in it:
             merged = merged.merge(s)
         stats = {"all": merged}
-    return build_plan(lm.model, lm.adapter, cfg, stats, base_model=lm.source.model_id,
+    plan = build_plan(lm.model, lm.adapter, cfg, stats, base_model=lm.source.model_id,
                       revision=lm.source.revision, fingerprint=fingerprint(lm.model, lm.adapter))
+    if cfg.reconstructs:
+        _reconstruct(lm, plan, cfg, protocol)
+    return plan
+
+
+def wikitext_tail() -> list[str]:
+    """Calibration text for the baselines' own protocol: pieces of WikiText-2's test stream from 60% of
+    it on. Token perplexity scores its first 16 windows of 1,024 tokens and word perplexity its first
+    articles (about 5% of the stream), so the two never overlap."""
+    from seap.evaluation.perplexity import wikitext_stream
+
+    text, _ = wikitext_stream(DATA)
+    start, n, size = WIKITEXT_TAIL
+    tail = text[int(start * len(text)):]
+    return [tail[i * size:(i + 1) * size] for i in range(min(n, len(tail) // size))]
+
+
+def _wikitext_stats(lm, model_name: str):
+    from seap.stats import ActivationStats, collect_stats
+
+    path = CACHE / model_name / "stats" / "wikitext2_tail.safetensors"
+    if path.is_file():
+        return ActivationStats.load(path)
+    s = collect_stats(lm.model, lm.tokenizer, lm.adapter, wikitext_tail(), batch_size=8, max_length=512,
+                      meta={"corpus": "wikitext2-tail"}, progress=False)
+    s.save(path)
+    return s
+
+
+def _reconstruct(lm, plan, cfg, protocol: str) -> None:
+    """Refit the experts a row evaluates, each on the calibration text its channels came from."""
+    from seap.plan import GENERIC
+    from seap.reconstruct import RefitConfig, error_summary, reconstruct_plan
+    from seap.tasks import resolve_corpus
+
+    limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
+    texts = {t: list(resolve_corpus(t, data_dir=DATA, limit=limit, seed=0).texts) for t in (*TASKS, LM_CORPUS)}
+    pooled = [x for v in texts.values() for x in v]
+    corpora = {"all": pooled} if protocol == "all" else {GENERIC: pooled} if protocol == "generic" else \
+        {t: texts[t] for t in TASKS}
+    t0 = time.time()
+    reconstruct_plan(lm, plan, corpora, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=8, max_length=512, progress=False)
+    plan.meta["reconstruction"] = {"seconds": round(time.time() - t0, 1),
+                                   "errors": {n: error_summary(plan.experts[n]) for n in corpora}}
 
 
 # Perplexity subsets per model: Gemma 3's 262k-entry vocabulary makes every scored token ~5x dearer.
@@ -98,15 +164,16 @@ def eval_config(model_name: str, limit: int):
                       ppl_window=1024, ppl_windows=windows, word_ppl_docs=docs)
 
 
-def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATIOS) -> None:
+def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATIOS, configs=None,
+             dense: bool = True) -> None:
     from seap.evaluation.runner import evaluate_model, evaluate_plan
     from seap.models import load_model
 
     for model_name in models:
         lm = None
-        jobs = [("dense", None, None, None, 0.0)]
-        configs = CONFIGS + (EXTRA_CONFIGS if extra else ())
-        jobs += [(row, method, protocol, x, r) for r in ratios for row, method, protocol, x in configs]
+        jobs = [("dense", None, None, None, 0.0)] if dense else []
+        rows = configs if configs is not None else CONFIGS + (EXTRA_CONFIGS if extra else ())
+        jobs += [(row, method, protocol, x, r) for r in ratios for row, method, protocol, x in rows]
         for row, method, protocol, x, ratio in jobs:
             path = RESULTS / model_name / f"{_slug(row, ratio)}.json"
             if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == limits[model_name]:
@@ -121,8 +188,11 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
                 rep = evaluate_model(lm, cfg, label="dense")
             else:
                 plan = _plan(lm, stats, method, ratio, protocol, x)
-                rep = evaluate_plan(lm, plan, cfg, experts=protocol, label=f"{row} {int(ratio * 100)}%")
+                experts = "wikitext2-tail" if protocol == "wikitext-tail" else protocol
+                rep = evaluate_plan(lm, plan, cfg, experts=experts, label=f"{row} {int(ratio * 100)}%")
             data = rep.to_dict()
+            if method is not None and "reconstruction" in plan.meta:
+                data["reconstruction"] = plan.meta["reconstruction"]
             data.update(row=row, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.__dict__)
             _write(path, data)
@@ -135,7 +205,8 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "schedules",
-                                        "llamacpp", "precision", "short-prompts", "render"),
+                                        "llamacpp", "precision", "short-prompts", "reconstruction", "paper-protocol",
+                                        "render"),
                     default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
@@ -143,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
-    ap.add_argument("--rows", default=None, help="xsum stage: only these rows, in this order (comma-separated, "
+    ap.add_argument("--rows", default=None, help="xsum and reconstruction stages: only these rows, in this order (comma-separated, "
                     "e.g. 'magnitude 0.75,GRIFFIN 0.75'), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -155,6 +226,12 @@ def main(argv=None) -> int:
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
     if args.stage in ("all", "accuracy"):
         accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")))
+    if args.stage in ("all", "reconstruction"):
+        rows = [r for r in RECON_CONFIGS if not args.rows or r[0] in args.rows.split(",")]
+        accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), rows, dense=False)
+    if args.stage in ("all", "paper-protocol"):
+        accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), PAPER_CONFIGS, dense=False)
+        accuracy(models, limits, False, (0.5,), REFERENCE_CONFIGS, dense=False)
     if args.stage in ("all", "routing"):
         from routing import routing  # noqa: E402  (benchmarks/routing.py)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .bench import DECODE_PATHS
-from .config import HEAD_MODES, PRESETS, PruneConfig
+from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, PruneConfig
 from .evaluation.harness import ACCURACY_TASKS
 from .evaluation.runner import SHARED_TASKS
 from .export.gguf import OUT_TYPES
@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple", type=int, default=None,
                    help="round widths to a multiple (default 32: Q8_0 GGUF blocks and GPU tiles; 256 for K-quants; "
                         "1 for exact widths); the ratio is still met model-wide")
+    p.add_argument("--reconstruct", default=None, choices=RECONSTRUCT_MODES,
+                   help="refit the kept columns of each output linear by least squares on the calibration "
+                        "activations (refit), each layer on the pruned layers' outputs (sequential), or not (none)")
+    p.add_argument("--ridge", type=float, default=None, help="reconstruction: ridge term relative to the kept "
+                   "channels' mean variance (default 0.01)")
+    rb = p.add_mutually_exclusive_group()
+    rb.add_argument("--refit-bias", dest="refit_bias", action="store_true", default=None,
+                    help="reconstruction fits an FFN output bias too (default where the architecture has one: "
+                         "Llama, OPT)")
+    rb.add_argument("--no-refit-bias", dest="refit_bias", action="store_false",
+                    help="weights only: for Gemma 3 GGUF and vLLM exports, whose architectures have no FFN bias")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--expert", default=None, help="which expert of the plan to materialise")
     p.add_argument("--stats-dir", default=None, help="reuse/store statistics here (default <out>/stats)")
@@ -351,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                 allocation=None if args.allocation == "logistic-fitted" else args.allocation,
                 bias_compensation=args.bias_compensation, protect_first=args.protect_first,
                 protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
-                multiple=args.multiple, seed=args.seed)
+                multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
+                refit_bias=args.refit_bias)
             res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
                                  data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
                                  batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir,

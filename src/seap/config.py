@@ -11,6 +11,7 @@ from .scores import SCORES
 HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32
 MIN_WIDTH_FOR_MULTIPLE = 512
+RECONSTRUCT_MODES = ("none", "refit", "sequential")
 
 PRESETS: dict[str, dict] = {
     # SEAP: task statistics, s_W score, logistic layer schedule; the plan's task expert is used.
@@ -45,6 +46,13 @@ class PruneConfig:
     task_weight: float = 2.0
     # logistic-fitted: k, x0 and what they were fitted on (set by seap.analyze.schedule.FittedSchedule.configure)
     fitted: dict | None = None
+    # Training-free reconstruction (seap.reconstruct): "none", "refit" (least squares on the dense
+    # model's activations) or "sequential" (each layer on the outputs of the pruned layers before it)
+    reconstruct: str = "none"
+    ridge: float = 1e-2  # relative to the mean variance of the kept channels
+    # fit the output bias too; None: where the architecture holds an FFN bias natively (Llama, OPT; not
+    # Gemma 3, whose GGUF and vLLM exports have no bias tensors)
+    refit_bias: bool | None = None
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -58,6 +66,10 @@ class PruneConfig:
             raise ConfigError(f"unknown head mode {self.heads!r}: choose one of {', '.join(HEAD_MODES)}")
         if self.multiple is not None and self.multiple < 1:
             raise ConfigError(f"multiple must be a positive integer, got {self.multiple}")
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ConfigError(f"unknown reconstruction {self.reconstruct!r}: choose one of {', '.join(RECONSTRUCT_MODES)}")
+        if not self.ridge >= 0:
+            raise ConfigError(f"ridge must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
         if not 0 < self.rho_max <= 1:
             raise ConfigError(f"rho_max must be in (0, 1], got {self.rho_max}")
         for name in ("protect_first", "protect_last"):
@@ -114,7 +126,11 @@ class PruneConfig:
 
     @property
     def needs_stats(self) -> bool:
-        return self.score not in ("magnitude", "random") or self.bias_compensation
+        return self.score not in ("magnitude", "random") or self.bias_compensation or self.reconstructs
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.reconstruct != "none"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -159,7 +159,8 @@ class MultiExpertModel:
                 out.append((module_path(model, lin), lin, _RoutedLinear(lin, slots, True, self._state)))
             down = adapter.ffn_out(layer)
             slots = {n: self._slot(down, ex.ffn[i], rows=False,
-                                   delta=None if ex.ffn_bias is None else ex.ffn_bias[i])
+                                   delta=None if ex.ffn_bias is None else ex.ffn_bias[i],
+                                   refit=None if ex.ffn_out is None else ex.ffn_out[i])
                      for n, ex in self.experts.items()}
             out.append((module_path(model, down), down, _RoutedLinear(down, slots, False, self._state)))
             if any(ex.heads is not None for ex in self.experts.values()):
@@ -170,16 +171,20 @@ class MultiExpertModel:
                     q_idx = (torch.arange(o.in_features) if ex.heads is None else
                              head_index_sets(adapter, layer, ex.heads[i], plan.head_unit)[0])
                     slots[n] = self._slot(o, q_idx, rows=False,
-                                          delta=None if ex.attn_bias is None else ex.attn_bias[i])
+                                          delta=None if ex.attn_bias is None else ex.attn_bias[i],
+                                          refit=None if ex.attn_out is None else ex.attn_out[i])
                 out.append((module_path(model, o), o, _HeadGather(o, slots, self._state)))
         return out
 
-    def _slot(self, lin: nn.Linear, idx: torch.Tensor, rows: bool, delta: torch.Tensor | None = None) -> _Slot:
+    def _slot(self, lin: nn.Linear, idx: torch.Tensor, rows: bool, delta: torch.Tensor | None = None,
+              refit: torch.Tensor | None = None) -> _Slot:
         idx = idx.to(lin.weight.device, torch.long)
         dim = 0 if rows else 1
         full = len(idx) == lin.weight.shape[dim] and torch.equal(idx, torch.arange(len(idx), device=idx.device))
         weight = None
-        if self.materialize:  # a dense expert shares the base weight
+        if refit is not None:  # reconstruction: the expert's own output weights, whatever `materialize` says
+            weight = refit.to(lin.weight.device, lin.weight.dtype)
+        elif self.materialize:  # a dense expert shares the base weight
             weight = lin.weight if full else lin.weight.index_select(dim, idx)
         if rows:
             bias = None if lin.bias is None else (lin.bias if full else lin.bias.index_select(0, idx))

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -186,6 +186,64 @@ def catch_inputs(model: nn.Module, adapter: Adapter, enc: dict[str, torch.Tensor
         for i, layer in enumerate(originals):
             layers[i] = layer
     return calls
+
+
+# -- a generic runner -----------------------------------------------------------------------------------------
+class LayerRunner:
+    """Calibration batches run through a model's decoder layers one at a time: the inputs of every
+    layer are caught once, then `layers()` gives each layer (loaded from the checkpoint when `loader`
+    is given, released after) and `run(i, layer)` its outputs on the current hidden states, which
+    `advance` makes the next layer's inputs. Works on a model in memory and on an empty skeleton.
+    `state["mask"]` holds the real-token mask of the batch being run (for hooks)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, enc_batches: list[dict[str, torch.Tensor]], *,
+                 device: torch.device, loader: SkeletonLoader | None = None, dtype: torch.dtype | None = None):
+        self.model, self.adapter, self.loader, self.device, self.dtype = model, adapter, loader, device, dtype
+        self._layers = adapter.layers(model)
+        self.n_layers = len(self._layers)
+        others = []
+        if loader is not None:
+            others = loader.other_params()
+            loader.load(others, device, dtype)
+            for name, buf in list(model.named_buffers()):
+                if not name.startswith(loader.layer_prefix):
+                    _set_buffer(model, name, buf.to(device))
+        try:
+            self.calls = [catch_inputs(model, adapter, _to(b, device)) for b in enc_batches]
+        finally:
+            if loader is not None:
+                loader.release(others)
+        self.masks = [b["attention_mask"].bool().to(device) for b in enc_batches]
+        self.hidden = [c[0][0] for c in self.calls]
+        for c in self.calls:
+            c[0] = (None, c[0][1], c[0][2])
+        self.n_tokens = int(sum(int(m.sum()) for m in self.masks))
+        self.state: dict = {"mask": None}
+
+    def layers(self) -> Iterator[tuple[int, nn.Module]]:
+        for i, layer in enumerate(self._layers):
+            names = self.loader.layer_params(i) if self.loader is not None else []
+            if names:
+                self.loader.load(names, self.device, self.dtype)
+            try:
+                yield i, layer
+            finally:
+                if names:
+                    self.loader.release(names)
+
+    def run(self, i: int, layer: nn.Module) -> list[torch.Tensor]:
+        dev = next(layer.parameters()).device
+        outs = []
+        for b, h in enumerate(self.hidden):
+            _, args, kwargs = self.calls[b][i]
+            self.state["mask"] = self.masks[b]
+            out = layer(h.to(dev), *args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        self.state["mask"] = None
+        return outs
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        self.hidden = outputs
 
 
 # -- the pass -----------------------------------------------------------------------------------------

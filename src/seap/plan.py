@@ -29,6 +29,7 @@ PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1
 GENERIC = "generic"
 LM_CORPORA = ("wikitext2", "general_text")
+KINDS = ("ffn", "heads", "ffn_bias", "attn_bias", "ffn_out", "attn_out")  # per-layer tensors of an expert
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Expert:
     ffn_bias: list[torch.Tensor] | None = None  # [d] added to the FFN output bias per layer
     attn_bias: list[torch.Tensor] | None = None
     stats: dict = field(default_factory=dict)
+    # Reconstruction (seap.reconstruct): refitted kept columns of the output linears, [d, kept] per layer
+    ffn_out: list[torch.Tensor] | None = None
+    attn_out: list[torch.Tensor] | None = None
 
     def widths(self) -> list[int]:
         return [len(i) for i in self.ffn]
@@ -47,7 +51,7 @@ class Expert:
     def digest(self) -> str:
         """A short hash of what the expert keeps and adds: tells two experts of one name apart."""
         h = hashlib.sha256()
-        for kind in ("ffn", "heads", "ffn_bias", "attn_bias"):
+        for kind in KINDS:
             for t in getattr(self, kind) or []:
                 h.update(kind.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -75,7 +79,7 @@ class Plan:
         folder = Path(folder)
         tensors = {}
         for name, ex in self.experts.items():
-            for kind in ("ffn", "heads", "ffn_bias", "attn_bias"):
+            for kind in KINDS:
                 for i, t in enumerate(getattr(ex, kind) or []):
                     tensors[f"{name}/{kind}.{i}"] = t.contiguous()
         meta = dict(self.meta, format=PLAN_FORMAT, version=PLAN_VERSION,
@@ -100,7 +104,7 @@ class Plan:
                     return [tensors[f"{name}/{kind}.{i}"] for i in range(n_layers)]
 
                 ex = Expert(get("ffn"), get("heads"), get("ffn_bias"), get("attn_bias"),
-                            {k: v for k, v in info.items() if k != "widths"})
+                            {k: v for k, v in info.items() if k != "widths"}, get("ffn_out"), get("attn_out"))
                 if ex.ffn is None or ex.widths() != info["widths"]:
                     raise KeyError(f"{name}/ffn")
                 experts[name] = ex

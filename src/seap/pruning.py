@@ -19,7 +19,7 @@ from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from .config import PruneConfig
 from .errors import ConfigError
 from .models import LazyModel, LoadedModel, check_fingerprint, fingerprint, open_model
-from .plan import Plan, build_plan, resolve_head_unit
+from .plan import GENERIC, Plan, build_plan, resolve_head_unit
 from .pruned import save_pruned
 from .runtime import Runtime, dtype_name
 from .stats import ActivationStats, collect_stats
@@ -203,6 +203,10 @@ def prune(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
     plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
                       revision=lm.source.revision, fingerprint=fp, weights=lm.weights)
     stages.done("plan")
+    if config.reconstructs:
+        reconstruct(lm, plan, config, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                    max_length=max_length, progress=progress)
+        stages.done("reconstruction")
     if out:
         out = Path(out)
         files = {"plan": str(plan.save(out / "plan"))}
@@ -219,6 +223,32 @@ def prune(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
         write_json(out / "summary.json", res.summary())
         write_text(out / "summary.md", res.markdown())
     return res
+
+
+def expert_corpora(plan: Plan, tasks: Sequence[str], *, data_dir=None, limit: int | None = None,
+                   seed: int = 0) -> dict[str, list[str]]:
+    """The calibration texts of each expert of a plan: a task expert's own corpus; the generic
+    expert's, all of them."""
+    texts = {t: list(resolve_corpus(t, data_dir=data_dir, limit=limit, seed=seed).texts) for t in tasks}
+    out = {}
+    for name in plan.experts:
+        if name in texts:
+            out[name] = texts[name]
+        elif name == GENERIC:
+            out[name] = [x for t in tasks for x in texts[t]]
+    return out
+
+
+def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, tasks: Sequence[str], *,
+                data_dir=None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
+                progress: bool = True) -> Plan:
+    """Refit every expert of `plan` on its calibration corpus (DESIGN 2.8), in place."""
+    from .reconstruct import RefitConfig, reconstruct_plan
+
+    corpora = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
+    reconstruct_plan(lm, plan, corpora, RefitConfig.of(config, lm.adapter, lm.model.config), batch_size=batch_size, max_length=max_length,
+                     progress=progress)
+    return plan
 
 
 def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, folder: Path | None,

@@ -4,7 +4,11 @@ Features are the mean input embedding of the prompt's tokens (no transformer lay
 the classifier is scikit-learn's multinomial logistic regression. Besides one class per task
 expert, a background class learnt from plain text (windows of general text whose lengths
 follow the task prompts') stands for "no task": it and any prompt whose top probability is
-under the threshold go to the generic expert.
+under the threshold go to the generic expert. A classifier must pick some class for any input,
+so prompts of kinds it was never fitted on are caught apart: a prompt farther from every task's
+centroid than nearly all training prompts (Mahalanobis distance in the standardised feature space,
+shared Ledoit-Wolf covariance, calibrated as a quantile of the training distances) is unfamiliar
+and goes to the generic expert too.
 
 The fitted router is saved without pickles: `router.json` (classes, expert per class,
 threshold, the base model's fingerprint and the digest of every expert it routes to) and
@@ -50,6 +54,9 @@ class RouterConfig:
     background_samples: int = 1000
     max_iter: int = 3000
     seed: int = 0
+    # Prompts farther from every task's centroid (Mahalanobis, standardised features) than this share
+    # of the training prompts are unfamiliar and go to the generic expert; None: no such test.
+    ood_quantile: float | None = 0.99
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -58,6 +65,8 @@ class RouterConfig:
             raise ConfigError(f"regularisation C must be > 0, got {self.c}")
         if self.limit is not None and self.limit < 2:
             raise ConfigError(f"router training needs at least 2 prompts per task, got limit {self.limit}")
+        if self.ood_quantile is not None and not 0.5 <= self.ood_quantile <= 1.0:
+            raise ConfigError(f"the out-of-distribution quantile must be in [0.5, 1] (or None), got {self.ood_quantile}")
         if self.background_samples < 0:
             raise ConfigError(f"background samples must be >= 0, got {self.background_samples}")
 
@@ -69,7 +78,7 @@ class Route:
     expert: str
     label: str  # the class the classifier chose (a task, or the background class)
     confidence: float
-    reason: str  # "task" | "low confidence" | "background" | "empty prompt"
+    reason: str  # "task" | "low confidence" | "background" | "unfamiliar" | "empty prompt"
     probs: dict[str, float] = field(default_factory=dict)
 
 
@@ -95,6 +104,36 @@ def prompt_features(model: nn.Module, adapter: Adapter, tokenizer, prompts: Sequ
 
 # -- the classifier -----------------------------------------------------------------------------
 @dataclass
+class OodTest:
+    """Distance to the nearest task centroid in the standardised feature space, with a shared
+    covariance (Ledoit-Wolf shrinkage), against the `quantile` of the training prompts' own distances."""
+
+    classes: tuple[str, ...]  # the task classes (not the background)
+    centroids: torch.Tensor  # [K, d]
+    precision: torch.Tensor  # [d, d] inverse shared covariance
+    threshold: float
+    quantile: float
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        diff = z[:, None, :] - self.centroids.double()[None]  # [N, K, d]
+        d2 = torch.einsum("nkd,de,nke->nk", diff, self.precision.double(), diff)
+        return d2.clamp_min(0).min(1).values.sqrt()
+
+    @classmethod
+    def fit(cls, z_by_class: Mapping[str, torch.Tensor], quantile: float) -> OodTest:
+        from sklearn.covariance import LedoitWolf
+
+        classes = tuple(z_by_class)
+        centroids = torch.stack([z_by_class[c].mean(0) for c in classes])
+        centred = torch.cat([z_by_class[c] - centroids[i] for i, c in enumerate(classes)])
+        precision = torch.as_tensor(LedoitWolf().fit(centred.numpy()).precision_, dtype=torch.float64)
+        test = cls(classes, centroids, precision, float("inf"), quantile)
+        own = test.distances(torch.cat(list(z_by_class.values())))
+        test.threshold = float(torch.quantile(own, quantile))
+        return test
+
+
+@dataclass
 class Router:
     classes: tuple[str, ...]
     experts: dict[str, str]  # class -> expert name
@@ -104,22 +143,31 @@ class Router:
     intercept: torch.Tensor  # [K]
     threshold: float = 0.5
     meta: dict = field(default_factory=dict)
+    ood: OodTest | None = None  # unfamiliar prompts -> generic expert
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """[N, K] softmax of the logistic regression (rows of NaN features stay NaN)."""
         z = (features.double() - self.mean.double()) / self.scale.double()
         return torch.softmax(z @ self.coef.double().T + self.intercept.double(), dim=-1)
 
-    def decide(self, probs: torch.Tensor) -> list[Route]:
+    def distances(self, features: torch.Tensor) -> torch.Tensor | None:
+        """[N] Mahalanobis distance to the nearest task centroid (None without an OOD test)."""
+        if self.ood is None:
+            return None
+        return self.ood.distances((features.double() - self.mean.double()) / self.scale.double())
+
+    def decide(self, probs: torch.Tensor, distances: torch.Tensor | None = None) -> list[Route]:
         routes = []
-        for row in probs:
+        for r, row in enumerate(probs):
             if torch.isnan(row).any():
                 routes.append(Route(GENERIC, BACKGROUND, 0.0, "empty prompt"))
                 continue
             k = int(row.argmax())
             label, conf = self.classes[k], float(row[k])
             p = {c: float(v) for c, v in zip(self.classes, row)}
-            if label == BACKGROUND:
+            if distances is not None and float(distances[r]) > self.ood.threshold:
+                routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "unfamiliar", p))
+            elif label == BACKGROUND:
                 routes.append(Route(self.experts[label], label, conf, "background", p))
             elif conf < self.threshold:
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "low confidence", p))
@@ -129,7 +177,8 @@ class Router:
 
     def route(self, lm: LoadedModel, prompts: Sequence[str]) -> list[Route]:
         self.check_model(lm.model, lm.adapter)
-        return self.decide(self.probabilities(prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts)))
+        feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts)
+        return self.decide(self.probabilities(feats), self.distances(feats))
 
     # -- compatibility ----------------------------------------------------------------------
     def check_model(self, model: nn.Module, adapter: Adapter) -> None:
@@ -154,6 +203,10 @@ class Router:
         meta = dict(self.meta, format=ROUTER_FORMAT, version=ROUTER_VERSION, classes=list(self.classes),
                     experts=self.experts, threshold=self.threshold, features=FEATURES)
         tensors = {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
+        if self.ood is not None:
+            tensors.update({"ood_centroids": self.ood.centroids, "ood_precision": self.ood.precision})
+            meta["ood"] = {"threshold": self.ood.threshold, "quantile": self.ood.quantile,
+                           "classes": list(self.ood.classes)}
         with atomic_dir(folder) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "router.safetensors"))
             (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -169,9 +222,14 @@ class Router:
             coef, intercept = t["coef"], t["intercept"]
             if coef.shape != (len(classes), t["mean"].numel()) or intercept.shape != (len(classes),):
                 raise KeyError("weights of the right shape")
+            ood = None
+            if "ood" in meta:  # routers fitted before the OOD test have none
+                o = meta["ood"]
+                ood = OodTest(tuple(o["classes"]), t["ood_centroids"], t["ood_precision"], float(o["threshold"]),
+                              float(o["quantile"]))
             router = cls(classes, dict(meta["experts"]), t["mean"], t["scale"], coef, intercept,
                          float(meta["threshold"]), {k: v for k, v in meta.items()
-                                                    if k not in ("classes", "experts", "threshold")})
+                                                    if k not in ("classes", "experts", "threshold", "ood")}, ood)
         except (KeyError, TypeError) as err:
             raise ArtifactError(f"router {folder} is incomplete (missing {err}): fit it again") from None
         return router
@@ -262,6 +320,12 @@ def fit_router(lm: LoadedModel, experts: Mapping[str, Expert], cfg: RouterConfig
         coef, intercept = torch.cat([-coef / 2, coef / 2]), torch.cat([-intercept / 2, intercept / 2])
     experts_of = {c: (GENERIC if c == BACKGROUND else c) for c in classes}
     train_acc = float((clf.predict(scaler.transform(x)) == y).mean())
+    ood = None
+    if cfg.ood_quantile is not None:
+        z = torch.as_tensor(scaler.transform(x), dtype=torch.float64)
+        labels = list(y)
+        ood = OodTest.fit({c: z[[i for i, v in enumerate(labels) if v == c]] for c in classes if c != BACKGROUND},
+                          cfg.ood_quantile)
     meta = {
         "fingerprint": fingerprint(lm.model, lm.adapter), "base_model": lm.source.model_id,
         "expert_digests": {n: experts[n].digest() for n in sorted(set(experts_of.values()))},
@@ -271,7 +335,7 @@ def fit_router(lm: LoadedModel, experts: Mapping[str, Expert], cfg: RouterConfig
     }
     scale = torch.as_tensor(scaler.scale_, dtype=torch.float64)
     return Router(classes, experts_of, torch.as_tensor(scaler.mean_, dtype=torch.float64), scale,
-                  coef[order], intercept[order], cfg.threshold, meta)
+                  coef[order], intercept[order], cfg.threshold, meta, ood)
 
 
 # -- evaluation (the paper's Table 6) ---------------------------------------------------------
@@ -324,8 +388,9 @@ def evaluate_router(lm: LoadedModel, router: Router, *, data_dir: str | Path | N
         ps = _subset(corpus.prompts, limit, 0)
         prompts += ps
         truth += [t] * len(ps)
-    probs = router.probabilities(prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts))
-    routes = router.decide(probs)
+    feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts)
+    probs = router.probabilities(feats)
+    routes = router.decide(probs, router.distances(feats))
     got = [r.expert for r in routes]
     want = [router.experts[t] for t in truth]
     cols = list(dict.fromkeys([*want, *sorted(set(got) - set(want))]))

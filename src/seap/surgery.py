@@ -1,7 +1,8 @@
 """Applying a plan to a model (DESIGN 3): physically sliced linears, or a masked twin for checks.
 
 Slicing keeps rows of the FFN input linears and columns of the output linear (and whole heads
-of q/k/v/o); bias compensation is added to the output linears' biases.
+of q/k/v/o); bias compensation is added to the output linears' biases, and with reconstruction
+(seap.reconstruct) the output linears' kept columns take their refitted values.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ def _slice_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
     lin.out_features = len(idx)
 
 
-def _slice_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
-    idx = idx.to(lin.weight.device)
-    lin.weight = nn.Parameter(lin.weight.data.index_select(1, idx).clone(), requires_grad=False)
+def _slice_cols(lin: nn.Linear, idx: torch.Tensor, refit: torch.Tensor | None = None) -> None:
+    """Keep columns `idx`; with reconstruction their values are the refitted weights (not on a meta layout)."""
+    w = lin.weight.data
+    if refit is not None and w.device.type != "meta":
+        new = refit.to(w.device, w.dtype).clone()
+    else:
+        new = w.index_select(1, idx.to(w.device)).clone()
+    lin.weight = nn.Parameter(new, requires_grad=False)
     lin.in_features = len(idx)
 
 
@@ -64,7 +70,8 @@ def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int,
     if len(idx) < adapter.d_ff(layer):
         for lin in adapter.ffn_in(layer):
             _slice_rows(lin, idx)
-        _slice_cols(adapter.ffn_out(layer), idx)
+    if len(idx) < adapter.d_ff(layer) or ex.ffn_out is not None:
+        _slice_cols(adapter.ffn_out(layer), idx, None if ex.ffn_out is None else ex.ffn_out[i])
     if ex.ffn_bias is not None:
         _add_bias(adapter.ffn_out(layer), ex.ffn_bias[i])
     if ex.heads is None:
@@ -78,7 +85,7 @@ def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int,
     _slice_rows(q, q_idx)
     _slice_rows(k, kv_idx)
     _slice_rows(v, kv_idx)
-    _slice_cols(o, q_idx)
+    _slice_cols(o, q_idx, None if ex.attn_out is None else ex.attn_out[i])
     if ex.attn_bias is not None:
         _add_bias(o, ex.attn_bias[i])
     adapter.set_head_counts(layer, n_q, n_kv)
@@ -129,10 +136,8 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
     return model
 
 
-@contextmanager
-def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None) -> Iterator[nn.Module]:
-    """The plan as zero masks on the dense model (for comparison); hooks removed on exit."""
-    name, ex = plan.expert(expert)
+def _mask_hooks(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> list:
+    """Hooks that make decoder layer i of a dense model compute what expert `ex` computes."""
     handles = []
 
     def zero_inputs(keep: torch.Tensor, n: int):
@@ -144,23 +149,53 @@ def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = 
             return (x * mask.to(x.device, x.dtype),) + tuple(args[1:])
         return hook
 
+    def refitted(keep: torch.Tensor, weight: torch.Tensor):
+        def hook(m, args, _out):  # the kept inputs through the refitted weights, the layer's own bias
+            x = args[0]
+            return nn.functional.linear(x.index_select(-1, keep.to(x.device)), weight.to(x.device, x.dtype),
+                                        None if m.bias is None else m.bias)
+        return hook
+
     def add_output(delta: torch.Tensor):
         def hook(_m, _args, out):
             return out + delta.to(out.device, out.dtype)
         return hook
 
+    units = [(adapter.ffn_out(layer), ex.ffn[i], ex.ffn_out, ex.ffn_bias)]
+    if ex.heads is not None:
+        q_idx, _, _, _ = head_index_sets(adapter, layer, ex.heads[i], head_unit)
+        units.append((adapter.attn_out(layer), q_idx, ex.attn_out, ex.attn_bias))
+    for lin, keep, refit, bias in units:
+        if refit is not None:
+            handles.append(lin.register_forward_hook(refitted(keep, refit[i])))
+        else:
+            handles.append(lin.register_forward_pre_hook(zero_inputs(keep, lin.in_features)))
+        if bias is not None:
+            handles.append(lin.register_forward_hook(add_output(bias[i])))
+    return handles
+
+
+@contextmanager
+def layer_masked(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> Iterator[nn.Module]:
+    """Decoder layer i computing expert `ex` by hooks (no weight changes); removed on exit."""
+    handles = []
+    try:
+        handles = _mask_hooks(layer, adapter, ex, i, head_unit)
+        yield layer
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None) -> Iterator[nn.Module]:
+    """The plan as zero masks (and refitted outputs) on the dense model, for comparison; hooks
+    removed on exit."""
+    _, ex = plan.expert(expert)
+    handles = []
     try:
         for i, layer in enumerate(adapter.layers(model)):
-            out = adapter.ffn_out(layer)
-            handles.append(out.register_forward_pre_hook(zero_inputs(ex.ffn[i], out.in_features)))
-            if ex.ffn_bias is not None:
-                handles.append(out.register_forward_hook(add_output(ex.ffn_bias[i])))
-            if ex.heads is not None:
-                o = adapter.attn_out(layer)
-                q_idx, _, _, _ = head_index_sets(adapter, layer, ex.heads[i], plan.head_unit)
-                handles.append(o.register_forward_pre_hook(zero_inputs(q_idx, o.in_features)))
-                if ex.attn_bias is not None:
-                    handles.append(o.register_forward_hook(add_output(ex.attn_bias[i])))
+            handles += _mask_hooks(layer, adapter, ex, i, plan.head_unit)
         yield model
     finally:
         for h in handles:

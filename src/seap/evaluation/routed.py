@@ -34,12 +34,14 @@ def route_requests(multi: MultiExpertModel, requests: Sequence) -> tuple[list[st
     keys = [_doc_key(r, i) for i, r in enumerate(requests)]
     contexts = list(dict.fromkeys((k, r.args[0]) for k, r in zip(keys, requests)))
     lm = multi.lm
-    probs = router.probabilities(prompt_features(lm.model, lm.adapter, lm.tokenizer, [c for _, c in contexts]))
-    by_doc: dict[tuple, list[torch.Tensor]] = {}
-    for (k, _), p in zip(contexts, probs):
-        by_doc.setdefault(k, []).append(p)
+    feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, [c for _, c in contexts])
+    probs, dist = router.probabilities(feats), router.distances(feats)
+    by_doc: dict[tuple, list[int]] = {}
+    for j, (k, _) in enumerate(contexts):
+        by_doc.setdefault(k, []).append(j)
     docs = list(by_doc)
-    routes = router.decide(torch.stack([torch.stack(by_doc[k]).mean(0) for k in docs]))
+    routes = router.decide(torch.stack([probs[by_doc[k]].mean(0) for k in docs]),
+                           None if dist is None else torch.stack([dist[by_doc[k]].mean() for k in docs]))
     decided = dict(zip(docs, routes))
     log_rows = [{"task": k[0], "doc_id": k[1], "expert": r.expert, "label": r.label,
                  "confidence": round(r.confidence, 4), "reason": r.reason} for k, r in decided.items()]

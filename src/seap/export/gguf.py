@@ -112,8 +112,9 @@ def layout(lm: ExportSource | LoadedModel) -> Layout:
             raise ModelError("llama.cpp's gemma3 architecture needs the same FFN width and heads in every layer: "
                              "prune with --allocation uniform (seap prune --method wanda-sp or --allocation uniform)")
         if any(k.endswith(".bias") for k in model.state_dict()):
-            raise ModelError("llama.cpp's gemma3 has no bias tensors, and bias compensation added some: prune "
-                             "without --bias-compensation to export Gemma 3 to GGUF")
+            raise ModelError("llama.cpp's gemma3 has no bias tensors, and bias compensation (or a refitted bias) "
+                             "added some: prune without --bias-compensation (and with --no-refit-bias) to export "
+                             "Gemma 3 to GGUF")
         scalar = getattr(cfg, "query_pre_attn_scalar", None)
         if scalar is not None and scalar != geo[0].head_dim:
             raise ModelError(f"llama.cpp's gemma3 scales attention by 1/sqrt(head_dim={geo[0].head_dim}) but this "

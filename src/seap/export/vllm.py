@@ -106,8 +106,9 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
     record = getattr(config, SEAP_CONFIG_KEY, None)
     uniform = len(set(widths)) == 1 and len(set(heads)) == 1 and len(set(kv)) == 1
     if record and record.get("ffn_out_bias") and not record.get("ffn_out_bias_native"):
-        raise ModelError(f"{config.model_type} cannot hold the FFN bias that bias compensation added, in "
-                         "vLLM or transformers: prune without --bias-compensation for serving")
+        raise ModelError(f"{config.model_type} cannot hold the FFN bias that bias compensation (or a refitted "
+                         "bias) added, in vLLM or transformers: prune without --bias-compensation (and with "
+                         "--no-refit-bias) for serving")
     plain = uniform and not (record and needs_seap_loader(record))
     data = None if plain else decilm_config(src, widths, heads, kv)
     if data is not None:  # the dtype the tensors are written in, not the one the model was computed in

@@ -1,0 +1,218 @@
+"""Reconstruction (DESIGN 2.8): the refit is the least-squares optimum, and every path applies it alike."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TEXTS, make_loaded, plan_for, tiny_folder
+
+from seap.checkpoint import Checkpoint
+from seap.config import PruneConfig
+from seap.errors import ConfigError
+from seap.plan import Plan
+from seap.pruning import prune
+from seap.reconstruct import GramAccumulator, RefitConfig, output_error, reconstruct_plan, refit
+from seap.runtime import Runtime
+from seap.surgery import masked, slice_model
+
+IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))
+
+
+def _data(tokens=400, channels=24, out=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(channels, channels, generator=g, dtype=torch.float64)
+    z = torch.randn(tokens, channels, generator=g, dtype=torch.float64) @ mix + 0.7  # correlated, off-centre
+    w = torch.randn(out, channels, generator=g, dtype=torch.float64)
+    kept = torch.sort(torch.randperm(channels, generator=g)[: channels // 2]).values
+    return z, w, kept
+
+
+def _moments(z, chunks=(150, 0, 250)):
+    acc = GramAccumulator(z.shape[1], torch.device("cpu"))
+    for part in torch.split(z, list(chunks)):
+        acc.add(part, None)
+    return acc.result()
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_refit_is_the_independent_least_squares_optimum(centered):
+    z, w, kept = _data()
+    m = _moments(z)
+    fit = refit(w, kept, m, ridge=0.0, centered=centered)
+    y = z @ w.T
+    design = torch.cat([z[:, kept], torch.ones(len(z), 1, dtype=z.dtype)], 1) if centered else z[:, kept]
+    sol = torch.linalg.lstsq(design, y).solution  # [|K| (+1), d]
+    best = float(((design @ sol - y) ** 2).sum())
+    torch.testing.assert_close(fit.weight, sol[: len(kept)].T, rtol=1e-4, atol=1e-5)
+    err = output_error(w, kept, m, fit.weight, fit.bias_delta)
+    assert err == pytest.approx(best, rel=1e-4)
+    if centered:
+        torch.testing.assert_close(fit.bias_delta, sol[-1], rtol=1e-4, atol=1e-5)
+    # ...and no worse than FLAP's bias compensation or the plain cut
+    removed = torch.tensor([c for c in range(z.shape[1]) if c not in set(kept.tolist())])
+    flap = w[:, removed] @ m.mean[removed]
+    assert err <= output_error(w, kept, m, None, flap) <= output_error(w, kept, m)
+
+
+def test_errors_from_the_moments_equal_the_direct_sums():
+    z, w, kept = _data(seed=3)
+    m = _moments(z)
+    w_new = torch.randn(w.shape[0], len(kept), dtype=torch.float64)
+    delta = torch.randn(w.shape[0], dtype=torch.float64)
+    direct = float(((z @ w.T - z[:, kept] @ w_new.T - delta) ** 2).sum())
+    assert output_error(w, kept, m, w_new, delta) == pytest.approx(direct, rel=1e-6)  # float32 per batch
+    assert output_error(w, kept, m) == pytest.approx(float(((z @ w.T - z[:, kept] @ w[:, kept].T) ** 2).sum()),
+                                                     rel=1e-6)
+
+
+def test_ridge_shrinks_towards_the_plain_cut_and_keep_all_is_the_identity():
+    z, w, kept = _data(seed=5)
+    m = _moments(z)
+    gaps = [float((refit(w, kept, m, ridge=r).weight - w[:, kept]).norm()) for r in (0.0, 0.1, 10.0, 1e6)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-3 * gaps[0]
+    full = refit(w, torch.arange(w.shape[1]), m)
+    assert torch.equal(full.weight, w)
+    assert float(full.bias_delta.abs().max()) < 1e-9 * float(w.abs().max() * m.mean.abs().max() * w.shape[1])
+
+
+def test_padding_is_excluded_from_the_moments():
+    z, _, _ = _data(tokens=30, seed=7)
+    keep = torch.rand(30, generator=torch.Generator().manual_seed(0)) > 0.3
+    acc = GramAccumulator(z.shape[1], torch.device("cpu"))
+    acc.add(torch.where(keep[:, None], z, torch.nan), keep)  # NaN padding must not leak
+    m = acc.result()
+    kz = z[keep].float().double()
+    assert m.count == int(keep.sum())
+    torch.testing.assert_close(m.gram, kz.T @ kz, rtol=1e-5, atol=1e-4)
+
+
+def _reconstructed(family, mode="refit", method="seap", **kw):
+    lm = make_loaded(family)
+    cfg = PruneConfig.from_method(method, ratio=0.5, protect_first=0, protect_last=0, reconstruct=mode, **kw)
+    plan, _ = plan_for(lm, cfg)
+    reconstruct_plan(lm, plan, {"t": TEXTS}, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=4, progress=False)
+    return lm, plan
+
+
+@pytest.mark.parametrize("mode", ["refit", "sequential"])
+def test_sliced_equals_masked_with_reconstruction(family, mode):
+    lm, plan = _reconstructed(family, mode)
+    ex = plan.experts["t"]
+    assert ex.ffn_out is not None and (ex.heads is None) == (ex.attn_out is None)
+    with masked(lm.model, lm.adapter, plan, "t"):
+        want = lm.model(IDS).logits
+    dense = lm.model(IDS).logits
+    got = slice_model(copy.deepcopy(lm.model), lm.adapter, plan, "t")(IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(want, dense, atol=1e-3)
+
+
+def test_a_layers_refit_error_is_the_least_squares_optimum_on_its_calibration_tokens(family):
+    lm, plan = _reconstructed(family, ridge=0.0, refit_bias=True)
+    ex = plan.experts["t"]
+    target = 2
+    rec = ex.stats["reconstruction"]["ffn_error"]
+    # Layer `target`'s FFN inputs on the calibration tokens of the dense model (refit mode: dense stream)
+    zs = []
+    lin = lm.adapter.ffn_out(lm.adapter.layers(lm.model)[target])
+    h = lin.register_forward_pre_hook(lambda m, a: zs.append(a[0].reshape(-1, a[0].shape[-1]).detach()))
+    for t in TEXTS:
+        lm.model(torch.tensor([lm.tokenizer.encode(t)]))
+    h.remove()
+    z = torch.cat(zs).double()
+    w = lin.weight.detach().double()
+    k = ex.ffn[target]
+    design = torch.cat([z[:, k], torch.ones(len(z), 1, dtype=z.dtype)], 1)
+    y = z @ w.T
+    best = float(((design @ torch.linalg.lstsq(design, y).solution - y) ** 2).sum())
+    assert rec["refit"][target] == pytest.approx(best, rel=1e-3, abs=1e-6)
+    assert all(r <= b * (1 + 1e-9) <= n * (1 + 1e-9) for r, b, n in zip(rec["refit"], rec["bias"], rec["none"]))
+
+
+@torch.no_grad()
+def test_reconstruction_brings_the_model_closer_to_dense_on_its_calibration_text(family):
+    lm, plan = _reconstructed(family, "sequential")
+    ids = torch.tensor([lm.tokenizer.encode(TEXTS[3])])
+    dense = lm.model(ids).logits
+    rec = slice_model(copy.deepcopy(lm.model), lm.adapter, plan, "t")(ids).logits
+    plain_plan = copy.deepcopy(plan)
+    ex = plain_plan.experts["t"]
+    ex.ffn_out = ex.ffn_bias = ex.attn_out = ex.attn_bias = None
+    plain = slice_model(copy.deepcopy(lm.model), lm.adapter, plain_plan, "t")(ids).logits
+    assert float((rec - dense).pow(2).mean()) < float((plain - dense).pow(2).mean())
+
+
+def test_a_saved_plan_keeps_its_refitted_weights(tmp_path):
+    lm, plan = _reconstructed("opt", method="flap")
+    back = Plan.load(plan.save(tmp_path / "plan"))
+    a, b = plan.experts["t"], back.experts["t"]
+    assert a.digest() == b.digest()
+    for kind in ("ffn_out", "attn_out", "ffn_bias"):
+        for x, y in zip(getattr(a, kind), getattr(b, kind)):
+            assert torch.equal(x, y)
+    want = slice_model(copy.deepcopy(lm.model), lm.adapter, plan, "t")(IDS).logits
+    assert torch.equal(slice_model(copy.deepcopy(lm.model), lm.adapter, back, "t")(IDS).logits, want)
+
+
+def test_routed_experts_use_the_refitted_weights():
+    from seap.experts import MultiExpertModel
+
+    lm, plan = _reconstructed("llama")
+    want = slice_model(copy.deepcopy(lm.model), lm.adapter, plan, "t")(IDS).logits
+    routed = MultiExpertModel(lm, plan, experts=["t"], materialize=False)
+    with routed.use("t"):
+        got = lm.model(IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
+    folder = tiny_folder(tmp_path, family)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1, reconstruct="sequential")
+    runs = {}
+    for load in ("whole", "layerwise"):
+        res = prune(str(folder), [str(corpus)], config=cfg, out=tmp_path / load, progress=False,
+                    runtime=Runtime(device="cpu", load=load))
+        assert res.path == load and "reconstruction" in res.stage_seconds
+        runs[load] = Checkpoint.open(tmp_path / load / "model")
+    a, b = (r.read(r.names()) for r in runs.values())
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    plan = json.loads((tmp_path / "layerwise" / "plan" / "plan.json").read_text())
+    assert plan["config"]["reconstruct"] == "sequential"
+
+
+def test_bad_reconstruction_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="reconstruction"):
+        PruneConfig(reconstruct="ols")
+    with pytest.raises(ConfigError, match="ridge"):
+        PruneConfig(reconstruct="refit", ridge=-1)
+
+
+def test_the_refitted_bias_goes_where_the_architecture_has_one(family):
+    _, plan = _reconstructed(family)
+    ex = plan.experts["t"]
+    assert (ex.ffn_bias is None) == (family == "gemma3")  # Gemma 3 stays exportable to GGUF and vLLM
+    _, plan = _reconstructed(family, refit_bias=True)
+    assert plan.experts["t"].ffn_bias is not None
+
+
+def test_prune_cli_with_reconstruction(tmp_path, capsys):
+    from seap.cli import main
+
+    folder = tiny_folder(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(folder), "--task", str(corpus), "--ratio", "0.4", "--protect-first", "1",
+                 "--protect-last", "1", "--reconstruct", "refit", "--ridge", "0.1", "--no-refit-bias",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "reconstruction" in summary["stage_seconds"]
+    plan = Plan.load(out / "plan")
+    rec = plan.experts[plan.meta["default_expert"]].stats["reconstruction"]
+    assert (rec["mode"], rec["ridge"], rec["centered"]) == ("refit", 0.1, False)
+    assert sum(rec["ffn_error"]["refit"]) < sum(rec["ffn_error"]["none"])
