@@ -1,6 +1,7 @@
 """Routing: the multi-expert model against sliced copies, the router against scikit-learn, bad input."""
 
 import json
+import math
 import random
 
 import pytest
@@ -126,7 +127,9 @@ def routed(tmp_path_factory):
     res = pipeline.prune(str(folder), list(paths.values()), config=PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
                          out=tmp / "out", batch_size=4)
     lm = load_model(str(folder))
-    router = pipeline.fit_router(lm, [tmp / "out" / "plan"], config=RouterConfig(limit=50, background_samples=60))
+    # No form test here: these tests are about the classifier (the form test has its own below).
+    router = pipeline.fit_router(lm, [tmp / "out" / "plan"],
+                                 config=RouterConfig(limit=50, background_samples=60, ood_quantile=None))
     return {"tmp": tmp, "folder": folder, "paths": paths, "plan": tmp / "out" / "plan", "lm": lm, "router": router,
             "res": res}
 
@@ -173,6 +176,42 @@ def test_unknown_prompts_go_to_the_generic_expert(routed):
                     threshold=min(0.999, sure.confidence + 1e-6), meta=router.meta)
     r = strict.route(lm, ["12 7 300 ="])[0]
     assert (r.expert, r.reason, r.label) == (GENERIC, "low confidence", sure.label)
+
+
+def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
+    from seap.router import OodTest, form_features, token_ids
+
+    lm, router = routed["lm"], routed["router"]
+    tok = lm.tokenizer
+    ids = token_ids(tok, ["Ab 12\n$"])
+    pieces = [tok.decode([i]) for i in ids[0]]
+    n, digits = len(pieces), sum(any(c.isdigit() for c in p) for p in pieces)
+    want = [math.log1p(n), digits / n, sum("\n" in p for p in pieces) / n,
+            sum(not any(c.isalnum() for c in p) for p in pieces) / n, 1 / 7, 7 / n, math.log1p(digits), math.log1p(1)]
+    torch.testing.assert_close(form_features(tok, ids)[0], torch.tensor(want, dtype=torch.float64))
+    # The threshold is the quantile of the training prompts' own distances.
+    g = torch.Generator().manual_seed(0)
+    by_class = {"a": torch.randn(400, 8, generator=g, dtype=torch.float64),
+                "b": torch.randn(300, 8, generator=g, dtype=torch.float64) * 2 + 5}
+    test = OodTest.fit(by_class, 0.95)
+    flagged = (test.distances(torch.cat(list(by_class.values()))) > test.threshold).double().mean()
+    assert abs(float(flagged) - 0.05) < 0.005
+    assert bool((test.distances(torch.full((1, 8), 40.0, dtype=torch.float64)) > test.threshold).all())
+    # A prompt of a form no task has (a long run of digits and signs) is unfamiliar and goes to the
+    # generic expert; a saved router decides the same; the classifier alone sends it to a task expert.
+    from seap import pipeline
+
+    ood = pipeline.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
+                              config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
+    assert ood.ood is not None and ood.meta["config"]["ood_quantile"] == 0.99
+    odd = " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)
+    probs, dist = ood.assess(lm, [odd, "12 7 300 ="])
+    assert float(dist[0]) > ood.ood.threshold
+    assert ood.route(lm, [odd])[0].expert == GENERIC
+    saved = Router.load(tmp_path / "r")
+    assert saved.ood.threshold == ood.ood.threshold and torch.equal(saved.assess(lm, [odd])[1], dist[:1])
+    assert saved.route(lm, [odd])[0].expert == GENERIC
+    assert router.route(lm, [odd])[0].expert != GENERIC  # the fixture's router has no form test
 
 
 def test_router_for_another_model_or_other_plans_is_refused(routed, tmp_path):

@@ -5,10 +5,10 @@ the classifier is scikit-learn's multinomial logistic regression. Besides one cl
 expert, a background class learnt from plain text (windows of general text whose lengths
 follow the task prompts') stands for "no task": it and any prompt whose top probability is
 under the threshold go to the generic expert. A classifier must pick some class for any input,
-so prompts of kinds it was never fitted on are caught apart: a prompt farther from every task's
-centroid than nearly all training prompts (Mahalanobis distance in the standardised feature space,
-shared Ledoit-Wolf covariance, calibrated as a quantile of the training distances) is unfamiliar
-and goes to the generic expert too.
+so prompts of kinds it was never fitted on are caught apart, on the prompt's form (length, digits,
+line breaks, symbols, case), which the mean embedding averages away: a prompt whose form is farther
+from every task class (Mahalanobis distance, per-class covariance) than nearly all training prompts
+(a quantile of their distances) is unfamiliar and goes to the generic expert too.
 
 The fitted router is saved without pickles: `router.json` (classes, expert per class,
 threshold, the base model's fingerprint and the digest of every expert it routes to) and
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,9 +55,9 @@ class RouterConfig:
     background_samples: int = 1000
     max_iter: int = 3000
     seed: int = 0
-    # Prompts farther from every task's centroid (Mahalanobis, standardised features) than this share
-    # of the training prompts are unfamiliar and go to the generic expert; None: no such test.
-    ood_quantile: float | None = 0.99
+    # Prompts whose form (length, digits, line breaks, symbols) is farther from every task class than
+    # this share of the training prompts' are unfamiliar and go to the generic expert; None: no test.
+    ood_quantile: float | None = 0.995
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -103,32 +104,58 @@ def prompt_features(model: nn.Module, adapter: Adapter, tokenizer, prompts: Sequ
 
 
 # -- the classifier -----------------------------------------------------------------------------
+FORM_FEATURES = ("log tokens", "digit tokens", "newline tokens", "symbol tokens", "uppercase chars",
+                 "chars per token", "log digit tokens", "log math signs")
+
+
+def form_features(tokenizer, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[N, 8] float64: the form of each prompt (length, digits, line breaks, symbols, case), which the
+    mean embedding averages away: a 700-token article and a 150-token passage have similar means."""
+    text: dict[int, str] = {}
+    rows = []
+    for row in ids:
+        toks = [text.setdefault(i, tokenizer.decode([i])) for i in row]
+        n = max(len(toks), 1)
+        chars = "".join(toks)
+        digits = sum(any(c.isdigit() for c in t) for t in toks)
+        rows.append([math.log1p(len(toks)), digits / n, sum("\n" in t for t in toks) / n,
+                     sum(not any(c.isalnum() for c in t) for t in toks) / n,
+                     sum(c.isupper() for c in chars) / max(len(chars), 1), len(chars) / n,
+                     math.log1p(digits), math.log1p(sum(c in "$%+=*/" for c in chars))])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(FORM_FEATURES))
+
+
 @dataclass
 class OodTest:
-    """Distance to the nearest task centroid in the standardised feature space, with a shared
-    covariance (Ledoit-Wolf shrinkage), against the `quantile` of the training prompts' own distances."""
+    """Is a prompt of a kind the router was fitted on? The Mahalanobis distance of its form features
+    to the nearest task class (each class its own mean and covariance), against the `quantile` of the
+    training prompts' distances: farther than nearly all of them is unfamiliar."""
 
     classes: tuple[str, ...]  # the task classes (not the background)
-    centroids: torch.Tensor  # [K, d]
-    precision: torch.Tensor  # [d, d] inverse shared covariance
+    centroids: torch.Tensor  # [K, F]
+    precision: torch.Tensor  # [K, F, F] inverse covariance per class
     threshold: float
     quantile: float
 
-    def distances(self, z: torch.Tensor) -> torch.Tensor:
-        diff = z[:, None, :] - self.centroids.double()[None]  # [N, K, d]
-        d2 = torch.einsum("nkd,de,nke->nk", diff, self.precision.double(), diff)
+    def distances(self, f: torch.Tensor) -> torch.Tensor:
+        diff = f.double()[:, None, :] - self.centroids.double()[None]  # [N, K, F]
+        d2 = torch.einsum("nkf,kfg,nkg->nk", diff, self.precision.double(), diff)
         return d2.clamp_min(0).min(1).values.sqrt()
 
     @classmethod
-    def fit(cls, z_by_class: Mapping[str, torch.Tensor], quantile: float) -> OodTest:
-        from sklearn.covariance import LedoitWolf
-
-        classes = tuple(z_by_class)
-        centroids = torch.stack([z_by_class[c].mean(0) for c in classes])
-        centred = torch.cat([z_by_class[c] - centroids[i] for i, c in enumerate(classes)])
-        precision = torch.as_tensor(LedoitWolf().fit(centred.numpy()).precision_, dtype=torch.float64)
-        test = cls(classes, centroids, precision, float("inf"), quantile)
-        own = test.distances(torch.cat(list(z_by_class.values())))
+    def fit(cls, by_class: Mapping[str, torch.Tensor], quantile: float) -> OodTest:
+        classes = tuple(by_class)
+        centroids = torch.stack([by_class[c].mean(0) for c in classes])
+        # A floor of 0.1% of each feature's variance over all classes: a feature constant within a class
+        # (no line breaks in any PIQA goal) must not make every small departure from it infinitely far.
+        floor = torch.diag(1e-3 * torch.cat(list(by_class.values())).var(0).clamp_min(1e-12))
+        precision = []
+        for c in classes:
+            f = by_class[c]
+            cov = torch.cov(f.T) if len(f) > 1 else torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+            precision.append(torch.linalg.inv(cov + floor))
+        test = cls(classes, centroids, torch.stack(precision), float("inf"), quantile)
+        own = test.distances(torch.cat([by_class[c] for c in classes]))
         test.threshold = float(torch.quantile(own, quantile))
         return test
 
@@ -150,11 +177,13 @@ class Router:
         z = (features.double() - self.mean.double()) / self.scale.double()
         return torch.softmax(z @ self.coef.double().T + self.intercept.double(), dim=-1)
 
-    def distances(self, features: torch.Tensor) -> torch.Tensor | None:
-        """[N] Mahalanobis distance to the nearest task centroid (None without an OOD test)."""
-        if self.ood is None:
-            return None
-        return self.ood.distances((features.double() - self.mean.double()) / self.scale.double())
+    def assess(self, lm: LoadedModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class probabilities [N, K] and (with an OOD test) the distance of each prompt's form to the
+        nearest task class [N]: what `decide` needs."""
+        self.check_model(lm.model, lm.adapter)
+        ids = token_ids(lm.tokenizer, prompts)
+        probs = self.probabilities(mean_embeddings(lm.adapter.embeddings(lm.model).weight.detach(), ids))
+        return probs, (None if self.ood is None else self.ood.distances(form_features(lm.tokenizer, ids)))
 
     def decide(self, probs: torch.Tensor, distances: torch.Tensor | None = None) -> list[Route]:
         routes = []
@@ -165,10 +194,10 @@ class Router:
             k = int(row.argmax())
             label, conf = self.classes[k], float(row[k])
             p = {c: float(v) for c, v in zip(self.classes, row)}
-            if distances is not None and float(distances[r]) > self.ood.threshold:
-                routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "unfamiliar", p))
-            elif label == BACKGROUND:
+            if label == BACKGROUND:
                 routes.append(Route(self.experts[label], label, conf, "background", p))
+            elif distances is not None and float(distances[r]) > self.ood.threshold:
+                routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "unfamiliar", p))
             elif conf < self.threshold:
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "low confidence", p))
             else:
@@ -176,9 +205,7 @@ class Router:
         return routes
 
     def route(self, lm: LoadedModel, prompts: Sequence[str]) -> list[Route]:
-        self.check_model(lm.model, lm.adapter)
-        feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts)
-        return self.decide(self.probabilities(feats), self.distances(feats))
+        return self.decide(*self.assess(lm, prompts))
 
     # -- compatibility ----------------------------------------------------------------------
     def check_model(self, model: nn.Module, adapter: Adapter) -> None:
@@ -322,9 +349,7 @@ def fit_router(lm: LoadedModel, experts: Mapping[str, Expert], cfg: RouterConfig
     train_acc = float((clf.predict(scaler.transform(x)) == y).mean())
     ood = None
     if cfg.ood_quantile is not None:
-        z = torch.as_tensor(scaler.transform(x), dtype=torch.float64)
-        labels = list(y)
-        ood = OodTest.fit({c: z[[i for i, v in enumerate(labels) if v == c]] for c in classes if c != BACKGROUND},
+        ood = OodTest.fit({c: form_features(lm.tokenizer, data[c]) for c in classes if c != BACKGROUND},
                           cfg.ood_quantile)
     meta = {
         "fingerprint": fingerprint(lm.model, lm.adapter), "base_model": lm.source.model_id,
@@ -388,9 +413,8 @@ def evaluate_router(lm: LoadedModel, router: Router, *, data_dir: str | Path | N
         ps = _subset(corpus.prompts, limit, 0)
         prompts += ps
         truth += [t] * len(ps)
-    feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, prompts)
-    probs = router.probabilities(feats)
-    routes = router.decide(probs, router.distances(feats))
+    probs, dist = router.assess(lm, prompts)
+    routes = router.decide(probs, dist)
     got = [r.expert for r in routes]
     want = [router.experts[t] for t in truth]
     cols = list(dict.fromkeys([*want, *sorted(set(got) - set(want))]))

@@ -17,7 +17,7 @@ import torch
 from ..experts import MultiExpertModel
 from ..models import LoadedModel
 from ..plan import GENERIC, Plan
-from ..router import Router, prompt_features
+from ..router import Router
 from .harness import evaluate_tasks, make_lm
 from .runner import EvalConfig, EvalReport, _generation_and_perplexity
 
@@ -34,8 +34,7 @@ def route_requests(multi: MultiExpertModel, requests: Sequence) -> tuple[list[st
     keys = [_doc_key(r, i) for i, r in enumerate(requests)]
     contexts = list(dict.fromkeys((k, r.args[0]) for k, r in zip(keys, requests)))
     lm = multi.lm
-    feats = prompt_features(lm.model, lm.adapter, lm.tokenizer, [c for _, c in contexts])
-    probs, dist = router.probabilities(feats), router.distances(feats)
+    probs, dist = router.assess(lm, [c for _, c in contexts])
     by_doc: dict[tuple, list[int]] = {}
     for j, (k, _) in enumerate(contexts):
         by_doc.setdefault(k, []).append(j)
