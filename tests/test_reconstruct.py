@@ -216,3 +216,7 @@ def test_prune_cli_with_reconstruction(tmp_path, capsys):
     rec = plan.experts[plan.meta["default_expert"]].stats["reconstruction"]
     assert (rec["mode"], rec["ridge"], rec["centered"]) == ("refit", 0.1, False)
     assert sum(rec["ffn_error"]["refit"]) < sum(rec["ffn_error"]["none"])
+    capsys.readouterr()
+    assert main(["info", str(out / "plan")]) == 0
+    shown = capsys.readouterr().out
+    assert "'mode': 'refit'" in shown and "refit / cut" in shown and "'none': [" not in shown

@@ -67,7 +67,8 @@ class PruneConfig:
         if self.multiple is not None and self.multiple < 1:
             raise ConfigError(f"multiple must be a positive integer, got {self.multiple}")
         if self.reconstruct not in RECONSTRUCT_MODES:
-            raise ConfigError(f"unknown reconstruction {self.reconstruct!r}: choose one of {', '.join(RECONSTRUCT_MODES)}")
+            raise ConfigError(f"unknown reconstruction {self.reconstruct!r}: choose one of "
+                              f"{', '.join(RECONSTRUCT_MODES)}")
         if not self.ridge >= 0:
             raise ConfigError(f"ridge must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
         if not 0 < self.rho_max <= 1:

@@ -30,6 +30,19 @@ def _load(model: str | LoadedModel | None, runtime: Runtime | None = None) -> Lo
     return model if isinstance(model, LoadedModel) else open_model(model, runtime)
 
 
+def _expert_info(ex) -> dict:
+    """What `seap info` shows of an expert: widths, ratios, and the reconstruction in brief."""
+    from .reconstruct import error_summary
+
+    out = {"ffn_widths": ex.widths(), **{k: v for k, v in ex.stats.items() if k != "reconstruction"}}
+    rec = ex.stats.get("reconstruction")
+    if rec:
+        errors = error_summary(ex)
+        out["reconstruction"] = {k: rec[k] for k in ("mode", "ridge", "centered", "tokens")}
+        out["reconstruction"]["ffn_output_error_vs_plain_cut"] = {k: round(v, 4) for k, v in errors.items()}
+    return out
+
+
 def info(path: str | Path) -> dict:
     """What a plan folder or a pruned model folder contains."""
     path = Path(path)
@@ -41,7 +54,7 @@ def info(path: str | Path) -> dict:
             "score": plan.meta["config"]["score"], "allocation": plan.meta["config"]["allocation"],
             "target_ratio": plan.meta["target_ratio"], "head_unit": plan.head_unit,
             "dense_ffn_widths": arch["d_ff"], "default_expert": plan.meta.get("default_expert"),
-            "experts": {n: {"ffn_widths": e.widths(), **e.stats} for n, e in plan.experts.items()},
+            "experts": {n: _expert_info(e) for n, e in plan.experts.items()},
         }
     if (path / "config.json").is_file():
         from .adapters import adapter_for_config

@@ -246,8 +246,8 @@ def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, ta
     from .reconstruct import RefitConfig, reconstruct_plan
 
     corpora = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
-    reconstruct_plan(lm, plan, corpora, RefitConfig.of(config, lm.adapter, lm.model.config), batch_size=batch_size, max_length=max_length,
-                     progress=progress)
+    reconstruct_plan(lm, plan, corpora, RefitConfig.of(config, lm.adapter, lm.model.config), batch_size=batch_size,
+                     max_length=max_length, progress=progress)
     return plan
 
 

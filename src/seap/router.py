@@ -67,7 +67,8 @@ class RouterConfig:
         if self.limit is not None and self.limit < 2:
             raise ConfigError(f"router training needs at least 2 prompts per task, got limit {self.limit}")
         if self.ood_quantile is not None and not 0.5 <= self.ood_quantile <= 1.0:
-            raise ConfigError(f"the out-of-distribution quantile must be in [0.5, 1] (or None), got {self.ood_quantile}")
+            raise ConfigError(f"the out-of-distribution quantile must be in [0.5, 1] (or None), "
+                              f"got {self.ood_quantile}")
         if self.background_samples < 0:
             raise ConfigError(f"background samples must be >= 0, got {self.background_samples}")
 
