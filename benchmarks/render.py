@@ -345,7 +345,8 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
             row = next(r for r in rows if r["row"] == DEFAULT_ROW and r["ratio"] == ratio)
             lines.append(f"- {model}, {pct}%, seap's default ({DEFAULT_ROW}) keeps "
                          f"{100 * row['average']['value'] / dense:.1f}% of the dense average.")
-            for other in ("FLAP", "WandA-sp", "SEAP-gen", "FLAP + sequential refit", "WandA-sp + sequential refit"):
+            for other in ("FLAP", "WandA-sp", "SEAP-gen", "FLAP + sequential refit", "WandA-sp + sequential refit",
+                          "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)"):
                 text = _pair(rows, DEFAULT_ROW, other, ratio)
                 if text:
                     lines.append(f"- {model}, {pct}%: {text}.")
@@ -416,6 +417,8 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   60% of its raw stream on; perplexity scores its first 16 windows and first articles (about 5% of
   the stream), so the two never overlap. SEAP (task experts) is the paper's SEAP protocol; the
   reference implementation's "50%" removes about 44% of the prunable parameters, hence that row.
+  The WikiText-2 perplexity of these rows is in-domain (same split, disjoint text): compare their
+  accuracy, not their perplexity, with the other rows.
 - SEAP (routed): the same task-expert plan, but a router picks each item's expert from its
   prompt (lm-eval contexts; the choices of one question are routed together): the mean input
   embedding of the prompt's tokens, a multinomial logistic regression (C = 0.1, standardised
