@@ -12,6 +12,7 @@ HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32
 MIN_WIDTH_FOR_MULTIPLE = 512
 RECONSTRUCT_MODES = ("none", "refit", "sequential")
+SEAP_CONFIG_KEY = "seap_pruning"  # where a pruned model's config records what was pruned
 
 PRESETS: dict[str, dict] = {
     # SEAP: task statistics, s_W score, logistic layer schedule; the plan's task expert is used.

@@ -190,12 +190,13 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values.to(torch.int64)
 
 
-def _compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) -> torch.Tensor:
-    """FLAP's bias compensation: W[:, removed] @ mean(z[removed]), keeping the expected output."""
+def bias_compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: W[:, removed] @ mean(z[removed]), keeping the expected output.
+    `stats`: anything with a per-channel `mean` (ChannelStats, reconstruct.Moments)."""
     removed = torch.ones(w_out.shape[1], dtype=torch.bool)
-    removed[kept] = False
+    removed[kept.cpu()] = False
     w = w_out.detach()[:, removed.to(w_out.device)].double().cpu()
-    return (w @ stats.mean[removed]).to(torch.float32)
+    return (w @ stats.mean.cpu().double()[removed]).to(torch.float32)
 
 
 def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_scores: list[torch.Tensor],
@@ -211,7 +212,7 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
         if stats is None:
             raise ConfigError("bias compensation needs activation statistics (the mean of removed channels)")
         weights = weights or ModuleWeights(model, adapter)
-        ex.ffn_bias = [_compensation(weights.out_weight(i, "ffn"), stats.ffn[i], ffn_idx[i])
+        ex.ffn_bias = [bias_compensation(weights.out_weight(i, "ffn"), stats.ffn[i], ffn_idx[i])
                        for i in range(len(layers))]
         if head_idx is not None and stats.attn is not None:
             ex.attn_bias = []
@@ -219,7 +220,7 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
                 g = adapter.head_geometry(l)
                 width = g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)
                 ch = (head_idx[i][:, None] * width + torch.arange(width)).flatten()
-                ex.attn_bias.append(_compensation(weights.out_weight(i, "attn"), stats.attn[i], ch))
+                ex.attn_bias.append(bias_compensation(weights.out_weight(i, "attn"), stats.attn[i], ch))
     removed = removed_params(ffn_pool, ffn_kept)
     total = ffn_pool.total
     if head_pool:

@@ -23,7 +23,7 @@ from ._io import atomic_dir
 from .adapters import adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_tensors
 from .errors import ArtifactError, ModelError
-from .surgery import SEAP_CONFIG_KEY
+from .config import SEAP_CONFIG_KEY
 
 log = logging.getLogger(__name__)
 

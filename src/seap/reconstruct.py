@@ -198,6 +198,7 @@ def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_d
     """Fill the expert's refitted output weights (ffn_out, attn_out) and bias changes, layer by layer.
 
     `runner`: a seap.layerwise.LayerRunner over the expert's calibration corpus."""
+    from .plan import bias_compensation
     from .surgery import layer_masked
 
     adapter = runner.adapter
@@ -224,7 +225,7 @@ def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_d
                 getattr(ex, f"{kind}_bias")[i] = fit.bias_delta.to("cpu", torch.float32)
             if kind == "ffn":
                 errors["none"].append(output_error(lin.weight, kept[kind], m))
-                flap = _flap_delta(lin.weight, kept[kind], m)
+                flap = bias_compensation(lin.weight, m, kept[kind])  # FLAP's bias, for comparison
                 errors["bias"].append(output_error(lin.weight, kept[kind], m, None, flap))
                 errors["refit"].append(output_error(lin.weight, kept[kind], m, fit.weight, fit.bias_delta))
             del m, acc[kind]
@@ -237,11 +238,6 @@ def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_d
         # squared FFN output error on the calibration tokens, per layer: plain cut, FLAP's bias, refit
         "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in errors.items()},
     }
-
-
-def _flap_delta(w: torch.Tensor, kept: torch.Tensor, m: Moments) -> torch.Tensor:
-    removed = _complement(kept, w.shape[1]).to(m.gram.device)
-    return w.detach().to(m.gram.device, torch.float64)[:, removed] @ m.mean[removed]
 
 
 def error_summary(ex) -> dict | None:

@@ -15,10 +15,10 @@ from torch import nn
 
 from .adapters import Adapter
 from .adapters.base import zero_bias
+from .config import SEAP_CONFIG_KEY
 from .models import check_fingerprint
 from .plan import Expert, Plan
 
-SEAP_CONFIG_KEY = "seap_pruning"
 
 
 def _head_channels(units: torch.Tensor, width: int) -> torch.Tensor:

@@ -178,7 +178,7 @@ def _logistic(x: np.ndarray, k: float, x0: float) -> np.ndarray:
 def schedule_fit(data: dict, path: str | Path) -> Path:
     """Left: measured tolerance per pruned layer with the fitted and the default logistic; right: the
     pruned fraction of every layer at 50% under uniform, default logistic and fitted logistic."""
-    from .sensitivity import DEFAULT_K, DEFAULT_X0
+    from .schedule import DEFAULT_K, DEFAULT_X0
 
     plt = _pyplot()
     sched = data["schedule"]

@@ -13,6 +13,7 @@ from ..models import LoadedModel, check_fingerprint
 
 SENS_FORMAT = "seap-sensitivity"
 SENS_VERSION = 1
+DEFAULT_K, DEFAULT_X0 = 1.2, 0.3  # SEAP's default logistic, drawn for comparison
 
 
 @dataclass(frozen=True)

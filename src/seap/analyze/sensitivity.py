@@ -49,10 +49,9 @@ from ..weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus
 from .common import Analysis, batches, check_positive, layer_outputs, markdown_table, task_texts
-from .schedule import SENS_FORMAT, SENS_VERSION
+from .schedule import DEFAULT_K, DEFAULT_X0, SENS_FORMAT, SENS_VERSION
 
 METRICS = ("cosine", "ppl")
-DEFAULT_K, DEFAULT_X0 = 1.2, 0.3  # SEAP's default logistic, drawn for comparison
 
 
 @dataclass(frozen=True)

@@ -433,13 +433,3 @@ def export_gguf(model: str | LoadedModel | ExportSource, out: str | Path, config
                 counts = quantize(f32, tmp, cfg.out_type)
     return GGUFExport(out, lay.arch, cfg.out_type, lay.ffn_widths, sum(counts.values()), out.stat().st_size, tok,
                       round(time.time() - t0, 1), counts, src.streamed, src.max_resident_layers)
-
-
-def tensor_types(path: str | Path) -> dict[str, int]:
-    """ggml type name -> count of tensors in a GGUF file."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts

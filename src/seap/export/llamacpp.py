@@ -51,7 +51,6 @@ def quantize(src: str | Path, dst: str | Path, out_type: str) -> dict[str, int]:
 
     K-quants need rows that are multiples of 256; llama.cpp falls back to another type for the
     tensors that are not (prune with --multiple 256 to avoid that)."""
-    from .gguf import tensor_types
 
     lc = require()
     if out_type not in QUANT_FTYPES:
@@ -219,3 +218,13 @@ def speed_markdown(rows: Sequence[dict]) -> str:
         lines.append(f"| {r['model']} | {r['file_MB']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {r['bytes_limit']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """ggml type name -> count of tensors in a GGUF file."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
