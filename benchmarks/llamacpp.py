@@ -24,7 +24,7 @@ from run import CACHE, DATA, RESULTS, _plan, _stats, _write
 log = logging.getLogger("benchmarks.llamacpp")
 
 PRUNED = {  # model -> (row, method, protocol, extra PruneConfig settings)
-    "smollm2-135m": ("SEAP-gen 50% (multiple 32)", "seap", "generic", {"multiple": 32}),
+    "smollm2-135m": ("SEAP-gen 50% (multiple 32)", "seap-paper", "generic", {"multiple": 32}),
     "gemma3-270m": ("WandA-sp 50%", "wanda-sp", "all", {}),
 }
 CHECK_TOKENS = 500

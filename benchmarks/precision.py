@@ -53,7 +53,7 @@ def precision(limit: int) -> None:
                               progress=False)
         seconds[str(dtype)] = round(time.time() - t0, 1)
         tokens = stats.n_tokens
-        plans[str(dtype)] = build_plan(lm.model, lm.adapter, PruneConfig.from_method("seap", ratio=RATIO),
+        plans[str(dtype)] = build_plan(lm.model, lm.adapter, PruneConfig.from_method("seap-paper", ratio=RATIO),
                                        {"default": stats}, base_model=MODEL, revision=None,
                                        fingerprint=fingerprint(lm.model, lm.adapter))
         log.info("%s: statistics of %d tokens in %.0fs", dtype, stats.n_tokens, seconds[str(dtype)])

@@ -21,8 +21,10 @@ ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (Wik
              "SEAP (task experts)", "SEAP (task experts), reference's effective 44%", "SEAP (routed)", "SEAP-gen",
              "SEAP s_F (task experts)", "SEAP-gen s_F", "SEAP uniform (task experts)", "SEAP fitted (task experts)",
              "WandA-sp + sequential refit", "FLAP + sequential refit", "SEAP (task experts) + sequential refit",
-             "SEAP-gen + refit", "SEAP-gen + sequential refit")
-DEFAULT_ROW = "SEAP-gen + sequential refit"  # what `seap prune` does by default (preset seap)
+             "SEAP-gen + refit", "SEAP-gen + sequential refit", "WandA-sp + refit, OBS choice",
+             "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP-gen + sequential refit, OBS choice",
+             "SEAP-gen (default: refit, OBS choice)")
+DEFAULT_ROW = "SEAP-gen (default: refit, OBS choice)"  # what the seap-gen preset does
 
 
 def _load(model: str) -> list[dict]:
@@ -37,12 +39,14 @@ def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
     """Average over tasks of (row - dense) on the paper metric, and its paired standard error.
 
     The same items are scored for both, so the per-item differences carry the comparison's noise
-    (much less than two independent errors would)."""
+    (much less than two independent errors would). Rows of different N pair on their common first
+    items (lm-eval's --limit N scores the first N of a split, so those are the same items)."""
     deltas, variances = [], []
     for task in TASKS:
         a, b = row["items"].get(task), dense["items"].get(task)
-        if not a or not b or len(a) != len(b):
+        if not a or not b:
             continue
+        a, b = a[:min(len(a), len(b))], b[:min(len(a), len(b))]
         d = [x - y for x, y in zip(a, b)]
         n = len(d)
         mean = sum(d) / n
@@ -58,7 +62,7 @@ def _pct(v: float | None) -> str:
 
 def accuracy_table(rows: list[dict]) -> str:
     dense = next(r for r in rows if r["row"] == "dense")
-    head = (["method", "ratio", "params"] + [f"{t} ({PAPER_METRIC[t]})" for t in TASKS]
+    head = (["method", "ratio", "N", "params"] + [f"{t} ({PAPER_METRIC[t]})" for t in TASKS]
             + ["average ± s.e.", "% of dense", "Δ vs dense ± paired s.e.", "token ppl", "word ppl"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -66,7 +70,8 @@ def accuracy_table(rows: list[dict]) -> str:
         delta = "—" if r is dense else "{:+.1f} ± {:.1f}".format(*(100 * x for x in paired_delta(r, dense)))
         ppl = r.get("token_perplexity") or {}
         wppl = r.get("word_perplexity") or {}
-        cells = [r["row"], "0" if r is dense else f"{int(100 * r['ratio'])}%", f"{r['params'] / 1e6:.1f}M"]
+        cells = [r["row"], "0" if r is dense else f"{int(100 * r['ratio'])}%", str(r["eval_config"]["limit"]),
+                 f"{r['params'] / 1e6:.1f}M"]
         cells += [_pct(r["tasks"][t]["paper"]) if t in r["tasks"] else "—" for t in TASKS]
         cells += [f"{100 * avg['value']:.1f} ± {100 * avg['stderr']:.1f}",
                   f"{100 * avg['value'] / dense['average']['value']:.1f}%", delta,
@@ -345,16 +350,19 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
             row = next(r for r in rows if r["row"] == DEFAULT_ROW and r["ratio"] == ratio)
             lines.append(f"- {model}, {pct}%, seap's default ({DEFAULT_ROW}) keeps "
                          f"{100 * row['average']['value'] / dense:.1f}% of the dense average.")
-            for other in ("FLAP", "WandA-sp", "SEAP-gen", "FLAP + sequential refit", "WandA-sp + sequential refit",
+            for other in ("FLAP", "WandA-sp", "SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
+                          "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
+                          "FLAP + sequential refit", "WandA-sp + sequential refit",
                           "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)"):
                 text = _pair(rows, DEFAULT_ROW, other, ratio)
                 if text:
                     lines.append(f"- {model}, {pct}%: {text}.")
         for base in ("FLAP", "WandA-sp", "SEAP (task experts)"):
             for ratio in (0.2, 0.5):
-                text = _pair(rows, f"{base} + sequential refit", base, ratio)
-                if text:
-                    lines.append(f"- {model}, {int(100 * ratio)}%, reconstruction alone: {text}.")
+                for variant in (" + sequential refit", " + refit, OBS choice"):
+                    text = _pair(rows, base + variant, base, ratio)
+                    if text:
+                        lines.append(f"- {model}, {int(100 * ratio)}%, reconstruction alone: {text}.")
         for base in ("WandA-sp", "FLAP"):
             for ratio in (0.2, 0.5):
                 text = _pair(rows, "SEAP (task experts)", f"{base} (WikiText-2 calibration)", ratio)
@@ -446,8 +454,9 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
 
 {findings(all_rows) if all_rows else '_no results yet_'}{reconstruction_findings(all_rows)}{griffin_findings(MODELS)}"""
     for model, rows in all_rows.items():
-        n = rows[0]["eval_config"]["limit"]
-        text += f"\n## {model}\n\nAccuracy (paper metric, %), N = {n} items per task:\n\n"
+        ns = sorted({r["eval_config"]["limit"] for r in rows})
+        text += (f"\n## {model}\n\nAccuracy (paper metric, %), N items per task ({' or '.join(map(str, ns))}; "
+                 "a pair of rows of different N is compared on the first items of the smaller):\n\n")
         text += accuracy_table(rows) + "\nacc / acc_norm per task (%):\n\n" + acc_detail_table(rows)
         text += routing_section(model, rows)
         text += schedules_section(model, rows)

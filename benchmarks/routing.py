@@ -39,7 +39,7 @@ def routing(models: list[str], limits: dict[str, int], ratios) -> None:
         stats = _stats(lm, model_name)
         router_path = RESULTS / model_name / "router.json"
         for ratio in ratios:
-            plan = _plan(lm, stats, "seap", ratio, "task", {})
+            plan = _plan(lm, stats, "seap-paper", ratio, "task", {})
             t0 = time.time()
             router = fit_router(lm, plan.experts, data_dir=DATA)
             fit_s = time.time() - t0

@@ -36,23 +36,29 @@ CALIBRATION_LIMIT = {"smollm2-135m": 400, "gemma3-270m": 200}  # training exampl
 CONFIGS = (
     ("WandA-sp", "wanda-sp", "all", {}),
     ("FLAP", "flap", "all", {}),
-    ("SEAP (task experts)", "seap", "task", {}),
-    ("SEAP-gen", "seap", "generic", {}),
+    ("SEAP (task experts)", "seap-paper", "task", {}),
+    ("SEAP-gen", "seap-paper", "generic", {}),
 )
 EXTRA_CONFIGS = (  # run after the required rows: SEAP with FLAP's fluctuation score s_F
-    ("SEAP s_F (task experts)", "seap", "task", {"score": "wifv"}),
-    ("SEAP-gen s_F", "seap", "generic", {"score": "wifv"}),
+    ("SEAP s_F (task experts)", "seap-paper", "task", {"score": "wifv"}),
+    ("SEAP-gen s_F", "seap-paper", "generic", {"score": "wifv"}),
     # seap's default widths (multiples of 32) against the exact widths of the rows above: their cost
-    ("SEAP-gen (multiple 32)", "seap", "generic", {"multiple": 32}),
+    ("SEAP-gen (multiple 32)", "seap-paper", "generic", {"multiple": 32}),
 )
 
 # Training-free reconstruction (seap.reconstruct) on top of each method, same calibration text
 RECON_CONFIGS = (
-    ("SEAP-gen + sequential refit", "seap", "generic", {"reconstruct": "sequential"}),
+    ("SEAP-gen + sequential refit", "seap-paper", "generic", {"reconstruct": "sequential"}),
     ("FLAP + sequential refit", "flap", "all", {"reconstruct": "sequential"}),
     ("WandA-sp + sequential refit", "wanda-sp", "all", {"reconstruct": "sequential"}),
-    ("SEAP (task experts) + sequential refit", "seap", "task", {"reconstruct": "sequential"}),
-    ("SEAP-gen + refit", "seap", "generic", {"reconstruct": "refit"}),
+    ("SEAP (task experts) + sequential refit", "seap-paper", "task", {"reconstruct": "sequential"}),
+    ("SEAP-gen + refit", "seap-paper", "generic", {"reconstruct": "refit"}),
+    # the channel choice for the refit (greedy OBS), on each allocation: seap's default is the first
+    ("SEAP-gen (default: refit, OBS choice)", "seap", "generic", {"multiple": None}),
+    ("FLAP + refit, OBS choice", "flap", "all", {"reconstruct": "refit", "refit_choice": "obs"}),
+    ("WandA-sp + refit, OBS choice", "wanda-sp", "all", {"reconstruct": "refit", "refit_choice": "obs"}),
+    ("SEAP (task experts, default)", "seap", "task", {"multiple": None}),
+    ("SEAP-gen + sequential refit, OBS choice", "seap", "generic", {"multiple": None, "reconstruct": "sequential"}),
 )
 
 # The paper's protocol (SEAP on each task's own data, the baselines on general text as their papers
@@ -63,7 +69,7 @@ PAPER_CONFIGS = (
     ("FLAP (WikiText-2 calibration)", "flap", "wikitext-tail", {}),
 )
 # The SEAP reference code's "50%" removes about 44% of the prunable parameters: that row, nominally 50%
-REFERENCE_CONFIGS = (("SEAP (task experts), reference's effective 44%", "seap", "task", {"ratio": 0.44}),)
+REFERENCE_CONFIGS = (("SEAP (task experts), reference's effective 44%", "seap-paper", "task", {"ratio": 0.44}),)
 WIKITEXT_TAIL = (0.6, 128, 2000)  # from 60% of the test stream on: 128 pieces of 2,000 characters
 
 log = logging.getLogger("benchmarks")
@@ -206,15 +212,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("all", "accuracy", "routing", "speed", "xsum", "griffin-speed", "schedules",
                                         "llamacpp", "precision", "short-prompts", "reconstruction", "paper-protocol",
-                                        "render"),
+                                        "scorer", "render"),
                     default="all")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--limit", default="smollm2-135m=250,gemma3-270m=50",
                     help="items per task, per model (first N of each validation split, as lm-eval --limit)")
     ap.add_argument("--extra", action="store_true", help="also run the SEAP s_F variant rows")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
+    ap.add_argument("--scorer-limit", type=int, default=20, help="scorer stage: first N items of each task")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
-    ap.add_argument("--rows", default=None, help="xsum and reconstruction stages: only these rows, in this order (comma-separated, "
+    ap.add_argument("--rows", default=None, help="xsum, accuracy and reconstruction stages: only these rows, in this order (comma-separated, "
                     "e.g. 'magnitude 0.75,GRIFFIN 0.75'), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -224,11 +231,16 @@ def main(argv=None) -> int:
         return 2
     models = [m for m in args.models.split(",") if m]
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
+    def chosen(configs):  # --rows: a full row name, or names separated by commas
+        return [r for r in configs if not args.rows or r[0] == args.rows or r[0] in args.rows.split(",")]
+
     if args.stage in ("all", "accuracy"):
-        accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")))
+        rows = chosen(CONFIGS + (EXTRA_CONFIGS if args.extra else ()))
+        accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")), rows,
+                 dense=not args.rows or "dense" in args.rows.split(","))
     if args.stage in ("all", "reconstruction"):
-        rows = [r for r in RECON_CONFIGS if not args.rows or r[0] in args.rows.split(",")]
-        accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), rows, dense=False)
+        accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), chosen(RECON_CONFIGS),
+                 dense=False)
     if args.stage in ("all", "paper-protocol"):
         accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), PAPER_CONFIGS, dense=False)
         accuracy(models, limits, False, (0.5,), REFERENCE_CONFIGS, dense=False)
@@ -265,6 +277,10 @@ def main(argv=None) -> int:
         from shortprompts import shortprompts  # noqa: E402  (benchmarks/shortprompts.py)
 
         shortprompts(models)
+    if args.stage in ("all", "scorer"):
+        from scorer import scorer  # noqa: E402  (benchmarks/scorer.py)
+
+        scorer(models, args.scorer_limit)
     if args.stage in ("all", "render"):
         from render import render  # noqa: E402  (benchmarks/render.py)
 

@@ -52,11 +52,11 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             stats = stats or _stats(lm, model_name)
             t0 = time.time()
             if row.startswith("SEAP fitted"):
-                fitted = _schedule(lm, model_name).configure(PruneConfig.from_method("seap", ratio=RATIO), lm)
-                plan = _plan(lm, stats, "seap", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
+                fitted = _schedule(lm, model_name).configure(PruneConfig.from_method("seap-paper", ratio=RATIO), lm)
+                plan = _plan(lm, stats, "seap-paper", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
                                                                  "x0": fitted.x0, "fitted": fitted.fitted})
             else:
-                plan = _plan(lm, stats, "seap", RATIO, "task", {"allocation": "uniform"})
+                plan = _plan(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
             data = rep.to_dict()
             data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),

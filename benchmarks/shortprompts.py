@@ -97,7 +97,7 @@ def shortprompts(models: list[str]) -> None:
                 continue
             t0 = time.time()
             if kind == "static":
-                plan = _plan(lm, _stats(lm, model_name), "seap", round(1 - density, 6), "generic", {})
+                plan = _plan(lm, _stats(lm, model_name), "seap-paper", round(1 - density, 6), "generic", {})
                 texts, ids, kept = _continue(sliced_copy(lm, plan, "generic"), prompts)
                 kept = density
             elif kind == "dense":

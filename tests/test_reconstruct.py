@@ -12,7 +12,8 @@ from seap.config import PruneConfig
 from seap.errors import ConfigError
 from seap.plan import Plan
 from seap.pruning import prune
-from seap.reconstruct import GramAccumulator, RefitConfig, output_error, reconstruct_plan, refit
+from seap.reconstruct import (GramAccumulator, RefitConfig, obs_select, output_error, reconstruct_plan, refit,
+                              refit_expert)
 from seap.runtime import Runtime
 from seap.surgery import masked, slice_model
 
@@ -55,6 +56,27 @@ def test_refit_is_the_independent_least_squares_optimum(centered):
     assert err <= output_error(w, kept, m, None, flap) <= output_error(w, kept, m)
 
 
+@pytest.mark.parametrize("centered", [True, False])
+def test_obs_choice_is_the_greedy_least_squares_choice(centered):
+    """One channel per round: each step drops the channel whose removal, with the rest refitted, costs least
+    (checked by refitting every candidate), and the result beats the score's own set here."""
+    z, w, kept = _data(tokens=300, channels=12, out=6, seed=11)
+    m = _moments(z, chunks=(100, 200))
+
+    def cost(cols):
+        fit = refit(w, torch.tensor(cols), m, ridge=0.0, centered=centered)
+        return output_error(w, torch.tensor(cols), m, fit.weight, fit.bias_delta)
+
+    for n_keep in (3, 6, 11):
+        alive = list(range(12))
+        while len(alive) > n_keep:
+            alive.remove(min(alive, key=lambda j: cost([a for a in alive if a != j])))
+        got = obs_select(w, m, n_keep, ridge=0.0, centered=centered, rounds=12)
+        assert got.tolist() == alive
+    blocked = obs_select(w, m, 6, ridge=0.0, centered=centered)  # default rounds: blocks of channels
+    assert len(blocked) == 6 and cost(blocked.tolist()) <= cost(kept.tolist())
+
+
 def test_errors_from_the_moments_equal_the_direct_sums():
     z, w, kept = _data(seed=3)
     m = _moments(z)
@@ -95,9 +117,9 @@ def _reconstructed(family, mode="refit", method="seap", **kw):
     return lm, plan
 
 
-@pytest.mark.parametrize("mode", ["refit", "sequential"])
-def test_sliced_equals_masked_with_reconstruction(family, mode):
-    lm, plan = _reconstructed(family, mode)
+@pytest.mark.parametrize("mode,choice", [("refit", "score"), ("sequential", "score"), ("sequential", "obs")])
+def test_sliced_equals_masked_with_reconstruction(family, mode, choice):
+    lm, plan = _reconstructed(family, mode, refit_choice=choice)
     ex = plan.experts["t"]
     assert ex.ffn_out is not None and (ex.heads is None) == (ex.attn_out is None)
     with masked(lm.model, lm.adapter, plan, "t"):
@@ -143,6 +165,42 @@ def test_reconstruction_brings_the_model_closer_to_dense_on_its_calibration_text
     assert float((rec - dense).pow(2).mean()) < float((plain - dense).pow(2).mean())
 
 
+@pytest.mark.parametrize("choice", ["score", "obs"])
+def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, choice, monkeypatch):
+    """Task experts and the generic expert refitted from per-corpus moments in one pass (the default
+    in the refit mode) equal one pass per expert over its own texts."""
+    from seap.models import fingerprint
+    from seap.plan import GENERIC, build_plan
+    from seap.stats import collect_stats
+
+    import seap.reconstruct as rec
+
+    real = refit_expert
+    lm = make_loaded(family)
+    texts = {"a": TEXTS[:8], "b": TEXTS[8:] + ["Another text about pruning channels."]}
+    stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=family == "opt", meta={"corpus": t},
+                              progress=False) for t, x in texts.items()}
+    cfg = PruneConfig.from_method("seap", ratio=0.5, protect_first=0, protect_last=0, refit_choice=choice)
+    members = {"a": ("a",), "b": ("b",), GENERIC: ("a", "b")}
+    plans = []
+    for shared in (True, False):
+        plan = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None,
+                          fingerprint=fingerprint(lm.model, lm.adapter))
+        calls = []
+        monkeypatch.setattr(rec, "available_memory", lambda d: (1 << 40) if shared else 0, raising=False)
+        monkeypatch.setattr(rec, "refit_expert", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        rec.reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
+                             batch_size=3, progress=False)
+        assert len(calls) == (0 if shared else 3)
+        plans.append(plan)
+    for name in members:
+        one, each = plans[0].experts[name], plans[1].experts[name]
+        assert one.stats["reconstruction"]["tokens"] == each.stats["reconstruction"]["tokens"]
+        for i in range(len(one.ffn)):
+            assert torch.equal(one.ffn[i], each.ffn[i])
+            torch.testing.assert_close(one.ffn_out[i], each.ffn_out[i], rtol=1e-4, atol=1e-5)
+
+
 def test_a_saved_plan_keeps_its_refitted_weights(tmp_path):
     lm, plan = _reconstructed("opt", method="flap")
     back = Plan.load(plan.save(tmp_path / "plan"))
@@ -185,11 +243,28 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
     assert plan["config"]["reconstruct"] == "sequential"
 
 
+def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
+    for method in ("seap", "seap-gen"):
+        cfg = PruneConfig.from_method(method)
+        assert (cfg.reconstruct, cfg.refit_choice) == ("refit", "obs")
+        # turning reconstruction off drops the preset's channel choice with it (no error)
+        assert PruneConfig.from_method(method, reconstruct="none").refit_choice == "score"
+    for method in ("seap-paper", "seap-gen-paper", "flap", "wanda-sp"):
+        assert PruneConfig.from_method(method).reconstruct == "none"
+    paper = PruneConfig.from_method("seap-paper")
+    assert (paper.score, paper.allocation, paper.generic) == ("wifn", "logistic", False)
+    assert PruneConfig.from_method("seap-gen-paper").generic
+
+
 def test_bad_reconstruction_settings_are_config_errors():
     with pytest.raises(ConfigError, match="reconstruction"):
         PruneConfig(reconstruct="ols")
     with pytest.raises(ConfigError, match="ridge"):
         PruneConfig(reconstruct="refit", ridge=-1)
+    with pytest.raises(ConfigError, match="needs --reconstruct"):
+        PruneConfig(refit_choice="obs")
+    with pytest.raises(ConfigError, match="channel choice"):
+        PruneConfig(reconstruct="refit", refit_choice="best")
 
 
 def test_the_refitted_bias_goes_where_the_architecture_has_one(family):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .bench import DECODE_PATHS
-from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, PruneConfig
+from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES, PruneConfig
 from .evaluation.harness import ACCURACY_TASKS
 from .evaluation.runner import SHARED_TASKS
 from .export.gguf import OUT_TYPES
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", default=None, choices=RECONSTRUCT_MODES,
                    help="refit the kept columns of each output linear by least squares on the calibration "
                         "activations (refit), each layer on the pruned layers' outputs (sequential), or not (none)")
+    p.add_argument("--refit-choice", default=None, choices=REFIT_CHOICES,
+                   help="with reconstruction: choose each layer's FFN channels for the refit (obs: greedy "
+                        "optimal-brain-surgeon on the layer's Gram matrix, same widths) or keep the score's (score)")
     p.add_argument("--ridge", type=float, default=None, help="reconstruction: ridge term relative to the kept "
                    "channels' mean variance (default 0.01)")
     rb = p.add_mutually_exclusive_group()
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 bias_compensation=args.bias_compensation, protect_first=args.protect_first,
                 protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
                 multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
-                refit_bias=args.refit_bias)
+                refit_bias=args.refit_bias, refit_choice=args.refit_choice)
             res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
                                  data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
                                  batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir,

@@ -12,13 +12,21 @@ HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32
 MIN_WIDTH_FOR_MULTIPLE = 512
 RECONSTRUCT_MODES = ("none", "refit", "sequential")
+REFIT_CHOICES = ("score", "obs")
 SEAP_CONFIG_KEY = "seap_pruning"  # where a pruned model's config records what was pruned
 
+# seap's defaults add training-free reconstruction to the paper's recipe: each layer's FFN channels
+# re-chosen for a least-squares refit of its output projection (greedy OBS), measured best on the
+# validation splits (benchmarks/RESULTS.md, "Reconstruction").
+_RECONSTRUCTION = dict(reconstruct="refit", refit_choice="obs")
 PRESETS: dict[str, dict] = {
-    # SEAP: task statistics, s_W score, logistic layer schedule; the plan's task expert is used.
-    "seap": dict(score="wifn", allocation="logistic"),
-    # SEAP-gen: the generic expert that combines all tasks' scores.
-    "seap-gen": dict(score="wifn", allocation="logistic", generic=True),
+    # SEAP: task statistics, logistic layer schedule, reconstruction; the plan's task expert is used.
+    "seap": dict(score="wifn", allocation="logistic", **_RECONSTRUCTION),
+    # SEAP-gen: the generic expert that combines all tasks' statistics.
+    "seap-gen": dict(score="wifn", allocation="logistic", generic=True, **_RECONSTRUCTION),
+    # The paper's exact recipe (s_W score, logistic schedule, no reconstruction).
+    "seap-paper": dict(score="wifn", allocation="logistic"),
+    "seap-gen-paper": dict(score="wifn", allocation="logistic", generic=True),
     "wanda-sp": dict(score="wanda_sp", allocation="uniform"),
     "flap": dict(score="wifv", allocation="adaptive", bias_compensation=True),
     "magnitude": dict(score="magnitude", allocation="uniform"),
@@ -54,6 +62,9 @@ class PruneConfig:
     # fit the output bias too; None: where the architecture holds an FFN bias natively (Llama, OPT; not
     # Gemma 3, whose GGUF and vLLM exports have no bias tensors)
     refit_bias: bool | None = None
+    # with reconstruction, "obs" re-chooses each layer's FFN channels (same width) so that the refit
+    # loses least (greedy OBS on the layer's Gram matrix); "score": the score's channels
+    refit_choice: str = "score"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -70,6 +81,11 @@ class PruneConfig:
         if self.reconstruct not in RECONSTRUCT_MODES:
             raise ConfigError(f"unknown reconstruction {self.reconstruct!r}: choose one of "
                               f"{', '.join(RECONSTRUCT_MODES)}")
+        if self.refit_choice not in REFIT_CHOICES:
+            raise ConfigError(f"unknown refit channel choice {self.refit_choice!r}: choose one of "
+                              f"{', '.join(REFIT_CHOICES)}")
+        if self.refit_choice != "score" and not self.reconstructs:
+            raise ConfigError("--refit-choice obs needs --reconstruct refit or sequential")
         if not self.ridge >= 0:
             raise ConfigError(f"ridge must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
         if not 0 < self.rho_max <= 1:
@@ -103,6 +119,8 @@ class PruneConfig:
             raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(PRESETS)}")
         values = dict(PRESETS[method], method=method)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("reconstruct", "none") == "none" and overrides.get("refit_choice") is None:
+            values.pop("refit_choice", None)  # the preset's channel choice belongs to its reconstruction
         return cls(**values)
 
     @property

@@ -194,7 +194,8 @@ class LayerRunner:
     layer are caught once, then `layers()` gives each layer (loaded from the checkpoint when `loader`
     is given, released after) and `run(i, layer)` its outputs on the current hidden states, which
     `advance` makes the next layer's inputs. Works on a model in memory and on an empty skeleton.
-    `state["mask"]` holds the real-token mask of the batch being run (for hooks)."""
+    `state["mask"]` and `state["batch"]` hold the real-token mask and index of the batch being run
+    (for hooks)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, enc_batches: list[dict[str, torch.Tensor]], *,
                  device: torch.device, loader: SkeletonLoader | None = None, dtype: torch.dtype | None = None):
@@ -218,7 +219,7 @@ class LayerRunner:
         for c in self.calls:
             c[0] = (None, c[0][1], c[0][2])
         self.n_tokens = int(sum(int(m.sum()) for m in self.masks))
-        self.state: dict = {"mask": None}
+        self.state: dict = {"mask": None, "batch": None}
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         for i, layer in enumerate(self._layers):
@@ -236,7 +237,7 @@ class LayerRunner:
         outs = []
         for b, h in enumerate(self.hidden):
             _, args, kwargs = self.calls[b][i]
-            self.state["mask"] = self.masks[b]
+            self.state["mask"], self.state["batch"] = self.masks[b], b
             out = layer(h.to(dev), *args, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
         self.state["mask"] = None

@@ -38,7 +38,7 @@ def _expert_info(ex) -> dict:
     rec = ex.stats.get("reconstruction")
     if rec:
         errors = error_summary(ex)
-        out["reconstruction"] = {k: rec[k] for k in ("mode", "ridge", "centered", "tokens")}
+        out["reconstruction"] = {k: rec[k] for k in ("mode", "ridge", "centered", "choice", "tokens") if k in rec}
         out["reconstruction"]["ffn_output_error_vs_plain_cut"] = {k: round(v, 4) for k, v in errors.items()}
     return out
 

@@ -226,17 +226,17 @@ def prune(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
 
 
 def expert_corpora(plan: Plan, tasks: Sequence[str], *, data_dir=None, limit: int | None = None,
-                   seed: int = 0) -> dict[str, list[str]]:
-    """The calibration texts of each expert of a plan: a task expert's own corpus; the generic
-    expert's, all of them."""
+                   seed: int = 0) -> tuple[dict[str, list[str]], dict[str, tuple[str, ...]]]:
+    """The calibration texts of each task, and the tasks of each expert of a plan: a task expert's
+    own; the generic expert's, all of them."""
     texts = {t: list(resolve_corpus(t, data_dir=data_dir, limit=limit, seed=seed).texts) for t in tasks}
-    out = {}
+    members = {}
     for name in plan.experts:
         if name in texts:
-            out[name] = texts[name]
+            members[name] = (name,)
         elif name == GENERIC:
-            out[name] = [x for t in tasks for x in texts[t]]
-    return out
+            members[name] = tuple(tasks)
+    return texts, members
 
 
 def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, tasks: Sequence[str], *,
@@ -245,9 +245,9 @@ def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, ta
     """Refit every expert of `plan` on its calibration corpus (DESIGN 2.8), in place."""
     from .reconstruct import RefitConfig, reconstruct_plan
 
-    corpora = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
-    reconstruct_plan(lm, plan, corpora, RefitConfig.of(config, lm.adapter, lm.model.config), batch_size=batch_size,
-                     max_length=max_length, progress=progress)
+    texts, members = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
+    reconstruct_plan(lm, plan, texts, RefitConfig.of(config, lm.adapter, lm.model.config), members=members,
+                     batch_size=batch_size, max_length=max_length, progress=progress)
     return plan
 
 

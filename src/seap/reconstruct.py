@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .config import PruneConfig
 from .errors import ConfigError
+from .runtime import available_memory
 
 log = logging.getLogger(__name__)
 
+from .config import REFIT_CHOICES as CHOICES
 from .config import RECONSTRUCT_MODES as MODES
 
 
@@ -102,6 +104,44 @@ def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-
         w_new = w_k.clone()
     delta = (w @ m.mean.to(dev) - w_new @ m.mean.to(dev)[kept]) if centered else None
     return Refit(w_new, delta)
+
+
+def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2, centered: bool = True,
+               rounds: int = 64) -> torch.Tensor:
+    """The `n_keep` channels whose least-squares refit loses least (structured OBS, greedy backwards).
+
+    Removing a set S of channels, with the others refitted, costs tr(W_S (H^-1_SS)^-1 W_S^T) for
+    H = S + lambda I (the moments of `refit`); the single-channel cost is ||W[:, j]||^2 / H^-1_jj.
+    Each round removes the cheapest ~(C - n_keep) / `rounds` channels by their single costs and
+    updates W and H^-1 for the whole block, so the next round's costs include the compensation
+    (the exact greedy OBS of ZipLM / SlimGPT when a round removes one channel). Sorted indices."""
+    dev = m.gram.device
+    w = w.detach().to(dev, torch.float64).clone()
+    c = w.shape[1]
+    if not 0 <= n_keep <= c:
+        raise ConfigError(f"cannot keep {n_keep} of {c} channels")
+    h = m.second(centered).clone()
+    lam = ridge * float(h.diagonal().mean()) if ridge > 0 else 0.0
+    lam = max(lam, 1e-12 * float(h.diagonal().abs().max().clamp_min(1e-30)))
+    h.diagonal().add_(lam)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    alive = torch.ones(c, dtype=torch.bool, device=dev)
+    to_remove = c - n_keep
+    step = max(1, -(-to_remove // max(rounds, 1)))
+    while to_remove > 0:
+        cost = (w * w).sum(0) / hinv.diagonal().clamp_min(1e-300)
+        cost[~alive] = float("inf")
+        s = torch.topk(cost, min(step, to_remove), largest=False).indices
+        block = hinv[s][:, s]
+        coef = torch.linalg.solve(block, hinv[s])  # (H^-1_SS)^-1 H^-1_{S,:}
+        w -= w[:, s] @ coef
+        hinv -= hinv[:, s] @ coef
+        w[:, s] = 0.0
+        hinv[s, :] = 0.0
+        hinv[:, s] = 0.0
+        alive[s] = False
+        to_remove -= len(s)
+    return alive.nonzero().flatten()
 
 
 def output_error(w: torch.Tensor, kept: torch.Tensor, m: Moments, w_new: torch.Tensor | None = None,
@@ -172,8 +212,11 @@ class RefitConfig:
     mode: str = "refit"
     ridge: float = 1e-2
     centered: bool = True  # fit a bias too (needs an FFN output bias in the pruned architecture)
+    choice: str = "score"  # "obs": choose each layer's FFN channels (same width) for the refit
 
     def __post_init__(self) -> None:
+        if self.choice not in CHOICES:
+            raise ConfigError(f"unknown channel choice {self.choice!r}: choose one of {', '.join(CHOICES)}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown reconstruction {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.ridge < 0:
@@ -183,7 +226,7 @@ class RefitConfig:
     def of(cls, cfg: PruneConfig, adapter: Adapter, config) -> RefitConfig:
         """The pruning config's reconstruction for a model (`config`: its transformers config)."""
         bias = cfg.refit_bias if cfg.refit_bias is not None else adapter.supports_native_ffn_out_bias(config)
-        return cls(cfg.reconstruct, cfg.ridge, bias)
+        return cls(cfg.reconstruct, cfg.ridge, bias, cfg.refit_choice)
 
 
 def _head_channels(adapter: Adapter, layer: nn.Module, heads: torch.Tensor, head_unit: str | None) -> torch.Tensor:
@@ -192,52 +235,125 @@ def _head_channels(adapter: Adapter, layer: nn.Module, heads: torch.Tensor, head
     return head_index_sets(adapter, layer, heads, head_unit)[0]
 
 
+class _ExpertRefit:
+    """One expert's refit, filled layer by layer from the moments of its output linears' inputs."""
+
+    def __init__(self, ex, n_layers: int, head_unit: str | None, cfg: RefitConfig, store_dtype: torch.dtype):
+        self.ex, self.head_unit, self.cfg, self.store_dtype = ex, head_unit, cfg, store_dtype
+        ex.ffn_out = [None] * n_layers
+        ex.ffn_bias = [None] * n_layers if cfg.centered else None
+        heads = ex.heads is not None
+        ex.attn_out = [None] * n_layers if heads else None
+        ex.attn_bias = [None] * n_layers if heads and cfg.centered else None
+        self.errors: dict[str, list[float]] = {"none": [], "bias": [], "refit": []}
+
+    def linears(self, adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
+        out = {"ffn": adapter.ffn_out(layer)}
+        if self.ex.heads is not None:
+            out["attn"] = adapter.attn_out(layer)
+        return out
+
+    def layer(self, adapter: Adapter, i: int, layer: nn.Module, moments: dict[str, Moments]) -> None:
+        from .plan import bias_compensation
+
+        ex, cfg = self.ex, self.cfg
+        for kind, lin in self.linears(adapter, layer).items():
+            m = moments[kind]
+            scored = ex.ffn[i] if kind == "ffn" else _head_channels(adapter, layer, ex.heads[i], self.head_unit)
+            kept = scored
+            if kind == "ffn" and cfg.choice == "obs":
+                kept = ex.ffn[i] = obs_select(lin.weight, m, len(scored), ridge=cfg.ridge, centered=cfg.centered
+                                              ).to(scored.device, scored.dtype)
+            fit = refit(lin.weight, kept, m, ridge=cfg.ridge, centered=cfg.centered)
+            getattr(ex, f"{kind}_out")[i] = fit.weight.to("cpu", self.store_dtype)
+            if cfg.centered:
+                getattr(ex, f"{kind}_bias")[i] = fit.bias_delta.to("cpu", torch.float32)
+            if kind == "ffn":
+                self.errors["none"].append(output_error(lin.weight, scored, m))
+                flap = bias_compensation(lin.weight, m, scored)  # FLAP's bias, for comparison
+                self.errors["bias"].append(output_error(lin.weight, scored, m, None, flap))
+                self.errors["refit"].append(output_error(lin.weight, kept, m, fit.weight, fit.bias_delta))
+
+    def finish(self, tokens: int) -> None:
+        cfg = self.cfg
+        self.ex.stats["reconstruction"] = {
+            "mode": cfg.mode, "ridge": cfg.ridge, "centered": cfg.centered, "choice": cfg.choice, "tokens": tokens,
+            # squared FFN output error on the calibration tokens, per layer: plain cut and FLAP's bias of
+            # the score's channels, refit of the channels kept (the OBS choice with "obs")
+            "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in self.errors.items()},
+        }
+
+
 @torch.no_grad()
 def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_dtype: torch.dtype,
                  progress: bool = True, desc: str = "reconstruction") -> None:
     """Fill the expert's refitted output weights (ffn_out, attn_out) and bias changes, layer by layer.
 
     `runner`: a seap.layerwise.LayerRunner over the expert's calibration corpus."""
-    from .plan import bias_compensation
     from .surgery import layer_masked
 
     adapter = runner.adapter
-    n = runner.n_layers
-    ex.ffn_out = [None] * n
-    ex.ffn_bias = [None] * n if cfg.centered else None
-    heads = ex.heads is not None
-    ex.attn_out = [None] * n if heads else None
-    ex.attn_bias = [None] * n if heads and cfg.centered else None
-    errors = {"none": [], "bias": [], "refit": []}
-    for i, layer in tqdm(runner.layers(), total=n, desc=desc, unit="layer", disable=not progress, leave=False):
-        linears = {"ffn": adapter.ffn_out(layer)}
-        kept = {"ffn": ex.ffn[i]}
-        if heads:
-            linears["attn"] = adapter.attn_out(layer)
-            kept["attn"] = _head_channels(adapter, layer, ex.heads[i], head_unit)
-        with recording(linears, runner.state) as acc:
+    job = _ExpertRefit(ex, runner.n_layers, head_unit, cfg, store_dtype)
+    for i, layer in tqdm(runner.layers(), total=runner.n_layers, desc=desc, unit="layer", disable=not progress,
+                         leave=False):
+        with recording(job.linears(adapter, layer), runner.state) as acc:
             outputs = runner.run(i, layer)
-        for kind, lin in linears.items():
-            m = acc[kind].result()
-            fit = refit(lin.weight, kept[kind], m, ridge=cfg.ridge, centered=cfg.centered)
-            getattr(ex, f"{kind}_out")[i] = fit.weight.to("cpu", store_dtype)
-            if cfg.centered:
-                getattr(ex, f"{kind}_bias")[i] = fit.bias_delta.to("cpu", torch.float32)
-            if kind == "ffn":
-                errors["none"].append(output_error(lin.weight, kept[kind], m))
-                flap = bias_compensation(lin.weight, m, kept[kind])  # FLAP's bias, for comparison
-                errors["bias"].append(output_error(lin.weight, kept[kind], m, None, flap))
-                errors["refit"].append(output_error(lin.weight, kept[kind], m, fit.weight, fit.bias_delta))
-            del m, acc[kind]
+        job.layer(adapter, i, layer, {k: a.result() for k, a in acc.items()})
+        del acc
         if cfg.mode == "sequential":  # the next layer sees this layer pruned and refitted
             with layer_masked(layer, adapter, ex, i, head_unit):
                 outputs = runner.run(i, layer)
         runner.advance(outputs)
-    ex.stats["reconstruction"] = {
-        "mode": cfg.mode, "ridge": cfg.ridge, "centered": cfg.centered, "tokens": runner.n_tokens,
-        # squared FFN output error on the calibration tokens, per layer: plain cut, FLAP's bias, refit
-        "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in errors.items()},
-    }
+    job.finish(runner.n_tokens)
+
+
+@torch.no_grad()
+def refit_experts_shared(runner, experts: dict, members: dict[str, Sequence[str]], batch_corpus: list[str],
+                         head_unit: str | None, cfg: RefitConfig, *, store_dtype: torch.dtype,
+                         progress: bool = True) -> None:
+    """Refit several experts in one pass over the dense model (mode "refit"): the moments of each
+    corpus are kept apart (`batch_corpus`: the corpus of each of the runner's batches) and an expert's
+    are the sum over its corpora (`members`), so a plan's task experts and its generic expert cost
+    one pass over their texts instead of one pass each."""
+    if cfg.mode != "refit":
+        raise ConfigError("only the refit mode shares one pass between experts (sequential: one pass each)")
+    adapter = runner.adapter
+    jobs = {name: _ExpertRefit(ex, runner.n_layers, head_unit, cfg, store_dtype) for name, ex in experts.items()}
+    heads = any(ex.heads is not None for ex in experts.values())
+    corpora = sorted(set(batch_corpus))
+    for i, layer in tqdm(runner.layers(), total=runner.n_layers, desc="reconstruction", unit="layer",
+                         disable=not progress, leave=False):
+        linears = {"ffn": adapter.ffn_out(layer), **({"attn": adapter.attn_out(layer)} if heads else {})}
+        acc = {c: {k: GramAccumulator(lin.in_features, lin.weight.device) for k, lin in linears.items()}
+               for c in corpora}
+        handles = []
+
+        def hook(kind, store):
+            def fn(_m, args):
+                store[batch_corpus[runner.state["batch"]]][kind].add(args[0], runner.state.get("mask"))
+            return fn
+
+        try:
+            handles = [lin.register_forward_pre_hook(hook(k, acc)) for k, lin in linears.items()]
+            outputs = runner.run(i, layer)
+        finally:
+            for h in handles:
+                h.remove()
+        per_corpus = {c: {k: a.result() for k, a in kinds.items()} for c, kinds in acc.items()}
+        del acc
+        for name, job in jobs.items():
+            job.layer(adapter, i, layer, {k: _sum([per_corpus[c][k] for c in members[name]])
+                                          for k in job.linears(adapter, layer)})
+        runner.advance(outputs)
+    tokens = {c: 0 for c in corpora}
+    for b, c in enumerate(batch_corpus):
+        tokens[c] += int(runner.masks[b].sum())
+    for name, job in jobs.items():
+        job.finish(sum(tokens[c] for c in members[name]))
+
+
+def _sum(moments: list[Moments]) -> Moments:
+    return Moments(sum(m.count for m in moments), sum(m.total for m in moments), sum(m.gram for m in moments))
 
 
 def error_summary(ex) -> dict | None:
@@ -251,28 +367,56 @@ def error_summary(ex) -> dict | None:
 
 
 
-def reconstruct_plan(lm, plan, corpora: dict[str, Sequence[str]], cfg: RefitConfig, *, batch_size: int = 8,
-                     max_length: int = 512, progress: bool = True) -> None:
-    """Refit the output linears of the plan's experts named in `corpora`, each on its own corpus
-    (the texts its channels were chosen from), one decoder layer in memory at a time for a model
-    streamed from its checkpoint (seap.models.LazyModel) as for one loaded whole."""
+def reconstruct_plan(lm, plan, corpora: dict[str, Sequence[str]], cfg: RefitConfig, *,
+                     members: dict[str, Sequence[str]] | None = None, batch_size: int = 8, max_length: int = 512,
+                     progress: bool = True) -> None:
+    """Refit the output linears of the plan's experts on the texts their channels were chosen from,
+    one decoder layer in memory at a time for a model streamed from its checkpoint
+    (seap.models.LazyModel) as for one loaded whole.
+
+    `corpora`: name -> texts; `members`: expert -> the corpora it was calibrated on (default: each
+    corpus is the expert of that name). In the refit mode the experts share one pass when the
+    per-corpus Gram matrices of a layer fit in a quarter of the free memory; otherwise, and in the
+    sequential mode (each expert its own pruned stream), one pass per expert."""
     from .layerwise import LayerRunner, SkeletonLoader, empty_model
     from .models import LazyModel
     from .stats import batches, position_limit
 
+    members = members or {name: (name,) for name in corpora}
+    missing = sorted({c for cs in members.values() for c in cs} - set(corpora))
+    if missing:
+        raise ConfigError(f"no calibration texts for corpora {', '.join(missing)}")
     limit = position_limit(lm.model.config, max_length)
-    for name, texts in corpora.items():
-        _, ex = plan.expert(name)
-        enc = batches(lm.tokenizer, texts, batch_size, limit)
-        if isinstance(lm, LazyModel):
+    lazy = isinstance(lm, LazyModel)
+    device = lm.device if lazy else lm.adapter.embeddings(lm.model).weight.device
+
+    def runner_over(texts_by_corpus: dict[str, Sequence[str]]) -> tuple[LayerRunner, list[str]]:
+        enc, labels = [], []
+        for c, texts in texts_by_corpus.items():
+            part = batches(lm.tokenizer, texts, batch_size, limit)
+            enc += part
+            labels += [c] * len(part)
+        if lazy:
             skeleton = empty_model(lm.model.config, lm.dtype)
-            runner = LayerRunner(skeleton, lm.adapter, enc, device=lm.device, dtype=lm.dtype,
-                                 loader=SkeletonLoader(skeleton, lm.adapter, lm.checkpoint))
-        else:
-            lm.model.eval()
-            runner = LayerRunner(lm.model, lm.adapter, enc, device=lm.adapter.embeddings(lm.model).weight.device)
-        refit_expert(runner, ex, plan.head_unit, cfg, store_dtype=lm.save_dtype, progress=progress,
-                     desc=f"reconstruction ({name})")
-        summary = error_summary(ex)
+            return LayerRunner(skeleton, lm.adapter, enc, device=lm.device, dtype=lm.dtype,
+                               loader=SkeletonLoader(skeleton, lm.adapter, lm.checkpoint)), labels
+        lm.model.eval()
+        return LayerRunner(lm.model, lm.adapter, enc, device=device), labels
+
+    used = sorted({c for cs in members.values() for c in cs})
+    widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
+    gram_bytes = len(used) * max(widths) ** 2 * 8 * (2 if plan.head_unit else 1)
+    if cfg.mode == "refit" and len(members) > 1 and gram_bytes <= available_memory(device) // 4:
+        runner, labels = runner_over({c: corpora[c] for c in used})
+        refit_experts_shared(runner, {n: plan.expert(n)[1] for n in members}, members, labels, plan.head_unit, cfg,
+                             store_dtype=lm.save_dtype, progress=progress)
+    else:
+        for name, cs in members.items():
+            runner, _ = runner_over({c: corpora[c] for c in cs})
+            refit_expert(runner, plan.expert(name)[1], plan.head_unit, cfg, store_dtype=lm.save_dtype,
+                         progress=progress, desc=f"reconstruction ({name})")
+    for name in members:
+        summary = error_summary(plan.expert(name)[1])
         log.info("reconstructed expert %s on %d tokens: FFN output error %.3f of the plain cut (FLAP's bias: %.3f)",
-                 name, runner.n_tokens, summary["refit / cut"], summary["bias / cut"])
+                 name, plan.expert(name)[1].stats["reconstruction"]["tokens"], summary["refit / cut"],
+                 summary["bias / cut"])

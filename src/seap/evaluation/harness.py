@@ -148,13 +148,17 @@ class TaskScore:
                 "paper_metric": PAPER_METRIC.get(self.task), "paper": self.paper}
 
 
-def make_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None):
-    """lm-eval's HFLM around an in-memory model (no reload, no copy)."""
+def make_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None, *, exact: bool = False):
+    """lm-eval's model around an in-memory model (no reload, no copy): HFLM with the LM head applied
+    at the scored positions only (seap.evaluation.scorer, same numbers), or HFLM itself (`exact`)."""
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError as err:
         raise ConfigError("evaluation needs lm-evaluation-harness: pip install 'seap[eval]'") from err
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    from .scorer import SelectiveHFLM
+
+    cls = HFLM if exact else SelectiveHFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def evaluate_tasks(lm, tasks: Sequence[str], *, data_dir: str | Path | None = None, limit: int | None = None,
