@@ -29,7 +29,7 @@ DEFAULT_ROW = "SEAP-gen (default: refit, OBS choice)"  # what the seap-gen prese
 
 def _load(model: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
-            if p.name not in ("speed.json", "router.json")
+            if p.name not in ("speed.json", "router.json", "scorer.json")
             and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
@@ -379,6 +379,19 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
     return ("\n### Reconstruction and the paper's protocol\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+def scorer_section(model: str) -> str:
+    path = RESULTS / model / "scorer.json"
+    if not path.is_file():
+        return ""
+    d = json.loads(path.read_text())
+    med = d["median_seconds"]
+    return (f"\nScorer (`{d['command']}`): lm-eval's own requests for the first {d['items_per_task']} items of each "
+            f"task ({d['requests']} log-likelihoods), HFLM and seap's selective scorer in turn in one process, "
+            f"medians of {len(d['seconds']['hflm'])} timed rounds after a warm-up: HFLM {med['hflm']:.1f} s, selective "
+            f"{med['selective']:.1f} s, **{d['speedup']:.2f}x**; largest log-likelihood difference "
+            f"{d['max_abs_diff']:.1e}, greedy flags {'equal' if d['greedy_equal'] else 'DIFFERENT'}.\n")
+
+
 def render() -> Path:
     all_rows = {m: _load(m) for m in MODELS if (RESULTS / m).is_dir() and _load(m)}
     plotted = plot(all_rows, HERE / "accuracy_vs_ratio.png") if all_rows else False
@@ -420,6 +433,15 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   columns of every FFN output projection refitted by least squares on the same calibration text
   (DESIGN 2.8; ridge 0.01, bias fitted: SmolLM2 is a Llama), `sequential` with each layer's
   activations taken on the outputs of the already pruned and refitted layers before it.
+- seap's default since this stop (`seap` / `seap-gen` presets; row "SEAP-gen (default: refit, OBS
+  choice)", and "SEAP (task experts, default)"): SEAP's statistics and logistic schedule set the
+  layer widths (multiples of 32, seap's default widths), then each layer's FFN channels are chosen
+  by greedy block OBS on the layer's Gram matrix of the same calibration text and the kept columns
+  of the output projection refitted by least squares (ridge 0.01, bias fitted). "+ refit, OBS
+  choice" rows apply the same to a baseline's widths. The paper's recipe is `seap-paper`, the rows
+  "SEAP (task experts)" and "SEAP-gen".
+- Scoring: rows evaluated since this stop use seap's selective scorer (lm-eval's HFLM with the LM
+  head applied only at the scored positions; equal log-likelihoods, tested), earlier rows HFLM.
 - The paper's protocol: WandA-sp and FLAP calibrated on general text as in their papers. Only
   WikiText-2's test split is available offline, so they take 128 pieces of 2,000 characters from
   60% of its raw stream on; perplexity scores its first 16 windows and first articles (about 5% of
@@ -464,6 +486,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += griffin_section(model)
         text += shortprompts_section(model)
         text += llamacpp_section(model)
+        text += scorer_section(model)
     from precision import precision_section
     from scaling import scaling_section
 

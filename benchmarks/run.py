@@ -77,7 +77,7 @@ log = logging.getLogger("benchmarks")
 
 def _slug(*parts) -> str:
     return "_".join(str(p).lower().replace(" ", "-").replace("(", "").replace(")", "").replace("/", "-")
-                    for p in parts)
+                    .replace(":", "").replace(",", "") for p in parts)
 
 
 def _write(path: Path, data: dict) -> None:

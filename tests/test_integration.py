@@ -23,7 +23,7 @@ def _bundled() -> bool:
 def test_main_job_on_bundled_smollm2(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "seap", "prune", "--ratio", "0.5", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **_env()})
+                          capture_output=True, text=True, timeout=1200, env={"HF_HUB_OFFLINE": "1", **_env()})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "total parameters: 134,515,008 ->" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ._io import write_json, write_text
 from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from .config import PruneConfig
@@ -251,6 +253,17 @@ def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, ta
     return plan
 
 
+@torch.no_grad()
+def _as_saved(model: torch.nn.Module, save_dtype: torch.dtype) -> None:
+    """Round the in-memory pruned model to the values its folder holds: a bias that reconstruction or
+    bias compensation added is computed in float32 and saved in the checkpoint's dtype (bf16), and
+    the model a prune returns must compute what the saved one does. Weights read from that dtype are
+    unchanged."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != save_dtype and p.device.type != "meta":
+            p.data = p.data.to(save_dtype).to(p.dtype)
+
+
 def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, folder: Path | None,
                  max_shard: int, progress: bool) -> PruneResult:
     """The plan's expert as a pruned model: sliced in memory (and saved), or streamed to `folder`."""
@@ -268,6 +281,7 @@ def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, fo
                           bytes_written=w.bytes_written)
     else:
         slice_model(lm.model, lm.adapter, plan, name, check=False)
+        _as_saved(lm.model, lm.save_dtype)
         res = PruneResult(plan, name, None, before, count_params(lm.model), ffn_before,
                           ffn_params(lm.model, lm.adapter),
                           [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)], 0.0, model=lm)
