@@ -189,19 +189,25 @@ class GramAccumulator:
 
 
 @contextmanager
-def recording(linears: dict[str, nn.Linear], state: dict) -> Iterator[dict[str, GramAccumulator]]:
-    """Gram accumulators on the inputs of `linears`; `state["mask"]` ([B, S] bool) marks real tokens."""
-    acc = {k: GramAccumulator(lin.in_features, lin.weight.device) for k, lin in linears.items()}
+def recording(linears: dict[str, nn.Linear], state: dict,
+              labels: Sequence[str] | None = None) -> Iterator[dict[str | None, dict[str, GramAccumulator]]]:
+    """Gram accumulators on the inputs of `linears`, one set per label: `labels` names the corpus of each
+    of the runner's batches (`state["batch"]`), None gives one set under None. `state["mask"]`
+    ([B, S] bool) marks real tokens."""
+    keys = sorted(set(labels)) if labels is not None else [None]
+    acc = {key: {k: GramAccumulator(lin.in_features, lin.weight.device) for k, lin in linears.items()}
+           for key in keys}
     handles = []
 
-    def hook(a: GramAccumulator):
+    def hook(kind: str):
         def fn(_m, args):
-            a.add(args[0], state.get("mask"))
+            key = None if labels is None else labels[state["batch"]]
+            acc[key][kind].add(args[0], state.get("mask"))
         return fn
 
     try:
         for k, lin in linears.items():
-            handles.append(lin.register_forward_pre_hook(hook(acc[k])))
+            handles.append(lin.register_forward_pre_hook(hook(k)))
         yield acc
     finally:
         for h in handles:
@@ -300,7 +306,7 @@ def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_d
                          leave=False):
         with recording(job.linears(adapter, layer), runner.state) as acc:
             outputs = runner.run(i, layer)
-        job.layer(adapter, i, layer, {k: a.result() for k, a in acc.items()})
+        job.layer(adapter, i, layer, {k: a.result() for k, a in acc[None].items()})
         del acc
         if cfg.mode == "sequential":  # the next layer sees this layer pruned and refitted
             with layer_masked(layer, adapter, ex, i, head_unit):
@@ -322,36 +328,19 @@ def refit_experts_shared(runner, experts: dict, members: dict[str, Sequence[str]
     adapter = runner.adapter
     jobs = {name: _ExpertRefit(ex, runner.n_layers, head_unit, cfg, store_dtype) for name, ex in experts.items()}
     heads = any(ex.heads is not None for ex in experts.values())
-    corpora = sorted(set(batch_corpus))
     for i, layer in tqdm(runner.layers(), total=runner.n_layers, desc="reconstruction", unit="layer",
                          disable=not progress, leave=False):
         linears = {"ffn": adapter.ffn_out(layer), **({"attn": adapter.attn_out(layer)} if heads else {})}
-        acc = {c: {k: GramAccumulator(lin.in_features, lin.weight.device) for k, lin in linears.items()}
-               for c in corpora}
-        handles = []
-
-        def hook(kind, store):
-            def fn(_m, args):
-                store[batch_corpus[runner.state["batch"]]][kind].add(args[0], runner.state.get("mask"))
-            return fn
-
-        try:
-            handles = [lin.register_forward_pre_hook(hook(k, acc)) for k, lin in linears.items()]
+        with recording(linears, runner.state, batch_corpus) as acc:
             outputs = runner.run(i, layer)
-        finally:
-            for h in handles:
-                h.remove()
         per_corpus = {c: {k: a.result() for k, a in kinds.items()} for c, kinds in acc.items()}
         del acc
         for name, job in jobs.items():
             job.layer(adapter, i, layer, {k: _sum([per_corpus[c][k] for c in members[name]])
                                           for k in job.linears(adapter, layer)})
         runner.advance(outputs)
-    tokens = {c: 0 for c in corpora}
-    for b, c in enumerate(batch_corpus):
-        tokens[c] += int(runner.masks[b].sum())
-    for name, job in jobs.items():
-        job.finish(sum(tokens[c] for c in members[name]))
+    for name, job in jobs.items():  # tokens: every layer counts the same real tokens
+        job.finish(sum(per_corpus[c]["ffn"].count for c in members[name]))
 
 
 def _sum(moments: list[Moments]) -> Moments:
