@@ -16,6 +16,7 @@ Everything else (generation, rolling perplexity's windows, caching) is HFLM's ow
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -33,6 +34,7 @@ except ImportError as err:  # pragma: no cover - the eval extra is missing
 class SelectiveHFLM(HFLM):
     """HFLM whose log-likelihoods compute the LM head at the continuation positions only."""
 
+    @functools.cached_property
     def _keeps_logits(self) -> bool:
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
@@ -40,7 +42,7 @@ class SelectiveHFLM(HFLM):
         """[batch, len(keep), vocab] logits of the positions `keep` (sorted, on the model's device)."""
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            if self._keeps_logits():
+            if self._keeps_logits:
                 return self.model(inps, logits_to_keep=keep).logits
             return self.model(inps).logits[:, keep]  # an architecture without logits_to_keep
 
