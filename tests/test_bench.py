@@ -7,7 +7,8 @@ import torch
 from conftest import FAMILIES, make_loaded, tiny_folder
 
 from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes, greedy_decode,
-                        kv_bytes_per_position, speed_markdown, speed_table, text_prompts, weight_bytes)
+                        kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
+from seap.surgery import weight_bytes
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError

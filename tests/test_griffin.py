@@ -9,7 +9,8 @@ from conftest import left_padded, make_loaded
 
 from seap.errors import ConfigError
 from seap.griffin import (GriffinConfig, classification_mode, corpus_statistic, griffin_decode, keep_count,
-                          neuron_scores, prefill_statistics, select, top_k, with_prior)
+                          neuron_scores, prefill_statistics, select, with_prior)
+from seap.scores import top_k
 
 G = torch.Generator().manual_seed(5)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]

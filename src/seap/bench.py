@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 from .griffin import GriffinConfig
 from .models import LoadedModel
-from .surgery import count_params, ffn_params
+from .surgery import count_params, ffn_params, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ class BenchConfig:
 
 
 # -- bytes ---------------------------------------------------------------------------------------
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the unique parameters and buffers that hold weights (tied tensors once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
-
-
 def decode_weight_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: everything except an untied input-embedding table, of
     which only the looked-up rows are read (a tied table is read whole by the LM head)."""

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import module_path, set_module
+from .adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
 from .models import LoadedModel, check_fingerprint, encode_left_padded
 from .plan import Expert, Plan
 from .router import Route, Router
-from .surgery import head_index_sets
+from .surgery import head_index_sets, unique_tensors
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class _RoutedLinear(nn.Module):
             w, b = self._weights(groups[0][0])
             return F.linear(x if self.rows_in else x[..., : w.shape[1]], w, b)
         shape = x.shape
-        x = _by_sequence(x, self.state["batch"])
+        x = by_sequence(x, self.state["batch"])
         width = max(self.slots[n].width for n, _ in groups) if self.rows_in else self.base.out_features
         y = x.new_zeros(x.shape[0], x.shape[1], width)
         for name, rows in groups:
@@ -92,14 +92,6 @@ class _RoutedLinear(nn.Module):
             else:
                 y[rows] = F.linear(xi[..., : w.shape[1]], w, b)
         return y.reshape(*shape[:-1], width)
-
-
-def _by_sequence(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """[batch, tokens, features], also for families that flatten (batch, seq) before the FFN (OPT)."""
-    if (x.dim() == 3 and x.shape[0] != batch) or x.shape[:-1].numel() % batch:
-        raise ConfigError(f"a routed batch of {batch} sequences received {x.shape[0]} rows: one expert per "
-                          "sequence (beam search and several returned sequences are not supported)")
-    return x.reshape(batch, -1, x.shape[-1])
 
 
 class _HeadGather(nn.Module):
@@ -115,7 +107,7 @@ class _HeadGather(nn.Module):
         if len(groups) == 1:
             return self.inner(x.index_select(-1, self.slots[groups[0][0]].index))
         shape = x.shape
-        x = _by_sequence(x, self.state["batch"])
+        x = by_sequence(x, self.state["batch"])
         width = max(self.slots[n].width for n, _ in groups)
         picked = x.new_zeros(x.shape[0], x.shape[1], width)
         for name, rows in groups:
@@ -198,19 +190,12 @@ class MultiExpertModel:
     def memory(self) -> dict:
         """Bytes of the base model and what the experts add over it (shared tensors counted once)."""
         seen: set[int] = set()
-        base = 0
-        for p in self.lm.model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                base += p.numel() * p.element_size()
+        base = sum(p.numel() * p.element_size() for p in unique_tensors(self.lm.model.parameters(), seen))
         per_expert = {n: 0 for n in self.experts}
         for _, _, rep in self._replacements:
-            slots = rep.slots
-            for n, s in slots.items():
-                for t in (s.weight, s.bias, s.index):
-                    if t is not None and id(t) not in seen:
-                        seen.add(id(t))
-                        per_expert[n] += t.numel() * t.element_size()
+            for n, s in rep.slots.items():
+                per_expert[n] += sum(t.numel() * t.element_size()
+                                     for t in unique_tensors((s.weight, s.bias, s.index), seen))
         added = sum(per_expert.values())
         return {"base_bytes": base, "added_bytes": added, "added_fraction": added / base,
                 "per_expert_bytes": per_expert, "materialized": self.materialize}

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Adapter
-from .adapters.base import module_path, set_module
+from .adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
 from .models import encode_left_padded
+from .scores import ranking, top_k
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ def neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     return torch.bmm(w[:, None, :], sq)[:, 0].sqrt()
 
 
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, F] scores -> [B, k] kept neuron indices, ascending (ties broken by index)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
-    return order.sort(dim=-1).values
-
-
 def keep_count(density: float, width: int) -> int:
     return max(1, min(width, round(density * width)))
 
@@ -150,7 +145,7 @@ def select(scores: Sequence[torch.Tensor], density: float | torch.Tensor, shared
             idx = top_k(s, ks[0])  # [B, k] (or [1, k] shared by all rows)
             m = torch.zeros(idx.shape[0], width, dtype=torch.bool, device=s.device).scatter_(1, idx, True)
         else:  # the k_b best of each row
-            order = torch.argsort(s, dim=-1, descending=True, stable=True)[:, :max(ks)]
+            order = ranking(s)[:, :max(ks)]
             first = torch.arange(order.shape[1], device=s.device)[None] < torch.tensor(ks, device=s.device)[:, None]
             m = torch.zeros(s.shape[0], width, dtype=torch.bool, device=s.device).scatter_(1, order, first)
         u = torch.nonzero(m.any(0)).flatten()
@@ -163,11 +158,8 @@ def select(scores: Sequence[torch.Tensor], density: float | torch.Tensor, shared
 
 
 # -- hooks and replacements ---------------------------------------------------------------------
-def _by_sequence(z: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """[B, S, F] from a hook's input; OPT flattens (batch, seq) before its FFN."""
-    if z.dim() == 3:
-        return z
-    return z.reshape(1 if attention_mask is None else attention_mask.shape[0], -1, z.shape[-1])
+def _batch(attention_mask: torch.Tensor | None) -> int | None:
+    return None if attention_mask is None else attention_mask.shape[0]
 
 
 @contextmanager
@@ -179,7 +171,7 @@ def prefill_statistics(model: nn.Module, adapter: Adapter,
 
     def hook(i: int):
         def fn(_m, args):
-            scores[i] = neuron_scores(_by_sequence(args[0], attention_mask), attention_mask)
+            scores[i] = neuron_scores(by_sequence(args[0], _batch(attention_mask)), attention_mask)
         return fn
 
     try:
@@ -247,7 +239,7 @@ def classification_mode(model: nn.Module, adapter: Adapter, density: float,
     def hook(_m, args):
         z = args[0]
         shape = z.shape
-        z3 = _by_sequence(z, attention_mask)
+        z3 = by_sequence(z, _batch(attention_mask))
         batch = z3.shape[0]
         mask = torch.ones(z3.shape[:2], device=z.device) if attention_mask is None else attention_mask.to(z.device)
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # [B] position of the last real token

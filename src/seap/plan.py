@@ -21,7 +21,7 @@ from .adapters import Adapter
 from .allocation import Pool, adaptive, logistic, removed_params, uniform
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
-from .scores import channel_scores, group_scores
+from .scores import channel_scores, group_scores, top_k
 from .stats import ActivationStats, ChannelStats
 from .weights import ModuleWeights, WeightSource
 
@@ -184,12 +184,6 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
     return ffn_kept, head_kept
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    # Stable tie-breaking by index so the same scores always give the same plan.
-    order = torch.argsort(scores, descending=True, stable=True)[:k]
-    return torch.sort(order).values.to(torch.int64)
-
-
 def bias_compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) -> torch.Tensor:
     """FLAP's bias compensation: W[:, removed] @ mean(z[removed]), keeping the expected output.
     `stats`: anything with a per-channel `mean` (ChannelStats, reconstruct.Moments)."""
@@ -205,8 +199,8 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
     ffn_pool, head_pool = pools(adapter, model, head_unit)
     ffn_kept, head_kept = allocate(cfg, ffn_pool, head_pool, ffn_scores, head_scores)
     layers = adapter.layers(model)
-    ffn_idx = [_top(s, k) for s, k in zip(ffn_scores, ffn_kept)]
-    head_idx = [_top(s, k) for s, k in zip(head_scores, head_kept)] if head_pool else None
+    ffn_idx = [top_k(s, k) for s, k in zip(ffn_scores, ffn_kept)]
+    head_idx = [top_k(s, k) for s, k in zip(head_scores, head_kept)] if head_pool else None
     ex = Expert(ffn_idx, head_idx)
     if cfg.bias_compensation:
         if stats is None:

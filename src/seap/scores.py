@@ -57,6 +57,17 @@ def channel_scores(kind: str, *, stats: ChannelStats | None, weights: UnitWeight
     return {"wifv": wifv, "wifn": wifn, "wanda_sp": wanda_sp}[kind](stats, weights)
 
 
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dim, best first; ties go to the lower index so equal scores always give
+    the same choice."""
+    return torch.argsort(scores, dim=-1, descending=True, stable=True)
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best indices along the last dim ([..., C] -> [..., k] int64), in ascending order."""
+    return ranking(scores)[..., :k].sort(dim=-1).values.to(torch.int64)
+
+
 def group_scores(channel: torch.Tensor, group_width: int) -> torch.Tensor:
     """Average channel scores over consecutive groups (a head: head_dim channels; a KV group)."""
     return channel.reshape(-1, group_width).mean(1)

@@ -8,7 +8,7 @@ of q/k/v/o); bias compensation is added to the output linears' biases, and with 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -202,14 +202,23 @@ def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = 
             h.remove()
 
 
+def unique_tensors(tensors: Iterable[torch.Tensor | None], seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Each tensor once (a tied embedding is one tensor); `seen` carries over between calls."""
+    seen = set() if seen is None else seen
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    return sum(p.numel() for p in unique_tensors(model.parameters()))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters (tied tensors once)."""
+    return sum(p.numel() * p.element_size() for p in unique_tensors(model.parameters()))
 
 
 def ffn_params(model: nn.Module, adapter: Adapter) -> int:

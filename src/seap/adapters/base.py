@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class HeadGeometry:
@@ -168,6 +170,18 @@ def module_path(root: nn.Module, module: nn.Module) -> str:
         if mod is module:
             return name
     raise KeyError("module not found in model")
+
+
+def by_sequence(x: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """An FFN hook's input as [batch, tokens, features]; OPT flattens (batch, seq) before its FFN.
+    `batch` None: a 3-d input stays as it is and a flat one is one sequence."""
+    if batch is None:
+        return x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+    if (x.dim() == 3 and x.shape[0] != batch) or x.shape[:-1].numel() % batch:
+        raise ConfigError(f"an FFN input of shape {tuple(x.shape)} does not split into the batch's {batch} "
+                          "sequences: one selection per sequence (beam search and several returned sequences "
+                          "are not supported)")
+    return x.reshape(batch, -1, x.shape[-1])
 
 
 def zero_bias(lin: nn.Linear) -> None:

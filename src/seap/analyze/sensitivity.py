@@ -43,7 +43,7 @@ from ..allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
 from ..models import LoadedModel, fingerprint, open_model
 from ..plan import Expert, Plan, pools
-from ..scores import DATA_FREE, SCORES, channel_scores
+from ..scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..stats import collect_stats
 from ..weights import ModuleWeights
 from ..surgery import masked
@@ -231,11 +231,6 @@ def layer_damage(lm: LoadedModel, dense: list[_Batch], layer: int, keep: torch.T
     return max(0.0, 1.0 - cos_sum / n_tok), nll_sum / max(n_pred, 1)
 
 
-def _keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    k = len(scores) - round(ratio * len(scores))
-    return torch.sort(torch.argsort(scores, descending=True, stable=True)[:k]).values
-
-
 def _rates_at(lm: LoadedModel, ratio: float, cfg: SensitivityConfig, fit: LogisticFit) -> dict[str, list[float] | None]:
     """Per-layer pruned fractions of the three schedules at `ratio` (as `seap prune` would allocate them)."""
     pool, _ = pools(lm.adapter, lm.model, None)
@@ -278,7 +273,7 @@ def analyze_sensitivity(model: str | LoadedModel | None = None, tasks: Sequence[
               disable=not progress) as bar:
         for l in range(n_layers):
             for j, r in enumerate(cfg.ratios):
-                damage["cosine"][l][j], damage["ppl"][l][j] = layer_damage(lm, dense, l, _keep(scores[l], r))
+                damage["cosine"][l][j], damage["ppl"][l][j] = layer_damage(lm, dense, l, top_k(scores[l], len(scores[l]) - round(r * len(scores[l]))))
                 bar.update()
     sens = {m: quadratic_sensitivity(damage[m], cfg.ratios) for m in METRICS}
     active = sorted(depth)
