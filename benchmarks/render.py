@@ -14,9 +14,8 @@ from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROO
 from llamacpp import llamacpp_section
 from shortprompts import shortprompts_section
 from schedules import schedules_section
+from seap.tasks import PAPER_METRIC
 
-PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
-                "openbookqa": "acc_norm", "winogrande": "acc"}
 ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)",
              "SEAP (task experts)", "SEAP (task experts), reference's effective 44%", "SEAP (routed)", "SEAP-gen",
              "SEAP s_F (task experts)", "SEAP-gen s_F", "SEAP uniform (task experts)", "SEAP fitted (task experts)",

@@ -29,7 +29,8 @@ DATA = ROOT.parent / "shared" / "data"
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 RATIOS = (0.2, 0.5)
-TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+sys.path.insert(0, str(ROOT / "src"))  # a checkout without an install still runs
+from seap.tasks import SUITE as TASKS  # noqa: E402
 LM_CORPUS = "default:general_text"  # language-modelling text (weight 3 in SEAP-gen); not WikiText, whose test split is the perplexity set
 CALIBRATION_LIMIT = {"smollm2-135m": 400, "gemma3-270m": 200}  # training examples per task corpus
 # (row name, method, plan expert protocol, extra PruneConfig settings)

@@ -351,3 +351,23 @@ def test_default_corpora() -> None:
     assert len(resolve_corpus("default", limit=5, seed=2)) == 5
     assert tasks.load_default_corpus("science_qa").texts[0].startswith(
         tasks.load_default_corpus("science_qa").prompts[0])
+
+
+def test_the_registry_is_the_one_task_list():
+    """Every task list derives from TASKS: the suite, the scored tasks and their metrics, and each scored
+    task's shipped lm-eval YAML names the task and lists the metric that enters the paper's average."""
+    from importlib import resources
+
+    from seap.evaluation.runner import EvalConfig
+    from seap.tasks import ACCURACY_TASKS, EVAL_TASKS, PAPER_METRIC, SUITE
+
+    assert SUITE == ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+    assert EvalConfig().tasks == SUITE
+    assert set(SUITE) <= set(ACCURACY_TASKS) == set(PAPER_METRIC)
+    for name, spec in EVAL_TASKS.items():
+        text = resources.files("seap.evaluation").joinpath("lm_eval_tasks", f"{name}.yaml").read_text()
+        assert f"\ntask: {name}\n" in text
+        if spec.metric:
+            assert f"- metric: {spec.metric}\n" in text
+        assert spec.name in TASKS and TASKS[spec.name] is spec
+    assert EVAL_TASKS["wikitext"].data_folder == "wikitext2"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES, PruneConfig
-from .evaluation.harness import ACCURACY_TASKS
-from .evaluation.runner import SHARED_TASKS
+from .tasks import ACCURACY_TASKS, SUITE
 from .export.gguf import OUT_TYPES
 from .griffin import DEFAULT_SHORT, SHORT_MODES, GriffinConfig
 from .errors import ConfigError, SeapError
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="router folder (seap route fit): the router picks each item's expert instead of the oracle")
     p.add_argument("--experts", default="task", help="with --plan: 'task' (each task its own expert, the "
                    "paper's protocol), 'generic', or an expert name for every task")
-    p.add_argument("--tasks", default=",".join(SHARED_TASKS),
+    p.add_argument("--tasks", default=",".join(SUITE),
                    help=f"comma-separated, from {','.join(ACCURACY_TASKS)}; empty for perplexity only")
     p.add_argument("--data-dir", default=None, help="local copies in the hub row layout, <task>/<split>.parquet "
                    "(e.g. ../shared/data); without it lm-eval reads the hub")

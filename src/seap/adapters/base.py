@@ -179,7 +179,7 @@ def by_sequence(x: torch.Tensor, batch: int | None) -> torch.Tensor:
         return x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
     if (x.dim() == 3 and x.shape[0] != batch) or x.shape[:-1].numel() % batch:
         raise ConfigError(f"an FFN input of shape {tuple(x.shape)} does not split into the batch's {batch} "
-                          "sequences: one selection per sequence (beam search and several returned sequences "
+                          "sequences: one expert per sequence (beam search and several returned sequences "
                           "are not supported)")
     return x.reshape(batch, -1, x.shape[-1])
 

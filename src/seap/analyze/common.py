@@ -15,12 +15,11 @@ from torch import nn
 from .._io import write_json, write_text
 from ..adapters import Adapter
 from ..errors import ConfigError
-from ..tasks import DEFAULT_CORPORA, resolve_corpus
+from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus
 
 log = logging.getLogger(__name__)
 
 # The benchmark suite when a data folder is given; the embedded families otherwise.
-SUITE = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
 EMBEDDED = tuple(f"default:{f}" for f in DEFAULT_CORPORA)
 
 

@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import ConfigError, DataError
-from ..tasks import _local_file
+from ..tasks import ACCURACY_TASKS, EVAL_TASKS, PAPER_METRIC, local_file
 
 log = logging.getLogger(__name__)
 
-ACCURACY_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag")
-# The paper's average: acc_norm where length normalisation is the convention, acc elsewhere.
-PAPER_METRIC = {"piqa": "acc_norm", "boolq": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm",
-                "openbookqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm"}
-WORD_PPL_TASK = "wikitext"
-_DATA_FOLDER = {"wikitext": "wikitext2"}  # task name -> folder name under --data-dir
+WORD_PPL_TASK = next(n for n, s in EVAL_TASKS.items() if not s.metric)  # "wikitext"
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split")
 _UTILS = "seap_task_utils.py"
 
@@ -51,7 +46,7 @@ def localize_yaml(text: str, task: str, data_dir: str | Path) -> tuple[str, str]
     Splits absent from the folder are set to null, so lm-eval scores the split that exists
     (ARC and OpenBookQA score `test` upstream, but the offline copies have `validation`).
     """
-    folder = _DATA_FOLDER.get(task, task)
+    folder = EVAL_TASKS[task].data_folder
     lines, files, kept = [], {}, {}
     for line in text.splitlines():
         key = line.split(":", 1)[0]
@@ -60,7 +55,7 @@ def localize_yaml(text: str, task: str, data_dir: str | Path) -> tuple[str, str]
             path = None
             if split is not None:
                 try:
-                    path = _local_file(data_dir, folder, split)
+                    path = local_file(data_dir, folder, split)
                 except DataError:
                     if not Path(data_dir, folder).is_dir():
                         raise

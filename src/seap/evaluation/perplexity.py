@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..tasks import TASKS, _load_rows
+from ..tasks import TASKS, load_rows
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Perplexity:
 
 def wikitext_stream(data_dir: str | Path | None = None, split: str = "test") -> tuple[str, str]:
     """The raw WikiText-2 split as one string (rows joined with "\\n\\n", the usual convention)."""
-    ds, source = _load_rows(TASKS["wikitext2"], split, data_dir)
+    ds, source = load_rows(TASKS["wikitext2"], split, data_dir)
     text = "\n\n".join(ds["text"])
     if not text.strip():
         raise DataError(f"{source} holds no text: it must be the wikitext-2-raw-v1 {split} split")

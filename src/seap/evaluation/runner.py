@@ -20,18 +20,18 @@ from ..adapters import get_adapter
 from ..models import LoadedModel, check_fingerprint
 from ..plan import GENERIC, Plan
 from ..surgery import count_params, slice_model
-from .harness import ACCURACY_TASKS, PAPER_METRIC, WORD_PPL_TASK, TaskScore, evaluate_tasks, make_lm, paper_average
+from ..tasks import ACCURACY_TASKS, PAPER_METRIC, SUITE
+from .harness import WORD_PPL_TASK, TaskScore, evaluate_tasks, make_lm, paper_average
 from .perplexity import Perplexity, token_perplexity, wikitext_stream
 
 log = logging.getLogger(__name__)
 
-SHARED_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
 TASK_EXPERTS = "task"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tasks: tuple[str, ...] = SHARED_TASKS
+    tasks: tuple[str, ...] = SUITE
     data_dir: str | None = None
     limit: int | None = None
     batch_size: int = 16

@@ -3,8 +3,10 @@
 A corpus comes from a benchmark task (Hugging Face hub, or a local copy laid out as
 ``<data_dir>/<task>/<split>.parquet|.jsonl|.json``), from the small corpus embedded in the
 package, or from a user file. Task prompts reproduce lm-evaluation-harness's ``doc_to_text``
-and gold target so that a calibration text is exactly what the model sees when scored.
+and gold target (`seap.tasks.specs`) so that a calibration text is exactly what the model sees
+when scored.
 """
+
 
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from .specs import TASK_NAMES, TASKS, Row, TaskSpec
 
 log = logging.getLogger(__name__)
 
-Row = Mapping[str, Any]
 # (text, prompt or None): None marks pure LM text, which contributes no router prompt.
 _Example = tuple[str, str | None]
 
@@ -58,140 +60,6 @@ class Corpus:
         return len(self.texts)
 
 
-# --------------------------------------------------------------------------- task formats
-
-
-def _choice_text(choices: Row, key: Any) -> str:
-    """Gold choice of an ARC/OpenBookQA row; labels may be letters or digits ("1".."4")."""
-    labels, texts = list(choices["label"]), list(choices["text"])
-    key = str(key).strip()  # lm-eval strips answerKey (openbookqa: answerKey.lstrip())
-    if key not in labels or labels.index(key) >= len(texts):
-        raise ValueError(f"answerKey {key!r} is not one of the labels {labels}")
-    return texts[labels.index(key)]
-
-
-def _piqa(row: Row) -> tuple[str, str]:
-    label = row["label"]
-    if label not in (0, 1):  # the hub test split has label -1 (no gold)
-        raise ValueError(f"label {label!r} is not 0 or 1")
-    return f"Question: {row['goal']}\nAnswer:", " " + (row["sol1"], row["sol2"])[label]
-
-
-def _boolq(row: Row) -> tuple[str, str]:
-    # google/boolq has a bool `answer`; super_glue/boolq (lm-eval's source) has int `label`.
-    gold = row["answer"] if "answer" in row else row.get("label")
-    if gold not in (True, False):
-        raise ValueError(f"answer {gold!r} is not a boolean")
-    return f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", " yes" if gold else " no"
-
-
-def _arc(row: Row) -> tuple[str, str]:
-    gold = _choice_text(row["choices"], row["answerKey"])
-    return f"Question: {row['question']}\nAnswer:", " " + gold
-
-
-def _openbookqa(row: Row) -> tuple[str, str]:
-    return row["question_stem"], " " + _choice_text(row["choices"], row["answerKey"])
-
-
-def _winogrande(row: Row) -> tuple[str, str]:
-    """lm-eval's partial evaluation: context up to the blank with the gold option, then the rest."""
-    gold = str(row["answer"]).strip()
-    if gold not in ("1", "2"):  # the hub test split has answer ""
-        raise ValueError(f"answer {gold!r} is not '1' or '2'")
-    sentence = row["sentence"]
-    idx = sentence.index("_")  # ValueError (skipped as malformed) when there is no blank
-    prompt, rest = sentence[:idx] + row["option" + gold], sentence[idx + 1 :]
-    if not rest[:1].isspace():
-        # Blank glued to the next word ("_'s"): keep that word in the prompt so the answer
-        # still starts at a word boundary and prompt + answer reads as the filled sentence.
-        glued = re.match(r"\S*", rest).group()  # type: ignore[union-attr]
-        prompt, rest = prompt + glued, rest[len(glued) :]
-    rest = rest.strip()  # as lm-eval's partial_target; collapses a doubled space after "_"
-    if not rest:
-        raise ValueError("nothing follows the blank")
-    return prompt, " " + rest
-
-
-def _hellaswag_clean(text: str) -> str:
-    # lm-eval's hellaswag preprocess: brackets are WikiHow artifacts.
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(row: Row) -> tuple[str, str]:
-    label = str(row["label"]).strip()
-    if not label.isdigit() or int(label) >= len(row["endings"]):  # test split: label ""
-        raise ValueError(f"label {label!r} does not index an ending")
-    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    prompt = _hellaswag_clean(row["activity_label"] + ": " + ctx)
-    return prompt, " " + _hellaswag_clean(row["endings"][int(label)])
-
-
-def _gsm8k(row: Row) -> tuple[str, str]:
-    answer = row["answer"]
-    if "####" not in answer:  # every gold solution ends with "#### <number>"
-        raise ValueError("answer has no '#### <number>' line")
-    return f"Question: {row['question']}\nAnswer:", " " + answer
-
-
-def _mmlu(row: Row) -> tuple[str, str]:
-    choices, gold = list(row["choices"]), row["answer"]
-    if isinstance(gold, str) and gold in ("A", "B", "C", "D"):
-        gold = "ABCD".index(gold)
-    if len(choices) != 4 or not isinstance(gold, int) or not 0 <= gold < 4:
-        raise ValueError(f"answer {gold!r} with {len(choices)} choices is not a valid gold")
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", choices))
-    return f"{row['question'].strip()}{options}\nAnswer:", " " + "ABCD"[gold]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Where a task's rows live and how a row becomes (prompt, gold answer)."""
-
-    name: str
-    hub_path: str
-    hub_name: str | None
-    splits: tuple[str, ...]  # labelled splits only: unlabelled test splits cannot calibrate
-    calibration_split: str
-    eval_split: str  # the split lm-evaluation-harness scores
-    to_example: Callable[[Row], tuple[str, str]] | None  # None for raw LM text
-    columns: tuple[str, ...]  # checked once up front, so a KeyError later means a bad row
-    text_column: str | None = None  # raw text stream column (wikitext2)
-
-
-_ARC_COLS = ("question", "choices", "answerKey")
-TASKS: dict[str, TaskSpec] = {
-    s.name: s
-    for s in (
-        TaskSpec("piqa", "baber/piqa", None, ("train", "validation"), "train", "validation",
-                 _piqa, ("goal", "sol1", "sol2", "label")),
-        TaskSpec("boolq", "google/boolq", None, ("train", "validation"), "train", "validation",
-                 _boolq, ("question", "passage")),
-        TaskSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", ("train", "validation", "test"),
-                 "train", "test", _arc, _ARC_COLS),
-        TaskSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge",
-                 ("train", "validation", "test"), "train", "test", _arc, _ARC_COLS),
-        TaskSpec("openbookqa", "allenai/openbookqa", "main", ("train", "validation", "test"),
-                 "train", "test", _openbookqa, ("question_stem", "choices", "answerKey")),
-        TaskSpec("winogrande", "allenai/winogrande", "winogrande_xl", ("train", "validation"),
-                 "train", "validation", _winogrande, ("sentence", "option1", "option2", "answer")),
-        TaskSpec("hellaswag", "Rowan/hellaswag", None, ("train", "validation"), "train",
-                 "validation", _hellaswag,
-                 ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
-        TaskSpec("gsm8k", "openai/gsm8k", "main", ("train", "test"), "train", "test",
-                 _gsm8k, ("question", "answer")),
-        # auxiliary_train is other datasets' questions, so MMLU calibrates from validation.
-        TaskSpec("mmlu", "cais/mmlu", "all", ("auxiliary_train", "dev", "validation", "test"),
-                 "validation", "test", _mmlu, ("question", "choices", "answer")),
-        # test by default: it is the split the offline copy has (and that perplexity is
-        # reported on; pass split="train" on the hub to keep calibration disjoint from it).
-        TaskSpec("wikitext2", "wikitext", "wikitext-2-raw-v1", ("train", "validation", "test"),
-                 "test", "test", None, ("text",), text_column="text"),
-    )
-}
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 DEFAULT_CORPORA: tuple[str, ...] = (
     "science_qa", "physical_commonsense", "reading_yesno", "math_word", "general_text",
 )
@@ -201,6 +69,8 @@ _SPEC_HELP = (
     f"use a task name ({', '.join(TASK_NAMES)}), 'default', 'default:<family>' "
     f"({', '.join(DEFAULT_CORPORA)}), or a path to a .txt/.jsonl/.json corpus file"
 )
+
+
 
 
 # --------------------------------------------------------------------------- helpers
@@ -263,7 +133,7 @@ def _quiet_datasets() -> Iterator[None]:
 # --------------------------------------------------------------------------- task corpora
 
 
-def _local_file(data_dir: str | Path, task: str, split: str) -> Path:
+def local_file(data_dir: str | Path, task: str, split: str) -> Path:
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -288,12 +158,12 @@ def _local_file(data_dir: str | Path, task: str, split: str) -> Path:
     )
 
 
-def _load_rows(spec: TaskSpec, split: str, data_dir: str | Path | None) -> tuple[Any, str]:
+def load_rows(spec: TaskSpec, split: str, data_dir: str | Path | None) -> tuple[Any, str]:
     """Load one split as a ``datasets.Dataset``; return it with its source label."""
     import datasets
 
     if data_dir is not None:
-        path = _local_file(data_dir, spec.name, split)
+        path = local_file(data_dir, spec.data_folder, split)
         source = f"local:{path.resolve()}"
         try:
             with _quiet_datasets():
@@ -381,7 +251,7 @@ def _task_examples(spec: TaskSpec, rows: Sequence[Row], where: str) -> list[_Exa
 def corpus_from_rows(name: str, rows: Sequence[Row], *, source: str = "memory",
                      limit: int | None = None, seed: int = 0) -> Corpus:
     """Build task ``name``'s corpus from rows already in memory (Hugging Face layout)."""
-    spec = _task_spec(name)
+    spec = task_spec(name)
     _check_limit(limit, seed)
     examples = _task_examples(spec, rows, source)
     if not examples:
@@ -392,7 +262,7 @@ def corpus_from_rows(name: str, rows: Sequence[Row], *, source: str = "memory",
     return _make_corpus(spec.name, examples, source, limit, seed)
 
 
-def _task_spec(name: str) -> TaskSpec:
+def task_spec(name: str) -> TaskSpec:
     spec = TASKS.get(str(name).strip().lower())
     if spec is None:
         raise _unknown("task", str(name), TASK_NAMES, _SPEC_HELP)
@@ -402,9 +272,9 @@ def _task_spec(name: str) -> TaskSpec:
 def load_task_corpus(name: str, *, data_dir: str | Path | None = None, split: str | None = None,
                      limit: int | None = None, seed: int = 0) -> Corpus:
     """Load a benchmark task's calibration corpus from ``data_dir`` or the hub."""
-    spec = _task_spec(name)
+    spec = task_spec(name)
     _check_limit(limit, seed)
-    ds, source = _load_rows(spec, split or spec.calibration_split, data_dir)
+    ds, source = load_rows(spec, split or spec.calibration_split, data_dir)
     return corpus_from_rows(spec.name, ds.to_list(), source=source, limit=limit, seed=seed)
 
 
