@@ -16,7 +16,7 @@ import json
 import logging
 import time
 
-from run import DATA, RESULTS, _plan, _slug, _stats, _write
+from common import DATA, RESULTS, plan_for, slug, stats_for, write
 
 log = logging.getLogger("benchmarks.griffin")
 
@@ -46,7 +46,7 @@ def _magnitude(lm, model_name: str, density: float):
     from seap.evaluation.runner import sliced_copy
 
     extra = {"protect_first": 0, "protect_last": 0}
-    return sliced_copy(lm, _plan(lm, _stats(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)
+    return sliced_copy(lm, plan_for(lm, stats_for(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)
 
 
 def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
@@ -59,7 +59,7 @@ def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
         if only and set(only) - set(rows):
             raise SystemExit(f"unknown xsum rows {sorted(set(only) - set(rows))}: choose from {sorted(rows)}")
         for row, density, kind in [rows[r] for r in only] if only else rows.values():
-            path = RESULTS / model_name / f"xsum_{_slug(row)}.json"
+            path = RESULTS / model_name / f"xsum_{slug(row)}.json"
             if path.is_file() and json.loads(path.read_text()).get("n") == limit:
                 continue
             lm = lm or load_model(model_name)
@@ -75,7 +75,7 @@ def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
                                 density=griffin, label=row, shared=kind == "shared")
             data = rep.to_dict()
             data.update(row=row, kind=kind, density=density, model=model_name, seconds=round(time.time() - t0, 1))
-            _write(path, data)
+            write(path, data)
             log.info("%s %s: ROUGE-L %.2f in %.0fs", model_name, row, 100 * rep.rouge["rougeL"], time.time() - t0)
             del model
             gc.collect()
@@ -109,7 +109,7 @@ def griffin_speed(models: list[str]) -> None:
                           repeats=SPEED_REPEATS.get(model_name, 3), decode_path="seap")
         t0 = time.time()
         speeds = bench_models(candidates, cfg, griffin=dynamic, texts=texts)
-        _write(path, {"model": model_name, "config": cfg.__dict__, "rows": speed_table(speeds, "dense"),
+        write(path, {"model": model_name, "config": cfg.__dict__, "rows": speed_table(speeds, "dense"),
                       "prompts": f"the first {SPEED_PROMPTS} 0-shot XSum prompts",
                       "models": {n: s.to_dict() for n, s in speeds.items()}, "seconds": round(time.time() - t0, 1)})
         log.info("%s GRIFFIN speed done in %.0fs", model_name, time.time() - t0)

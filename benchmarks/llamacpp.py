@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import CACHE, DATA, RESULTS, _plan, _stats, _write
+from common import CACHE, DATA, RESULTS, plan_for, stats_for, write
 
 log = logging.getLogger("benchmarks.llamacpp")
 
@@ -36,7 +36,7 @@ def _pruned(lm, model_name: str):
     from seap.evaluation.runner import sliced_copy
 
     row, method, protocol, extra = PRUNED[model_name]
-    plan = _plan(lm, _stats(lm, model_name), method, 0.5, protocol, extra)
+    plan = plan_for(lm, stats_for(lm, model_name), method, 0.5, protocol, extra)
     return row, sliced_copy(lm, plan, "generic" if protocol == "generic" else None)
 
 
@@ -61,7 +61,7 @@ def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> 
             if "check" in todo:
                 t0 = time.time()
                 rep = export_model(pruned, work / "pruned.f32.gguf", check=CHECK_TOKENS, data_dir=DATA)
-                _write(check_path, {"model": model_name, "row": row, "ffn_widths": widths, **rep,
+                write(check_path, {"model": model_name, "row": row, "ffn_widths": widths, **rep,
                                     "seconds": round(time.time() - t0, 1)})
                 log.info("%s check: top-1 %.4f, max diff %.3g", model_name, rep["check"]["top1_agreement"],
                          rep["check"]["max_abs_diff"])
@@ -77,7 +77,7 @@ def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> 
                     runs[quant] = {"rows": speed_rows(speeds, "dense"), "tensor_types": types,
                                    "seconds": round(time.time() - t0, 1)}
                     log.info("%s %s: decode x%.2f", model_name, quant, runs[quant]["rows"][1]["decode_ratio"])
-                _write(speed_path, {"model": model_name, "row": row, "ffn_widths": widths,
+                write(speed_path, {"model": model_name, "row": row, "ffn_widths": widths,
                                     "config": {"prompt_len": 128, "gen_len": 64, "warmup": 1, "batch": 1,
                                                "repeats": REPEATS.get(model_name, 5), "repack": False},
                                     "runs": runs})
@@ -107,7 +107,7 @@ def llamacpp_default(model_name: str = "smollm2-135m") -> None:
                               gen_len=64, warmup=1, repeats=REPEATS.get(model_name, 5), out=work / "bench",
                               progress=False)
         types = {p.stem: tensor_types(p) for p in (work / "bench" / "gguf").glob("*.gguf")}
-        _write(path, {"model": model_name, "command": DEFAULT_CMD, "ffn_widths": res.widths,
+        write(path, {"model": model_name, "command": DEFAULT_CMD, "ffn_widths": res.widths,
                       "config": res.plan.meta["config"], "rows": rows, "tensor_types": types,
                       "seconds": round(time.time() - t0, 1)})
         log.info("%s default prune: Q8_0 decode x%.2f", model_name, rows[1]["decode_ratio"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from run import RESULTS, _write, eval_config
+from common import paired_delta, RESULTS, write, eval_config
 
 log = logging.getLogger("benchmarks.precision")
 MODEL = "smollm2-135m"
@@ -69,13 +69,12 @@ def precision(limit: int) -> None:
         data["rows"][name] = {**rep.to_dict(), "seconds": round(time.time() - t0, 1)}
         log.info("%s: average %.4f", name, rep.average[0])
     data["eval_config"] = cfg.__dict__
-    _write(PATH, data)
+    write(PATH, data)
 
 
 def precision_section() -> str:
     import json
 
-    from render import paired_delta
 
     if not PATH.is_file():
         return ""

@@ -10,7 +10,7 @@ from datetime import date
 from importlib.metadata import version
 from pathlib import Path
 
-from run import CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+from common import read_result, paired_delta, CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
 from llamacpp import llamacpp_section
 from shortprompts import shortprompts_section
 from schedules import schedules_section
@@ -32,27 +32,6 @@ def _load(model: str) -> list[dict]:
             and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
-
-
-def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
-    """Average over tasks of (row - dense) on the paper metric, and its paired standard error.
-
-    The same items are scored for both, so the per-item differences carry the comparison's noise
-    (much less than two independent errors would). Rows of different N pair on their common first
-    items (lm-eval's --limit N scores the first N of a split, so those are the same items)."""
-    deltas, variances = [], []
-    for task in TASKS:
-        a, b = row["items"].get(task), dense["items"].get(task)
-        if not a or not b:
-            continue
-        a, b = a[:min(len(a), len(b))], b[:min(len(a), len(b))]
-        d = [x - y for x, y in zip(a, b)]
-        n = len(d)
-        mean = sum(d) / n
-        deltas.append(mean)
-        variances.append(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
-    k = len(deltas)
-    return sum(deltas) / k, math.sqrt(sum(variances)) / k
 
 
 def _pct(v: float | None) -> str:
@@ -93,10 +72,9 @@ def acc_detail_table(rows: list[dict]) -> str:
 
 
 def speed_tables(model: str) -> str:
-    path = RESULTS / model / "speed.json"
-    if not path.is_file():
+    data = read_result(RESULTS / model / "speed.json")
+    if data is None:
         return "_speed stage not run yet_\n"
-    data = json.loads(path.read_text())
     text = ""
     for name, run in data["runs"].items():
         cfg = run["config"]
@@ -151,10 +129,9 @@ def routing_section(model: str, rows: list[dict]) -> str:
 
     from seap.router import RouterEval
 
-    path = RESULTS / model / "router.json"
-    if not path.is_file():
+    data = read_result(RESULTS / model / "router.json")
+    if data is None:
         return ""
-    data = json.loads(path.read_text())
     res = RouterEval(**{f.name: data[f.name] for f in fields(RouterEval)})
     counts = ", ".join(f"{c} {n}" for c, n in data["train_counts"].items())
     text = (f"\nRouter (mean input embedding -> logistic regression, fitted in {data['fit_seconds']:.0f}s on the train "
@@ -220,9 +197,8 @@ def griffin_section(model: str) -> str:
             text += (f"| {r['row']} | {100 * r['rouge']['rouge1']:.2f} | {100 * r['rouge']['rouge2']:.2f} | "
                      f"{100 * r['rouge']['rougeL']:.2f} ± {100 * r['stderr']['rougeL']:.2f} | {delta} | "
                      f"{100 * kept:.0f}% | {100 * read:.0f}% | {r['seconds'] / 60:.1f} |\n")
-    path = RESULTS / model / "griffin_speed.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
+    data = read_result(RESULTS / model / "griffin_speed.json")
+    if data is not None:
         cfg = data["config"]
         text += (f"\nGRIFFIN decode speed (`seap.bench`, prompts: the first {cfg['prompt_len']} tokens of "
                  f"{data.get('prompts', 'random tokens')}, {cfg['gen_len']} "
@@ -235,9 +211,8 @@ def griffin_section(model: str) -> str:
             text += (f"| {r['model']} | {r['batch']} | {r['prefill_ratio']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_ratio']:.2f} | {r['bytes_limit']:.2f} | "
                      f"{'static' if read is None else f'{100 * read:.0f}%'} |\n")
-    path = RESULTS / model / "griffin_speed_b1.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
+    data = read_result(RESULTS / model / "griffin_speed_b1.json")
+    if data is not None:
         g = next(r for r in data["rows"] if r["model"] != "dense")
         dense_tok_s = next(r for r in data["rows"] if r["model"] == "dense")["decode_tok_s"]
         runs = {n: m["results"]["1"]["decode_runs"] for n, m in data["models"].items()}
@@ -379,10 +354,9 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
 
 
 def scorer_section(model: str) -> str:
-    path = RESULTS / model / "scorer.json"
-    if not path.is_file():
+    d = read_result(RESULTS / model / "scorer.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     med = d["median_seconds"]
     return (f"\nScorer (`{d['command']}`): lm-eval's own requests for the first {d['items_per_task']} items of each "
             f"task ({d['requests']} log-likelihoods), HFLM and seap's selective scorer in turn in one process, "

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from run import DATA, RESULTS, _plan, _slug, _stats, _write, eval_config
+from common import finished, DATA, RESULTS, plan_for, slug, stats_for, write, eval_config
 
 log = logging.getLogger("benchmarks.routing")
 ROUTED_ROW = "SEAP (routed)"
@@ -36,29 +36,29 @@ def routing(models: list[str], limits: dict[str, int], ratios) -> None:
 
     for model_name in models:
         lm = load_model(model_name)
-        stats = _stats(lm, model_name)
+        stats = stats_for(lm, model_name)
         router_path = RESULTS / model_name / "router.json"
         for ratio in ratios:
-            plan = _plan(lm, stats, "seap-paper", ratio, "task", {})
+            plan = plan_for(lm, stats, "seap-paper", ratio, "task", {})
             t0 = time.time()
             router = fit_router(lm, plan.experts, data_dir=DATA)
             fit_s = time.time() - t0
             if not router_path.is_file():
                 res = evaluate_router(lm, router, data_dir=DATA, unknown=_unknown_prompts())
-                _write(router_path, {"model": model_name, "fit_seconds": round(fit_s, 1),
+                write(router_path, {"model": model_name, "fit_seconds": round(fit_s, 1),
                                      "train_counts": router.meta["train_counts"],
                                      "threshold": router.threshold, **res.to_dict()})
                 log.info("%s router: accuracy %.4f", model_name, res.accuracy)
-            path = RESULTS / model_name / f"{_slug(ROUTED_ROW, ratio)}.json"
+            path = RESULTS / model_name / f"{slug(ROUTED_ROW, ratio)}.json"
             cfg = eval_config(model_name, limits[model_name])
-            if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == cfg.limit:
+            if finished(path, cfg.limit):
                 continue
             t0 = time.time()
             rep = evaluate_routed(lm, plan, router, cfg, label=f"{ROUTED_ROW} {int(ratio * 100)}%")
             data = rep.to_dict()
             data.update(row=ROUTED_ROW, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.__dict__)
-            _write(path, data)
+            write(path, data)
             log.info("%s routed @%s: average %.4f", model_name, ratio, rep.average[0])
             gc.collect()
         del lm

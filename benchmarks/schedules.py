@@ -11,11 +11,10 @@ Same calibration statistics, scores, items and perplexity subsets as the accurac
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 
-from run import RESULTS, _plan, _slug, _stats, _write, eval_config
+from common import finished, read_result, paired_delta, RESULTS, plan_for, slug, stats_for, write, eval_config
 
 log = logging.getLogger("benchmarks.schedules")
 ROWS = ("SEAP (task experts)", "SEAP uniform (task experts)", "SEAP fitted (task experts)")
@@ -30,7 +29,7 @@ def _schedule(lm, model_name: str):
     if not path.is_file():
         t0 = time.time()
         res = analyze_sensitivity(lm, progress=False)
-        _write(path, res.data)
+        write(path, res.data)
         log.info("%s: fitted k=%.3f x0=%.3f in %.0fs", model_name, res.data["schedule"]["k"],
                  res.data["schedule"]["x0"], time.time() - t0)
     return load_schedule(path)
@@ -45,24 +44,24 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
         lm = load_model(model_name)
         stats = None
         for row in ROWS[1:]:
-            path = RESULTS / model_name / f"{_slug(row, RATIO)}.json"
+            path = RESULTS / model_name / f"{slug(row, RATIO)}.json"
             cfg = eval_config(model_name, limits[model_name])
-            if path.is_file() and json.loads(path.read_text()).get("eval_config", {}).get("limit") == cfg.limit:
+            if finished(path, cfg.limit):
                 continue
-            stats = stats or _stats(lm, model_name)
+            stats = stats or stats_for(lm, model_name)
             t0 = time.time()
             if row.startswith("SEAP fitted"):
                 fitted = _schedule(lm, model_name).configure(PruneConfig.from_method("seap-paper", ratio=RATIO), lm)
-                plan = _plan(lm, stats, "seap-paper", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
+                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
                                                                  "x0": fitted.x0, "fitted": fitted.fitted})
             else:
-                plan = _plan(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
+                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
             data = rep.to_dict()
             data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.__dict__, widths=plan.experts[plan.meta["tasks"][0]].widths(),
                         schedule=plan.meta["config"].get("fitted"))
-            _write(path, data)
+            write(path, data)
             log.info("%s %s: average %.4f in %.0fs", model_name, row, rep.average[0], time.time() - t0)
             gc.collect()
         del lm
@@ -71,14 +70,12 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
 
 def schedules_section(model: str, rows: list[dict]) -> str:
     """RESULTS.md: the three schedules side by side at 50%, with paired differences (same items)."""
-    from render import paired_delta
 
     at = {r["row"]: r for r in rows if r["ratio"] == RATIO and r["row"] in ROWS}
     dense = next((r for r in rows if r["row"] == "dense"), None)
     if len(at) < 2 or dense is None:
         return ""
-    sens = RESULTS / model / "schedule" / "sensitivity.json"
-    data = json.loads(sens.read_text()) if sens.is_file() else None
+    data = read_result(RESULTS / model / "schedule" / "sensitivity.json")
     fit = dict(data["schedule"], r2=data["fits"][data["schedule"]["metric"]]["r2"]) if data else None
     text = (f"\nLayer schedules at {int(100 * RATIO)}% (`python benchmarks/run.py --stage schedules`; SEAP task "
             "experts, same statistics and items; every task expert's widths follow the schedule)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from run import DATA, RESULTS, TASKS, _write
+from common import DATA, RESULTS, TASKS, write
 
 
 def _requests(lm, tasks, limit: int):
@@ -58,7 +58,7 @@ def scorer(models, limit: int = 20, repeats: int = 2) -> None:
             "greedy_equal": [g for _, g in out["hflm"]] == [g for _, g in out["selective"]],
             "command": "python benchmarks/run.py --stage scorer",
         }
-        _write(RESULTS / model_name / "scorer.json", data)
+        write(RESULTS / model_name / "scorer.json", data)
         print(f"{model_name}: {len(reqs)} requests, HFLM {med['hflm']:.1f} s, selective {med['selective']:.1f} s, "
               f"{data['speedup']:.2f}x, max |diff| {data['max_abs_diff']:.2e}", flush=True)
         del lm

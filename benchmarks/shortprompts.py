@@ -19,7 +19,7 @@ import logging
 import math
 import time
 
-from run import DATA, RESULTS, _plan, _stats, _write
+from common import read_result, DATA, RESULTS, plan_for, stats_for, write
 
 log = logging.getLogger("benchmarks.shortprompts")
 N_NEW = 48
@@ -97,7 +97,7 @@ def shortprompts(models: list[str]) -> None:
                 continue
             t0 = time.time()
             if kind == "static":
-                plan = _plan(lm, _stats(lm, model_name), "seap-paper", round(1 - density, 6), "generic", {})
+                plan = plan_for(lm, stats_for(lm, model_name), "seap-paper", round(1 - density, 6), "generic", {})
                 texts, ids, kept = _continue(sliced_copy(lm, plan, "generic"), prompts)
                 kept = density
             elif kind == "dense":
@@ -116,16 +116,15 @@ def shortprompts(models: list[str]) -> None:
             if kind == "dense":
                 dense = data
             done.update(model=model_name, prompts=prompts, new_tokens=N_NEW, batch=BATCH, chat_template=True)
-            _write(path, done)
+            write(path, done)
             log.info("%s %s: ROUGE-L vs dense %.3f, degenerate %.1f%% (%.0fs)", model_name, row, mean,
                      100 * data["degenerate_share"], data["seconds"])
 
 
 def shortprompts_section(model: str) -> str:
-    path = RESULTS / model / "short_prompts.json"
-    if not path.is_file():
+    d = read_result(RESULTS / model / "short_prompts.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     rows = d["rows"]
     text = (f"\nShort prompts (`python benchmarks/run.py --stage short-prompts`): {len(d['prompts'])} questions of "
             "ARC-Easy, ARC-Challenge and PIQA validation, each a user turn of the chat template, greedy, "

@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 
-from run import CACHE, CONFIGS, RATIOS, RESULTS, _plan, _stats, _write
+from common import CACHE, CONFIGS, RATIOS, RESULTS, plan_for, stats_for, write
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -25,11 +25,11 @@ def speed(models: list[str]) -> None:
         if path.is_file():
             continue
         lm = load_model(model_name)
-        stats = _stats(lm, model_name)
+        stats = stats_for(lm, model_name)
         candidates = {"dense": lm}
         for ratio in RATIOS:
             for row, method, protocol in SPEED_ROWS:
-                plan = _plan(lm, stats, method, ratio, protocol, {})
+                plan = plan_for(lm, stats, method, ratio, protocol, {})
                 expert = "generic" if protocol == "task" else None
                 candidates[f"{row} {int(ratio * 100)}%"] = sliced_copy(lm, plan, expert)
         result = {"model": model_name, "cache": str(CACHE), "runs": {}}
@@ -44,6 +44,6 @@ def speed(models: list[str]) -> None:
                                          "models": {n: s.to_dict() for n, s in speeds.items()},
                                          "seconds": round(time.time() - t0, 1)}
             log.info("%s %s done in %.0fs", model_name, path_name, time.time() - t0)
-        _write(path, result)
+        write(path, result)
         del candidates, lm
         gc.collect()
