@@ -78,11 +78,11 @@ def write(path: Path, data: dict) -> None:
 
 
 def stats_for(lm, model_name: str) -> dict:
-    from seap.pipeline import collect
+    from seap.pipeline import CalibrationData, collect
 
-    return collect(lm, (*TASKS, LM_CORPUS), data_dir=DATA, limit=CALIBRATION_LIMIT.get(model_name, 400), batch_size=8,
-                   max_length=512,
-                   out=CACHE / model_name / "stats", progress=False)
+    data = CalibrationData((*TASKS, LM_CORPUS), data_dir=str(DATA), limit=CALIBRATION_LIMIT.get(model_name, 400),
+                           batch_size=8, max_length=512)
+    return collect(lm, data, CACHE / model_name / "stats", progress=False)
 
 
 def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):

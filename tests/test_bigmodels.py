@@ -64,7 +64,7 @@ def test_streamed_pruning_equals_whole_model_pruning_tensor_for_tensor(tmp_path,
     cfg = PruneConfig.from_method(method, ratio=0.4, protect_first=1, protect_last=1)
     runs = {}
     for load in ("whole", "layerwise"):
-        res = prune(str(folder), [str(_corpus(tmp_path))], config=cfg, out=tmp_path / load, progress=False,
+        res = prune(str(folder), cfg, [str(_corpus(tmp_path))], tmp_path / load, progress=False,
                     runtime=Runtime(device="cpu", load=load), shard_size="30KB")
         assert res.path == load
         runs[load] = Checkpoint.open(tmp_path / load / "model")
@@ -92,7 +92,7 @@ def _corpus(tmp_path: Path) -> Path:
 def test_sharded_save_and_reload_give_identical_logits(tmp_path, family, ratio_cfg):
     folder = bf16_folder(tmp_path, family)
     cfg = PruneConfig.from_method("seap", ratio=0.5, **ratio_cfg)
-    res = prune(str(folder), [str(_corpus(tmp_path))], config=cfg, out=tmp_path / "out", progress=False,
+    res = prune(str(folder), cfg, [str(_corpus(tmp_path))], tmp_path / "out", progress=False,
                 runtime=Runtime(device="cpu", load="whole"), shard_size="20KB")
     ids = torch.tensor([[5, 9, 40, 7, 99, 3, 12]])
     # In memory the sliced model is float32 from bf16 weights; the folder holds those bf16 values.

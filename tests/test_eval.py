@@ -167,14 +167,14 @@ def test_paper_average_and_its_standard_error():
 
 def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     """Protocol `task`: each task is scored by its own expert, others by the default (generic) one."""
-    from seap.config import PruneConfig
+    from seap.config import CalibrationData, PruneConfig
     from seap.evaluation.runner import sliced_copy
     from seap.models import fingerprint
     from seap.pipeline import collect
     from seap.plan import build_plan
 
     lm = load_model(str(llama_folder))
-    stats = collect(lm, ["default:science_qa", "default:physical_commonsense"], limit=8, progress=False)
+    stats = collect(lm, CalibrationData(("default:science_qa", "default:physical_commonsense"), limit=8), progress=False)
     stats = {"piqa": stats["default:physical_commonsense"], "other": stats["default:science_qa"]}
     plan = build_plan(lm.model, lm.adapter, PruneConfig(ratio=0.3), stats, base_model="tiny", revision=None,
                       fingerprint=fingerprint(lm.model, lm.adapter))

@@ -48,12 +48,12 @@ def test_main_job_on_bundled_smollm2(tmp_path):
 @pytest.mark.skipif(not has_shared_data(), reason=f"{SHARED_DATA} not found: data-dependent test skipped")
 def test_task_experts_from_shared_data(tmp_path):
     """Two task corpora from ../shared/data give two experts plus the generic one."""
-    from seap.config import PruneConfig
+    from seap.config import CalibrationData, PruneConfig
     from seap.pipeline import prune
 
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
-    res = prune(str(folder), ["arc_easy", "boolq"], config=PruneConfig.from_method("seap", ratio=0.3),
-                data_dir=SHARED_DATA, limit=24, out=tmp_path / "o", progress=False)
+    res = prune(str(folder), PruneConfig.from_method("seap", ratio=0.3),
+                CalibrationData(("arc_easy", "boolq"), data_dir=SHARED_DATA, limit=24), tmp_path / "o", progress=False)
     assert set(res.plan.experts) == {"arc_easy", "boolq", "generic"}
     assert res.expert == "generic"
     for ex in res.plan.experts.values():

@@ -233,7 +233,7 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
     cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1, reconstruct="sequential")
     runs = {}
     for load in ("whole", "layerwise"):
-        res = prune(str(folder), [str(corpus)], config=cfg, out=tmp_path / load, progress=False,
+        res = prune(str(folder), cfg, [str(corpus)], tmp_path / load, progress=False,
                     runtime=Runtime(device="cpu", load=load))
         assert res.path == load and "reconstruction" in res.stage_seconds
         runs[load] = Checkpoint.open(tmp_path / load / "model")

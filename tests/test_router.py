@@ -124,8 +124,8 @@ def routed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routed")
     folder = tiny_folder(tmp, "llama")
     paths = write_corpora(tmp)
-    res = pipeline.prune(str(folder), list(paths.values()), config=PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
-                         out=tmp / "out", batch_size=4)
+    res = pipeline.prune(str(folder), PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                         pipeline.CalibrationData(tuple(paths.values()), batch_size=4), tmp / "out")
     lm = load_model(str(folder))
     # No form test here: these tests are about the classifier (the form test has its own below).
     router = pipeline.fit_router(lm, [tmp / "out" / "plan"],
@@ -284,8 +284,8 @@ def test_route_and_generate_cli(routed, capsys, tmp_path):
     # A plan from one task only has no generic expert: nothing to fall back on.
     from seap import pipeline
 
-    single = pipeline.prune(folder, [digits], config=PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
-                            out=tmp_path / "one", batch_size=4)
+    single = pipeline.prune(folder, PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                            pipeline.CalibrationData((digits,), batch_size=4), tmp_path / "one")
     assert single.plan.experts.keys() == {digits}
     assert main(["route", "fit", "--model", folder, "--plan", str(tmp_path / "one" / "plan")]) == 2
     assert "generic expert" in capsys.readouterr().err

@@ -1,3 +1,40 @@
-"""seap: training-free pruning of LLM feed-forward experts (SEAP, GRIFFIN and baselines)."""
+"""seap: training-free pruning of LLM feed-forward experts (SEAP, GRIFFIN and baselines).
 
-__version__ = "0.1.0"
+    import seap
+
+    result = seap.prune("smollm2-135m", seap.PruneConfig.from_method("seap", ratio=0.5), out="seap-out")
+    lm = seap.load("seap-out")                      # the pruned model (or any model id / folder)
+    report = seap.evaluate(lm, seap.EvalConfig(limit=100))
+
+The names below are imported on first use, so `import seap` stays light (no torch until needed).
+See docs/design.md for the algorithms and artifacts.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from ._version import __version__
+
+# public name -> module that defines it
+_API = {
+    "prune": "pruning", "collect": "pruning", "apply": "pruning", "PruneResult": "pruning",
+    "load": "pipeline", "evaluate": "pipeline", "info": "pipeline", "generate": "pipeline", "benchmark": "pipeline",
+    "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline",
+    "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "runtime", "GriffinConfig": "griffin",
+    "RouterConfig": "router", "Plan": "plan", "LoadedModel": "models", "SeapError": "errors",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'seap' has no attribute {name!r}")
+    value = getattr(import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

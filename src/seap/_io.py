@@ -95,3 +95,12 @@ def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind
     if meta.get("version") != version:
         raise ArtifactError(f"{kind} format version {meta.get('version')} is not {version}: {redo}")
     return meta, tensors
+
+
+def prune_output_part(path: str | Path, part: str, marker: str) -> Path:
+    """`seap prune --out OUT` writes OUT/plan/ and OUT/model/: OUT stands for either where one is
+    expected. `path` itself when it holds `marker`, else its `part` subfolder when that does."""
+    path = Path(path)
+    if not (path / marker).is_file() and (path / part / marker).is_file():
+        return path / part
+    return path

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from .bench import DECODE_PATHS
-from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES, PruneConfig
-from .tasks import ACCURACY_TASKS, SUITE
+from .config import DEFAULT_TASKS, HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES, CalibrationData, PruneConfig
+from .tasks import ACCURACY_TASKS, SUITE, TASK_NAMES
 from .export.gguf import OUT_TYPES
 from .griffin import DEFAULT_SHORT, SHORT_MODES, GriffinConfig
 from .errors import ConfigError, SeapError
@@ -24,14 +24,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", dest="tasks", action="append", default=None,
-                   help="task corpus (repeatable): piqa, boolq, arc_easy, arc_challenge, openbookqa, winogrande, "
-                        "hellaswag, gsm8k, mmlu, wikitext2; default / default:<family> (embedded); or a .txt/.jsonl "
-                        "file. Default: the embedded corpus")
+                   help=f"task corpus (repeatable): {', '.join(TASK_NAMES)}; default / default:<family> (embedded); "
+                        "or a .txt/.jsonl file. Default: the embedded corpus")
     p.add_argument("--data-dir", default=None, help="local data folder laid out as <task>/<split>.parquet "
                    "(e.g. ../shared/data); without it tasks load from the Hugging Face hub")
     p.add_argument("--limit", type=int, default=None, help="calibration examples per task (seeded subset)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="tokens per calibration text")
+
+
+def _calibration(args) -> CalibrationData:
+    return CalibrationData(tuple(args.tasks or DEFAULT_TASKS), data_dir=args.data_dir, limit=args.limit,
+                           batch_size=args.batch_size, max_length=args.max_length,
+                           stats_dir=getattr(args, "stats_dir", None))
 
 
 def _chat_args(p: argparse.ArgumentParser, chat_help: str) -> None:
@@ -351,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rt = runtime_from_args(args)
         if args.cmd == "collect":
-            stats = pipeline.collect(args.model, args.tasks or pipeline.DEFAULT_TASKS, data_dir=args.data_dir,
-                                     limit=args.limit, heads=args.heads, batch_size=args.batch_size,
-                                     max_length=args.max_length, out=args.out, runtime=rt)
+            stats = pipeline.collect(args.model, _calibration(args), args.out, heads=args.heads, runtime=rt)
             for task, s in stats.items():
                 print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
         elif args.cmd == "prune":
@@ -366,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
                 multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
                 refit_bias=args.refit_bias, refit_choice=args.refit_choice)
-            res = pipeline.prune(args.model, args.tasks or pipeline.DEFAULT_TASKS, config=cfg,
-                                 data_dir=args.data_dir, out=args.out, expert=args.expert, limit=args.limit,
-                                 batch_size=args.batch_size, max_length=args.max_length, stats_dir=args.stats_dir,
+            res = pipeline.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert,
                                  schedule=args.schedule, runtime=rt, shard_size=args.shard_size)
             _print_result(res, args.out)
         elif args.cmd == "apply":
@@ -443,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(data, indent=2))
             else:
                 for k, v in data.items():
-                    print(f"{k}: {v}")
+                    if isinstance(v, dict) and "kind" in v:  # a prune output: its plan and its model
+                        print(f"{k}:" + "".join(f"\n  {kk}: {vv}" for kk, vv in v.items()))
+                    else:
+                        print(f"{k}: {v}")
     except SeapError as err:
         print(f"seap: error: {err}", file=sys.stderr)
         return 2

@@ -157,3 +157,45 @@ class PruneConfig:
 
     def with_(self, **changes) -> PruneConfig:
         return replace(self, **changes)
+
+
+DEFAULT_TASKS = ("default",)  # the embedded corpus: no download, no data folder
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """What the statistics (and the reconstruction) are computed on: task corpora (task names, 'default',
+    'default:<family>' or corpus files), where their rows are, and how they are batched."""
+
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    data_dir: str | None = None  # local copies as <task>/<split>.parquet; None: the Hugging Face hub
+    limit: int | None = None  # examples per task (seeded subset); None: all
+    batch_size: int = 8
+    max_length: int = 512  # tokens per calibration text
+    stats_dir: str | None = None  # where statistics are cached (None: <out>/stats)
+
+    def __post_init__(self) -> None:
+        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(str(t) for t in self.tasks)
+        object.__setattr__(self, "tasks", tasks)
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(self.data_dir))
+        if self.stats_dir is not None:
+            object.__setattr__(self, "stats_dir", str(self.stats_dir))
+        if not tasks:
+            raise ConfigError("calibration needs at least one task corpus (--task): e.g. 'default', a task name "
+                              "or a .txt/.jsonl file")
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"a task is named twice in {list(tasks)}: name each once")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ConfigError(f"limit must be >= 1 examples per task, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_length < 1:
+            raise ConfigError(f"max length must be >= 1 token, got {self.max_length}")
+
+    @classmethod
+    def of(cls, data: CalibrationData | str | tuple | list | None) -> CalibrationData:
+        """`data` as given to `seap.prune`: a CalibrationData, task names, or None (the embedded corpus)."""
+        if data is None:
+            return cls()
+        return data if isinstance(data, cls) else cls(tasks=data)

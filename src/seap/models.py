@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._io import prune_output_part
 from .adapters import Adapter, adapter_for_config, get_adapter
 from .errors import ArtifactError, ConfigError, ModelError
 from .weights import ModuleWeights, WeightSource
@@ -82,7 +83,7 @@ def resolve_model(name_or_path: str | ModelSource | None = None, *, gguf_file: s
     if name in BUNDLED:
         folder, fname = _bundled_path(BUNDLED[name])
         return ModelSource(name, str(folder), fname, revision)
-    path = Path(name).expanduser()
+    path = prune_output_part(Path(name).expanduser(), "model", "config.json")  # a prune output: its model
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist: check the path")

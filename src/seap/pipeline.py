@@ -14,13 +14,13 @@ from .griffin import GriffinConfig
 from .models import LoadedModel, chat_prompts, check_fingerprint, open_model
 from .plan import Plan
 from .pruned import read_record
-from .pruning import DEFAULT_TASKS, PruneResult, apply, collect, prune
+from .pruning import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .router import Router, RouterConfig, RouterEval, Route
 from .runtime import Runtime
 from .tasks import resolve_corpus
 
-__all__ = ["DEFAULT_TASKS", "PruneResult", "apply", "benchmark", "collect", "evaluate", "evaluate_router", "explain",
-           "fit_router", "generate", "info", "prune"]
+__all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "benchmark", "collect", "evaluate", "evaluate_router", "explain",
+           "fit_router", "generate", "info", "load", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 def _load(model: str | LoadedModel | None, runtime: Runtime | None = None) -> LoadedModel:
     """A model in memory, placed as `runtime` says (device, dtype, device_map)."""
     return model if isinstance(model, LoadedModel) else open_model(model, runtime)
+
+
+def load(model: str | Path | None = None, *, runtime: Runtime | None = None) -> LoadedModel:
+    """A model and its tokenizer in memory: a bundled name (default smollm2-135m), a hub id, a Hugging Face
+    or seap-pruned folder, or the output folder of `seap prune` (its pruned model). `runtime`: device,
+    dtype, device_map (default: the best device, the checkpoint's dtype there)."""
+    return _load(None if model is None else str(model), runtime)
 
 
 def _expert_info(ex) -> dict:
@@ -44,8 +51,12 @@ def _expert_info(ex) -> dict:
 
 
 def info(path: str | Path) -> dict:
-    """What a plan folder or a pruned model folder contains."""
+    """What a plan folder, a pruned model folder or a `seap prune --out` folder (both) contains."""
     path = Path(path)
+    parts = {k: path / k for k, marker in (("plan", "plan.json"), ("model", "config.json"))
+             if (path / k / marker).is_file() and not (path / marker).is_file()}
+    if parts:
+        return {"kind": "prune output", "folder": str(path), **{k: info(p) for k, p in parts.items()}}
     if (path / "plan.json").is_file():
         plan = Plan.load(path)
         arch = plan.meta["fingerprint"]["arch"]
@@ -76,7 +87,8 @@ def info(path: str | Path) -> dict:
             "shards": len({t.file for t in ckpt.tensors.values()}),
             "reload": "seap.load_model / seap's loader" if "per_layer_config" in data else "plain from_pretrained",
         }
-    raise ArtifactError(f"{path} is neither a plan folder (plan.json) nor a pruned model folder (config.json)")
+    raise ArtifactError(f"{path} is neither a plan folder (plan.json), a pruned model folder (config.json) nor the "
+                        "output folder of `seap prune` (plan/, model/): give one of those")
 
 
 def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan | None = None,

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from ._io import atomic_dir, read_artifact
+from ._version import __version__
+from ._io import atomic_dir, prune_output_part, read_artifact
 from .adapters import Adapter
 from .allocation import Pool, adaptive, logistic, removed_params, uniform
 from .config import PruneConfig
@@ -91,6 +91,7 @@ class Plan:
 
     @classmethod
     def load(cls, folder: str | Path) -> Plan:
+        folder = prune_output_part(folder, "plan", "plan.json")  # a prune output folder: its plan
         meta, tensors = read_artifact(folder, "plan.json", "indices.safetensors", kind="plan", fmt=PLAN_FORMAT,
                                       version=PLAN_VERSION, missing="give the folder that `seap prune` wrote as <out>/plan",
                                       redo="prune again")

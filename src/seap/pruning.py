@@ -18,7 +18,7 @@ import torch
 
 from ._io import write_json, write_text
 from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
-from .config import PruneConfig
+from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError
 from .models import LazyModel, LoadedModel, check_fingerprint, fingerprint, open_model
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
@@ -30,7 +30,7 @@ from .tasks import resolve_corpus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("default",)
+__all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "collect", "prune"]
 Model = str | LoadedModel | LazyModel | None
 
 
@@ -86,17 +86,18 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
     return result  # type: ignore[return-value]
 
 
-def collect(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: str | Path | None = None,
-            limit: int | None = None, heads: bool = False, batch_size: int = 8, max_length: int = 512,
-            out: str | Path | None = None, seed: int = 0, progress: bool = True,
+def collect(model: Model = None, data: CalibrationData | Sequence[str] | None = None, out: str | Path | None = None,
+            *, heads: bool = False, seed: int = 0, progress: bool = True,
             runtime: Runtime | None = None) -> dict[str, ActivationStats]:
-    """Activation statistics of each task corpus (saved as <out>/<task>.safetensors when out is given).
+    """Activation statistics of each task corpus of `data` (saved as <out>/<task>.safetensors when out is
+    given; default out: data.stats_dir). `heads`: per-head statistics too.
 
     Statistics already in `out` for the same model are reused instead of recomputed; a killed
     layer-by-layer pass with the same settings resumes from its last checkpoint in `out`."""
+    data = CalibrationData.of(data)
     lm = open_for_pruning(model, runtime)
-    return _collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
-                    max_length=max_length, out=out, seed=seed, progress=progress)
+    return _collect(lm, data.tasks, data_dir=data.data_dir, limit=data.limit, heads=heads, batch_size=data.batch_size,
+                    max_length=data.max_length, out=out or data.stats_dir, seed=seed, progress=progress)
 
 
 @dataclass
@@ -173,17 +174,23 @@ def _runtime_record(lm: LoadedModel | LazyModel) -> dict:
     return {"device": str(p.device), "dtype": dtype_name(p.dtype), "saved as": dtype_name(lm.save_dtype)}
 
 
-def prune(model: Model = None, tasks: Sequence[str] = DEFAULT_TASKS, *,
-          config: PruneConfig | None = None, data_dir: str | Path | None = None, out: str | Path | None = None,
-          expert: str | None = None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
-          stats_dir: str | Path | None = None, progress: bool = True, schedule: str | Path | None = None,
-          runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES) -> PruneResult:
+def prune(model: Model = None, config: PruneConfig | None = None, data: CalibrationData | Sequence[str] | None = None,
+          out: str | Path | None = None, *, expert: str | None = None, schedule: str | Path | None = None,
+          runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
+          progress: bool = True) -> PruneResult:
     """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
-    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model only).
-    `runtime`: device, dtype and whole / layer-by-layer loading; `shard_size` of the saved safetensors."""
+
+    `model`: a bundled name, hub id or folder (or a model already opened); `config`: what to prune
+    (default: the `seap` preset at 50%); `data`: the calibration corpora (a CalibrationData, or task
+    names; default the embedded corpus). `expert`: the plan expert to materialise (default: the plan's).
+    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model
+    only). `runtime`: device, dtype and whole / layer-by-layer loading; `shard_size` of the saved shards."""
     t0 = time.time()
     stages = _Stages()
-    config = config or PruneConfig()
+    config = config or PruneConfig.from_method("seap")
+    data = CalibrationData.of(data)
+    tasks, data_dir, limit = data.tasks, data.data_dir, data.limit
+    batch_size, max_length, stats_dir = data.batch_size, data.max_length, data.stats_dir
     max_shard = parse_size(shard_size)
     lm = open_for_pruning(model, runtime)
     if isinstance(lm, LazyModel) and not out:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from ._io import atomic_dir, read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
