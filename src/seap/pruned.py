@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -113,7 +114,24 @@ def _write_config(layout: nn.Module, record: dict, folder: Path, dtype: torch.dt
                 entry["seap_num_kv_heads"] = record["num_kv_heads"][i]
             per_layer[str(i).zfill(len(str(len(record["ffn_widths"]) - 1)))] = entry
         cfg["per_layer_config"] = per_layer
+        _add_remote_code(cfg, adapter, folder)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _add_remote_code(cfg: dict, adapter, folder: Path) -> None:
+    """Per-layer widths need their own modeling code to load without seap: the folder carries
+    seap/modeling_seap.py and config.json points `trust_remote_code` loaders at it."""
+    from . import modeling_seap
+
+    arch = (cfg.get("architectures") or [""])[0]
+    if arch not in modeling_seap.ARCHITECTURES:
+        log.warning("no trust_remote_code class for %s: the folder loads with seap's loader only", arch)
+        return
+    cfg["auto_map"] = {"AutoModelForCausalLM": f"modeling_seap.Seap{arch}"}
+    cfg["seap_layout"] = {"layers": list(adapter.layers_paths), "ffn_in": list(adapter.ffn_in_names),
+                          "ffn_out": adapter.ffn_out_name, "q": adapter.q_name, "k": adapter.k_name,
+                          "v": adapter.v_name, "o": adapter.o_name}
+    shutil.copyfile(modeling_seap.__file__, folder / "modeling_seap.py")
 
 
 def is_pruned_folder(folder: str | Path) -> bool:

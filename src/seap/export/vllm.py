@@ -82,7 +82,7 @@ def decilm_config(lm: ExportSource, widths: list[int], heads: list[int], kv_head
     if any(n_heads % k for k in kv_heads):
         raise ModelError(f"KV heads per layer {kv_heads} do not divide the {n_heads} query heads")
     data = cfg.to_dict()
-    for key in ("per_layer_config", "quantization_config", "_name_or_path", "auto_map", "architectures"):
+    for key in ("per_layer_config", "quantization_config", "_name_or_path", "auto_map", "architectures", "seap_layout"):
         data.pop(key, None)
     data.update(
         architectures=["DeciLMForCausalLM"], model_type="nemotron-nas",
