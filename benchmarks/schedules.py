@@ -36,7 +36,6 @@ def _schedule(lm, model_name: str):
 
 
 def schedules(models: list[str], limits: dict[str, int]) -> None:
-    from seap.config import PruneConfig
     from seap.evaluation.runner import evaluate_plan
     from seap.models import load_model
 
@@ -51,16 +50,14 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             stats = stats or stats_for(lm, model_name)
             t0 = time.time()
             if row.startswith("SEAP fitted"):
-                fitted = _schedule(lm, model_name).configure(PruneConfig.from_method("seap-paper", ratio=RATIO), lm)
-                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": fitted.allocation, "k": fitted.k,
-                                                                 "x0": fitted.x0, "fitted": fitted.fitted})
+                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"schedule": _schedule(lm, model_name)})
             else:
                 plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
             data = rep.to_dict()
             data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.__dict__, widths=plan.experts[plan.meta["tasks"][0]].widths(),
-                        schedule=plan.meta["config"].get("fitted"))
+                        schedule=plan.meta["config"].get("schedule"))
             write(path, data)
             log.info("%s %s: average %.4f in %.0fs", model_name, row, rep.average[0], time.time() - t0)
             gc.collect()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TEXTS, has_shared_data, make_loaded, tiny_folder
 
-from seap.allocation import Pool, achieved_ratio
+from seap.allocation import Pool, Schedule, achieved_ratio
 from seap.analyze import (ClusterConfig, HeatmapConfig, SensitivityConfig, analyze_clusters, analyze_heatmap,
                           analyze_plans, analyze_sensitivity, fit_logistic, load_schedule)
 from seap.analyze.clusters import pooled_hidden_states, silhouette, standardize
@@ -19,6 +19,7 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.models import fingerprint
+from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
 from seap.stats import collect_stats
 from seap.surgery import masked
@@ -99,21 +100,21 @@ def test_sensitivity_writes_a_schedule_that_prunes_at_the_ratio(tiny_fit):
     assert len(res.data["damage"]["cosine"]) == 6 and res.data["fits"]["cosine"]["layers"] == [1, 2, 3, 4]
     sched = load_schedule(out)
     assert (sched.k, sched.x0) == (res.data["schedule"]["k"], res.data["schedule"]["x0"])
-    cfg = sched.configure(PruneConfig(ratio=0.3), lm)
-    assert cfg.allocation == "logistic-fitted" and (cfg.first, cfg.last) == (1, 1)
+    cfg = PruneConfig(ratio=0.3, schedule=sched)
+    assert cfg.allocation == "logistic" and (cfg.first, cfg.last) == (1, 1) and (cfg.k, cfg.x0) == (sched.k, sched.x0)
     stats = {"t": collect_stats(lm.model, lm.tokenizer, lm.adapter, TEXTS, progress=False)}
     plan = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None,
                       fingerprint=fingerprint(lm.model, lm.adapter))
     ex = plan.experts["t"]
     assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=96 / 2 / ex.stats["prunable_params"])
     assert ex.widths()[0] == ex.widths()[-1] == 64  # the layers left out of the fit stay dense
-    assert plan.meta["config"]["fitted"]["k"] == sched.k and plan.meta["config"]["k"] == sched.k
+    assert plan.meta["config"]["schedule"]["k"] == sched.k and plan.meta["config"]["k"] == sched.k
+    assert PruneConfig(**plan.meta["config"]).schedule == sched  # the record reads back as the same value
 
 
 @pytest.mark.parametrize("k,x0", [(8.0, 0.2), (-5.0, 0.9), (0.0, 0.5), (20.0, 1.5), (-20.0, -0.5)])
 def test_logistic_fitted_allocation_meets_the_ratio(k, x0):
-    fitted = {"k": k, "x0": x0, "protect_first": 2, "protect_last": 1, "arch_hash": "x"}
-    cfg = PruneConfig(ratio=0.5, allocation="logistic-fitted", k=k, x0=x0, fitted=fitted)
+    cfg = PruneConfig(ratio=0.5, schedule=Schedule(k, x0, 2, 1, {"arch_hash": "x"}))
     pool = Pool((1536,) * 30, (1728,) * 30)
     kept, _ = allocate(cfg, pool, None, [], None)
     assert achieved_ratio(pool, kept) == pytest.approx(0.5, abs=1 / 1536 / 30)
@@ -125,31 +126,32 @@ def test_logistic_fitted_allocation_meets_the_ratio(k, x0):
 def test_fitted_schedule_refused_on_another_model(tiny_fit):
     lm, out, _ = tiny_fit
     sched = load_schedule(out / "sensitivity.json")
+    cfg = PruneConfig(schedule=sched, score="magnitude")
     with pytest.raises(ArtifactError, match="another model"):
-        sched.configure(PruneConfig(), make_loaded("llama", num_hidden_layers=4))
+        prune(make_loaded("llama", num_hidden_layers=4), cfg, progress=False)
     other = make_loaded("llama")
     with torch.no_grad():
         for p in other.model.parameters():
             p.mul_(1.5)
     with pytest.raises(ArtifactError, match="different weights"):
-        sched.configure(PruneConfig(), other)
-    cfg = sched.configure(PruneConfig(), lm)  # and through build_plan without the check: arch hash differs
-    small = make_loaded("llama", num_hidden_layers=4)
+        prune(other, cfg, progress=False)
+    small = make_loaded("llama", num_hidden_layers=4)  # and through build_plan without the check: arch hash differs
     with pytest.raises(ArtifactError, match="another model"):
         build_plan(small.model, small.adapter, cfg, {"t": None}, base_model="x", revision=None,
                    fingerprint=fingerprint(small.model, small.adapter))
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="needs a fitted schedule"):
+    with pytest.raises(ConfigError, match="with a measured schedule"):
         PruneConfig(allocation="logistic-fitted")
-    fitted = {"k": 2.0, "x0": 0.5, "protect_first": 2, "protect_last": 2}
+    fitted = Schedule(2.0, 0.5, 2, 2)
     with pytest.raises(ConfigError, match="come from the schedule"):
-        PruneConfig(allocation="logistic-fitted", fitted=fitted)  # default k, x0 differ from the fit's
+        PruneConfig(schedule=fitted, k=3.0)
     with pytest.raises(ConfigError, match="fitted with protect first = 2"):
-        PruneConfig(allocation="logistic-fitted", k=2.0, x0=0.5, fitted=fitted, protect_first=0)
-    with pytest.raises(ConfigError, match="only used with"):
-        PruneConfig(allocation="uniform", fitted=fitted)
+        PruneConfig(schedule=fitted, protect_first=0)
+    with pytest.raises(ConfigError, match="not 'uniform'"):
+        PruneConfig(allocation="uniform", schedule=fitted)
+    assert PruneConfig(schedule=fitted, k=2.0, x0=0.5, protect_first=2).k == 2.0  # agreeing values are fine
     for bad in (dict(ratios=()), dict(ratios=(0.5, 1.5)), dict(metric="kl"), dict(texts=0), dict(max_length=1)):
         with pytest.raises(ConfigError):
             SensitivityConfig(**bad)
@@ -313,10 +315,14 @@ def test_cli_end_to_end_on_a_tiny_folder(tmp_path, capsys):
                  "--metric", "ppl", "--out", str(an)]) == 0
     assert "fitted logistic (ppl)" in capsys.readouterr().out
     out = tmp_path / "pruned"
+    capsys.readouterr()
+    for extra, message in ((["--allocation", "uniform"], "not 'uniform'"), (["--k", "2"], "drop --k")):
+        assert main(["prune", "--model", str(folder), "--schedule", str(an / "sensitivity.json"), *extra]) == 2
+        assert message in capsys.readouterr().err
     assert main(["prune", "--model", str(folder), "--task", "default:science_qa", "--ratio", "0.3",
                  "--schedule", str(an / "sensitivity.json"), "--out", str(out)]) == 0
     meta = json.loads((out / "plan" / "plan.json").read_text())
-    assert meta["config"]["allocation"] == "logistic-fitted" and meta["config"]["fitted"]["metric"] == "ppl"
+    assert meta["config"]["allocation"] == "logistic" and meta["config"]["schedule"]["source"]["metric"] == "ppl"
     assert json.loads((out / "summary.json").read_text())["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
     assert main(["analyze", "plan", "--plan", str(out / "plan"), "--out", str(an)]) == 0
     assert main(["analyze", "clusters", "--model", str(folder), "--task", "default:science_qa", "--task",
@@ -333,8 +339,7 @@ def test_cli_end_to_end_on_a_tiny_folder(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["analyze", "plan", "--plan", "/nonexistent/plan"], "is not a plan folder"),
     (["prune", "--allocation", "logistic-fitted"], "needs the fitted schedule"),
-    (["prune", "--allocation", "uniform", "--schedule", "x.json"], "drop one of them"),
-    (["prune", "--schedule", "x.json", "--k", "2"], "drop --k"),
+    (["prune", "--allocation", "uniform", "--schedule", "x.json"], "schedule file x.json does not exist"),
     (["analyze", "sensitivity", "--ratio", "0"], "fractions in (0, 1]"),
     (["analyze", "clusters", "--task", "nope"], "unknown task"),
 ])

@@ -1,4 +1,4 @@
-"""Layer allocation (DESIGN 2.3): how many units each layer keeps so that the model-wide
+"""Layer allocation (docs/design.md §2.3): how many units each layer keeps so that the model-wide
 fraction of prunable parameters removed is exactly the target ratio G.
 
 All functions are pure. A layer pool is described by unit counts n_l and per-unit parameter
@@ -10,15 +10,15 @@ real-valued removal targets, then `integerize` turns them into whole units (mult
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
 from .errors import ConfigError
 
-# logistic-fitted: the logistic schedule with (k, x0) fitted by `seap analyze sensitivity` (seap.analyze.sensitivity)
-ALLOCATIONS = ("uniform", "logistic", "adaptive", "logistic-fitted")
+DEFAULT_K, DEFAULT_X0 = 1.2, 0.3  # SEAP's logistic: steepness and midpoint over the relative depth
+
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ def logistic_rho(n_layers: int, lam: float, *, protect_first: int, protect_last:
     return rho
 
 
-def logistic(pool: Pool, ratio: float, *, protect_first: int = 2, protect_last: int = 2, k: float = 1.2,
-             x0: float = 0.3, rho_max: float = 0.9, multiple: int = 1, budget: float | None = None) -> list[int]:
+def logistic(pool: Pool, ratio: float, *, protect_first: int = 2, protect_last: int = 2, k: float = DEFAULT_K,
+             x0: float = DEFAULT_X0, rho_max: float = 0.9, multiple: int = 1, budget: float | None = None) -> list[int]:
     """Logistic schedule whose Lambda is bisected so the parameter-weighted mean over ALL layers is G."""
     check_ratio(ratio)
     if not 0 < rho_max <= 1:
@@ -243,3 +243,103 @@ def removed_params(pool: Pool, kept: Sequence[int]) -> int:
 
 def achieved_ratio(pool: Pool, kept: Sequence[int]) -> float:
     return removed_params(pool, kept) / pool.total
+
+
+# -- the registry -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """A logistic layer schedule measured on one model by `seap analyze sensitivity`: its (k, x0),
+    the layers the fit left out (kept dense), and where it comes from (`source`: metric, ratios,
+    model, arch_hash, file). A value of PruneConfig, recorded in every plan built with it."""
+
+    k: float
+    x0: float
+    protect_first: int
+    protect_last: int
+    source: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "x0": self.x0, "protect_first": self.protect_first, "protect_last": self.protect_last,
+                "source": dict(self.source)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        return cls(float(d["k"]), float(d["x0"]), int(d["protect_first"]), int(d["protect_last"]),
+                   dict(d.get("source", {})))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every allocation may read: the model-wide ratio and the schedule's shape."""
+
+    ratio: float
+    multiple: int = 1
+    protect_first: int = 0
+    protect_last: int = 0
+    k: float = DEFAULT_K
+    x0: float = DEFAULT_X0
+    rho_max: float = 0.9
+    robust: bool = False
+
+
+# An allocation: (pools [FFN, heads?], their unit scores, settings, parameter budget) -> kept units per pool
+# per layer. Register a new one with @allocation("name"); `seap prune --allocation name` then finds it.
+Allocation = Callable[[Sequence[Pool], Sequence[Sequence[torch.Tensor]], Settings, float], list[list[int]]]
+ALLOCATORS: dict[str, Allocation] = {}
+
+
+def allocation(name: str) -> Callable[[Allocation], Allocation]:
+    def register(fn: Allocation) -> Allocation:
+        ALLOCATORS[name] = fn
+        return fn
+    return register
+
+
+def _per_layer(schedule: Callable[..., list[int]], pools: Sequence[Pool], s: Settings, budget: float,
+               **shape) -> list[list[int]]:
+    """A layer schedule on the FFN pool, heads first when there are any: heads are coarse, so they are
+    rounded at the same ratio (or the largest share of it, in tenths, that their few units can take) and
+    the FFN absorbs the rest of the budget."""
+    kept: list[list[int]] = []
+    head_removed = 0.0
+    if len(pools) > 1:
+        heads = pools[1]
+        head_kept = list(heads.counts)
+        for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1):
+            try:
+                head_kept = schedule(heads, s.ratio * f, protect_first=s.protect_first,
+                                     protect_last=s.protect_last, multiple=1, **shape)
+                break
+            except ConfigError:
+                continue
+        head_removed = removed_params(heads, head_kept)
+        kept = [head_kept]
+    ffn = schedule(pools[0], s.ratio, protect_first=s.protect_first, protect_last=s.protect_last,
+                   multiple=s.multiple, budget=budget - head_removed, **shape)
+    return [ffn, *kept]
+
+
+@allocation("uniform")
+def _uniform(pools, scores, s: Settings, budget: float) -> list[list[int]]:
+    return _per_layer(uniform, pools, s, budget)
+
+
+@allocation("logistic")
+def _logistic(pools, scores, s: Settings, budget: float) -> list[list[int]]:
+    return _per_layer(logistic, pools, s, budget, k=s.k, x0=s.x0, rho_max=s.rho_max)
+
+
+@allocation("adaptive")
+def _adaptive(pools, scores, s: Settings, budget: float) -> list[list[int]]:
+    return adaptive(pools, scores, s.ratio, robust=s.robust, multiple=s.multiple, budget=budget)
+
+
+ALLOCATIONS = tuple(ALLOCATORS)
+
+
+def allocate(name: str, pools: Sequence[Pool], scores: Sequence[Sequence[torch.Tensor]],
+             settings: Settings) -> list[list[int]]:
+    """Kept units per pool per layer, removing `settings.ratio` of all the pools' parameters together."""
+    if name not in ALLOCATORS:
+        raise ConfigError(f"unknown allocation {name!r}: choose one of {', '.join(ALLOCATORS)}")
+    return ALLOCATORS[name](pools, scores, settings, settings.ratio * sum(p.total for p in pools))

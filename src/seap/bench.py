@@ -1,4 +1,4 @@
-"""`seap bench`: prefill and decode speed of dense and pruned models, measured in one process (DESIGN 4).
+"""`seap bench`: prefill and decode speed of dense and pruned models, measured in one process (docs/design.md §4).
 
 Speed is reported as ratios to the dense model measured in the same run, with warm-up and the
 median of several repeats, next to the physical limit of a static cut: the ratio of bytes a

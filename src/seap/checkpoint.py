@@ -1,4 +1,4 @@
-"""Safetensors checkpoints read and written one tensor at a time (DESIGN 2.9, 3).
+"""Safetensors checkpoints read and written one tensor at a time (docs/design.md §2.9, §3).
 
 `Checkpoint` indexes a folder's shards (`model.safetensors` or `model-0000k-of-0000N.safetensors`
 with `model.safetensors.index.json`), checks that every shard named is there and whole, and reads

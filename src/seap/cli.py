@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default=None, help="override: uniform, logistic, adaptive, logistic-fitted "
                    "(with --schedule)")
     p.add_argument("--schedule", default=None, help="sensitivity.json of `seap analyze sensitivity`: the logistic "
-                   "schedule with its fitted k and x0 (implies --allocation logistic-fitted)")
+                   "schedule with its fitted k, x0 and dense layers (--allocation logistic-fitted names this)")
     p.add_argument("--heads", default=None, choices=HEAD_MODES,
                    help="auto (default): heads for multi-head attention, FFN only for GQA")
     bc = p.add_mutually_exclusive_group()
@@ -360,17 +360,21 @@ def main(argv: list[str] | None = None) -> int:
             for task, s in stats.items():
                 print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
         elif args.cmd == "prune":
-            from .analyze.cli import check_schedule_args
-            check_schedule_args(args)
+            from .analyze.schedule import load_schedule
+
+            if args.allocation == "logistic-fitted" and not args.schedule:  # the name of a logistic with --schedule
+                raise ConfigError("--allocation logistic-fitted needs the fitted schedule: run `seap analyze "
+                                  "sensitivity --out DIR` and pass --schedule DIR/sensitivity.json")
             cfg = PruneConfig.from_method(
                 args.method, ratio=args.ratio, score=args.score, heads=args.heads,
                 allocation=None if args.allocation == "logistic-fitted" else args.allocation,
+                schedule=load_schedule(args.schedule) if args.schedule else None,
                 bias_compensation=args.bias_compensation, protect_first=args.protect_first,
                 protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
                 multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
                 refit_bias=args.refit_bias, refit_choice=args.refit_choice)
-            res = pipeline.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert,
-                                 schedule=args.schedule, runtime=rt, shard_size=args.shard_size)
+            res = pipeline.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert, runtime=rt,
+                                 shard_size=args.shard_size)
             _print_result(res, args.out)
         elif args.cmd == "apply":
             res = pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out, runtime=rt,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .allocation import ALLOCATIONS, check_ratio
+from .allocation import ALLOCATORS, DEFAULT_K, DEFAULT_X0, Schedule, Settings, check_ratio
 from .errors import ConfigError
 from .scores import SCORES
 
@@ -44,8 +44,8 @@ class PruneConfig:
     bias_compensation: bool = False
     protect_first: int | None = None  # None: the allocation's default (logistic 2, others 0)
     protect_last: int | None = None
-    k: float = 1.2
-    x0: float = 0.3
+    k: float = DEFAULT_K
+    x0: float = DEFAULT_X0
     rho_max: float = 0.9
     robust: bool = False
     multiple: int | None = None  # None: 32 for real models (FFNs >= 512 wide), 1 for tiny ones (resolve_multiple)
@@ -53,8 +53,9 @@ class PruneConfig:
     generic: bool = False
     lm_weight: float = 3.0  # weight of language-modelling corpora in the generic expert
     task_weight: float = 2.0
-    # logistic-fitted: k, x0 and what they were fitted on (set by seap.analyze.schedule.FittedSchedule.configure)
-    fitted: dict | None = None
+    # a logistic schedule measured on this model (seap.analyze.schedule.load_schedule): its k, x0 and
+    # dense layers replace the defaults; allocation "logistic" only
+    schedule: Schedule | None = None
     # Training-free reconstruction (seap.reconstruct): "none", "refit" (least squares on the dense
     # model's activations) or "sequential" (each layer on the outputs of the pruned layers before it)
     reconstruct: str = "none"
@@ -72,8 +73,11 @@ class PruneConfig:
             raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(PRESETS)}")
         if self.score not in SCORES:
             raise ConfigError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "logistic-fitted":
+            raise ConfigError("logistic-fitted is the logistic allocation with a measured schedule: give "
+                              "schedule=seap.analyze.schedule.load_schedule(FILE) (CLI: --schedule FILE)")
+        if self.allocation not in ALLOCATORS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATORS)}")
         if self.heads not in HEAD_MODES:
             raise ConfigError(f"unknown head mode {self.heads!r}: choose one of {', '.join(HEAD_MODES)}")
         if self.multiple is not None and self.multiple < 1:
@@ -94,23 +98,27 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"{name} must be >= 0, got {v}")
-        self._check_fitted()
+        self._take_schedule()
 
-    def _check_fitted(self) -> None:
-        if self.allocation != "logistic-fitted":
-            if self.fitted is not None:
-                raise ConfigError("a fitted schedule is only used with --allocation logistic-fitted")
+    def _take_schedule(self) -> None:
+        """A measured schedule sets k, x0 and the dense layers: given ones must agree with it."""
+        if self.schedule is None:
             return
-        fix = "run `seap analyze sensitivity --out DIR` and pass --schedule DIR/sensitivity.json"
-        if not isinstance(self.fitted, dict) or not {"k", "x0", "protect_first", "protect_last"} <= set(self.fitted):
-            raise ConfigError(f"--allocation logistic-fitted needs a fitted schedule: {fix}")
-        if (self.k, self.x0) != (self.fitted["k"], self.fitted["x0"]):
-            raise ConfigError("k and x0 of logistic-fitted come from the schedule file: drop --k/--x0")
+        if isinstance(self.schedule, dict):  # as read back from a plan's record
+            object.__setattr__(self, "schedule", Schedule.from_dict(self.schedule))
+        if self.allocation != "logistic":
+            raise ConfigError(f"a measured schedule shapes the logistic allocation, not {self.allocation!r}: "
+                              "drop --allocation or the schedule")
+        sch = self.schedule
+        if (self.k, self.x0) not in ((DEFAULT_K, DEFAULT_X0), (sch.k, sch.x0)):
+            raise ConfigError("k and x0 come from the schedule file: drop --k/--x0")
         for name in ("protect_first", "protect_last"):
-            v = getattr(self, name)
-            if v is not None and v != self.fitted[name]:
-                raise ConfigError(f"the schedule was fitted with {name.replace('_', ' ')} = {self.fitted[name]} "
-                                  f"dense layers, not {v}: drop --{name.replace('_', '-')} or fit again with it")
+            v, fitted = getattr(self, name), getattr(sch, name)
+            if v is not None and v != fitted:
+                raise ConfigError(f"the schedule was fitted with {name.replace('_', ' ')} = {fitted} dense layers, "
+                                  f"not {v}: drop --{name.replace('_', '-')} or fit again with it")
+        object.__setattr__(self, "k", sch.k)
+        object.__setattr__(self, "x0", sch.x0)
 
     @classmethod
     def from_method(cls, method: str = "seap", **overrides) -> PruneConfig:
@@ -132,8 +140,8 @@ class PruneConfig:
         return self.protect_last if self.protect_last is not None else self._protect_default("protect_last")
 
     def _protect_default(self, name: str) -> int:
-        if self.fitted is not None:
-            return int(self.fitted[name])  # the layers the fit left out are the layers kept dense
+        if self.schedule is not None:
+            return getattr(self.schedule, name)  # the layers the fit left out are the layers kept dense
         return 2 if self.allocation == "logistic" else 0
 
     def resolve_multiple(self, widths: list[int]) -> PruneConfig:
@@ -143,6 +151,11 @@ class PruneConfig:
         if self.multiple is not None:
             return self
         return self.with_(multiple=DEFAULT_MULTIPLE if min(widths) >= MIN_WIDTH_FOR_MULTIPLE else 1)
+
+    def settings(self) -> Settings:
+        """What the allocation reads (seap.allocation.allocate); resolve the multiple first."""
+        return Settings(self.ratio, self.multiple or 1, self.first, self.last, self.k, self.x0, self.rho_max,
+                        self.robust)
 
     @property
     def needs_stats(self) -> bool:

@@ -1,4 +1,4 @@
-"""GRIFFIN (DESIGN 2.6): per-prompt FFN experts chosen from the prompt's own activations.
+"""GRIFFIN (docs/design.md §2.6): per-prompt FFN experts chosen from the prompt's own activations.
 
 Prefill runs the full FFN. For each sequence, with Z [S, d_ff] the down-projection inputs of
 its real tokens, each token's row is normalised to unit L2 norm and neuron j scores the L2 norm

@@ -1,4 +1,4 @@
-"""Layer-by-layer calibration (DESIGN 2.9): statistics of a model that never fits in memory.
+"""Layer-by-layer calibration (docs/design.md §2.9): statistics of a model that never fits in memory.
 
 The model is built as an empty skeleton (accelerate's `init_empty_weights`). The embeddings are
 loaded, every calibration batch runs through the body once with each decoder layer replaced by a

@@ -1,4 +1,4 @@
-"""Plans (DESIGN 3): which FFN channels and heads each expert keeps, portable like an adapter.
+"""Plans (docs/design.md §3): which FFN channels and heads each expert keeps, portable like an adapter.
 
 A plan folder holds `plan.json` (base model, fingerprint, method, ratios, library version) and
 `indices.safetensors` (kept indices and bias-compensation vectors per layer, per expert).
@@ -18,7 +18,8 @@ from torch import nn
 from ._version import __version__
 from ._io import atomic_dir, prune_output_part, read_artifact
 from .adapters import Adapter
-from .allocation import Pool, adaptive, logistic, removed_params, uniform
+from . import allocation
+from .allocation import Pool, removed_params
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .scores import channel_scores, group_scores, top_k
@@ -158,31 +159,9 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
              head_scores: list[torch.Tensor] | None) -> tuple[list[int], list[int] | None]:
     """Kept units per layer for the FFN pool (and the head pool) at the model-wide ratio."""
     cfg = cfg.resolve_multiple(list(ffn_pool.counts))
-    total = ffn_pool.total + (head_pool.total if head_pool else 0)
-    budget = cfg.ratio * total
-    if cfg.allocation == "adaptive":
-        ps = [ffn_pool] + ([head_pool] if head_pool else [])
-        ss = [ffn_scores] + ([head_scores] if head_pool else [])
-        kept = adaptive(ps, ss, cfg.ratio, robust=cfg.robust, multiple=cfg.multiple, budget=budget)
-        return kept[0], (kept[1] if head_pool else None)
-    sched = dict(protect_first=cfg.first, protect_last=cfg.last, multiple=cfg.multiple)
-    curve = cfg.allocation in ("logistic", "logistic-fitted")  # fitted: the same curve, its k and x0 measured
-    if curve:
-        sched.update(k=cfg.k, x0=cfg.x0, rho_max=cfg.rho_max)
-    fn = logistic if curve else uniform
-    head_kept, head_removed = None, 0.0
-    if head_pool:
-        # Heads are coarse: round them first at the same ratio, let the FFN absorb the remainder.
-        head_kept = list(head_pool.counts)
-        for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1):
-            try:  # few heads per layer may not reach the ratio: take what fits, FFN takes the rest
-                head_kept = fn(head_pool, cfg.ratio * f, **dict(sched, multiple=1))
-                break
-            except ConfigError:
-                continue
-        head_removed = removed_params(head_pool, head_kept)
-    ffn_kept = fn(ffn_pool, cfg.ratio, budget=budget - head_removed, **sched)
-    return ffn_kept, head_kept
+    pools, scores = ([ffn_pool, head_pool], [ffn_scores, head_scores]) if head_pool else ([ffn_pool], [ffn_scores])
+    kept = allocation.allocate(cfg.allocation, pools, scores, cfg.settings())
+    return kept[0], (kept[1] if head_pool else None)
 
 
 def bias_compensation(w_out: torch.Tensor, stats: ChannelStats, kept: torch.Tensor) -> torch.Tensor:
@@ -238,8 +217,9 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     cfg = cfg.resolve_multiple([adapter.d_ff(layer) for layer in adapter.layers(model)])
     if not stats_by_task:
         raise ConfigError("no task given: name at least one task corpus")
-    if cfg.fitted is not None and cfg.fitted.get("arch_hash") != fingerprint.get("arch_hash"):
-        raise ArtifactError(f"the fitted schedule was measured on {cfg.fitted.get('model')}, another model: run "
+    source = cfg.schedule.source if cfg.schedule is not None else {}
+    if "arch_hash" in source and source["arch_hash"] != fingerprint.get("arch_hash"):
+        raise ArtifactError(f"the fitted schedule was measured on {source.get('model')}, another model: run "
                             "`seap analyze sensitivity` on this one")
     head_unit = resolve_head_unit(cfg, adapter, model)
     experts: dict[str, Expert] = {}

@@ -175,16 +175,16 @@ def _runtime_record(lm: LoadedModel | LazyModel) -> dict:
 
 
 def prune(model: Model = None, config: PruneConfig | None = None, data: CalibrationData | Sequence[str] | None = None,
-          out: str | Path | None = None, *, expert: str | None = None, schedule: str | Path | None = None,
-          runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
+          out: str | Path | None = None, *, expert: str | None = None, runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
           progress: bool = True) -> PruneResult:
     """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
 
     `model`: a bundled name, hub id or folder (or a model already opened); `config`: what to prune
     (default: the `seap` preset at 50%); `data`: the calibration corpora (a CalibrationData, or task
     names; default the embedded corpus). `expert`: the plan expert to materialise (default: the plan's).
-    `schedule`: a sensitivity.json of `seap analyze sensitivity` (allocation logistic-fitted, same model
-    only). `runtime`: device, dtype and whole / layer-by-layer loading; `shard_size` of the saved shards."""
+    A schedule measured by `seap analyze sensitivity` is part of the config (PruneConfig.schedule, from
+    `seap.analyze.schedule.load_schedule`), refused on another model. `runtime`: device, dtype and whole /
+    layer-by-layer loading; `shard_size` of the saved shards."""
     t0 = time.time()
     stages = _Stages()
     config = config or PruneConfig.from_method("seap")
@@ -195,10 +195,9 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     lm = open_for_pruning(model, runtime)
     if isinstance(lm, LazyModel) and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
-    if schedule is not None:
-        from .analyze.schedule import load_schedule
-
-        config = load_schedule(schedule).configure(config, lm)
+    if config.schedule is not None and "fingerprint" in config.schedule.source:
+        check_fingerprint(config.schedule.source["fingerprint"], lm.model, lm.adapter, "fitted schedule",
+                          weights=lm.weights)
     fp = fingerprint(lm.model, lm.adapter, lm.weights)
     heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
     stages.done("load")
@@ -251,7 +250,7 @@ def expert_corpora(plan: Plan, tasks: Sequence[str], *, data_dir=None, limit: in
 def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, tasks: Sequence[str], *,
                 data_dir=None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
                 progress: bool = True) -> Plan:
-    """Refit every expert of `plan` on its calibration corpus (DESIGN 2.8), in place."""
+    """Refit every expert of `plan` on its calibration corpus (docs/design.md §2.8), in place."""
     from .reconstruct import RefitConfig, reconstruct_plan
 
     texts, members = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)

@@ -1,4 +1,4 @@
-"""Training-free reconstruction (DESIGN 2.8): refit the kept columns of each output linear.
+"""Training-free reconstruction (docs/design.md §2.8): refit the kept columns of each output linear.
 
 After a plan has chosen the FFN channels K of a layer (and the head channels of its attention
 output), the output linear y = W z + b is replaced by W' z_K + b' with

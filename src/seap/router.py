@@ -1,4 +1,4 @@
-"""SEAP's task router (DESIGN 2.5): which expert a prompt should run on.
+"""SEAP's task router (docs/design.md §2.5): which expert a prompt should run on.
 
 Features are the mean input embedding of the prompt's tokens (no transformer layer runs);
 the classifier is scikit-learn's multinomial logistic regression. Besides one class per task

@@ -1,4 +1,4 @@
-"""Importance scores per prunable unit (DESIGN 2.2). Pure functions of tensors: higher = keep.
+"""Importance scores per prunable unit (docs/design.md §2.2). Pure functions of tensors: higher = keep.
 
 Shapes: W_d is [d, C] (the output linear: d outputs, C channels); W_in rows are [C, d]. The weights
 enter as per-channel norms (seap.weights.UnitWeights), so a model need not be in memory.

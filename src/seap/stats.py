@@ -1,4 +1,4 @@
-"""Streaming activation statistics (DESIGN 2.1).
+"""Streaming activation statistics (docs/design.md §2.1).
 
 Per channel of the FFN output linear's input z (and of the attention output's input when heads
 are pruned): token count N, mean, M2 (sum of squared deviations) and sum of squares, over the

@@ -1,4 +1,4 @@
-"""Slicing and saving a checkpoint that is not in memory (DESIGN 2.9): layer by layer from its shards.
+"""Slicing and saving a checkpoint that is not in memory (docs/design.md §2.9): layer by layer from its shards.
 
 The pruned layout (config, every tensor's name and shape) comes from slicing an empty skeleton
 with the plan; the values come from a second skeleton whose decoder layers are loaded one at a

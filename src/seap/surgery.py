@@ -1,4 +1,4 @@
-"""Applying a plan to a model (DESIGN 3): physically sliced linears, or a masked twin for checks.
+"""Applying a plan to a model (docs/design.md §3): physically sliced linears, or a masked twin for checks.
 
 Slicing keeps rows of the FFN input linears and columns of the output linear (and whole heads
 of q/k/v/o); bias compensation is added to the output linears' biases, and with reconstruction

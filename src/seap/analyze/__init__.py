@@ -3,7 +3,7 @@
 - clusters: do tasks separate in hidden-state space? (silhouette per layer, PCA / t-SNE maps)
 - heatmap: do tasks use their own FFN channels, consistently across two halves of their data?
 - sensitivity: how much does pruning each layer hurt, and the logistic schedule fitted to it
-  (`seap prune --allocation logistic-fitted --schedule sensitivity.json`)
+  (`seap prune --schedule sensitivity.json`)
 - plans: per-layer widths of plans and the overlap (Jaccard) of their task experts
 
 Each analysis returns an `Analysis` (numbers, Markdown) and, given `out`, writes
@@ -15,8 +15,8 @@ from .clusters import ClusterConfig, analyze_clusters
 from .common import Analysis
 from .heatmap import HeatmapConfig, analyze_heatmap
 from .plans import analyze_plans
-from .schedule import FittedSchedule, load_schedule
+from .schedule import load_schedule
 from .sensitivity import SensitivityConfig, analyze_sensitivity, fit_logistic
 
-__all__ = ["Analysis", "ClusterConfig", "HeatmapConfig", "SensitivityConfig", "FittedSchedule", "analyze_clusters",
+__all__ = ["Analysis", "ClusterConfig", "HeatmapConfig", "SensitivityConfig", "analyze_clusters",
            "analyze_heatmap", "analyze_sensitivity", "analyze_plans", "fit_logistic", "load_schedule"]

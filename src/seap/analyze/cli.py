@@ -64,20 +64,6 @@ def add_parser(sub) -> None:
     a.add_argument("--out", default="seap-analyze", help=OUT_HELP)
 
 
-def check_schedule_args(args: argparse.Namespace) -> None:
-    """`seap prune`: --schedule and --allocation logistic-fitted go together; k and x0 come from the schedule."""
-    from ..errors import ConfigError
-
-    fix = "run `seap analyze sensitivity --out DIR` and pass --schedule DIR/sensitivity.json"
-    if args.allocation == "logistic-fitted" and not args.schedule:
-        raise ConfigError(f"--allocation logistic-fitted needs the fitted schedule: {fix}")
-    if args.schedule and args.allocation not in (None, "logistic-fitted"):
-        raise ConfigError(f"--schedule gives a fitted logistic schedule, not --allocation {args.allocation}: "
-                          "drop one of them")
-    if args.schedule and (args.k is not None or args.x0 is not None):
-        raise ConfigError("k and x0 come from --schedule: drop --k/--x0")
-
-
 def _given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 

@@ -94,7 +94,9 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     plan_info = [{"folder": path, "label": label, "method": p.meta["method"], "target_ratio": p.meta["target_ratio"],
                   "allocation": p.meta.get("config", {}).get("allocation"),
                   "k": p.meta.get("config", {}).get("k"), "x0": p.meta.get("config", {}).get("x0"),
-                  "fitted": p.meta.get("config", {}).get("fitted")} for label, (path, p) in zip(labels, loaded)]
+                  # plans made before the schedule was a value recorded it as "fitted"
+                  "schedule": p.meta.get("config", {}).get("schedule", p.meta.get("config", {}).get("fitted"))}
+                 for label, (path, p) in zip(labels, loaded)]
     data = {"base_model": loaded[0][1].meta["base_model"], "plans": plan_info, "dense_widths": dense,
             "widths": widths, "kept_fraction": kept, "jaccard": {"names": names, "mean": mean, "by_layer": per_layer,
                                                                    "chance": chance}}

@@ -1,4 +1,4 @@
-"""Generation quality (DESIGN 4): XSum summaries scored with ROUGE-1/2/L, greedy, stop at "###",
+"""Generation quality (docs/design.md §4): XSum summaries scored with ROUGE-1/2/L, greedy, stop at "###",
 on the dense model, a pruned one, or GRIFFIN experts; and GRIFFIN's classification mode for
 log-likelihood tasks.
 

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy and word perplexity through lm-evaluation-harness (DESIGN 4).
+"""Zero-shot accuracy and word perplexity through lm-evaluation-harness (docs/design.md §4).
 
 seap ships the upstream task YAMLs (prompts, choices, metrics) in `lm_eval_tasks/`. They read
 the Hugging Face hub as they are; with a data folder they are rewritten into a temporary

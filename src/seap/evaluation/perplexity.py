@@ -1,4 +1,4 @@
-"""Token perplexity on WikiText-2 raw test (DESIGN 4): "\\n\\n"-joined rows, non-overlapping windows.
+"""Token perplexity on WikiText-2 raw test (docs/design.md §4): "\\n\\n"-joined rows, non-overlapping windows.
 
 This is *token* perplexity (exp of the mean next-token loss over the model's own tokens), so it
 depends on the tokenizer; lm-eval's word perplexity (harness.WORD_PPL_TASK) is reported apart.

@@ -1,4 +1,4 @@
-"""lm-eval's HFLM with the LM head applied only where a log-likelihood is read (docs: DESIGN 4).
+"""lm-eval's HFLM with the LM head applied only where a log-likelihood is read (docs/design.md §4).
 
 HFLM computes logits and a log-softmax over the whole vocabulary at every position of every
 request, although a multiple-choice item reads only its continuation's few positions. With

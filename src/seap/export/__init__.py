@@ -1,4 +1,4 @@
-"""Exports that runtimes load (DESIGN 3): GGUF for llama.cpp, DeciLM block configs for vLLM.
+"""Exports that runtimes load (docs/design.md §3): GGUF for llama.cpp, DeciLM block configs for vLLM.
 
 `export_model` and `benchmark_gguf` are what `seap export` and `seap bench --backend llamacpp` run.
 """

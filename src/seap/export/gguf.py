@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (DESIGN 3): pruned models with uniform or per-layer widths.
+"""GGUF export for llama.cpp (docs/design.md §3): pruned models with uniform or per-layer widths.
 
 llama.cpp's `llama` architecture reads one `feed_forward_length` for all layers, so per-layer
 widths (and per-layer head counts) are written under the `deci` architecture, whose loader builds

@@ -1,4 +1,4 @@
-"""vLLM export (DESIGN 3): a folder vLLM serves, for uniform or per-layer FFN widths.
+"""vLLM export (docs/design.md §3): a folder vLLM serves, for uniform or per-layer FFN widths.
 
 Uniform widths are a plain Hugging Face folder of the model's own architecture (vLLM loads
 Llama, Gemma 3 and OPT as they are). Per-layer widths of a Llama-family model use the DeciLM /
