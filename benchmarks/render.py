@@ -78,7 +78,7 @@ def speed_tables(model: str) -> str:
     text = ""
     for name, run in data["runs"].items():
         cfg = run["config"]
-        text += (f"\nDecode path `{name}` ({'seap.bench.greedy_decode: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
+        text += (f"\nDecode path `{name}` ({'seap.decoding.greedy: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
                  f"prompt {cfg['prompt_len']} tokens, {cfg['gen_len']} generated, warm-up {cfg['warmup']}, "
                  f"median of {cfg['repeats']} interleaved repeats.\n\n")
         head = ("model", "batch", "weights MB", "peak MB", "prefill tok/s", "decode tok/s", "prefill ×", "decode ×",

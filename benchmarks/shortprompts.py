@@ -50,20 +50,20 @@ def degenerate(ids: list[int], text: str, run: int = 8) -> bool:
 
 
 def _continue(lm, prompts: list[str], griffin=None) -> tuple[list[str], list[list[int]], float]:
-    from seap.griffin import generate_texts, griffin_prior
+    from seap.decoding import generate_texts, stop_token_ids
+    from seap.griffin import griffin_selection
     from seap.models import chat_prompts
 
     texts_in, templated = chat_prompts(lm.tokenizer, prompts, True)
-    eos = lm.tokenizer.eos_token_id
-    prior = griffin_prior(lm) if griffin is not None and griffin.short == "prior" and not griffin.pure else None
+    stops = set(stop_token_ids(lm))
+    sel = griffin_selection(lm, griffin)  # None: dense; the prior of a 'prior' fix computed once
     texts, ids, kept = [], [], []
     for i in range(0, len(texts_in), BATCH):
-        t, out = generate_texts(lm, texts_in[i:i + BATCH], density=griffin, max_new_tokens=N_NEW,
-                                special_tokens=not templated, prior=prior)
+        t, out = generate_texts(lm, texts_in[i:i + BATCH], N_NEW, selection=sel, special_tokens=not templated)
         texts += [x.strip() for x in t]
-        for row in out.tokens.tolist():
-            ids.append(row[:row.index(eos)] if eos in row else row)
-        kept.append(out.kept_fraction)
+        for row in out.tokens.tolist():  # up to the first end-of-sequence id (what follows is padding)
+            ids.append(row[:next((j for j, x in enumerate(row) if x in stops), len(row))])
+        kept.append(out.stats.get("kept_fraction", 1.0))
     return texts, ids, sum(kept) / len(kept)
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import FAMILIES, make_loaded, tiny_folder
 
-from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes, greedy_decode,
+from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
                         kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
+from seap.decoding import greedy
 from seap.surgery import weight_bytes
 from seap.cli import main
 from seap.config import PruneConfig
@@ -27,7 +28,8 @@ def _plan(lm, ratio=0.5):
 def test_greedy_decode_equals_generate(family):
     lm = make_loaded(family, vocab_size=128)
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    tokens, t_prefill, t_decode, kv = greedy_decode(lm.model, ids, 6)
+    out = greedy(lm.model, ids, 6)
+    tokens, t_prefill, t_decode, kv = out.tokens, out.prefill_s, out.decode_s, out.kv_cache_bytes
     ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                             do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, ref[:, ids.size(1):])

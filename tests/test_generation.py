@@ -11,7 +11,8 @@ from conftest import SHARED_DATA, has_shared_data, tiny_folder
 from seap.cli import main
 from seap.errors import DataError
 from seap.evaluation.generation import evaluate_xsum, load_xsum, rouge_scores
-from seap.griffin import classification_mode, cut_at_stop, generate_texts
+from seap.decoding import cut_at_stop, generate_texts
+from seap.griffin import GriffinSelection, classification_mode
 from seap.models import load_model
 
 ARTICLES = [
@@ -54,9 +55,9 @@ def test_cut_at_stop_takes_the_earliest_stop():
 def test_stop_strings_end_decoding_without_changing_the_text(folder):
     lm = load_model(str(folder))
     prompts = ["Hello there", "A longer prompt, yes", "x"]
-    full, _ = generate_texts(lm, prompts, density=0.5, max_new_tokens=16)
+    full, _ = generate_texts(lm, prompts, 16, selection=GriffinSelection(lm.adapter, 0.5))
     stop = [full[0][5:7], full[1][9:10]]  # strings that occur mid-way in the unstopped outputs
-    cut, out = generate_texts(lm, prompts, density=0.5, max_new_tokens=16, stop=stop)
+    cut, out = generate_texts(lm, prompts, 16, selection=GriffinSelection(lm.adapter, 0.5), stop=stop)
     assert cut == [cut_at_stop(t, stop) for t in full] and len(cut[0]) < len(full[0])
 
 
@@ -131,6 +132,9 @@ def test_generate_and_bench_cli_with_griffin(tmp_path, capsys, folder):
     assert main(args + ["--griffin", "1.0"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert [r["text"] for r in full] == [r["text"] for r in dense] and full[0]["expert"] == "griffin@1+density64"
+    assert set(dense[0]) == set(full[0]) == {"prompt", "expert", "text", "chat_template", "kept_fraction",
+                                             "confidence", "reason"}  # one row shape on every path
+    assert dense[0]["kept_fraction"] == full[0]["kept_fraction"] == 1.0 and dense[0]["confidence"] is None
     assert main(args + ["--griffin", "0.5", *PURE]) == 0
     half = json.loads(capsys.readouterr().out)
     assert half[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02) and half[0]["expert"] == G

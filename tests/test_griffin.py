@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import left_padded, make_loaded
 
+from seap.decoding import greedy
 from seap.errors import ConfigError
-from seap.griffin import (GriffinConfig, classification_mode, corpus_statistic, griffin_decode, keep_count,
+from seap.griffin import (GriffinConfig, GriffinSelection, classification_mode, corpus_statistic, keep_count,
                           neuron_scores, prefill_statistics, select, with_prior)
 from seap.scores import top_k
 
@@ -20,22 +21,24 @@ SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]
 def test_density_one_reproduces_dense_greedy_generation(family):
     lm = make_loaded(family)
     ids, mask = left_padded(SEQS)
-    out = griffin_decode(lm.model, lm.adapter, ids, 10, mask, density=1.0)
+    out = greedy(lm.model, ids, 10, attention_mask=mask, selection=GriffinSelection(lm.adapter, 1.0))
     ref = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(out.tokens, ref[:, ids.shape[1]:])
-    assert out.union_fraction == out.kept_fraction == 1.0
+    assert out.stats["union_fraction"] == out.stats["kept_fraction"] == 1.0
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25])
 def test_left_padded_batch_of_four_equals_each_prompt_alone(family, density):
     lm = make_loaded(family)
     ids, mask = left_padded(SEQS)
-    out = griffin_decode(lm.model, lm.adapter, ids, 10, mask, density=density)
+    sel = GriffinSelection(lm.adapter, density)
+    out = greedy(lm.model, ids, 10, attention_mask=mask, selection=sel)
     for r, s in enumerate(SEQS):
-        alone = griffin_decode(lm.model, lm.adapter, s[None], 10, None, density=density)
+        alone = greedy(lm.model, s[None], 10, selection=sel)
         assert torch.equal(out.tokens[r], alone.tokens[0])
-    assert out.kept_fraction == pytest.approx(density, abs=0.02)
-    assert out.kept_fraction <= out.union_fraction < 1.0  # the batch shares one union, smaller than dense
+    assert out.stats["kept_fraction"] == pytest.approx(density, abs=0.02)
+    # the batch shares one union, smaller than dense
+    assert out.stats["kept_fraction"] <= out.stats["union_fraction"] < 1.0
 
 
 def test_statistic_matches_its_definition_and_ignores_padding():
@@ -131,13 +134,15 @@ def test_shared_batch_experts_are_the_top_k_of_the_pooled_unit_scores():
 
 @torch.no_grad()
 def test_shared_batch_decode_equals_zeroing_outside_the_pooled_expert(family):
-    from seap.griffin import pooled_scores, positions
+    from seap.decoding import positions
+    from seap.griffin import pooled_scores
 
     lm = make_loaded(family)
     model, adapter = lm.model, lm.adapter
     ids, mask = left_padded(SEQS)
-    got = griffin_decode(model, adapter, ids, 8, mask, density=0.5, shared=True)
-    assert got.union_fraction == got.kept_fraction == pytest.approx(0.5, abs=0.02)
+    shared = GriffinSelection(adapter, GriffinConfig(density=0.5, shared=True, short="none"))
+    got = greedy(model, ids, 8, attention_mask=mask, selection=shared)
+    assert got.stats["union_fraction"] == got.stats["kept_fraction"] == pytest.approx(0.5, abs=0.02)
     # Independent path: dense prefill, the pooled top k, then decode steps with hooks zeroing the rest.
     pos = positions(mask)
     with prefill_statistics(model, adapter, mask) as scores:
@@ -194,7 +199,7 @@ def test_the_prior_fix_decodes_through_the_combined_top_k(family):
     prior = corpus_statistic(lm, ["some generic text", "and a second one, longer than the first"])
     assert all(float(p.sum()) == pytest.approx(1.0, rel=1e-5) for p in prior)  # per-token shares
     cfg = GriffinConfig(density=0.5, short="prior", prior_tokens=32)
-    out = griffin_decode(model, adapter, ids, 2, None, density=cfg, prior=prior)
+    out = greedy(model, ids, 2, selection=GriffinSelection(adapter, cfg, prior))
     with prefill_statistics(model, adapter, None) as scores:
         dense = model(ids, use_cache=True)
     first = dense.logits[:, -1:].argmax(-1)
@@ -209,10 +214,9 @@ def test_the_prior_fix_decodes_through_the_combined_top_k(family):
             h.remove()
     assert out.tokens.tolist() == [[first.item(), second.item()]]
     with pytest.raises(ConfigError, match="prior"):
-        griffin_decode(model, adapter, ids, 2, None, density=cfg)
-    zero = griffin_decode(model, adapter, ids, 6, None, density=GriffinConfig(density=0.5, prior_tokens=0),
-                          prior=prior)
-    assert torch.equal(zero.tokens, griffin_decode(model, adapter, ids, 6, None, density=0.5).tokens)
+        GriffinSelection(adapter, cfg)
+    zero = greedy(model, ids, 6, selection=GriffinSelection(adapter, GriffinConfig(density=0.5, prior_tokens=0), prior))
+    assert torch.equal(zero.tokens, greedy(model, ids, 6, selection=GriffinSelection(adapter, 0.5)).tokens)
     assert GriffinConfig(density=0.5).label == "griffin@0.5+density64"
     assert GriffinConfig(density=0.5, short="prior").label == "griffin@0.5+prior64"
     assert GriffinConfig(density=0.5, short="none").label == "griffin@0.5"

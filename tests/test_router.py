@@ -12,8 +12,8 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.evaluation.runner import sliced_copy
-from seap.experts import MultiExpertModel, greedy_batch
-from seap.models import fingerprint, load_model
+from seap.experts import MultiExpertModel
+from seap.models import encode_left_padded, fingerprint, load_model
 from seap.plan import GENERIC, build_plan
 from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
 from seap.stats import collect_stats
@@ -95,7 +95,10 @@ def test_routed_generation_of_a_mixed_batch_equals_each_prompt_alone(tmp_path):
     texts, got = multi.generate(prompts, experts=names, max_new_tokens=8)
     assert got == names
     for p, name, text in zip(prompts, names, texts):
-        assert greedy_batch(sliced_copy(lm, plan, name), [p], 8) == [text]
+        alone = sliced_copy(lm, plan, name)  # the reference: transformers' generate() on the sliced model
+        enc = encode_left_padded(alone.tokenizer, [p])
+        ref = alone.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=alone.tokenizer.pad_token_id)
+        assert alone.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) == [text]
 
 
 # -- the router ---------------------------------------------------------------------------------
@@ -277,6 +280,9 @@ def test_route_and_generate_cli(routed, capsys, tmp_path):
                  "--max-new-tokens", "4", "5 6 7 =", "STOP NOW!"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["expert"] for r in rows] == [digits, routed["paths"]["shout"]]
+    # one row shape on every path: the router's confidence and reason, the expert's share of the FFN
+    assert all(set(r) == {"prompt", "expert", "text", "chat_template", "kept_fraction", "confidence", "reason"}
+               and r["reason"] == "task" and 0 < r["confidence"] <= 1 and 0 < r["kept_fraction"] < 1 for r in rows)
     assert main(["generate", "--model", folder, "--router", router, "x"]) == 2
     assert "add --plan" in capsys.readouterr().err
     assert main(["route", "explain", "--model", folder, "--router", str(tmp_path), "x"]) == 2

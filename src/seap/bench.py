@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .decoding import greedy, sync
 from .errors import ConfigError
 from .griffin import GriffinConfig
 from .models import LoadedModel
@@ -34,7 +35,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 1
     repeats: int = 5
-    decode_path: str = "seap"  # seap: the lean greedy loop; generate: transformers' generate()
+    decode_path: str = "seap"  # seap: the lean greedy loop (seap.decoding.greedy); generate: transformers' generate()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,67 +78,20 @@ def decode_step_bytes(model: nn.Module, adapter, batch: int, context: float) -> 
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
-                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, int]:
-    """Greedy generation with the KV cache and nothing else per step.
-
-    Returns (new tokens [B, new_tokens], prefill seconds, decode seconds, KV-cache bytes at the end).
-
-    transformers' generate() adds per-token work that does not shrink with the model (logits
-    processors, stopping criteria, input preparation); this loop is what a serving stack does.
-    """
-    device = input_ids.device
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    t1 = time.perf_counter()
-    cache, tokens = out.past_key_values, [nxt]
-    mask = attention_mask
-    ones = None if mask is None else mask.new_ones(mask.size(0), 1)
-    for _ in range(new_tokens - 1):
-        if mask is not None:
-            mask = torch.cat([mask, ones], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        cache = out.past_key_values
-        tokens.append(nxt)
-    _sync(device)
-    t2 = time.perf_counter()
-    return torch.cat(tokens, dim=1), t1 - t0, t2 - t1, cache_bytes(cache)
-
-
 @torch.inference_mode()
 def _generate_times(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill s, decode s) of transformers' generate(): prefill timed as a one-token generate."""
     device = input_ids.device
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kw)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) - (t1 - t0)
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a transformers KV cache (keys and values of every layer)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 @dataclass
@@ -201,12 +155,12 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
     """Time every model at every batch size; repeats are interleaved across models so that drift
     of the machine (thermal, other load) hits all models alike. Names in `griffin` decode with
     GRIFFIN experts at that density, or as that GriffinConfig says (per-sequence or shared batch
-    experts); the selection and the weight gather count as decode time.
+    experts); the selection counts as prefill time, the weight gather as decode time.
 
     Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
     (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
     what the prompts say, which random tokens do not show."""
-    from .griffin import griffin_decode, griffin_prior
+    from .griffin import GriffinSelection, griffin_prior
 
     cfg = cfg or BenchConfig()
     pools = ({name: text_prompts(lm.tokenizer, texts, cfg.prompt_len, chat) for name, lm in models.items()}
@@ -236,13 +190,12 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
                 dev = next(lm.model.parameters()).device
                 ids = (_batch(pools[name], b, r, dev) if pools else
                        _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev))
-                if name in griffin:
-                    g = griffin_decode(lm.model, lm.adapter, ids, cfg.gen_len, density=griffin[name],
-                                       prior=priors.get(name))
+                if cfg.decode_path == "seap":
+                    sel = GriffinSelection(lm.adapter, griffin[name], priors.get(name)) if name in griffin else None
+                    g = greedy(lm.model, ids, cfg.gen_len, selection=sel)
                     tp, td = g.prefill_s, g.decode_s
-                    unions.setdefault((name, b), []).append(g.union_fraction)
-                elif cfg.decode_path == "seap":
-                    _, tp, td, _ = greedy_decode(lm.model, ids, cfg.gen_len)
+                    if sel is not None:
+                        unions.setdefault((name, b), []).append(g.stats["union_fraction"])
                 else:
                     tp, td = _generate_times(lm.model, ids, cfg.gen_len)
                 if r >= cfg.warmup:
@@ -257,7 +210,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
             ids = _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed, dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            meas.kv_cache_bytes = greedy_decode(lm.model, ids, cfg.gen_len)[3]
+            meas.kv_cache_bytes = greedy(lm.model, ids, cfg.gen_len).kv_cache_bytes
             meas.peak_memory = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                                 else out[name].weight_bytes + meas.kv_cache_bytes)
             bar.update()

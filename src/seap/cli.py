@@ -441,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows, indent=2))
             else:
                 for row in rows:
-                    print(f"--- [{row['expert']}] {row['prompt']!r}\n{row['text']}")
+                    notes = [f"FFN kept {100 * row['kept_fraction']:.0f}%"] if row["kept_fraction"] < 1 else []
+                    if row["confidence"] is not None:
+                        notes.append(f"routed: {row['reason']}, p={row['confidence']:.2f}")
+                    extra = f" ({'; '.join(notes)})" if notes else ""
+                    print(f"--- [{row['expert']}]{extra} {row['prompt']!r}\n{row['text']}")
         elif args.cmd == "info":
             data = pipeline.info(args.path)
             if args.json:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.base import by_sequence, module_path, set_module
+from .decoding import generate_texts
 from .errors import ConfigError
-from .models import LoadedModel, check_fingerprint, encode_left_padded
+from .models import LoadedModel, check_fingerprint
 from .plan import Expert, Plan
 from .router import Route, Router
 from .surgery import head_index_sets, unique_tensors
@@ -244,22 +245,19 @@ class MultiExpertModel:
             raise ConfigError(f"{len(names)} experts for {len(prompts)} prompts: give one per prompt")
         return names
 
+    def kept_fraction(self, name: str) -> float:
+        """Share of the base model's FFN neurons that expert `name` keeps."""
+        adapter = self.lm.adapter
+        return sum(self.experts[name].widths()) / sum(adapter.d_ff(layer) for layer in adapter.layers(self.lm.model))
+
     def generate(self, prompts: Sequence[str], *, experts: Sequence[str] | str | None = None,
-                 max_new_tokens: int = 64, special_tokens: bool = True, **kwargs) -> tuple[list[str], list[str]]:
-        """Greedy continuations of a batch of prompts, each on its expert; returns (texts, experts)."""
+                 max_new_tokens: int = 64, special_tokens: bool = True,
+                 stop: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+        """Greedy continuations of a batch of prompts, each on its expert (cut at its first stop
+        string); returns (texts, experts)."""
         if not prompts:
             raise ConfigError("no prompt given")
         names = self.experts_for(prompts, experts)
         with self.use(names):
-            return greedy_batch(self.lm, prompts, max_new_tokens, special_tokens=special_tokens, **kwargs), names
-
-
-@torch.no_grad()
-def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, *, special_tokens: bool = True,
-                 **kwargs) -> list[str]:
-    """Greedy continuations of a left-padded batch with transformers' generate()."""
-    tok = lm.tokenizer
-    enc = encode_left_padded(tok, prompts, lm.model.device, special_tokens=special_tokens)
-    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                            **kwargs)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts, _ = generate_texts(self.lm, prompts, max_new_tokens, stop=stop, special_tokens=special_tokens)
+        return texts, names

@@ -17,6 +17,9 @@ prompt counts alike), and a step reads only k neurons.
 
 A model already sliced by a plan composes naturally: the selection is made within its kept
 neurons (k counts the sliced width).
+
+Generation runs seap.decoding.greedy with a GriffinSelection: its prefill() collects the statistic
+around the dense prefill forward, its decode() swaps in the gathered linears for the decode steps.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,6 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
-from .models import encode_left_padded
 from .scores import ranking, top_k
 
 log = logging.getLogger(__name__)
@@ -261,119 +263,59 @@ def classification_mode(model: nn.Module, adapter: Adapter, density: float,
             h.remove()
 
 
-# -- generation ---------------------------------------------------------------------------------
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: every sequence starts at 0 at its first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+# -- generation: GRIFFIN as a selection of seap.decoding.greedy -------------------------------------
+class GriffinSelection:
+    """GRIFFIN for `seap.decoding.greedy`: the dense prefill's statistic picks each prompt's
+    experts (or one for the batch, `shared`), the decode steps run through them.
+
+    `config`: a GriffinConfig (with its short-prompt fix; 'prior' needs `prior`, per-layer shares
+    from `griffin_prior`), or a density (the paper's pure statistic). One selection serves one
+    decode at a time: each prefill replaces the experts (and `stats`) of the previous one."""
+
+    def __init__(self, adapter: Adapter, config: float | GriffinConfig,
+                 prior: Sequence[torch.Tensor] | None = None):
+        cfg = config if isinstance(config, GriffinConfig) else GriffinConfig(density=config, short="none")
+        if cfg.short == "prior" and not cfg.pure and prior is None:
+            raise ConfigError("GRIFFIN's short-prompt prior needs the model's generic statistic: "
+                              "pass prior=seap.griffin.griffin_prior(lm), or short='none'")
+        self.adapter, self.config, self.prior = adapter, cfg, prior
+        self.selection: Selection | None = None
+        self.batch = 0
+        self.stats: dict[str, float] = {}
+
+    @contextmanager
+    def prefill(self, model: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Collect the statistic during the prefill forward, select when it is done."""
+        cfg = self.config
+        with prefill_statistics(model, self.adapter, attention_mask) as scores:
+            yield
+        if cfg.short == "prior" and not cfg.pure:
+            scores = [with_prior(s, p, cfg.prior_tokens) for s, p in zip(scores, self.prior)]
+        density = cfg.densities(attention_mask.sum(-1)) if cfg.short == "density" else cfg.density
+        self.selection, self.batch = select(scores, density, cfg.shared), attention_mask.shape[0]
+        self.stats = {"union_fraction": self.selection.union_fraction,
+                      "kept_fraction": sum(self.selection.kept) / sum(self.selection.widths)}
+
+    @contextmanager
+    def decode(self, model: nn.Module) -> Iterator[None]:
+        if self.selection is None:
+            raise RuntimeError("GRIFFIN decodes through the experts of a prefill: enter prefill() first")
+        with experts_applied(model, self.adapter, self.selection, self.batch):
+            yield
 
 
-@dataclass
-class GriffinOutput:
-    tokens: torch.Tensor  # [B, new_tokens]
-    union_fraction: float  # share of FFN neurons the batch's decode steps read
-    kept_fraction: float  # share each sequence keeps
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-
-@torch.inference_mode()
-def griffin_decode(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, new_tokens: int,
-                   attention_mask: torch.Tensor | None = None, density: float | GriffinConfig = 0.5,
-                   eos_token_id: int | None = None,
-                   finished: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-                   shared: bool = False, prior: Sequence[torch.Tensor] | None = None) -> GriffinOutput:
-    """Greedy decoding with GRIFFIN experts: a dense prefill picks them, the decode steps use them.
-
-    `density`: a share of neurons (the paper's pure statistic), or a GriffinConfig (with its
-    short-prompt fix; 'prior' needs `prior`, per-layer shares from `griffin_prior`).
-    With `eos_token_id`, a sequence that produced it keeps producing it (as generate() pads),
-    and the loop stops when every sequence has. `finished(tokens so far)` may return a [B] bool
-    of sequences that are done for another reason (a stop string): they are padded the same way.
-    `shared`: one expert for the whole batch (see the module docstring)."""
-    import time
-
+def griffin_selection(lm, density: float | GriffinConfig | None, *, shared: bool = False,
+                      prior: Sequence[torch.Tensor] | None = None) -> GriffinSelection | None:
+    """The selection of a generation path: None (density None: the model as it is), a float (the
+    paper's pure statistic; `shared`: one expert per batch) or a GriffinConfig (the prior of its
+    'prior' fix computed, or read from the cache, when not given)."""
+    if density is None:
+        return None
     cfg = density if isinstance(density, GriffinConfig) else GriffinConfig(density=density, shared=shared,
                                                                            short="none")
-    if cfg.short == "prior" and not cfg.pure and prior is None:
-        raise ConfigError("GRIFFIN's short-prompt prior needs the model's generic statistic: "
-                          "pass prior=seap.griffin.griffin_prior(lm), or short='none'")
-    if new_tokens < 1:
-        raise ConfigError(f"new tokens must be >= 1, got {new_tokens}")
-    padded = attention_mask is not None
-    mask = attention_mask if padded else torch.ones_like(input_ids)  # the statistic's real tokens
-    # Without padding the model counts positions from its cache and needs no mask (as greedy_decode
-    # does, so that a timing against it compares the FFN work and not the mask building per step).
-    pos = positions(mask) if padded else None
-    t0 = time.perf_counter()
-    with prefill_statistics(model, adapter, mask) as scores:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
-    if cfg.short == "prior" and not cfg.pure:
-        scores = [with_prior(s, p, cfg.prior_tokens) for s, p in zip(scores, prior)]
-    sel = select(scores, cfg.densities(mask.sum(-1)) if cfg.short == "density" else cfg.density, cfg.shared)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t1 = time.perf_counter()
-    cache, tokens = out.past_key_values, [nxt]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    last_pos = None if pos is None else pos[:, -1:]
-    with experts_applied(model, adapter, sel, input_ids.shape[0]):
-        for _ in range(new_tokens - 1):
-            if eos_token_id is not None:
-                done |= nxt[:, 0] == eos_token_id
-            if finished is not None and (hit := finished(torch.cat(tokens, dim=1))) is not None:
-                done |= hit.to(done.device)
-            if bool(done.all()):
-                break
-            if padded:
-                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-                last_pos = last_pos + 1
-            out = model(input_ids=nxt, attention_mask=mask if padded else None, position_ids=last_pos,
-                        past_key_values=cache, use_cache=True)
-            step = out.logits[:, -1].argmax(-1, keepdim=True)
-            nxt = step if eos_token_id is None else torch.where(done[:, None], eos_token_id, step)
-            cache = out.past_key_values
-            tokens.append(nxt)
-    t2 = time.perf_counter()
-    return GriffinOutput(torch.cat(tokens, dim=1), sel.union_fraction, sum(sel.kept) / sum(sel.widths), t1 - t0,
-                         t2 - t1)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    ends = [text.index(s) for s in stop if s and s in text]
-    return text[: min(ends)] if ends else text
-
-
-def stop_strings_seen(tokenizer, stop: Sequence[str], every: int = 4) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    """A `finished` test for griffin_decode: which rows' text holds a stop string (checked every
-    `every` tokens, since decoding the text costs more than a small model's step)."""
-    def finished(tokens: torch.Tensor) -> torch.Tensor | None:
-        if tokens.shape[1] % every:
-            return None
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in stop) for t in texts])
-    return finished
-
-
-def generate_texts(lm, prompts: Sequence[str], *, density: float | GriffinConfig | None = 0.5,
-                   max_new_tokens: int = 64, stop: Sequence[str] = (), shared: bool = False,
-                   special_tokens: bool = True, prior: Sequence[torch.Tensor] | None = None
-                   ) -> tuple[list[str], GriffinOutput]:
-    """Greedy continuations of a left-padded batch, with GRIFFIN experts (density None or 1: dense;
-    a float: the paper's pure statistic; a GriffinConfig: with its short-prompt fix, the prior
-    computed or read from the cache when not given; `shared`: one expert for the batch)."""
-    tok = lm.tokenizer
-    cfg = density if isinstance(density, GriffinConfig) else GriffinConfig(
-        density=1.0 if density is None else density, shared=shared, short="none")
     if prior is None and cfg.short == "prior" and not cfg.pure:
         prior = griffin_prior(lm)
-    enc = encode_left_padded(tok, prompts, next(lm.model.parameters()).device, special_tokens=special_tokens)
-    out = griffin_decode(lm.model, lm.adapter, enc["input_ids"], max_new_tokens,
-                         enc["attention_mask"], density=cfg,
-                         eos_token_id=getattr(tok, "eos_token_id", None),
-                         finished=stop_strings_seen(tok, [x for x in stop if x]) if any(stop) else None,
-                         prior=prior)
-    texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
-    return [cut_at_stop(t, stop) for t in texts], out
+    return GriffinSelection(lm.adapter, cfg, prior)
 
 
 # -- the generic prior for short prompts ----------------------------------------------------------

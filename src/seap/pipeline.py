@@ -253,10 +253,16 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
     """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
     with `griffin`, per-prompt GRIFFIN experts at that density or as that GriffinConfig says (within the
     plan's expert if given; `griffin_shared`: one expert for all the prompts, decoded as one batch). `chat`: each prompt as a
-    user turn of the tokenizer's chat template (None: when the model has one; every row says)."""
+    user turn of the tokenizer's chat template (None: when the model has one; every row says).
+
+    Every path decodes with seap.decoding.greedy and gives rows of one shape: prompt, expert, text,
+    chat_template, kept_fraction (the share of the model's FFN neurons the row ran through: 1.0 when
+    nothing is dropped; GRIFFIN's within a plan expert counts the expert's width), confidence and
+    reason (the router's; None when not routed)."""
+    from .decoding import generate_texts
     from .evaluation.runner import sliced_copy
     from .experts import MultiExpertModel
-    from .griffin import cut_at_stop, generate_texts
+    from .griffin import griffin_selection
 
     if not prompts:
         raise ConfigError("give at least one prompt")
@@ -264,6 +270,8 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model, runtime)
     inputs, templated = chat_prompts(lm.tokenizer, prompts, chat)
+    decode = dict(max_new_tokens=max_new_tokens, stop=stop, special_tokens=not templated)
+    routes: list[Route] | None = None
     if griffin is not None:
         g = griffin if isinstance(griffin, GriffinConfig) else GriffinConfig(density=griffin, shared=griffin_shared)
         label = g.label
@@ -274,33 +282,25 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
             check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
             name, _ = plan.expert(expert)
             lm, label = sliced_copy(lm, plan, name), f"{name}+{label}"
-        texts, out = generate_texts(lm, inputs, density=g, max_new_tokens=max_new_tokens, stop=stop,
-                                    special_tokens=not templated)
-        return [{"prompt": p, "expert": label, "text": t, "chat_template": templated,
-                 "kept_fraction": round(out.kept_fraction, 4)} for p, t in zip(prompts, texts)]
-    if griffin_shared:
+        texts, out = generate_texts(lm, inputs, selection=griffin_selection(lm, g), **decode)
+        names, kept = [label] * len(prompts), [out.stats["kept_fraction"]] * len(prompts)
+    elif griffin_shared:
         raise ConfigError("--griffin-shared needs --griffin DENSITY")
-    if not plans:
+    elif not plans:
         if router is not None or expert is not None:
             raise ConfigError("--router and --expert need the plan(s) their experts come from: add --plan")
-        multi = None
+        texts, _ = generate_texts(lm, inputs, **decode)
+        names, kept = ["dense"] * len(prompts), [1.0] * len(prompts)
     else:
         loaded = _plans(plans)
         r = _router(router) if router is not None else None
         if r is None and expert is None:
             expert = loaded[0].expert(None)[0]  # the plan's default expert
         multi = MultiExpertModel(lm, loaded, r, experts=None)
-    if multi is None:
-        from .experts import greedy_batch
-
-        texts = greedy_batch(lm, inputs, max_new_tokens, special_tokens=not templated)
-        return [{"prompt": p, "expert": "dense", "text": cut_at_stop(t, stop), "chat_template": templated}
-                for p, t in zip(prompts, texts)]
-    routes = multi.route(prompts) if expert is None else None  # the router reads the bare prompt
-    texts, names = multi.generate(inputs, experts=[r.expert for r in routes] if routes else expert,
-                                  max_new_tokens=max_new_tokens, special_tokens=not templated)
-    texts = [cut_at_stop(t, stop) for t in texts]
-    return [{"prompt": p, "expert": n, "text": t, "chat_template": templated,
-             **({"confidence": round(routes[i].confidence, 4),
-                                                      "reason": routes[i].reason} if routes else {})}
-            for i, (p, n, t) in enumerate(zip(prompts, names, texts))]
+        routes = multi.route(prompts) if expert is None else None  # the router reads the bare prompt
+        texts, names = multi.generate(inputs, experts=[x.expert for x in routes] if routes else expert, **decode)
+        kept = [multi.kept_fraction(n) for n in names]
+    return [{"prompt": p, "expert": n, "text": t, "chat_template": templated, "kept_fraction": round(k, 4),
+             "confidence": None if routes is None else round(routes[i].confidence, 4),
+             "reason": None if routes is None else routes[i].reason}
+            for i, (p, n, t, k) in enumerate(zip(prompts, names, texts, kept))]

@@ -84,7 +84,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     at the row's stop strings, scored against the reference with ROUGE-1/2/L. With GRIFFIN
     (`density`) and `shared`, each batch decodes through one expert chosen for all its prompts.
     `chat`: each prompt as a user turn of the chat template (GRIFFIN's protocol is the raw prompt)."""
-    from ..griffin import griffin_prior, generate_texts
+    from ..decoding import generate_texts
+    from ..griffin import GriffinSelection, griffin_prior
     from ..models import chat_prompts
 
     griffin = None
@@ -109,10 +110,11 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
         idx = order[start:start + batch_size]
         new = max_new_tokens or max(int(rows[i].get("max_tokens", 64)) for i in idx)
         stop = sorted({s for i in idx for s in rows[i].get("stop", ["###"])})
-        texts, out = generate_texts(lm, [prompts[i] for i in idx], density=griffin, max_new_tokens=new,
-                                    stop=stop, special_tokens=not templated, prior=prior)
-        kept.append(out.kept_fraction)
-        union.append(out.union_fraction)
+        sel = None if griffin is None else GriffinSelection(lm.adapter, griffin, prior)
+        texts, out = generate_texts(lm, [prompts[i] for i in idx], new, selection=sel, stop=stop,
+                                    special_tokens=not templated)
+        kept.append(out.stats.get("kept_fraction", 1.0))  # the model as it is: all of its FFN
+        union.append(out.stats.get("union_fraction", 1.0))
         for i, t in zip(idx, texts):
             preds[i] = t.strip()
     items = rouge_scores(preds, [r["summary_gt"] for r in rows])
