@@ -42,7 +42,7 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
             if method is not None and "reconstruction" in plan.meta:
                 data["reconstruction"] = plan.meta["reconstruction"]
             data.update(row=row, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
-                        eval_config=cfg.__dict__)
+                        eval_config=cfg.to_dict())
             write(path, data)
             log.info("  average %.4f in %.0fs", rep.average[0], time.time() - t0)
             gc.collect()

@@ -87,7 +87,7 @@ def stats_for(lm, model_name: str) -> dict:
 
 def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):
     from seap.config import PruneConfig
-    from seap.models import fingerprint
+    from seap.fingerprints import fingerprint
     from seap.plan import build_plan
 
     # The accuracy rows were measured with exact widths (multiple 1, the default then); seap's default

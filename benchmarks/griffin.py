@@ -43,10 +43,10 @@ def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
 
 def _magnitude(lm, model_name: str, density: float):
     """The static baseline: magnitude scores, the same width in every layer, FFN only."""
-    from seap.evaluation.runner import sliced_copy
+    from seap.surgery import sliced
 
     extra = {"protect_first": 0, "protect_last": 0}
-    return sliced_copy(lm, plan_for(lm, stats_for(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)
+    return sliced(lm, plan_for(lm, stats_for(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)
 
 
 def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:

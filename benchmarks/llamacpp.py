@@ -33,11 +33,11 @@ REPEATS = {"smollm2-135m": 7, "gemma3-270m": 5}
 
 
 def _pruned(lm, model_name: str):
-    from seap.evaluation.runner import sliced_copy
+    from seap.surgery import sliced
 
     row, method, protocol, extra = PRUNED[model_name]
     plan = plan_for(lm, stats_for(lm, model_name), method, 0.5, protocol, extra)
-    return row, sliced_copy(lm, plan, "generic" if protocol == "generic" else None)
+    return row, sliced(lm, plan, "generic" if protocol == "generic" else None)
 
 
 def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> None:

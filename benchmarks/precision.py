@@ -39,7 +39,8 @@ def precision(limit: int) -> None:
 
     from seap.config import PruneConfig
     from seap.evaluation.runner import evaluate_plan
-    from seap.models import fingerprint, load_model
+    from seap.models import load_model
+    from seap.fingerprints import fingerprint
     from seap.plan import build_plan
     from seap.stats import collect_stats
     from seap.tasks import resolve_corpus
@@ -68,7 +69,7 @@ def precision(limit: int) -> None:
         rep = evaluate_plan(lm, plan, cfg, experts="default", label=f"SEAP 50% ({name})")
         data["rows"][name] = {**rep.to_dict(), "seconds": round(time.time() - t0, 1)}
         log.info("%s: average %.4f", name, rep.average[0])
-    data["eval_config"] = cfg.__dict__
+    data["eval_config"] = cfg.to_dict()
     write(PATH, data)
 
 

@@ -57,7 +57,7 @@ def routing(models: list[str], limits: dict[str, int], ratios) -> None:
             rep = evaluate_routed(lm, plan, router, cfg, label=f"{ROUTED_ROW} {int(ratio * 100)}%")
             data = rep.to_dict()
             data.update(row=ROUTED_ROW, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
-                        eval_config=cfg.__dict__)
+                        eval_config=cfg.to_dict())
             write(path, data)
             log.info("%s routed @%s: average %.4f", model_name, ratio, rep.average[0])
             gc.collect()

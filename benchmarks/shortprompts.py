@@ -78,7 +78,7 @@ def _rows() -> list[tuple[str, float | None, str]]:
 def shortprompts(models: list[str]) -> None:
     from rouge_score import rouge_scorer
 
-    from seap.evaluation.runner import sliced_copy
+    from seap.surgery import sliced
     from seap.griffin import GriffinConfig
     from seap.models import load_model
 
@@ -98,7 +98,7 @@ def shortprompts(models: list[str]) -> None:
             t0 = time.time()
             if kind == "static":
                 plan = plan_for(lm, stats_for(lm, model_name), "seap-paper", round(1 - density, 6), "generic", {})
-                texts, ids, kept = _continue(sliced_copy(lm, plan, "generic"), prompts)
+                texts, ids, kept = _continue(sliced(lm, plan, "generic"), prompts)
                 kept = density
             elif kind == "dense":
                 texts, ids, kept = _continue(lm, prompts)

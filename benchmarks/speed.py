@@ -17,7 +17,7 @@ REPEATS = {"smollm2-135m": 5, "gemma3-270m": 3}
 
 def speed(models: list[str]) -> None:
     from seap.bench import BenchConfig, bench_models, speed_table
-    from seap.evaluation.runner import sliced_copy
+    from seap.surgery import sliced
     from seap.models import load_model
 
     for model_name in models:
@@ -31,7 +31,7 @@ def speed(models: list[str]) -> None:
             for row, method, protocol in SPEED_ROWS:
                 plan = plan_for(lm, stats, method, ratio, protocol, {})
                 expert = "generic" if protocol == "task" else None
-                candidates[f"{row} {int(ratio * 100)}%"] = sliced_copy(lm, plan, expert)
+                candidates[f"{row} {int(ratio * 100)}%"] = sliced(lm, plan, expert)
         result = {"model": model_name, "cache": str(CACHE), "runs": {}}
         # transformers' generate() is timed on SmolLM2 only, to show the per-token overhead it adds
         paths = (("seap", (1, 8)), ("generate", (1,))) if model_name == "smollm2-135m" else (("seap", (1, 8)),)

@@ -158,7 +158,7 @@ def left_padded(seqs):
 
 def plan_for(lm, cfg, texts=TEXTS, heads=None):
     """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
-    from seap.models import fingerprint
+    from seap.fingerprints import fingerprint
     from seap.plan import build_plan
     from seap.stats import collect_stats
 

@@ -18,7 +18,7 @@ from seap.analyze.sensitivity import (_dense, _run, layer_damage, quadratic_sens
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
-from seap.models import fingerprint
+from seap.fingerprints import fingerprint
 from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
 from seap.stats import collect_stats

@@ -13,8 +13,8 @@ from seap.surgery import weight_bytes
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError
-from seap.evaluation.runner import sliced_copy
-from seap.models import fingerprint
+from seap.surgery import sliced
+from seap.fingerprints import fingerprint
 from seap.plan import build_plan
 
 
@@ -49,7 +49,7 @@ def test_bytes_accounting_is_independent_of_the_code_under_test():
     assert decode_weight_bytes(untied) == sum(p.numel() for p in untied.parameters()) * 4 - emb
     # 6 layers x (k + v) x 2 KV heads x head_dim 8 x 4 bytes
     assert kv_bytes_per_position(m, lm.adapter) == 6 * 2 * 2 * 8 * 4
-    pruned = sliced_copy(lm, _plan(lm), None)
+    pruned = sliced(lm, _plan(lm), None)
     removed = sum(3 * 32 * (64 - lm.adapter.d_ff(layer)) for layer in lm.adapter.layers(pruned.model)) * 4
     assert decode_weight_bytes(pruned.model) == total - removed
     assert decode_step_bytes(m, lm.adapter, 2, 10) == total + 2 * 10 * kv_bytes_per_position(m, lm.adapter)
@@ -57,7 +57,7 @@ def test_bytes_accounting_is_independent_of_the_code_under_test():
 
 def test_bench_models_reports_ratios_to_the_dense_model():
     lm = make_loaded("gemma3", vocab_size=128)
-    pruned = sliced_copy(lm, _plan(lm), None)
+    pruned = sliced(lm, _plan(lm), None)
     cfg = BenchConfig(prompt_len=8, gen_len=4, batch_sizes=(1, 2), warmup=0, repeats=2)
     speeds = bench_models({"dense": lm, "pruned": pruned}, cfg, progress=False)
     rows = speed_table(speeds, "dense")

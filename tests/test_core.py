@@ -7,7 +7,7 @@ import torch
 from conftest import TEXTS, make_loaded, plan_for
 
 from seap.config import PruneConfig
-from seap.models import fingerprint
+from seap.fingerprints import fingerprint
 from seap.plan import Expert, Plan
 from seap.pruned import load_pruned, save_pruned
 from seap.stats import ActivationStats, ChannelStats, collect_stats

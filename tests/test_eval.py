@@ -168,8 +168,8 @@ def test_paper_average_and_its_standard_error():
 def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     """Protocol `task`: each task is scored by its own expert, others by the default (generic) one."""
     from seap.config import CalibrationData, PruneConfig
-    from seap.evaluation.runner import sliced_copy
-    from seap.models import fingerprint
+    from seap.surgery import sliced
+    from seap.fingerprints import fingerprint
     from seap.pipeline import collect
     from seap.plan import build_plan
 
@@ -181,7 +181,7 @@ def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     cfg = EvalConfig(tasks=("piqa", "arc_easy"), data_dir=str(data_dir), limit=4, batch_size=4, token_ppl=False)
     report = evaluate_plan(lm, plan, cfg, experts="task")
     assert report.experts == {"piqa": "piqa", "arc_easy": "generic"}
-    alone = evaluate_model(sliced_copy(lm, plan, "piqa"), EvalConfig(tasks=("piqa",), data_dir=str(data_dir),
+    alone = evaluate_model(sliced(lm, plan, "piqa"), EvalConfig(tasks=("piqa",), data_dir=str(data_dir),
                                                                       limit=4, batch_size=4, token_ppl=False))
     assert report.scores["piqa"].metrics == alone.scores["piqa"].metrics
     # the base model stayed dense

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from seap.checkpoint import Checkpoint, ShardWriter
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ModelError
-from seap.evaluation.runner import sliced_copy
+from seap.surgery import sliced
 from seap.export import ExportSource, GGUFConfig, export_gguf, export_model, export_vllm, open_source
 from seap.models import load_model
 from seap.pruned import save_pruned
@@ -50,7 +50,7 @@ class Case:
         cfg = PruneConfig.from_method(method, ratio=0.5, protect_first=protect, protect_last=protect, **options)
         plan, _ = plan_for(dense, cfg)
         self.plan = plan.save(root / "plan")
-        self.lm = sliced_copy(dense, plan, plan.expert(None)[0])  # the in-memory path
+        self.lm = sliced(dense, plan, plan.expert(None)[0])  # the in-memory path
         self.widths = [dense.adapter.d_ff(layer) for layer in dense.adapter.layers(self.lm.model)]
         self.pruned = save_pruned(self.lm.model, dense.tokenizer, root / "pruned", dtype=torch.bfloat16,
                                   max_shard_bytes=30_000)

@@ -74,7 +74,8 @@ SIX_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogr
 def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
     """Fitted on the train splits of the six tasks, tested on their validation splits (DESIGN 2.5)."""
     from seap.config import PruneConfig
-    from seap.models import fingerprint, load_model
+    from seap.models import load_model
+    from seap.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
     from seap.router import evaluate_router, fit_router
 

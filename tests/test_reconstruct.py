@@ -171,7 +171,7 @@ def test_reconstruction_brings_the_model_closer_to_dense_on_its_calibration_text
 def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, choice, monkeypatch):
     """Task experts and the generic expert refitted from per-corpus moments in one pass (the default
     in the refit mode) equal one pass per expert over its own texts."""
-    from seap.models import fingerprint
+    from seap.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
     from seap.stats import collect_stats
 

@@ -11,9 +11,10 @@ from conftest import TEXTS, left_padded, make_loaded, tiny_folder
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
-from seap.evaluation.runner import sliced_copy
+from seap.surgery import sliced
 from seap.experts import MultiExpertModel
-from seap.models import encode_left_padded, fingerprint, load_model
+from seap.models import encode_left_padded, load_model
+from seap.fingerprints import fingerprint
 from seap.plan import GENERIC, build_plan
 from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
 from seap.stats import collect_stats
@@ -44,7 +45,7 @@ def test_mixed_batch_equals_each_sequence_alone_on_its_sliced_expert(family, mat
     with multi.use(names) as model:
         out = model(input_ids=ids, attention_mask=mask).logits
     for r, (s, name) in enumerate(zip(seqs, names)):
-        alone = sliced_copy(lm, plan, name).model(s[None]).logits[0]
+        alone = sliced(lm, plan, name).model(s[None]).logits[0]
         torch.testing.assert_close(out[r, ids.shape[1] - len(s):], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -76,10 +77,10 @@ def test_memory_report_counts_the_gathered_weights():
     for name, ex in plan.experts.items():
         # Independent: FFN parameters of the sliced model, minus the layers an expert keeps whole
         # (those share the base weights), plus the int64 indices (one tensor per layer, shared by its linears).
-        sliced = sliced_copy(lm, plan, name).model
+        pruned = sliced(lm, plan, name).model
         shared = sum(3 * lm.adapter.hidden_size(lm.model) * len(ex.ffn[i]) for i, layer in enumerate(layers)
                      if len(ex.ffn[i]) == lm.adapter.d_ff(layer))
-        want = (ffn_params(sliced, lm.adapter) - shared) * 4 + 8 * sum(ex.widths())
+        want = (ffn_params(pruned, lm.adapter) - shared) * 4 + 8 * sum(ex.widths())
         assert mem["per_expert_bytes"][name] == want
     assert mem["base_bytes"] == sum(p.numel() * 4 for p in {id(p): p for p in lm.model.parameters()}.values())
     lazy = MultiExpertModel(lm, plan, materialize=False).memory()
@@ -95,7 +96,7 @@ def test_routed_generation_of_a_mixed_batch_equals_each_prompt_alone(tmp_path):
     texts, got = multi.generate(prompts, experts=names, max_new_tokens=8)
     assert got == names
     for p, name, text in zip(prompts, names, texts):
-        alone = sliced_copy(lm, plan, name)  # the reference: transformers' generate() on the sliced model
+        alone = sliced(lm, plan, name)  # the reference: transformers' generate() on the sliced model
         enc = encode_left_padded(alone.tokenizer, [p])
         ref = alone.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=alone.tokenizer.pad_token_id)
         assert alone.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) == [text]
@@ -260,7 +261,7 @@ def test_routed_lm_eval_model_scores_each_document_on_its_expert(routed):
     assert [experts[d] for d in range(4)] == [routed["paths"]["digits"], routed["paths"]["shout"],
                                               routed["paths"]["quiz"], GENERIC]
     for req, (ll, greedy) in zip(reqs, got):
-        ref = make_lm(sliced_copy(lm, plan, experts[req.doc_id]).model, lm.tokenizer, batch_size=1)
+        ref = make_lm(sliced(lm, plan, experts[req.doc_id]).model, lm.tokenizer, batch_size=1)
         (want, want_greedy), = ref.loglikelihood([req], disable_tqdm=True)
         assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
 

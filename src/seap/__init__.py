@@ -21,7 +21,7 @@ from ._version import __version__
 _API = {
     "prune": "pruning", "collect": "pruning", "apply": "pruning", "PruneResult": "pruning",
     "load": "pipeline", "evaluate": "pipeline", "info": "pipeline", "generate": "pipeline", "benchmark": "pipeline",
-    "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline",
+    "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline", "export": "pipeline",
     "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "runtime", "GriffinConfig": "griffin",
     "RouterConfig": "router", "Plan": "plan", "LoadedModel": "models", "SeapError": "errors",
 }

@@ -349,7 +349,7 @@ def prior_cache_path(lm) -> Path:
     import json
     import os
 
-    from .models import fingerprint
+    from .fingerprints import fingerprint
 
     fp = fingerprint(lm.model, lm.adapter)
     key = hashlib.sha256(json.dumps([fp["arch_hash"], fp["signature"]]).encode()).hexdigest()[:24]

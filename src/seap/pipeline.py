@@ -11,16 +11,18 @@ from typing import Sequence
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
 from .griffin import GriffinConfig
-from .models import LoadedModel, chat_prompts, check_fingerprint, open_model
+from .models import LoadedModel, chat_prompts, open_model
+from .fingerprints import check_fingerprint
 from .plan import Plan
 from .pruned import read_record
 from .pruning import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .router import Router, RouterConfig, RouterEval, Route
 from .runtime import Runtime
+from .surgery import plan_and_expert, sliced
 from .tasks import resolve_corpus
 
-__all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "benchmark", "collect", "evaluate", "evaluate_router", "explain",
-           "fit_router", "generate", "info", "load", "prune"]
+__all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "benchmark", "benchmark_gguf", "collect",
+           "evaluate", "evaluate_router", "explain", "export", "fit_router", "generate", "info", "load", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 
     config = config or EvalConfig()
     lm = _load(model, runtime)
-    dyn = config.griffin_config.label if config.griffin is not None else None
+    dyn = config.griffin.label if config.griffin is not None else None
     if routed is not None:
         from .evaluation.routed import evaluate_routed
 
@@ -139,18 +141,14 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
     prompt texts instead of random tokens; `chat` wraps them in the chat template."""
     from .bench import bench_models, speed_markdown, speed_table
-    from .evaluation.runner import sliced_copy
-
     lm = _load(model, runtime)
     models = {"dense": lm}
     for path in compare:
         models[Path(path).name or str(path)] = _load(str(path), runtime)
     for spec in plans:
-        folder, _, expert = str(spec).partition(":")
-        p = Plan.load(folder)
-        check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
-        name, _ = p.expert(expert or None)
-        models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced_copy(lm, p, name)
+        p, expert = plan_and_expert(spec)
+        name, _ = p.expert(expert)
+        models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced(lm, p, name)
     dynamic = {}
     if griffin_shared and not griffin:
         raise ConfigError("--griffin-shared needs --griffin DENSITY")
@@ -169,6 +167,22 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
                                               "rows": rows})
         write_text(Path(out) / "bench.md", "# seap bench\n\n" + speed_markdown(rows))
     return rows
+
+
+def benchmark_gguf(model: str | LoadedModel | None = None, **kwargs) -> list[dict]:
+    """`seap bench --backend llamacpp`: each model exported to GGUF and timed by llama.cpp at batch 1
+    (seap.export.benchmark_gguf's options: compare, plans, quant, prompt_len, gen_len, warmup, repeats, out)."""
+    from .export import benchmark_gguf as run
+
+    return run(model, **kwargs)
+
+
+def export(model: str | LoadedModel | None, out: str | Path, **kwargs) -> dict:
+    """`seap export`: a pruned folder (or a base model plus a plan expert) as GGUF for llama.cpp or as a
+    vLLM folder (seap.export.export_model's options: fmt, plan, expert, out_type, check, ...)."""
+    from .export import export_model
+
+    return export_model(model, out, **kwargs)
 
 
 # -- routing ------------------------------------------------------------------------------------
@@ -260,7 +274,6 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
     nothing is dropped; GRIFFIN's within a plan expert counts the expert's width), confidence and
     reason (the router's; None when not routed)."""
     from .decoding import generate_texts
-    from .evaluation.runner import sliced_copy
     from .experts import MultiExpertModel
     from .griffin import griffin_selection
 
@@ -279,9 +292,8 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
         if plans:
             plan = _plans(plans)[0]
-            check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
             name, _ = plan.expert(expert)
-            lm, label = sliced_copy(lm, plan, name), f"{name}+{label}"
+            lm, label = sliced(lm, plan, name), f"{name}+{label}"
         texts, out = generate_texts(lm, inputs, selection=griffin_selection(lm, g), **decode)
         names, kept = [label] * len(prompts), [out.stats["kept_fraction"]] * len(prompts)
     elif griffin_shared:

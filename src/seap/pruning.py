@@ -20,7 +20,8 @@ from ._io import write_json, write_text
 from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError
-from .models import LazyModel, LoadedModel, check_fingerprint, fingerprint, open_model
+from .models import LazyModel, LoadedModel, open_model
+from .fingerprints import check_fingerprint, fingerprint
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
 from .pruned import save_pruned
 from .runtime import Runtime, dtype_name

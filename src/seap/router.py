@@ -34,7 +34,8 @@ from ._version import __version__
 from ._io import atomic_dir, read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
-from .models import LoadedModel, check_fingerprint, fingerprint
+from .models import LoadedModel
+from .fingerprints import check_fingerprint, fingerprint
 from .plan import GENERIC, Expert
 from .tasks import TASKS, Corpus, resolve_corpus
 

@@ -7,8 +7,11 @@ of q/k/v/o); bias compensation is added to the output linears' biases, and with 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -16,8 +19,11 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import zero_bias
 from .config import SEAP_CONFIG_KEY
-from .models import check_fingerprint
+from .fingerprints import check_fingerprint
 from .plan import Expert, Plan
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 
@@ -93,6 +99,28 @@ def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int,
 
 
 @torch.no_grad()
+def plan_and_expert(spec: str | Path | Plan) -> tuple[Plan, str | None]:
+    """A plan given as a Plan, a plan folder (or a `seap prune` output), or 'FOLDER:EXPERT'."""
+    if isinstance(spec, Plan):
+        return spec, None
+    text = str(spec)
+    folder, sep, expert = text.rpartition(":")
+    if not sep or Path(text).exists() or not folder:
+        return Plan.load(text), None
+    return Plan.load(folder), expert or None
+
+
+def sliced(lm: LoadedModel, plan: str | Path | Plan, expert: str | None = None) -> LoadedModel:
+    """A physically pruned copy of `lm` for one expert of `plan` (None: the expert a 'FOLDER:EXPERT' spec
+    names, else the plan's default), refused when the plan was made for another model; `lm` stays as it is."""
+    plan, named = plan_and_expert(plan)
+    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+    name, _ = plan.expert(expert or named)
+    model = copy.deepcopy(lm.model)
+    slice_model(model, lm.adapter, plan, name, check=False)
+    return dataclasses.replace(lm, model=model)
+
+
 def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None,
                 check: bool = True) -> nn.Module:
     """Physically prune `model` in place to the plan's expert and record the result in its config.

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ..allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
-from ..models import LoadedModel, fingerprint, open_model
+from ..models import LoadedModel, open_model
+from ..fingerprints import fingerprint
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..stats import collect_stats

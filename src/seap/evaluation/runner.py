@@ -7,19 +7,19 @@ tasks. Experts are sliced from a copy of the base model, so the base stays dense
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
 from ..adapters import get_adapter
-from ..models import LoadedModel, check_fingerprint
+from ..models import LoadedModel
+from ..fingerprints import check_fingerprint
+from ..griffin import GriffinConfig
 from ..plan import GENERIC, Plan
-from ..surgery import count_params, slice_model
+from ..surgery import count_params, sliced
 from ..tasks import ACCURACY_TASKS, PAPER_METRIC, SUITE
 from .harness import WORD_PPL_TASK, TaskScore, evaluate_tasks, make_lm, paper_average
 from .perplexity import Perplexity, token_perplexity, wikitext_stream
@@ -43,10 +43,9 @@ class EvalConfig:
     xsum: int = 0  # XSum prompts to summarise (ROUGE); 0: skip
     xsum_shots: int = 1  # GRIFFIN reports XSum 1-shot; instruct models end a 0-shot prompt at once
     gen_batch_size: int = 8
-    griffin: float | None = None  # GRIFFIN density: classification mode for accuracy, experts for XSum
-    griffin_shared: bool = False  # XSum with GRIFFIN: one expert per generation batch
-    griffin_short: str = "density"  # XSum with GRIFFIN: the short-prompt fix (GriffinConfig.short)
-    griffin_prior_tokens: float = 64.0
+    # GRIFFIN (a GriffinConfig, or a density for its defaults): classification mode for accuracy at its
+    # density, its experts (shared, short-prompt fix and all) for XSum
+    griffin: GriffinConfig | None = None
     chat: bool = False  # XSum prompts as user turns of the chat template (the papers' protocol is raw)
 
     def __post_init__(self) -> None:
@@ -61,19 +60,14 @@ class EvalConfig:
             raise ConfigError(f"word perplexity documents must be >= 0, got {self.word_ppl_docs}")
         if self.xsum < 0 or self.xsum_shots not in (0, 1) or self.gen_batch_size < 1:
             raise ConfigError("XSum needs items >= 0, shots 0 or 1 and a generation batch size >= 1")
-        if self.griffin is not None and not 0 < self.griffin <= 1:
-            raise ConfigError(f"GRIFFIN density must be in (0, 1], got {self.griffin}")
-        if self.griffin_shared and self.griffin is None:
-            raise ConfigError("--griffin-shared needs --griffin DENSITY")
-        if self.griffin is not None:
-            self.griffin_config  # noqa: B018 - validates the short-prompt options
+        if isinstance(self.griffin, (int, float)) and not isinstance(self.griffin, bool):
+            object.__setattr__(self, "griffin", GriffinConfig(density=float(self.griffin)))
+        if self.griffin is not None and not isinstance(self.griffin, GriffinConfig):
+            raise ConfigError(f"griffin must be a GriffinConfig or a density, got {self.griffin!r}")
 
-    @property
-    def griffin_config(self):
-        from ..griffin import GriffinConfig
-
-        return GriffinConfig(density=self.griffin, shared=self.griffin_shared, short=self.griffin_short,
-                             prior_tokens=self.griffin_prior_tokens)
+    def to_dict(self) -> dict:
+        """JSON-ready (results files record the configuration they were measured with)."""
+        return {**self.__dict__, "griffin": None if self.griffin is None else asdict(self.griffin)}
 
 
 @dataclass
@@ -121,7 +115,7 @@ def _generation_and_perplexity(report: EvalReport, model, tokenizer, cfg: EvalCo
         lm = LoadedModel(model, tokenizer, get_adapter(model), None)  # type: ignore[arg-type]
         report.generation = evaluate_xsum(lm, data_dir=cfg.data_dir, limit=cfg.xsum, shots=cfg.xsum_shots,
                                           batch_size=cfg.gen_batch_size,
-                                          density=cfg.griffin_config if cfg.griffin is not None else None,
+                                          density=cfg.griffin,
                                           label=report.label,
                                           chat=cfg.chat).to_dict()
     if cfg.griffin is not None and (cfg.token_ppl or cfg.word_ppl_docs != 0):
@@ -144,7 +138,7 @@ def _accuracy_lm(lm: LoadedModel, cfg: EvalConfig):
     if cfg.griffin is not None:
         from .generation import make_classification_lm
 
-        return make_classification_lm(lm, cfg.griffin, max_length=cfg.max_length)
+        return make_classification_lm(lm, cfg.griffin.density, max_length=cfg.max_length)
     return make_lm(lm.model, lm.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 
@@ -155,20 +149,13 @@ def evaluate_model(lm: LoadedModel, cfg: EvalConfig | None = None, *, label: str
     report = EvalReport(label, count_params(lm.model))
     hf = _accuracy_lm(lm, cfg)
     if cfg.griffin is not None:
-        report.meta["griffin"] = {"density": cfg.griffin, "accuracy": "classification mode (batch size 1)"}
+        report.meta["griffin"] = {"density": cfg.griffin.density, "accuracy": "classification mode (batch size 1)"}
     if cfg.tasks:
         report.scores, report.items = evaluate_tasks(hf, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
                                                      log_samples=True)
         report.experts = {t: expert or label for t in cfg.tasks}
     _generation_and_perplexity(report, lm.model, lm.tokenizer, cfg, hf)
     return report
-
-
-def sliced_copy(lm: LoadedModel, plan: Plan, expert: str) -> LoadedModel:
-    """A physically pruned copy of the base model; the base stays untouched."""
-    model = copy.deepcopy(lm.model)
-    slice_model(model, lm.adapter, plan, expert, check=False)
-    return dataclasses.replace(lm, model=model)
 
 
 def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *, experts: str = TASK_EXPERTS,
@@ -181,7 +168,7 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
     label = label or f"{plan.meta['method']}@{plan.meta['target_ratio']:g} ({experts})"
     if experts != TASK_EXPERTS:
         name, _ = plan.expert(experts)
-        pruned = sliced_copy(lm, plan, name)
+        pruned = sliced(lm, plan, name)
         report = evaluate_model(pruned, cfg, label=label, expert=name)
         report.meta.update({"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
                             "achieved_ratio": plan.experts[name].stats.get("achieved_ratio")})
@@ -196,7 +183,7 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
         if name not in plan.experts:
             raise ConfigError(f"plan has no expert {name!r} for tasks {tasks}")
         log.info("expert %s on %s", name, ", ".join(tasks))
-        pruned = sliced_copy(lm, plan, name)
+        pruned = sliced(lm, plan, name)
         hf = _accuracy_lm(pruned, cfg)
         scores, items = evaluate_tasks(hf, tasks, data_dir=cfg.data_dir, limit=cfg.limit, log_samples=True)
         report.scores.update(scores)
@@ -209,7 +196,7 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
     if cfg.token_ppl or cfg.word_ppl_docs != 0 or cfg.xsum:
         # Language modelling (and summarisation) has no task expert: perplexity comes from the generic expert when the plan has one.
         name = GENERIC if GENERIC in plan.experts else default
-        pruned = sliced_copy(lm, plan, name)
+        pruned = sliced(lm, plan, name)
         _generation_and_perplexity(report, pruned.model, pruned.tokenizer, cfg,
                       make_lm(pruned.model, pruned.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length))
         report.meta["perplexity_expert"] = name

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .._io import write_json, write_text
 from ..errors import ConfigError, DataError
-from ..models import LoadedModel, check_fingerprint, open_model
+from ..models import LoadedModel, open_model
+from ..surgery import plan_and_expert, sliced
 from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
 from .source import ExportSource, open_source
 from .vllm import VLLMExport, export_vllm
@@ -20,16 +21,6 @@ from .vllm import VLLMExport, export_vllm
 log = logging.getLogger(__name__)
 
 FORMATS = ("gguf", "vllm")
-
-
-def _with_plan(lm: LoadedModel, plan, expert: str | None) -> LoadedModel:
-    from ..evaluation.runner import sliced_copy
-    from ..plan import Plan
-
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
-    name, _ = plan.expert(expert)
-    return sliced_copy(lm, plan, name)
 
 
 def check_text_tokens(lm: LoadedModel, n: int, data_dir: str | Path | None) -> tuple[list[int], str]:
@@ -75,7 +66,7 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
     if src is None:
         lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
         if plan is not None:
-            lm = _with_plan(lm, plan, expert)
+            lm = sliced(lm, plan, expert)
         src = ExportSource.of(lm)
     if fmt == "vllm":
         res: GGUFExport | VLLMExport = export_vllm(src, out, tensor_parallel=tensor_parallel, progress=progress)
@@ -120,11 +111,11 @@ def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[
     for path in compare:
         add(Path(path).stem if str(path).endswith(".gguf") else Path(path).name, str(path))
     for spec in plans:
-        folder, _, expert = str(spec).partition(":")
         if not isinstance(base, LoadedModel):
             raise ConfigError("--plan needs the base model as --model (a bundled name, folder or hub id), not a .gguf")
-        pruned = _with_plan(base, folder, expert or None)
-        add(f"{Path(folder).parent.name or folder}:{expert or 'default'}", pruned)
+        plan, expert = plan_and_expert(spec)
+        name, _ = plan.expert(expert)
+        add(f"{plan.meta['method']}@{plan.meta['target_ratio']:g}:{name}", sliced(base, plan, name))
     speeds = bench_gguf(paths, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeats=repeats)
     rows = speed_rows(speeds, "dense")
     config = {"backend": "llamacpp", "quant": quant, "prompt_len": prompt_len, "gen_len": gen_len,
