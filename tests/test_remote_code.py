@@ -5,12 +5,13 @@ size. The logits equal seap's loader's."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TEXTS, tiny_folder
+from conftest import SHARED_DATA, TEXTS, has_shared_data, tiny_folder
 
 import seap
 
@@ -64,3 +65,37 @@ def test_uniform_folder_needs_no_remote_code(tmp_path):
     seap.prune(str(folder), cfg, out=tmp_path / "out", progress=False)
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert "auto_map" not in config and not (tmp_path / "out" / "model" / "modeling_seap.py").exists()
+
+
+LM_EVAL = """
+import sys
+sys.modules["seap"] = None  # lm-eval's own CLI, in a process where seap cannot be imported
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval"] + sys.argv[1:]
+cli_evaluate()
+"""
+
+
+@pytest.mark.skipif(not has_shared_data(), reason="needs ../shared/data (piqa validation)")
+def test_lm_eval_cli_scores_a_per_layer_folder_as_seap_does(tmp_path):
+    from seap.evaluation.harness import write_task_folder
+    from seap.evaluation.runner import EvalConfig, evaluate_model
+
+    folder = tiny_folder(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS * 4))
+    cfg = seap.PruneConfig.from_method("seap-paper", ratio=0.5, protect_first=0, protect_last=0)
+    seap.prune(str(folder), cfg, seap.CalibrationData((str(corpus),), batch_size=2), tmp_path / "out", progress=False)
+    model_dir = tmp_path / "out" / "model"
+    write_task_folder(["piqa"], SHARED_DATA, tmp_path / "tasks")
+    args = ["--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+            "--tasks", "piqa", "--include_path", str(tmp_path / "tasks"), "--limit", "12", "--batch_size", "4",
+            "--output_path", str(tmp_path / "lm_eval")]
+    run = subprocess.run([sys.executable, "-c", LM_EVAL, *args], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next((tmp_path / "lm_eval").rglob("results*.json")).read_text())["results"]["piqa"]
+    ours = evaluate_model(seap.load(model_dir), EvalConfig(tasks=("piqa",), data_dir=str(SHARED_DATA), limit=12,
+                                                           batch_size=4, token_ppl=False))
+    assert results["acc,none"] == ours.scores["piqa"].metrics["acc"]
+    assert results["acc_norm,none"] == ours.scores["piqa"].metrics["acc_norm"]
