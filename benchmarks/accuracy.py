@@ -39,8 +39,8 @@ def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATI
                 experts = "wikitext2-tail" if protocol == "wikitext-tail" else protocol
                 rep = evaluate_plan(lm, plan, cfg, experts=experts, label=f"{row} {int(ratio * 100)}%")
             data = rep.to_dict()
-            if method is not None and "reconstruction" in plan.meta:
-                data["reconstruction"] = plan.meta["reconstruction"]
+            if method is not None and "reconstruction" in plan.meta.extra:
+                data["reconstruction"] = plan.meta.extra["reconstruction"]
             data.update(row=row, ratio=ratio, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.to_dict())
             write(path, data)

@@ -145,7 +145,7 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
         {t: texts[t] for t in TASKS}
     t0 = time.time()
     reconstruct_plan(lm, plan, corpora, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=8, max_length=512, progress=False)
-    plan.meta["reconstruction"] = {"seconds": round(time.time() - t0, 1),
+    plan.meta.extra["reconstruction"] = {"seconds": round(time.time() - t0, 1),
                                    "errors": {n: error_summary(plan.experts[n]) for n in corpora}}
 
 

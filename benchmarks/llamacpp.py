@@ -108,7 +108,7 @@ def llamacpp_default(model_name: str = "smollm2-135m") -> None:
                               progress=False)
         types = {p.stem: tensor_types(p) for p in (work / "bench" / "gguf").glob("*.gguf")}
         write(path, {"model": model_name, "command": DEFAULT_CMD, "ffn_widths": res.widths,
-                      "config": res.plan.meta["config"], "rows": rows, "tensor_types": types,
+                      "config": res.plan.meta.config, "rows": rows, "tensor_types": types,
                       "seconds": round(time.time() - t0, 1)})
         log.info("%s default prune: Q8_0 decode x%.2f", model_name, rows[1]["decode_ratio"])
 

@@ -56,8 +56,8 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
             data = rep.to_dict()
             data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),
-                        eval_config=cfg.to_dict(), widths=plan.experts[plan.meta["tasks"][0]].widths(),
-                        schedule=plan.meta["config"].get("schedule"))
+                        eval_config=cfg.to_dict(), widths=plan.experts[plan.meta.tasks[0]].widths(),
+                        schedule=plan.meta.config.get("schedule"))
             write(path, data)
             log.info("%s %s: average %.4f in %.0fs", model_name, row, rep.average[0], time.time() - t0)
             gc.collect()

@@ -79,7 +79,7 @@ def test_layer_whose_ffn_does_nothing_has_zero_sensitivity():
     mask = enc["attention_mask"].bool()
     with torch.no_grad():
         ref = lm.model(**enc, output_hidden_states=True).hidden_states[-1]
-        with masked(lm.model, lm.adapter, Plan({}, {"x": Expert(ffn)}), "x"):
+        with masked(lm.model, lm.adapter, Plan.probe({"x": Expert(ffn)}), "x"):
             got = lm.model(**enc, output_hidden_states=True).hidden_states[-1]
     cos = torch.nn.functional.cosine_similarity(got[mask].double(), ref[mask].double(), dim=-1)
     assert cos_d == pytest.approx(1 - float(cos.mean()), rel=1e-4)
@@ -108,8 +108,8 @@ def test_sensitivity_writes_a_schedule_that_prunes_at_the_ratio(tiny_fit):
     ex = plan.experts["t"]
     assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=96 / 2 / ex.stats["prunable_params"])
     assert ex.widths()[0] == ex.widths()[-1] == 64  # the layers left out of the fit stay dense
-    assert plan.meta["config"]["schedule"]["k"] == sched.k and plan.meta["config"]["k"] == sched.k
-    assert PruneConfig(**plan.meta["config"]).schedule == sched  # the record reads back as the same value
+    assert plan.meta.config["schedule"]["k"] == sched.k and plan.meta.config["k"] == sched.k
+    assert PruneConfig(**plan.meta.config).schedule == sched  # the record reads back as the same value
 
 
 @pytest.mark.parametrize("k,x0", [(8.0, 0.2), (-5.0, 0.9), (0.0, 0.5), (20.0, 1.5), (-20.0, -0.5)])

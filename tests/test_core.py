@@ -8,7 +8,7 @@ from conftest import TEXTS, make_loaded, plan_for
 
 from seap.config import PruneConfig
 from seap.fingerprints import fingerprint
-from seap.plan import Expert, Plan
+from seap.plan import Expert, Plan, PlanRecord
 from seap.pruned import load_pruned, save_pruned
 from seap.stats import ActivationStats, ChannelStats, collect_stats
 from seap.surgery import masked, slice_model
@@ -21,8 +21,8 @@ def keep_all_plan(lm):
     g = lm.adapter.head_geometry(layers[0])
     ex = Expert([torch.arange(lm.adapter.d_ff(l)) for l in layers],
                 [torch.arange(g.num_heads) for _ in layers] if not g.is_gqa else None, stats={"achieved_ratio": 0.0})
-    meta = {"base_model": "tiny", "fingerprint": fingerprint(lm.model, lm.adapter), "method": "none",
-            "target_ratio": 0.0, "head_unit": None if g.is_gqa else "heads"}
+    meta = PlanRecord(base_model="tiny", fingerprint=fingerprint(lm.model, lm.adapter), method="none", config={},
+                      target_ratio=0.0, tasks=["all"], head_unit=None if g.is_gqa else "heads")
     return Plan(meta, {"all": ex})
 
 

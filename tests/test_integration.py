@@ -58,7 +58,7 @@ def test_task_experts_from_shared_data(tmp_path):
     assert res.expert == "generic"
     for ex in res.plan.experts.values():
         assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=1e-3)
-    assert res.plan.meta["corpora"]["arc_easy"]["n_texts"] == 24
+    assert res.plan.meta.corpora["arc_easy"]["n_texts"] == 24
 
 
 def _env():

@@ -290,7 +290,7 @@ def test_prune_cli_with_reconstruction(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert "reconstruction" in summary["stage_seconds"]
     plan = Plan.load(out / "plan")
-    rec = plan.experts[plan.meta["default_expert"]].stats["reconstruction"]
+    rec = plan.experts[plan.meta.default_expert].stats["reconstruction"]
     assert (rec["mode"], rec["ridge"], rec["centered"]) == ("refit", 0.1, False)
     assert sum(rec["ffn_error"]["refit"]) < sum(rec["ffn_error"]["none"])
     capsys.readouterr()

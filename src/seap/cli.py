@@ -172,12 +172,12 @@ def _bench(pipeline, args, rt) -> None:
                                        repeats=args.repeats, out=args.out, runtime=rt)
         print(gguf_markdown(rows), end="")
     else:
+        griffin = [_griffin(args, d) for d in args.griffin] if args.griffin else _griffin(args, None) or []
         cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=tuple(args.batch or (1, 8)),
                           warmup=args.warmup, repeats=args.repeats, decode_path=args.decode_path)
         rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
-                                  griffin=[_griffin(args, d) for d in args.griffin], prompts=args.prompts,
-                                  data_dir=args.data_dir, griffin_shared=args.griffin_shared, runtime=rt,
-                                  chat=bool(args.chat))
+                                  griffin=griffin, prompts=args.prompts,
+                                  data_dir=args.data_dir, runtime=rt, chat=bool(args.chat))
         print(speed_markdown(rows), end="")
     print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
 

@@ -125,7 +125,7 @@ class MultiExpertModel:
                  experts: Sequence[str] | None = None, materialize: bool = True):
         all_experts, owner = merge_experts(plans)
         for plan in {id(p): p for p in owner.values()}.values():
-            check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+            check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter)
         if router is not None:
             router.check_model(lm.model, lm.adapter)
             router.check_experts(all_experts)

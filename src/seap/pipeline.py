@@ -61,12 +61,12 @@ def info(path: str | Path) -> dict:
         return {"kind": "prune output", "folder": str(path), **{k: info(p) for k, p in parts.items()}}
     if (path / "plan.json").is_file():
         plan = Plan.load(path)
-        arch = plan.meta["fingerprint"]["arch"]
+        arch = plan.meta.fingerprint["arch"]
         return {
-            "kind": "plan", "base_model": plan.meta["base_model"], "method": plan.meta["method"],
-            "score": plan.meta["config"]["score"], "allocation": plan.meta["config"]["allocation"],
-            "target_ratio": plan.meta["target_ratio"], "head_unit": plan.head_unit,
-            "dense_ffn_widths": arch["d_ff"], "default_expert": plan.meta.get("default_expert"),
+            "kind": "plan", "base_model": plan.meta.base_model, "method": plan.meta.method,
+            "score": plan.meta.config["score"], "allocation": plan.meta.config["allocation"],
+            "target_ratio": plan.meta.target_ratio, "head_unit": plan.head_unit,
+            "dense_ffn_widths": arch["d_ff"], "default_expert": plan.meta.default_expert,
             "experts": {n: _expert_info(e) for n, e in plan.experts.items()},
         }
     if (path / "config.json").is_file():
@@ -117,7 +117,7 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
     elif plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         if dyn and label is None:
-            label = f"{plan.meta['method']}@{plan.meta['target_ratio']:g} ({experts})+{dyn}"
+            label = f"{plan.meta.label} ({experts})+{dyn}"
         report = evaluate_plan(lm, plan, config, experts=experts, label=label)
     elif extra_plans:
         raise ConfigError("several plans are only used with --routed")
@@ -134,10 +134,9 @@ def evaluate(model: str | LoadedModel | None = None, *, plan: str | Path | Plan 
 def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] = (),
               plans: Sequence[str] = (), config=None, out: str | Path | None = None,
               griffin: Sequence[float | GriffinConfig] = (), prompts: str | None = None,
-              data_dir: str | Path | None = None,
-              griffin_shared: bool = False, runtime: Runtime | None = None, chat: bool = False):
-    """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN at each
-    density on the base model; `griffin_shared`: one expert per batch), timed in one process.
+              data_dir: str | Path | None = None, runtime: Runtime | None = None, chat: bool = False):
+    """`seap bench`: the dense model and each pruned folder / plan expert (and GRIFFIN on the base model
+    as each GriffinConfig says, or at each density with its defaults), timed in one process.
     `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
     prompt texts instead of random tokens; `chat` wraps them in the chat template."""
     from .bench import bench_models, speed_markdown, speed_table
@@ -148,12 +147,10 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     for spec in plans:
         p, expert = plan_and_expert(spec)
         name, _ = p.expert(expert)
-        models[f"{p.meta['method']}@{p.meta['target_ratio']:g}:{name}"] = sliced(lm, p, name)
+        models[f"{p.meta.label}:{name}"] = sliced(lm, p, name)
     dynamic = {}
-    if griffin_shared and not griffin:
-        raise ConfigError("--griffin-shared needs --griffin DENSITY")
     for d in griffin:
-        g = d if isinstance(d, GriffinConfig) else GriffinConfig(density=d, shared=griffin_shared)
+        g = d if isinstance(d, GriffinConfig) else GriffinConfig(density=d)
         models[g.label], dynamic[g.label] = lm, g
     texts = resolve_corpus(prompts, data_dir=data_dir).texts if prompts else None
     if chat and texts is None:
@@ -208,7 +205,7 @@ def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Pla
     loaded = _plans(plans)
     experts, owner = merge_experts(loaded)
     for p in loaded:
-        check_fingerprint(p.meta["fingerprint"], lm.model, lm.adapter)
+        check_fingerprint(p.meta.fingerprint, lm.model, lm.adapter)
     t0 = time.time()
     router = fit(lm, experts, config, data_dir=data_dir, split=split, tasks=tasks)
     router.meta["fit_seconds"] = round(time.time() - t0, 1)
@@ -263,10 +260,10 @@ def explain(model: str | LoadedModel | None, router: str | Path | Router, prompt
 def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: Sequence[str | Path | Plan] = (),
              router: str | Path | Router | None = None, expert: str | None = None,
              max_new_tokens: int = 64, griffin: float | GriffinConfig | None = None, stop: Sequence[str] = (),
-             griffin_shared: bool = False, runtime: Runtime | None = None, chat: bool | None = None) -> list[dict]:
+             runtime: Runtime | None = None, chat: bool | None = None) -> list[dict]:
     """`seap generate`: greedy continuations on the dense model, one expert, or routed experts;
     with `griffin`, per-prompt GRIFFIN experts at that density or as that GriffinConfig says (within the
-    plan's expert if given; `griffin_shared`: one expert for all the prompts, decoded as one batch). `chat`: each prompt as a
+    plan's expert if given; GriffinConfig(shared=True): one expert for all the prompts, decoded as one batch). `chat`: each prompt as a
     user turn of the tokenizer's chat template (None: when the model has one; every row says).
 
     Every path decodes with seap.decoding.greedy and gives rows of one shape: prompt, expert, text,
@@ -286,7 +283,7 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
     decode = dict(max_new_tokens=max_new_tokens, stop=stop, special_tokens=not templated)
     routes: list[Route] | None = None
     if griffin is not None:
-        g = griffin if isinstance(griffin, GriffinConfig) else GriffinConfig(density=griffin, shared=griffin_shared)
+        g = griffin if isinstance(griffin, GriffinConfig) else GriffinConfig(density=griffin)
         label = g.label
         if router is not None:
             raise ConfigError("--griffin composes with one plan expert (--plan [--expert]), not with --router")
@@ -296,8 +293,6 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
             lm, label = sliced(lm, plan, name), f"{name}+{label}"
         texts, out = generate_texts(lm, inputs, selection=griffin_selection(lm, g), **decode)
         names, kept = [label] * len(prompts), [out.stats["kept_fraction"]] * len(prompts)
-    elif griffin_shared:
-        raise ConfigError("--griffin-shared needs --griffin DENSITY")
     elif not plans:
         if router is not None or expert is not None:
             raise ConfigError("--router and --expert need the plan(s) their experts come from: add --plan")

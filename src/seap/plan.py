@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -60,20 +60,68 @@ class Expert:
 
 
 @dataclass
+class PlanRecord:
+    """What a plan was made from and how (plan.json besides its experts)."""
+
+    base_model: str
+    fingerprint: dict  # of the base model (seap.fingerprints): the plan is refused on another one
+    method: str
+    config: dict  # the PruneConfig, as a dict
+    target_ratio: float
+    tasks: list[str]
+    default_expert: str | None = None
+    head_unit: str | None = None  # "heads", "kv_groups" or None (FFN only)
+    revision: str | None = None
+    corpora: dict = field(default_factory=dict)  # per task: what its statistics were collected on
+    seap_version: str | None = None
+    extra: dict = field(default_factory=dict)  # anything else recorded beside (e.g. a benchmark's timings)
+
+    @property
+    def label(self) -> str:
+        """How reports name the plan: method@ratio."""
+        return f"{self.method}@{self.target_ratio:g}"
+
+    @property
+    def arch(self) -> dict:
+        return self.fingerprint["arch"]
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlanRecord:
+        """From plan.json; KeyError names a missing required field."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        for key in ("base_model", "fingerprint", "method", "config", "target_ratio", "tasks"):
+            if key not in data:
+                raise KeyError(key)
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names and k not in ("format", "version")})
+
+
+@dataclass
 class Plan:
-    meta: dict
+    meta: PlanRecord
     experts: dict[str, Expert]
 
     @property
     def head_unit(self) -> str | None:
-        return self.meta.get("head_unit")
+        return self.meta.head_unit
 
     def expert(self, name: str | None = None) -> tuple[str, Expert]:
         if name is None:
-            name = self.meta.get("default_expert") or next(iter(self.experts))
+            name = self.meta.default_expert or next(iter(self.experts))
         if name not in self.experts:
             raise ConfigError(f"plan has no expert {name!r}: choose one of {', '.join(self.experts)}")
         return name, self.experts[name]
+
+    @classmethod
+    def probe(cls, experts: dict[str, Expert]) -> Plan:
+        """A plan of hand-made experts for measurements in memory (masking one layer, say): no base
+        model recorded, so it cannot be saved usefully or checked against a model."""
+        return cls(PlanRecord(base_model="", fingerprint={}, method="probe", config={}, target_ratio=0.0,
+                              tasks=list(experts)), experts)
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -83,7 +131,7 @@ class Plan:
             for kind in KINDS:
                 for i, t in enumerate(getattr(ex, kind) or []):
                     tensors[f"{name}/{kind}.{i}"] = t.contiguous()
-        meta = dict(self.meta, format=PLAN_FORMAT, version=PLAN_VERSION,
+        meta = dict(self.meta.to_dict(), format=PLAN_FORMAT, version=PLAN_VERSION,
                     experts={n: {"widths": e.widths(), **e.stats} for n, e in self.experts.items()})
         with atomic_dir(folder) as tmp:
             save_file(tensors, str(tmp / "indices.safetensors"))
@@ -110,9 +158,10 @@ class Plan:
                 if ex.ffn is None or ex.widths() != info["widths"]:
                     raise KeyError(f"{name}/ffn")
                 experts[name] = ex
+            record = PlanRecord.from_dict({k: v for k, v in meta.items() if k != "experts"})
         except (KeyError, TypeError, AttributeError) as err:
             raise ArtifactError(f"plan {folder} is incomplete (missing {err}): prune again") from None
-        return cls({k: v for k, v in meta.items() if k != "experts"}, experts)
+        return cls(record, experts)
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -244,12 +293,10 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
         experts[GENERIC] = build_expert(cfg, adapter, model, ffn_g, head_g, head_unit, merged, weights)
         experts[GENERIC].stats["weights"] = task_weights
     default = GENERIC if cfg.generic or len(stats_by_task) > 1 else next(iter(stats_by_task))
-    meta = {
-        "base_model": base_model, "revision": revision, "fingerprint": fingerprint,
-        "method": cfg.method, "config": cfg.to_dict(), "target_ratio": cfg.ratio,
-        "head_unit": head_unit, "tasks": list(stats_by_task), "default_expert": default,
-        "corpora": {t: (None if s is None else {k: v for k, v in s.meta.items() if k != "fingerprint"})
-                    for t, s in stats_by_task.items()},
-        "seap_version": __version__,
-    }
+    meta = PlanRecord(
+        base_model=base_model, revision=revision, fingerprint=fingerprint, method=cfg.method, config=cfg.to_dict(),
+        target_ratio=cfg.ratio, head_unit=head_unit, tasks=list(stats_by_task), default_expert=default,
+        corpora={t: (None if s is None else {k: v for k, v in s.meta.items() if k != "fingerprint"})
+                 for t, s in stats_by_task.items()},
+        seap_version=__version__)
     return Plan(meta, experts)

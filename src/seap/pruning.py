@@ -123,9 +123,9 @@ class PruneResult:
     def summary(self) -> dict:
         ex = self.plan.experts[self.expert]
         return {
-            "base_model": self.plan.meta["base_model"], "method": self.plan.meta["method"],
+            "base_model": self.plan.meta.base_model, "method": self.plan.meta.method,
             "expert": self.expert, "experts": list(self.plan.experts),
-            "target_ratio": self.plan.meta["target_ratio"], "achieved_ratio": ex.stats["achieved_ratio"],
+            "target_ratio": self.plan.meta.target_ratio, "achieved_ratio": ex.stats["achieved_ratio"],
             "params_before": self.params_before, "params_after": self.params_after,
             "total_reduction": 1 - self.params_after / self.params_before,
             "ffn_params_before": self.ffn_before, "ffn_params_after": self.ffn_after,
@@ -310,7 +310,7 @@ def apply(model: Model, plan: str | Path | Plan, *, expert: str | None = None, o
     if isinstance(lm, LazyModel) and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter, weights=lm.weights)
+    check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter, weights=lm.weights)
     res = _materialise(lm, plan, expert, Path(out) if out else None, parse_size(shard_size), progress)
     res.out = Path(out) if out else None
     res.seconds = time.time() - t0

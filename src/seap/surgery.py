@@ -114,7 +114,7 @@ def sliced(lm: LoadedModel, plan: str | Path | Plan, expert: str | None = None) 
     """A physically pruned copy of `lm` for one expert of `plan` (None: the expert a 'FOLDER:EXPERT' spec
     names, else the plan's default), refused when the plan was made for another model; `lm` stays as it is."""
     plan, named = plan_and_expert(plan)
-    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
+    check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter)
     name, _ = plan.expert(expert or named)
     model = copy.deepcopy(lm.model)
     slice_model(model, lm.adapter, plan, name, check=False)
@@ -127,7 +127,7 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
 
     Works on an empty (meta) skeleton too: that gives the pruned layout without any weights."""
     if check:
-        check_fingerprint(plan.meta["fingerprint"], model, adapter)
+        check_fingerprint(plan.meta.fingerprint, model, adapter)
     name, ex = plan.expert(expert)
     layers = adapter.layers(model)
     ffn_out_native = adapter.supports_native_ffn_out_bias(model.config)
@@ -145,18 +145,18 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
     widths = [adapter.d_ff(layer) for layer in layers]
     record = {
         "ffn_widths": widths,
-        "dense_ffn_width": int(plan.meta["fingerprint"]["arch"]["d_ff"][0]),
+        "dense_ffn_width": int(plan.meta.fingerprint["arch"]["d_ff"][0]),
         "num_heads": heads or None,
         "num_kv_heads": kv_heads or None,
         "ffn_out_bias": ex.ffn_bias is not None,
         "ffn_out_bias_native": bool(ex.ffn_bias is not None and ffn_out_native),
         "attn_out_bias": attn_bias,
-        "base_model": plan.meta["base_model"],
-        "method": plan.meta["method"],
+        "base_model": plan.meta.base_model,
+        "method": plan.meta.method,
         "expert": name,
-        "target_ratio": plan.meta["target_ratio"],
+        "target_ratio": plan.meta.target_ratio,
         "achieved_ratio": ex.stats.get("achieved_ratio"),
-        "seap_version": plan.meta.get("seap_version"),
+        "seap_version": plan.meta.seap_version,
     }
     setattr(model.config, SEAP_CONFIG_KEY, record)
     if len(set(widths)) == 1:

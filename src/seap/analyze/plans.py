@@ -43,7 +43,7 @@ def _load(plans: Sequence[str | Path | Plan]) -> list[tuple[str, Plan]]:
     if not plans:
         raise ConfigError("give at least one plan (--plan DIR)")
     loaded = [(str(p), p if isinstance(p, Plan) else Plan.load(p)) for p in plans]
-    hashes = {p.meta["fingerprint"]["arch_hash"] for _, p in loaded}
+    hashes = {p.meta.fingerprint["arch_hash"] for _, p in loaded}
     if len(hashes) > 1:
         raise ConfigError("these plans were made for different models: compare plans of one base model")
     return loaded
@@ -51,7 +51,7 @@ def _load(plans: Sequence[str | Path | Plan]) -> list[tuple[str, Plan]]:
 
 def _label(plan: Plan) -> str:
     """A short plan name: its allocation and ratio."""
-    return f"{plan.meta.get('config', {}).get('allocation', '?')}@{plan.meta['target_ratio']:g}"
+    return f"{plan.meta.config.get('allocation', '?')}@{plan.meta.target_ratio:g}"
 
 
 def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] | None = None,
@@ -67,7 +67,7 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     labels = [_label(p) for _, p in loaded]
     if len(set(labels)) < len(labels):  # two plans that read alike: number them
         labels = [f"{label}#{i + 1}" for i, label in enumerate(labels)]
-    dense = loaded[0][1].meta["fingerprint"]["arch"]["d_ff"]
+    dense = loaded[0][1].meta.fingerprint["arch"]["d_ff"]
     chosen, kept, widths = {}, {}, {}
     for label, (_, plan) in zip(labels, loaded):
         for name, ex in plan.experts.items():
@@ -91,13 +91,13 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     mean = [[1.0 if a == b else mean_of(a, b) for b in names] for a in names]
     chance = {f"{a} vs {b}": sum(chance_jaccard(dense[l], len(chosen[a][l]), len(chosen[b][l])) for l in pruned(a, b))
               / len(pruned(a, b)) for a, b in combinations(names, 2)}
-    plan_info = [{"folder": path, "label": label, "method": p.meta["method"], "target_ratio": p.meta["target_ratio"],
-                  "allocation": p.meta.get("config", {}).get("allocation"),
-                  "k": p.meta.get("config", {}).get("k"), "x0": p.meta.get("config", {}).get("x0"),
+    plan_info = [{"folder": path, "label": label, "method": p.meta.method, "target_ratio": p.meta.target_ratio,
+                  "allocation": p.meta.config.get("allocation"),
+                  "k": p.meta.config.get("k"), "x0": p.meta.config.get("x0"),
                   # plans made before the schedule was a value recorded it as "fitted"
-                  "schedule": p.meta.get("config", {}).get("schedule", p.meta.get("config", {}).get("fitted"))}
+                  "schedule": p.meta.config.get("schedule", p.meta.config.get("fitted"))}
                  for label, (path, p) in zip(labels, loaded)]
-    data = {"base_model": loaded[0][1].meta["base_model"], "plans": plan_info, "dense_widths": dense,
+    data = {"base_model": loaded[0][1].meta.base_model, "plans": plan_info, "dense_widths": dense,
             "widths": widths, "kept_fraction": kept, "jaccard": {"names": names, "mean": mean, "by_layer": per_layer,
                                                                    "chance": chance}}
     rows = [(k, f"{sum(w) / sum(dense):.3f}", f"{min(kept[k]):.2f}..{max(kept[k]):.2f}") for k, w in widths.items()]

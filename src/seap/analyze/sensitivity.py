@@ -212,7 +212,7 @@ def _dense(lm: LoadedModel, texts: Sequence[str], cfg: SensitivityConfig) -> lis
 def _probe_plan(widths: Sequence[int], layer: int, keep: torch.Tensor) -> Plan:
     """A one-expert plan that keeps everything except layer `layer`'s removed channels."""
     ffn = [keep if i == layer else torch.arange(w) for i, w in enumerate(widths)]
-    return Plan({}, {"probe": Expert(ffn)})
+    return Plan.probe({"probe": Expert(ffn)})
 
 
 @torch.no_grad()

@@ -106,10 +106,10 @@ def evaluate_routed(lm: LoadedModel, plans: Plan | Sequence[Plan], router: Route
     cfg = cfg or EvalConfig()
     multi = MultiExpertModel(lm, plans, router)
     plan = next(iter(multi._owner.values()))
-    label = label or f"{plan.meta['method']}@{plan.meta['target_ratio']:g} (routed)"
+    label = label or f"{plan.meta.label} (routed)"
     hf = make_routed_lm(multi, batch_size=cfg.batch_size, max_length=cfg.max_length)
     params = expert_params(multi)
-    report = EvalReport(label, 0, meta={"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
+    report = EvalReport(label, 0, meta={"plan_method": plan.meta.method, "target_ratio": plan.meta.target_ratio,
                                         "router_threshold": router.threshold, "memory": multi.memory()})
     if cfg.tasks:
         report.scores, report.items = evaluate_tasks(hf, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,

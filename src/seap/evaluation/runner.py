@@ -164,20 +164,20 @@ def evaluate_plan(lm: LoadedModel, plan: Plan, cfg: EvalConfig | None = None, *,
     without an expert of their name fall back to the plan's default expert); any expert name
     evaluates that expert on every task."""
     cfg = cfg or EvalConfig()
-    check_fingerprint(plan.meta["fingerprint"], lm.model, lm.adapter)
-    label = label or f"{plan.meta['method']}@{plan.meta['target_ratio']:g} ({experts})"
+    check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter)
+    label = label or f"{plan.meta.label} ({experts})"
     if experts != TASK_EXPERTS:
         name, _ = plan.expert(experts)
         pruned = sliced(lm, plan, name)
         report = evaluate_model(pruned, cfg, label=label, expert=name)
-        report.meta.update({"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
+        report.meta.update({"plan_method": plan.meta.method, "target_ratio": plan.meta.target_ratio,
                             "achieved_ratio": plan.experts[name].stats.get("achieved_ratio")})
         return report
     default, _ = plan.expert(None)
     by_expert: dict[str, list[str]] = {}
     for task in cfg.tasks:
         by_expert.setdefault(task if task in plan.experts else default, []).append(task)
-    report = EvalReport(label, 0, meta={"plan_method": plan.meta["method"], "target_ratio": plan.meta["target_ratio"],
+    report = EvalReport(label, 0, meta={"plan_method": plan.meta.method, "target_ratio": plan.meta.target_ratio,
                                         "params_by_expert": {}})
     for name, tasks in by_expert.items():
         if name not in plan.experts:

@@ -115,7 +115,7 @@ def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[
             raise ConfigError("--plan needs the base model as --model (a bundled name, folder or hub id), not a .gguf")
         plan, expert = plan_and_expert(spec)
         name, _ = plan.expert(expert)
-        add(f"{plan.meta['method']}@{plan.meta['target_ratio']:g}:{name}", sliced(base, plan, name))
+        add(f"{plan.meta.label}:{name}", sliced(base, plan, name))
     speeds = bench_gguf(paths, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeats=repeats)
     rows = speed_rows(speeds, "dense")
     config = {"backend": "llamacpp", "quant": quant, "prompt_len": prompt_len, "gen_len": gen_len,

@@ -104,7 +104,7 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
         from ..plan import Plan
 
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        check_fingerprint(plan.meta["fingerprint"], lazy.model, lazy.adapter, weights=lazy.weights)
+        check_fingerprint(plan.meta.fingerprint, lazy.model, lazy.adapter, weights=lazy.weights)
         stream = _checked(stream_pruned_tensors(ckpt, config, plan, expert, dtype), ModelError,
                           "download the checkpoint again")
     else:
