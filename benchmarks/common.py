@@ -193,3 +193,18 @@ def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
         variances.append(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
     k = len(deltas)
     return sum(deltas) / k, math.sqrt(sum(variances)) / k
+
+
+def common_averages(row: dict, ref: dict) -> tuple[float, float, int]:
+    """The six-task averages of two rows on the items both scored (the first N of each task, as lm-eval's
+    --limit takes them), and that N: rows measured at different N compare on their common items."""
+    a, b, n = [], [], None
+    for task in TASKS:
+        x, y = row["items"].get(task), ref["items"].get(task)
+        if not x or not y:
+            continue
+        k = min(len(x), len(y))
+        a.append(sum(x[:k]) / k)
+        b.append(sum(y[:k]) / k)
+        n = k if n is None else max(n, k)
+    return sum(a) / len(a), sum(b) / len(b), n or 0

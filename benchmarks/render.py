@@ -10,7 +10,7 @@ from datetime import date
 from importlib.metadata import version
 from pathlib import Path
 
-from common import read_result, paired_delta, CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+from common import common_averages, paired_delta, read_result, CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
 from llamacpp import llamacpp_section
 from shortprompts import shortprompts_section
 from schedules import schedules_section
@@ -38,6 +38,12 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def _ratio(row: dict, ref: dict) -> float:
+    """row / ref on the items both scored."""
+    a, b, _ = common_averages(row, ref)
+    return a / b
+
+
 def accuracy_table(rows: list[dict]) -> str:
     dense = next(r for r in rows if r["row"] == "dense")
     head = (["method", "ratio", "N", "params"] + [f"{t} ({PAPER_METRIC[t]})" for t in TASKS]
@@ -52,7 +58,7 @@ def accuracy_table(rows: list[dict]) -> str:
                  f"{r['params'] / 1e6:.1f}M"]
         cells += [_pct(r["tasks"][t]["paper"]) if t in r["tasks"] else "—" for t in TASKS]
         cells += [f"{100 * avg['value']:.1f} ± {100 * avg['stderr']:.1f}",
-                  f"{100 * avg['value'] / dense['average']['value']:.1f}%", delta,
+                  "{:.1f}%".format(100 * _ratio(r, dense)), delta,
                   f"{ppl['perplexity']:.1f}" if ppl else "—",
                   f"{wppl['word_perplexity']:.1f}" if wppl.get("word_perplexity") else "—"]
         out.append("| " + " | ".join(cells) + " |")
@@ -268,19 +274,25 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
     lines = []
     chance = sum(CHANCE[t] for t in TASKS) / len(TASKS)
     for model, rows in all_rows.items():
-        dense = next(r for r in rows if r["row"] == "dense")["average"]["value"]
+        dense_row = next(r for r in rows if r["row"] == "dense")
+        dense = dense_row["average"]["value"]
+
+        def headroom(r: dict) -> float:  # on the items both rows scored
+            a, b, _ = common_averages(r, dense_row)
+            return (a - chance) / (b - chance)
+
         lines.append(f"- {model}: dense average {100 * dense:.1f}, {100 * (dense - chance):.1f} points above the "
                      f"nominal chance level {100 * chance:.1f} (1/2 for PIQA, BoolQ, WinoGrande; 1/4 for ARC and "
-                     "OpenBookQA); 'headroom kept' = (row - chance) / (dense - chance): "
-                     + ", ".join(f"{r['row']} {int(100 * r['ratio'])}% {100 * (r['average']['value'] - chance) / (dense - chance):.0f}%"
+                     "OpenBookQA); 'headroom kept' = (row - chance) / (dense - chance), on the items both scored: "
+                     + ", ".join(f"{r['row']} {int(100 * r['ratio'])}% {100 * headroom(r):.0f}%"
                                  for r in rows if r["row"] != "dense") + ".")
         seap = [r for r in rows if r["row"].startswith("SEAP")]
         at20 = [r for r in seap if r["ratio"] == 0.2]
         if at20:
-            best = max(at20, key=lambda r: r["average"]["value"])
-            lines.append(f"- {model}, 20%: best SEAP variant is {best['row']} at "
-                         f"{100 * best['average']['value']:.1f} = {100 * best['average']['value'] / dense:.1f}% of "
-                         f"dense ({100 * dense:.1f}); the paper's claim on Llama-2-7B is 97.8%.")
+            best = max(at20, key=lambda r: _ratio(r, dense_row))
+            a, b, n = common_averages(best, dense_row)
+            lines.append(f"- {model}, 20%: best SEAP variant is {best['row']} at {100 * a:.1f} = {100 * a / b:.1f}% of "
+                         f"dense ({100 * b:.1f} on the same {n} items per task); the paper's claim on Llama-2-7B is 97.8%.")
         for r in (r for r in rows if r["row"] == "SEAP (routed)"):
             oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
             if oracle:
@@ -288,15 +300,16 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
                 lines.append(f"- {model}, {int(100 * r['ratio'])}%: routed {100 * r['average']['value']:.1f} vs oracle "
                              f"task experts {100 * oracle['average']['value']:.1f} (Δ {100 * d:+.2f} ± {100 * se:.2f} "
                              "paired s.e.; the issue asks for |Δ| ≤ 1 point).")
-        at50 = {r["row"]: r["average"]["value"] for r in rows if r["ratio"] == 0.5}
-        seap50 = {k: v for k, v in at50.items() if k.startswith("SEAP")}
+        at50 = {r["row"]: r for r in rows if r["ratio"] == 0.5}
+        seap50 = {k: _ratio(v, dense_row) for k, v in at50.items() if k.startswith("SEAP")}
         for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):
             if name not in at50:
                 continue
             for base in ("WandA-sp", "FLAP"):
                 if base in at50:
-                    lines.append(f"- {model}, 50%: {name} {100 * at50[name]:.1f} vs {base} "
-                                 f"{100 * at50[base]:.1f} ({100 * (at50[name] / at50[base] - 1):+.1f}% relative).")
+                    a, b, n = common_averages(at50[name], at50[base])
+                    lines.append(f"- {model}, 50%: {name} {100 * a:.1f} vs {base} {100 * b:.1f} "
+                                 f"({100 * (a / b - 1):+.1f}% relative, {n} items per task).")
     return "\n".join(lines) + "\n"
 
 
@@ -306,10 +319,11 @@ def _pair(rows: list[dict], a: str, b: str, ratio: float) -> str | None:
     if ra is None or rb is None:
         return None
     d, se = paired_delta(ra, rb)
+    avg_a, avg_b, n = common_averages(ra, rb)
     ppl = lambda r: (r.get("token_perplexity") or {}).get("perplexity")  # noqa: E731
     pa, pb = ppl(ra), ppl(rb)
     tail = f"; WikiText-2 token ppl {pa:.1f} vs {pb:.1f}" if pa and pb else ""
-    return (f"{a} {100 * ra['average']['value']:.1f} vs {b} {100 * rb['average']['value']:.1f}: "
+    return (f"{a} {100 * avg_a:.1f} vs {b} {100 * avg_b:.1f} ({n} items per task): "
             f"Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e. ({d / se if se else 0:+.1f} s.e.){tail}")
 
 
@@ -318,12 +332,12 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
     the paper's protocol against the fair one (computed from the rows)."""
     lines = []
     for model, rows in all_rows.items():
-        dense = next(r for r in rows if r["row"] == "dense")["average"]["value"]
+        dense_row = next(r for r in rows if r["row"] == "dense")
         for ratio in sorted({r["ratio"] for r in rows if r["row"] == DEFAULT_ROW}):
             pct = int(100 * ratio)
             row = next(r for r in rows if r["row"] == DEFAULT_ROW and r["ratio"] == ratio)
             lines.append(f"- {model}, {pct}%, seap's default ({DEFAULT_ROW}) keeps "
-                         f"{100 * row['average']['value'] / dense:.1f}% of the dense average.")
+                         f"{100 * _ratio(row, dense_row):.1f}% of the dense average (on the items both scored).")
             for other in ("FLAP", "WandA-sp", "SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
                           "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
                           "FLAP + sequential refit", "WandA-sp + sequential refit",
