@@ -142,10 +142,10 @@ def test_fitted_schedule_refused_on_another_model(tiny_fit):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="with a measured schedule"):
+    with pytest.raises(ConfigError, match="with a measured `schedule`"):
         PruneConfig(allocation="logistic-fitted")
     fitted = Schedule(2.0, 0.5, 2, 2)
-    with pytest.raises(ConfigError, match="come from the schedule"):
+    with pytest.raises(ConfigError, match="`k` and `x0` come from the `schedule`"):
         PruneConfig(schedule=fitted, k=3.0)
     with pytest.raises(ConfigError, match="fitted with protect first = 2"):
         PruneConfig(schedule=fitted, protect_first=0)
@@ -316,7 +316,7 @@ def test_cli_end_to_end_on_a_tiny_folder(tmp_path, capsys):
     assert "fitted logistic (ppl)" in capsys.readouterr().out
     out = tmp_path / "pruned"
     capsys.readouterr()
-    for extra, message in ((["--allocation", "uniform"], "not 'uniform'"), (["--k", "2"], "drop --k")):
+    for extra, message in ((["--allocation", "uniform"], "not 'uniform'"), (["--k", "2"], "--k and --x0 come from the --schedule: drop them")):
         assert main(["prune", "--model", str(folder), "--schedule", str(an / "sensitivity.json"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert main(["prune", "--model", str(folder), "--task", "default:science_qa", "--ratio", "0.3",

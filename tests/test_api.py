@@ -69,5 +69,5 @@ def test_calibration_data_is_validated():
         seap.CalibrationData(("piqa", "piqa"))
     with pytest.raises(ConfigError, match="at least one task"):
         seap.CalibrationData(())
-    with pytest.raises(ConfigError, match="batch size"):
+    with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
         seap.CalibrationData(batch_size=0)

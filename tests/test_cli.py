@@ -33,3 +33,22 @@ def test_every_method_on_tiny_opt(tmp_path, capsys, opt_folder, method):
     assert main(["info", str(out / "model"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == method and info["ffn_widths"] == summary["ffn_widths"]
+
+
+def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
+    """Validation lives in the configs, whose errors name fields; the command line shows its own flags."""
+    from seap.config import CalibrationData, PruneConfig
+    from seap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="`refit_choice` obs needs `reconstruct` refit or sequential"):
+        PruneConfig(refit_choice="obs")
+    with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
+        CalibrationData(batch_size=0)
+    for argv, want in ((["prune", "--reconstruct", "none", "--refit-choice", "obs"],
+                        "--refit-choice obs needs --reconstruct refit or sequential"),
+                       (["prune", "--multiple", "0"], "--multiple must be a positive integer"),
+                       (["collect", "--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["prune", "--task", "piqa", "--task", "piqa"], "named twice")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("seap: error: ") and want in err and "`" not in err, err

@@ -259,13 +259,13 @@ def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
 
 
 def test_bad_reconstruction_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="reconstruction"):
+    with pytest.raises(ConfigError, match="unknown `reconstruct` mode 'ols'"):
         PruneConfig(reconstruct="ols")
     with pytest.raises(ConfigError, match="ridge"):
         PruneConfig(reconstruct="refit", ridge=-1)
-    with pytest.raises(ConfigError, match="needs --reconstruct"):
+    with pytest.raises(ConfigError, match="needs `reconstruct`"):
         PruneConfig(refit_choice="obs")
-    with pytest.raises(ConfigError, match="channel choice"):
+    with pytest.raises(ConfigError, match="unknown `refit_choice` 'best'"):
         PruneConfig(reconstruct="refit", refit_choice="best")
 
 

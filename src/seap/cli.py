@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_args import build_parser
+from .cli_args import as_flags, build_parser
 from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError, SeapError
 from .griffin import GriffinConfig
@@ -228,14 +228,15 @@ COMMANDS = {"collect": _collect, "prune": _prune, "apply": _apply, "eval": _eval
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         from . import pipeline
 
         COMMANDS[args.cmd](pipeline, args, runtime_from_args(args))
     except SeapError as err:
-        print(f"seap: error: {err}", file=sys.stderr)
+        print(f"seap: error: {as_flags(str(err), parser, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seap: interrupted; no partial output was kept", file=sys.stderr)

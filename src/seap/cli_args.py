@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
@@ -244,3 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     return ap
+
+
+def as_flags(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """A config error names fields in backticks (`ratio`); on the command line they are the chosen
+    command's flags (--ratio). Fields without a flag lose their backticks."""
+    flags: dict[str, str] = {}
+    node = parser
+    while node is not None:
+        sub = None
+        for action in node._actions:  # argparse keeps no public map from dest to option
+            if action.option_strings:
+                flags.setdefault(action.dest, max(action.option_strings, key=len))
+            elif isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(args, action.dest, None))
+        node = sub
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)

@@ -70,34 +70,34 @@ class PruneConfig:
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         if self.method not in PRESETS:
-            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown `method` {self.method!r}: choose one of {', '.join(PRESETS)}")
         if self.score not in SCORES:
-            raise ConfigError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
+            raise ConfigError(f"unknown `score` {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.allocation == "logistic-fitted":
-            raise ConfigError("logistic-fitted is the logistic allocation with a measured schedule: give "
-                              "schedule=seap.analyze.schedule.load_schedule(FILE) (CLI: --schedule FILE)")
+            raise ConfigError("logistic-fitted is the logistic `allocation` with a measured `schedule`: give "
+                              "the sensitivity.json of `seap analyze sensitivity` (seap.analyze.load_schedule)")
         if self.allocation not in ALLOCATORS:
-            raise ConfigError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATORS)}")
+            raise ConfigError(f"unknown `allocation` {self.allocation!r}: choose one of {', '.join(ALLOCATORS)}")
         if self.heads not in HEAD_MODES:
-            raise ConfigError(f"unknown head mode {self.heads!r}: choose one of {', '.join(HEAD_MODES)}")
+            raise ConfigError(f"unknown `heads` mode {self.heads!r}: choose one of {', '.join(HEAD_MODES)}")
         if self.multiple is not None and self.multiple < 1:
-            raise ConfigError(f"multiple must be a positive integer, got {self.multiple}")
+            raise ConfigError(f"`multiple` must be a positive integer, got {self.multiple}")
         if self.reconstruct not in RECONSTRUCT_MODES:
-            raise ConfigError(f"unknown reconstruction {self.reconstruct!r}: choose one of "
+            raise ConfigError(f"unknown `reconstruct` mode {self.reconstruct!r}: choose one of "
                               f"{', '.join(RECONSTRUCT_MODES)}")
         if self.refit_choice not in REFIT_CHOICES:
-            raise ConfigError(f"unknown refit channel choice {self.refit_choice!r}: choose one of "
+            raise ConfigError(f"unknown `refit_choice` {self.refit_choice!r}: choose one of "
                               f"{', '.join(REFIT_CHOICES)}")
         if self.refit_choice != "score" and not self.reconstructs:
-            raise ConfigError("--refit-choice obs needs --reconstruct refit or sequential")
+            raise ConfigError("`refit_choice` obs needs `reconstruct` refit or sequential")
         if not self.ridge >= 0:
-            raise ConfigError(f"ridge must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
+            raise ConfigError(f"`ridge` must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
         if not 0 < self.rho_max <= 1:
-            raise ConfigError(f"rho_max must be in (0, 1], got {self.rho_max}")
+            raise ConfigError(f"`rho_max` must be in (0, 1], got {self.rho_max}")
         for name in ("protect_first", "protect_last"):
             v = getattr(self, name)
             if v is not None and v < 0:
-                raise ConfigError(f"{name} must be >= 0, got {v}")
+                raise ConfigError(f"`{name}` must be >= 0, got {v}")
         self._take_schedule()
 
     def _take_schedule(self) -> None:
@@ -107,16 +107,16 @@ class PruneConfig:
         if isinstance(self.schedule, dict):  # as read back from a plan's record
             object.__setattr__(self, "schedule", Schedule.from_dict(self.schedule))
         if self.allocation != "logistic":
-            raise ConfigError(f"a measured schedule shapes the logistic allocation, not {self.allocation!r}: "
-                              "drop --allocation or the schedule")
+            raise ConfigError(f"a measured `schedule` shapes the logistic allocation, not {self.allocation!r}: "
+                              "drop `allocation` or the `schedule`")
         sch = self.schedule
         if (self.k, self.x0) not in ((DEFAULT_K, DEFAULT_X0), (sch.k, sch.x0)):
-            raise ConfigError("k and x0 come from the schedule file: drop --k/--x0")
+            raise ConfigError("`k` and `x0` come from the `schedule`: drop them")
         for name in ("protect_first", "protect_last"):
             v, fitted = getattr(self, name), getattr(sch, name)
             if v is not None and v != fitted:
-                raise ConfigError(f"the schedule was fitted with {name.replace('_', ' ')} = {fitted} dense layers, "
-                                  f"not {v}: drop --{name.replace('_', '-')} or fit again with it")
+                raise ConfigError(f"the `schedule` was fitted with {name.replace('_', ' ')} = {fitted} dense layers, "
+                                  f"not {v}: drop `{name}` or fit again with it")
         object.__setattr__(self, "k", sch.k)
         object.__setattr__(self, "x0", sch.x0)
 
@@ -195,16 +195,16 @@ class CalibrationData:
         if self.stats_dir is not None:
             object.__setattr__(self, "stats_dir", str(self.stats_dir))
         if not tasks:
-            raise ConfigError("calibration needs at least one task corpus (--task): e.g. 'default', a task name "
+            raise ConfigError("calibration needs at least one task corpus (`tasks`): e.g. 'default', a task name "
                               "or a .txt/.jsonl file")
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"a task is named twice in {list(tasks)}: name each once")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
-            raise ConfigError(f"limit must be >= 1 examples per task, got {self.limit}")
+            raise ConfigError(f"`limit` must be >= 1 examples per task, got {self.limit}")
         if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.max_length < 1:
-            raise ConfigError(f"max length must be >= 1 token, got {self.max_length}")
+            raise ConfigError(f"`max_length` must be >= 1 token, got {self.max_length}")
 
     @classmethod
     def of(cls, data: CalibrationData | str | tuple | list | None) -> CalibrationData:
