@@ -98,7 +98,6 @@ def slice_layer(layer: nn.Module, adapter: Adapter, ex: Expert, i: int,
     return n_q, n_kv
 
 
-@torch.no_grad()
 def plan_and_expert(spec: str | Path | Plan) -> tuple[Plan, str | None]:
     """A plan given as a Plan, a plan folder (or a `seap prune` output), or 'FOLDER:EXPERT'."""
     if isinstance(spec, Plan):
@@ -121,6 +120,7 @@ def sliced(lm: LoadedModel, plan: str | Path | Plan, expert: str | None = None) 
     return dataclasses.replace(lm, model=model)
 
 
+@torch.no_grad()
 def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = None,
                 check: bool = True) -> nn.Module:
     """Physically prune `model` in place to the plan's expert and record the result in its config.
