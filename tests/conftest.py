@@ -178,3 +178,22 @@ def one_line_error(argv, capsys, *fragments):
     assert err.startswith("seap: error:"), err
     for f in fragments:
         assert f in err, err
+
+
+def padded_decode(model, out, mask, pos, steps: int, handles) -> torch.Tensor:
+    """An independent reference decode: from a padded prefill's output `out`, `steps` greedy one-token
+    steps with explicit positions, then the first token and those steps as [B, steps + 1]; the hooks in
+    `handles` are removed afterwards, whatever happens."""
+    try:
+        nxt, tokens, cache = out.logits[:, -1:].argmax(-1), [], out.past_key_values
+        for step in range(steps):
+            tokens.append(nxt)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step + 1,
+                        past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(tokens, dim=1)

@@ -5,7 +5,7 @@ masked dense decode gives."""
 
 import pytest
 import torch
-from conftest import left_padded, make_loaded, tiny_folder
+from conftest import left_padded, make_loaded, padded_decode, tiny_folder
 
 from seap.decoding import cut_at_stop, generate_texts, greedy, positions
 from seap.errors import ConfigError
@@ -161,19 +161,7 @@ def test_griffin_selection_equals_a_masked_dense_decode():
         keep.append(k)
     handles = [adapter.ffn_out(layer).register_forward_pre_hook(lambda _m, a, i=i: (a[0] * keep[i][:, None, :],))
                for i, layer in enumerate(adapter.layers(model))]
-    try:
-        nxt, tokens, cache = out.logits[:, -1:].argmax(-1), [], out.past_key_values
-        for step in range(5):
-            tokens.append(nxt)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step + 1,
-                        past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens.append(nxt)
-    finally:
-        for h in handles:
-            h.remove()
-    assert torch.equal(got.tokens, torch.cat(tokens, dim=1))
+    assert torch.equal(got.tokens, padded_decode(model, out, mask, pos, 5, handles))
 
 
 def test_griffin_decode_needs_its_prefill_and_restores_the_model_on_error():

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import left_padded, make_loaded
+from conftest import left_padded, make_loaded, padded_decode
 
 from seap.decoding import greedy
 from seap.errors import ConfigError
@@ -148,21 +148,7 @@ def test_shared_batch_decode_equals_zeroing_outside_the_pooled_expert(family):
     with prefill_statistics(model, adapter, mask) as scores:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     keep = [top_k(pooled_scores(s), keep_count(0.5, s.shape[-1]))[0] for s in scores]
-    nxt, tokens = out.logits[:, -1:].argmax(-1), []
-    handles = _zero_outside(adapter, model, keep)
-    try:
-        cache = out.past_key_values
-        for step in range(7):
-            tokens.append(nxt)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step + 1,
-                        past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens.append(nxt)
-    finally:
-        for h in handles:
-            h.remove()
-    assert torch.equal(got.tokens, torch.cat(tokens, dim=1))
+    assert torch.equal(got.tokens, padded_decode(model, out, mask, pos, 7, _zero_outside(adapter, model, keep)))
 
 
 # -- short prompts: the prior and the density fix ---------------------------------------------------

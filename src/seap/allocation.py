@@ -334,9 +334,6 @@ def _adaptive(pools, scores, s: Settings, budget: float) -> list[list[int]]:
     return adaptive(pools, scores, s.ratio, robust=s.robust, multiple=s.multiple, budget=budget)
 
 
-ALLOCATIONS = tuple(ALLOCATORS)
-
-
 def allocate(name: str, pools: Sequence[Pool], scores: Sequence[Sequence[torch.Tensor]],
              settings: Settings) -> list[list[int]]:
     """Kept units per pool per layer, removing `settings.ratio` of all the pools' parameters together."""

@@ -108,7 +108,11 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, *,
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
     t1 = time.perf_counter()
-    cache, tokens = out.past_key_values, [nxt]
+    cache = out.past_key_values
+    # One buffer filled in place: `finished` sees a view of the tokens so far, nothing is concatenated per step.
+    tokens = torch.empty(input_ids.shape[0], new_tokens, dtype=nxt.dtype, device=device)
+    tokens[:, :1] = nxt
+    n = 1
     mask, last_pos = attention_mask, None if pos is None else pos[:, -1:]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device) if stopping else None
     if selection is not None:
@@ -118,7 +122,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, *,
             if stopping:
                 if eos is not None:
                     done |= torch.isin(nxt[:, 0], eos)
-                if finished is not None and (hit := finished(torch.cat(tokens, dim=1))) is not None:
+                if finished is not None and (hit := finished(tokens[:, :n])) is not None:
                     done |= hit.to(device)
                 if bool(done.all()):
                     break
@@ -131,11 +135,12 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, *,
             if stopping and fill is not None:
                 nxt = torch.where(done[:, None], fill, nxt)
             cache = out.past_key_values
-            tokens.append(nxt)
+            tokens[:, n:n + 1] = nxt
+            n += 1
     sync(device)
     t2 = time.perf_counter()
     stats = dict(getattr(selection, "stats", None) or {})
-    return Decoded(torch.cat(tokens, dim=1), t1 - t0, t2 - t1, cache_bytes(cache), stats)
+    return Decoded(tokens[:, :n], t1 - t0, t2 - t1, cache_bytes(cache), stats)
 
 
 # -- text in, text out ------------------------------------------------------------------------------
