@@ -74,7 +74,7 @@ def write_checkpoint(name: str, folder: str | Path, *, seed: int = 0, std: float
     """A random-weight bf16 checkpoint of `name`'s geometry in `folder` (atomically)."""
     from seap._io import atomic_dir
     from seap.checkpoint import parse_size, write_tensors
-    from seap.layerwise import empty_model
+    from seap.skeleton import empty_model
     from seap.pruned import tensor_specs
 
     cfg = config_for(name)

@@ -44,11 +44,26 @@ def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
         PruneConfig(refit_choice="obs")
     with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
         CalibrationData(batch_size=0)
+    from seap.bench import BenchConfig
+    from seap.evaluation.runner import EvalConfig
+    from seap.router import RouterConfig
+
+    with pytest.raises(ConfigError, match="`xsum_shots` 0 or 1"):
+        EvalConfig(xsum_shots=2)
+    with pytest.raises(ConfigError, match="`batch_sizes` must be >= 1"):
+        BenchConfig(batch_sizes=(0,))
+    with pytest.raises(ConfigError, match="`ood_quantile` must be in"):
+        RouterConfig(ood_quantile=0.1)
     for argv, want in ((["prune", "--reconstruct", "none", "--refit-choice", "obs"],
                         "--refit-choice obs needs --reconstruct refit or sequential"),
                        (["prune", "--multiple", "0"], "--multiple must be a positive integer"),
                        (["collect", "--batch-size", "0"], "--batch-size must be >= 1"),
-                       (["prune", "--task", "piqa", "--task", "piqa"], "named twice")):
+                       (["prune", "--task", "piqa", "--task", "piqa"], "named twice"),
+                       (["eval", "--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["eval", "--tasks", "nope"], "--tasks: unknown accuracy task(s) ['nope']"),
+                       (["bench", "--batch", "0"], "--batch must be >= 1"),
+                       (["bench", "--repeats", "0"], "--repeats must be >= 1 and --warmup >= 0"),
+                       (["route", "fit", "--plan", "x", "--threshold", "1.5"], "router --threshold must be in [0, 1)")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("seap: error: ") and want in err and "`" not in err, err

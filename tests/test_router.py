@@ -183,7 +183,8 @@ def test_unknown_prompts_go_to_the_generic_expert(routed):
 
 
 def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
-    from seap.router import OodTest, form_features, token_ids
+    from seap.ood import OodTest, form_features
+    from seap.router import token_ids
 
     lm, router = routed["lm"], routed["router"]
     tok = lm.tokenizer
@@ -193,14 +194,24 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     want = [math.log1p(n), digits / n, sum("\n" in p for p in pieces) / n,
             sum(not any(c.isalnum() for c in p) for p in pieces) / n, 1 / 7, 7 / n, math.log1p(digits), math.log1p(1)]
     torch.testing.assert_close(form_features(tok, ids)[0], torch.tensor(want, dtype=torch.float64))
-    # The threshold is the quantile of the training prompts' own distances.
+    # Each class's threshold is the quantile of its own training prompts' distances to it.
     g = torch.Generator().manual_seed(0)
     by_class = {"a": torch.randn(400, 8, generator=g, dtype=torch.float64),
                 "b": torch.randn(300, 8, generator=g, dtype=torch.float64) * 2 + 5}
     test = OodTest.fit(by_class, 0.95)
-    flagged = (test.distances(torch.cat(list(by_class.values()))) > test.threshold).double().mean()
-    assert abs(float(flagged) - 0.05) < 0.005
-    assert bool((test.distances(torch.full((1, 8), 40.0, dtype=torch.float64)) > test.threshold).all())
+    for k, c in enumerate(test.classes):
+        own = test.distances(by_class[c])[:, k]
+        assert abs(float((own > test.thresholds[k]).double().mean()) - 0.05) < 0.005
+    # The distance is Mahalanobis under the class's covariance (plus a 0.1% variance floor), computed apart.
+    x = by_class["b"][:3]
+    cov = torch.cov(by_class["b"].T) + torch.diag(1e-3 * torch.cat([by_class["a"], by_class["b"]]).var(0))
+    diff = x - by_class["b"].mean(0)
+    want_d = torch.sqrt(((diff @ torch.linalg.inv(cov)) * diff).sum(1))
+    torch.testing.assert_close(test.distances(x)[:, 1], want_d)
+    # Unfamiliar is judged against the class a prompt is routed to: a prompt at the centre of "a" is
+    # familiar to "a" and unfamiliar to "b"; a label with no form model (the background) never is.
+    d = test.distances(by_class["a"].mean(0, keepdim=True))[0]
+    assert not test.unfamiliar(d, "a") and test.unfamiliar(d, "b") and not test.unfamiliar(d, GENERIC)
     # A prompt of a form no task has (a long run of digits and signs) is unfamiliar and goes to the
     # generic expert; a saved router decides the same; the classifier alone sends it to a task expert.
     from seap import pipeline
@@ -210,10 +221,10 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     assert ood.ood is not None and ood.meta["config"]["ood_quantile"] == 0.99
     odd = " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)
     probs, dist = ood.assess(lm, [odd, "12 7 300 ="])
-    assert float(dist[0]) > ood.ood.threshold
-    assert ood.route(lm, [odd])[0].expert == GENERIC
+    assert dist.shape == (2, len(ood.ood.classes))
+    assert ood.route(lm, [odd])[0].expert == GENERIC and ood.route(lm, [odd])[0].reason == "unfamiliar"
     saved = Router.load(tmp_path / "r")
-    assert saved.ood.threshold == ood.ood.threshold and torch.equal(saved.assess(lm, [odd])[1], dist[:1])
+    assert torch.equal(saved.ood.thresholds, ood.ood.thresholds) and torch.equal(saved.assess(lm, [odd])[1], dist[:1])
     assert saved.route(lm, [odd])[0].expert == GENERIC
     assert router.route(lm, [odd])[0].expert != GENERIC  # the fixture's router has no form test
 

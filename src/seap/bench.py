@@ -40,14 +40,14 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.gen_len < 2:
-            raise ConfigError(f"prompt length must be >= 1 and generation length >= 2, got {self.prompt_len}, "
+            raise ConfigError(f"`prompt_len` must be >= 1 and `gen_len` >= 2, got {self.prompt_len}, "
                               f"{self.gen_len}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+            raise ConfigError(f"`batch_sizes` must be >= 1, got {self.batch_sizes}")
         if self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"repeats must be >= 1 and warm-up >= 0, got {self.repeats}, {self.warmup}")
+            raise ConfigError(f"`repeats` must be >= 1 and `warmup` >= 0, got {self.repeats}, {self.warmup}")
         if self.decode_path not in DECODE_PATHS:
-            raise ConfigError(f"unknown decode path {self.decode_path!r}: choose {' or '.join(DECODE_PATHS)}")
+            raise ConfigError(f"unknown `decode_path` {self.decode_path!r}: choose {' or '.join(DECODE_PATHS)}")
 
 
 # -- bytes ---------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def _bench(pipeline, args, rt) -> None:
     from .export.llamacpp import speed_markdown as gguf_markdown
 
     if args.backend == "llamacpp":
-        if args.griffin or args.griffin_shared or (args.batch and set(args.batch) != {1}):
+        if args.griffin or args.griffin_shared or (args.batch_sizes and set(args.batch_sizes) != {1}):
             raise ConfigError("--backend llamacpp times static models at batch 1: drop --griffin and --batch")
         rows = pipeline.benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
                                        prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
@@ -173,7 +173,7 @@ def _bench(pipeline, args, rt) -> None:
         print(gguf_markdown(rows), end="")
     else:
         griffin = [_griffin(args, d) for d in args.griffin] if args.griffin else _griffin(args, None) or []
-        cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=tuple(args.batch or (1, 8)),
+        cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=tuple(args.batch_sizes or (1, 8)),
                           warmup=args.warmup, repeats=args.repeats, decode_path=args.decode_path)
         rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
                                   griffin=griffin, prompts=args.prompts,

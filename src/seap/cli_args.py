@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_args(p, "with --prompts: the last --prompt-len tokens of each text as a chat-template user turn "
                   "(default: raw text)")
     p.add_argument("--gen-len", type=int, default=64)
-    p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
+    p.add_argument("--batch", dest="batch_sizes", type=int, action="append", default=None, help="batch size (repeatable; default 1 and 8)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-path", default="seap", choices=DECODE_PATHS,

@@ -1,6 +1,6 @@
 """Layer-by-layer calibration (docs/design.md §2.9): statistics of a model that never fits in memory.
 
-The model is built as an empty skeleton (accelerate's `init_empty_weights`). The embeddings are
+The model is built as an empty skeleton (`seap.skeleton`, accelerate's `init_empty_weights`). The embeddings are
 loaded, every calibration batch runs through the body once with each decoder layer replaced by a
 catcher that records what the layer receives (hidden states of layer 0; attention masks and
 position embeddings of every layer: Gemma 3's differ between sliding and global layers), and the
@@ -12,135 +12,32 @@ back to the meta device. Peak memory: one layer, the embeddings (briefly), the h
 A long run checkpoints (statistics of the finished layers + the hidden states after the last one)
 whenever that costs under a tenth of the time since the previous checkpoint; a killed run started
 again with the same settings resumes after the last checkpointed layer and ends with the same
-statistics as an uninterrupted one.
+statistics as an uninterrupted one (`seap.resume`).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import atomic_path, write_json
 from .adapters import Adapter, adapter_for_config
 from .checkpoint import Checkpoint
-from .errors import ModelError
 from .runtime import available_memory
 from .stats import ActivationStats, ChannelStats, batches, capture_activations, finish_stats, position_limit
-from .weights import CheckpointWeights, LayerWeights, UnitWeights, signature_positions
+from .resume import RESUME_VERSION, Resume
+from .skeleton import SkeletonLoader, empty_model
+from .weights import CheckpointWeights, LayerWeights
 
 log = logging.getLogger(__name__)
-
-RESUME_VERSION = 1
-
-
-# -- the skeleton and its tensors -------------------------------------------------------------------
-def empty_model(config, dtype: torch.dtype) -> nn.Module:
-    """The model with every parameter on the meta device (no memory); buffers are real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # from_config leaves a tied LM head untied; the saved folder must not hold it twice
-    return model.eval()
-
-
-class SkeletonLoader:
-    """Maps a skeleton's parameter names to a checkpoint's tensor names and moves tensors in and out."""
-
-    def __init__(self, model: nn.Module, adapter: Adapter, ckpt: Checkpoint):
-        self.model, self.adapter, self.ckpt = model, adapter, ckpt
-        self.layers = adapter.layers(model)
-        self.layer_prefix = next(n for n, m in model.named_modules() if m is self.layers) + "."
-        prefix = getattr(model, "base_model_prefix", "model")
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        self.names: dict[str, str] = {}
-        missing = []
-        for name, _ in model.named_parameters():
-            found = next((c for c in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if c in ckpt), None)
-            if found is None:
-                if tied and name.endswith("lm_head.weight"):
-                    continue
-                missing.append(name)
-                continue
-            self.names[name] = found
-        if missing:
-            raise ModelError(f"checkpoint {ckpt.folder} lacks {len(missing)} tensor(s) the config describes, e.g. "
-                             f"{missing[0]}: is config.json the one that goes with these shards?")
-        self.resident_max = 0
-
-    def layer_params(self, i: int) -> list[str]:
-        p = f"{self.layer_prefix}{i}."
-        return [n for n, _ in self.model.named_parameters() if n.startswith(p)]
-
-    def other_params(self) -> list[str]:
-        """The decoder body's parameters outside its layers (embeddings, positions, final norm): what
-        the catch pass runs. Not the LM head: an 8B model's is 1 GB in bf16 that statistics never use."""
-        body = getattr(self.model, "base_model_prefix", "")
-        inside = f"{body}." if body and hasattr(self.model, body) else ""
-        return [n for n, _ in self.model.named_parameters()
-                if not n.startswith(self.layer_prefix) and n.startswith(inside)]
-
-    def load(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        names = [n for n in names if n in self.names]
-        values = self.ckpt.read([self.names[n] for n in names], dtype=dtype)
-        for n in names:
-            set_module_tensor_to_device(self.model, n, device, value=values.pop(self.names[n]))
-        self.resident_max = max(self.resident_max, self.resident_layers())
-
-    def release(self, names: Sequence[str]) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        for n in names:
-            set_module_tensor_to_device(self.model, n, "meta")
-
-    def resident_layers(self) -> int:
-        """Decoder layers holding real weights now (the layer-by-layer pass keeps this at 1)."""
-        return sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in self.layers)
-
-    def read_out_weight(self, i: int, kind: str) -> torch.Tensor:
-        lin = self.adapter.ffn_out(self.layers[i]) if kind == "ffn" else self.adapter.attn_out(self.layers[i])
-        name = next(n for n, p in self.model.named_parameters() if p is lin.weight)
-        return self.ckpt.read([self.names[name]])[self.names[name]]
-
-    def signatures(self) -> list[list[float]]:
-        """Fingerprint samples of every layer, read element by element (no whole tensor is loaded)."""
-        out = []
-        for i, layer in enumerate(self.layers):
-            w = self.adapter.ffn_out(layer).weight
-            name = next(n for n, p in self.model.named_parameters() if p is w)
-            out.append(self.ckpt.read_elements(self.names[name], signature_positions(w.numel())))
-        return out
-
-    def summaries(self, device: torch.device, dtype: torch.dtype) -> list[LayerWeights]:
-        """Weight norms of every layer, loading one layer at a time (when no calibration pass ran)."""
-        out = []
-        for i in tqdm(range(len(self.layers)), desc="reading weight norms", unit="layer", leave=False):
-            names = self.layer_params(i)
-            self.load(names, device, dtype)
-            out.append(LayerWeights.of_layer(self.layers[i], self.adapter))
-            self.release(names)
-        return out
-
-    def weights(self, summaries: list[LayerWeights] | None = None, device: torch.device | None = None,
-                dtype: torch.dtype | None = None) -> CheckpointWeights:
-        return CheckpointWeights(summaries, self.signatures, self.read_out_weight,
-                                 lambda: self.summaries(device or torch.device("cpu"), dtype or torch.float32))
 
 
 # -- catching each layer's inputs -------------------------------------------------------------------
@@ -280,7 +177,7 @@ def layerwise_stats(ckpt: Checkpoint, config, tokenizer, corpora: dict[str, Sequ
                    "device": device.type, "heads": heads, "batch": batch_size, "max_length": max_length,
                    "texts": [[t, hashlib.sha256("\x00".join(v).encode()).hexdigest()] for t, v in corpora.items()],
                    "shapes": [list(ckpt.tensors[n].shape) for n in sorted(ckpt.tensors)[:8]]})
-    resume = _Resume(Path(resume_dir), key) if resume_dir is not None else None
+    resume = Resume(Path(resume_dir), key) if resume_dir is not None else None
 
     # Everything outside the decoder layers (embeddings, positions, rotary buffers) on the device.
     others = loader.other_params()
@@ -376,74 +273,3 @@ def _set_buffer(model: nn.Module, dotted: str, value: torch.Tensor) -> None:
     mod = model.get_submodule(owner) if owner else model
     persistent = name not in getattr(mod, "_non_persistent_buffers_set", set())
     mod.register_buffer(name, value, persistent=persistent)
-
-
-# -- resuming -----------------------------------------------------------------------------------------
-class _Resume:
-    """A folder of per-layer statistics and the latest hidden-state checkpoint of one run (by key)."""
-
-    def __init__(self, folder: Path, key: str):
-        self.folder = folder / f".layerwise-{key}"
-        self.key = key
-
-    def save_layer(self, i: int, done: dict, w: LayerWeights) -> None:
-        tensors = {}
-        for t, (f, a) in enumerate(done.values()):  # corpora by position: names may hold '/' or '.'
-            for kind, s in (("ffn", f), ("attn", a)):
-                if s is None:
-                    continue
-                tensors.update({f"{t}/{kind}/mean": s.mean, f"{t}/{kind}/m2": s.m2, f"{t}/{kind}/sumsq": s.sumsq,
-                                f"{t}/{kind}/count": torch.tensor([s.count], dtype=torch.int64)})
-        for kind, u in (("ffn", w.ffn), ("attn", w.attn)):
-            tensors[f"weights/{kind}/col_sq"] = u.col_sq
-            tensors[f"weights/{kind}/col_absmean"] = u.col_absmean
-            if u.in_norm is not None:
-                tensors[f"weights/{kind}/in_norm"] = u.in_norm
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / f"layer-{i:05d}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-
-    def save_hidden(self, next_layer: int, hidden: dict[str, list[torch.Tensor]]) -> None:
-        tensors = {f"{t}/{b}": h.detach().cpu().contiguous() for t, hs in enumerate(hidden.values())
-                   for b, h in enumerate(hs)}
-        with atomic_path(self.folder / "hidden.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        write_json(self.folder / "state.json", {"key": self.key, "next_layer": next_layer})
-
-    def load(self, n_layers: int, tasks: list[str]):
-        state_path = self.folder / "state.json"
-        if not state_path.is_file():
-            return None
-        try:
-            state = json.loads(state_path.read_text())
-            start = int(state["next_layer"])
-            if state.get("key") != self.key or not 0 < start < n_layers:
-                return None
-            raw = load_file(str(self.folder / "hidden.safetensors"))
-            hidden = {t: [raw[f"{j}/{b}"] for b in range(sum(k.startswith(f"{j}/") for k in raw))]
-                      for j, t in enumerate(tasks)}
-            per_layer = [self._layer(i, tasks) for i in range(start)]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            log.warning("could not resume from %s (%s): starting over", self.folder, err)
-            return None
-        return start, hidden, per_layer
-
-    def _layer(self, i: int, tasks: list[str]) -> dict:
-        raw = load_file(str(self.folder / f"layer-{i:05d}.safetensors"))
-
-        def cs(t: int, kind: str) -> ChannelStats | None:
-            if f"{t}/{kind}/mean" not in raw:
-                return None
-            return ChannelStats(int(raw[f"{t}/{kind}/count"][0]), raw[f"{t}/{kind}/mean"], raw[f"{t}/{kind}/m2"],
-                                raw[f"{t}/{kind}/sumsq"])
-
-        def uw(kind: str) -> UnitWeights:
-            return UnitWeights(raw[f"weights/{kind}/col_sq"], raw[f"weights/{kind}/col_absmean"],
-                               raw.get(f"weights/{kind}/in_norm"))
-
-        return {"ffn": {t: cs(j, "ffn") for j, t in enumerate(tasks)},
-                "attn": {t: cs(j, "attn") for j, t in enumerate(tasks)},
-                "weights": LayerWeights(uw("ffn"), uw("attn"))}
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)

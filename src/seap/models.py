@@ -327,7 +327,7 @@ def open_model(name_or_path: str | ModelSource | None = None, runtime=None, *, r
         raise ModelError(f"{folder} is not a complete model folder ({str(err).splitlines()[0]})") from None
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
-    from .layerwise import SkeletonLoader, empty_model
+    from .skeleton import SkeletonLoader, empty_model
 
     skeleton = empty_model(config, dtype)
     weights = SkeletonLoader(skeleton, adapter, ckpt).weights(None, device, dtype)

@@ -206,7 +206,7 @@ def pruned_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .layerwise import empty_model
+    from .skeleton import empty_model
 
     data = read_record(folder)
     record = data[SEAP_CONFIG_KEY]

@@ -369,7 +369,8 @@ def reconstruct_plan(lm, plan, corpora: dict[str, Sequence[str]], cfg: RefitConf
     corpus is the expert of that name). In the refit mode the experts share one pass when the
     per-corpus Gram matrices of a layer fit in a quarter of the free memory; otherwise, and in the
     sequential mode (each expert its own pruned stream), one pass per expert."""
-    from .layerwise import LayerRunner, SkeletonLoader, empty_model
+    from .layerwise import LayerRunner
+    from .skeleton import SkeletonLoader, empty_model
     from .models import LazyModel
     from .stats import batches, position_limit
 

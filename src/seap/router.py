@@ -5,10 +5,10 @@ the classifier is scikit-learn's multinomial logistic regression. Besides one cl
 expert, a background class learnt from plain text (windows of general text whose lengths
 follow the task prompts') stands for "no task": it and any prompt whose top probability is
 under the threshold go to the generic expert. A classifier must pick some class for any input,
-so prompts of kinds it was never fitted on are caught apart, on the prompt's form (length, digits,
-line breaks, symbols, case), which the mean embedding averages away: a prompt whose form is farther
-from every task class (Mahalanobis distance, per-class covariance) than nearly all training prompts
-(a quantile of their distances) is unfamiliar and goes to the generic expert too.
+so prompts of kinds it was never fitted on are caught apart (`seap.ood`), on the prompt's form
+(length, digits, line breaks, symbols, case), which the mean embedding averages away: a prompt whose
+form is farther from the class it is routed to than nearly all of that class's training prompts is
+unfamiliar and goes to the generic expert too.
 
 The fitted router is saved without pickles: `router.json` (classes, expert per class,
 threshold, the base model's fingerprint and the digest of every expert it routes to) and
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from ._io import atomic_dir, read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
 from .models import LoadedModel
+from .ood import OodTest, form_features
 from .fingerprints import check_fingerprint, fingerprint
 from .plan import GENERIC, Expert
 from .tasks import TASKS, Corpus, resolve_corpus
@@ -42,7 +42,7 @@ from .tasks import TASKS, Corpus, resolve_corpus
 log = logging.getLogger(__name__)
 
 ROUTER_FORMAT = "seap-router"
-ROUTER_VERSION = 1
+ROUTER_VERSION = 2  # 2: the form test compares with the routed class, one threshold per class
 BACKGROUND = GENERIC  # the class of "no task": routed to the generic expert
 FEATURES = "mean_input_embedding"
 
@@ -56,22 +56,23 @@ class RouterConfig:
     background_samples: int = 1000
     max_iter: int = 3000
     seed: int = 0
-    # Prompts whose form (length, digits, line breaks, symbols) is farther from every task class than
-    # this share of the training prompts' are unfamiliar and go to the generic expert; None: no test.
-    ood_quantile: float | None = 0.995
+    # Prompts whose form (length, digits, line breaks, symbols) is farther from the class they are routed
+    # to than this share of that class's training prompts are unfamiliar and go to the generic expert
+    # (seap.ood); None: no test.
+    ood_quantile: float | None = 0.998
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"router threshold must be in [0, 1), got {self.threshold}")
+            raise ConfigError(f"router `threshold` must be in [0, 1), got {self.threshold}")
         if self.c <= 0:
-            raise ConfigError(f"regularisation C must be > 0, got {self.c}")
+            raise ConfigError(f"regularisation `c` must be > 0, got {self.c}")
         if self.limit is not None and self.limit < 2:
-            raise ConfigError(f"router training needs at least 2 prompts per task, got limit {self.limit}")
+            raise ConfigError(f"router training needs at least 2 prompts per task, got `limit` {self.limit}")
         if self.ood_quantile is not None and not 0.5 <= self.ood_quantile <= 1.0:
-            raise ConfigError(f"the out-of-distribution quantile must be in [0.5, 1] (or None), "
+            raise ConfigError(f"the out-of-distribution `ood_quantile` must be in [0.5, 1] (or None), "
                               f"got {self.ood_quantile}")
         if self.background_samples < 0:
-            raise ConfigError(f"background samples must be >= 0, got {self.background_samples}")
+            raise ConfigError(f"`background_samples` must be >= 0, got {self.background_samples}")
 
 
 @dataclass(frozen=True)
@@ -106,62 +107,6 @@ def prompt_features(model: nn.Module, adapter: Adapter, tokenizer, prompts: Sequ
 
 
 # -- the classifier -----------------------------------------------------------------------------
-FORM_FEATURES = ("log tokens", "digit tokens", "newline tokens", "symbol tokens", "uppercase chars",
-                 "chars per token", "log digit tokens", "log math signs")
-
-
-def form_features(tokenizer, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[N, 8] float64: the form of each prompt (length, digits, line breaks, symbols, case), which the
-    mean embedding averages away: a 700-token article and a 150-token passage have similar means."""
-    text: dict[int, str] = {}
-    rows = []
-    for row in ids:
-        toks = [text.setdefault(i, tokenizer.decode([i])) for i in row]
-        n = max(len(toks), 1)
-        chars = "".join(toks)
-        digits = sum(any(c.isdigit() for c in t) for t in toks)
-        rows.append([math.log1p(len(toks)), digits / n, sum("\n" in t for t in toks) / n,
-                     sum(not any(c.isalnum() for c in t) for t in toks) / n,
-                     sum(c.isupper() for c in chars) / max(len(chars), 1), len(chars) / n,
-                     math.log1p(digits), math.log1p(sum(c in "$%+=*/" for c in chars))])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(FORM_FEATURES))
-
-
-@dataclass
-class OodTest:
-    """Is a prompt of a kind the router was fitted on? The Mahalanobis distance of its form features
-    to the nearest task class (each class its own mean and covariance), against the `quantile` of the
-    training prompts' distances: farther than nearly all of them is unfamiliar."""
-
-    classes: tuple[str, ...]  # the task classes (not the background)
-    centroids: torch.Tensor  # [K, F]
-    precision: torch.Tensor  # [K, F, F] inverse covariance per class
-    threshold: float
-    quantile: float
-
-    def distances(self, f: torch.Tensor) -> torch.Tensor:
-        diff = f.double()[:, None, :] - self.centroids.double()[None]  # [N, K, F]
-        d2 = torch.einsum("nkf,kfg,nkg->nk", diff, self.precision.double(), diff)
-        return d2.clamp_min(0).min(1).values.sqrt()
-
-    @classmethod
-    def fit(cls, by_class: Mapping[str, torch.Tensor], quantile: float) -> OodTest:
-        classes = tuple(by_class)
-        centroids = torch.stack([by_class[c].mean(0) for c in classes])
-        # A floor of 0.1% of each feature's variance over all classes: a feature constant within a class
-        # (no line breaks in any PIQA goal) must not make every small departure from it infinitely far.
-        floor = torch.diag(1e-3 * torch.cat(list(by_class.values())).var(0).clamp_min(1e-12))
-        precision = []
-        for c in classes:
-            f = by_class[c]
-            cov = torch.cov(f.T) if len(f) > 1 else torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
-            precision.append(torch.linalg.inv(cov + floor))
-        test = cls(classes, centroids, torch.stack(precision), float("inf"), quantile)
-        own = test.distances(torch.cat([by_class[c] for c in classes]))
-        test.threshold = float(torch.quantile(own, quantile))
-        return test
-
-
 @dataclass
 class Router:
     classes: tuple[str, ...]
@@ -180,8 +125,8 @@ class Router:
         return torch.softmax(z @ self.coef.double().T + self.intercept.double(), dim=-1)
 
     def assess(self, lm: LoadedModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class probabilities [N, K] and (with an OOD test) the distance of each prompt's form to the
-        nearest task class [N]: what `decide` needs."""
+        """Class probabilities [N, K] and (with an OOD test) the distance of each prompt's form to each
+        task class [N, K_ood]: what `decide` needs."""
         self.check_model(lm.model, lm.adapter)
         ids = token_ids(lm.tokenizer, prompts)
         probs = self.probabilities(mean_embeddings(lm.adapter.embeddings(lm.model).weight.detach(), ids))
@@ -198,7 +143,7 @@ class Router:
             p = {c: float(v) for c, v in zip(self.classes, row)}
             if label == BACKGROUND:
                 routes.append(Route(self.experts[label], label, conf, "background", p))
-            elif distances is not None and float(distances[r]) > self.ood.threshold:
+            elif distances is not None and self.ood.unfamiliar(distances[r], label):
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "unfamiliar", p))
             elif conf < self.threshold:
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "low confidence", p))
@@ -233,9 +178,9 @@ class Router:
                     experts=self.experts, threshold=self.threshold, features=FEATURES)
         tensors = {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
         if self.ood is not None:
-            tensors.update({"ood_centroids": self.ood.centroids, "ood_precision": self.ood.precision})
-            meta["ood"] = {"threshold": self.ood.threshold, "quantile": self.ood.quantile,
-                           "classes": list(self.ood.classes)}
+            tensors.update({"ood_centroids": self.ood.centroids, "ood_precision": self.ood.precision,
+                            "ood_thresholds": self.ood.thresholds})
+            meta["ood"] = {"quantile": self.ood.quantile, "classes": list(self.ood.classes)}
         with atomic_dir(folder) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "router.safetensors"))
             (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -252,10 +197,12 @@ class Router:
             if coef.shape != (len(classes), t["mean"].numel()) or intercept.shape != (len(classes),):
                 raise KeyError("weights of the right shape")
             ood = None
-            if "ood" in meta:  # routers fitted before the OOD test have none
+            if "ood" in meta:  # fitted with ood_quantile=None: none
                 o = meta["ood"]
-                ood = OodTest(tuple(o["classes"]), t["ood_centroids"], t["ood_precision"], float(o["threshold"]),
+                ood = OodTest(tuple(o["classes"]), t["ood_centroids"], t["ood_precision"], t["ood_thresholds"],
                               float(o["quantile"]))
+                if ood.thresholds.shape != (len(ood.classes),):
+                    raise KeyError("one form threshold per class")
             router = cls(classes, dict(meta["experts"]), t["mean"], t["scale"], coef, intercept,
                          float(meta["threshold"]), {k: v for k, v in meta.items()
                                                     if k not in ("classes", "experts", "threshold", "ood")}, ood)

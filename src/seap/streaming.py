@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec
-from .layerwise import SkeletonLoader, empty_model
+from .skeleton import SkeletonLoader, empty_model
 from .plan import Plan
 from .pruned import model_tensors, tensor_specs, write_pruned_folder
 from .surgery import slice_layer, slice_model

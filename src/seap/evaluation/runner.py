@@ -51,19 +51,20 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ACCURACY_TASKS]
         if unknown:
-            raise ConfigError(f"unknown accuracy task(s) {unknown}: choose from {', '.join(ACCURACY_TASKS)}")
+            raise ConfigError(f"`tasks`: unknown accuracy task(s) {unknown}: choose from {', '.join(ACCURACY_TASKS)}")
         if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+            raise ConfigError(f"`limit` must be >= 1, got {self.limit}")
         if self.word_ppl_docs is not None and self.word_ppl_docs < 0:
-            raise ConfigError(f"word perplexity documents must be >= 0, got {self.word_ppl_docs}")
+            raise ConfigError(f"`word_ppl_docs` (word perplexity articles) must be >= 0, got {self.word_ppl_docs}")
         if self.xsum < 0 or self.xsum_shots not in (0, 1) or self.gen_batch_size < 1:
-            raise ConfigError("XSum needs items >= 0, shots 0 or 1 and a generation batch size >= 1")
+            raise ConfigError(f"XSum needs `xsum` >= 0 prompts, `xsum_shots` 0 or 1 and `gen_batch_size` >= 1, got "
+                              f"{self.xsum}, {self.xsum_shots}, {self.gen_batch_size}")
         if isinstance(self.griffin, (int, float)) and not isinstance(self.griffin, bool):
             object.__setattr__(self, "griffin", GriffinConfig(density=float(self.griffin)))
         if self.griffin is not None and not isinstance(self.griffin, GriffinConfig):
-            raise ConfigError(f"griffin must be a GriffinConfig or a density, got {self.griffin!r}")
+            raise ConfigError(f"`griffin` must be a GriffinConfig or a density, got {self.griffin!r}")
 
     def to_dict(self) -> dict:
         """JSON-ready (results files record the configuration they were measured with)."""

@@ -108,7 +108,7 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
         stream = _checked(stream_pruned_tensors(ckpt, config, plan, expert, dtype), ModelError,
                           "download the checkpoint again")
     else:
-        from ..layerwise import empty_model
+        from ..skeleton import empty_model
 
         stream = _checked(stream_tensors(ckpt, lazy.model, empty_model(config, dtype), lazy.adapter, dtype),
                           ModelError, "download the checkpoint again")
