@@ -174,14 +174,14 @@ def finished(path: Path, limit: int | None) -> bool:
     return data is not None and data.get("eval_config", {}).get("limit") == limit
 
 
-def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
+def paired_delta(row: dict, dense: dict, tasks=TASKS) -> tuple[float, float]:
     """Average over tasks of (row - dense) on the paper metric, and its paired standard error.
 
     The same items are scored for both, so the per-item differences carry the comparison's noise
     (much less than two independent errors would). Rows of different N pair on their common first
     items (lm-eval's --limit N scores the first N of a split, so those are the same items)."""
     deltas, variances = [], []
-    for task in TASKS:
+    for task in tasks:
         a, b = row["items"].get(task), dense["items"].get(task)
         if not a or not b:
             continue
@@ -195,11 +195,11 @@ def paired_delta(row: dict, dense: dict) -> tuple[float, float]:
     return sum(deltas) / k, math.sqrt(sum(variances)) / k
 
 
-def common_averages(row: dict, ref: dict) -> tuple[float, float, int]:
+def common_averages(row: dict, ref: dict, tasks=TASKS) -> tuple[float, float, int]:
     """The six-task averages of two rows on the items both scored (the first N of each task, as lm-eval's
     --limit takes them), and that N: rows measured at different N compare on their common items."""
     a, b, n = [], [], None
-    for task in TASKS:
+    for task in tasks:
         x, y = row["items"].get(task), ref["items"].get(task)
         if not x or not y:
             continue

@@ -10,7 +10,7 @@ from datetime import date
 from importlib.metadata import version
 from pathlib import Path
 
-from common import common_averages, paired_delta, read_result, CALIBRATION_LIMIT, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
+from common import common_averages, paired_delta, read_result, CALIBRATION_LIMIT, DATA, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
 from llamacpp import llamacpp_section
 from shortprompts import shortprompts_section
 from schedules import schedules_section
@@ -313,13 +313,13 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pair(rows: list[dict], a: str, b: str, ratio: float) -> str | None:
+def _pair(rows: list[dict], a: str, b: str, ratio: float, tasks=TASKS) -> str | None:
     ra = next((r for r in rows if r["row"] == a and r["ratio"] == ratio), None)
     rb = next((r for r in rows if r["row"] == b and r["ratio"] == ratio), None)
     if ra is None or rb is None:
         return None
-    d, se = paired_delta(ra, rb)
-    avg_a, avg_b, n = common_averages(ra, rb)
+    d, se = paired_delta(ra, rb, tasks)
+    avg_a, avg_b, n = common_averages(ra, rb, tasks)
     ppl = lambda r: (r.get("token_perplexity") or {}).get("perplexity")  # noqa: E731
     pa, pb = ppl(ra), ppl(rb)
     tail = f"; WikiText-2 token ppl {pa:.1f} vs {pb:.1f}" if pa and pb else ""
@@ -365,6 +365,46 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
         if text:
             lines.append(f"- {model}, nominal 50%: {text} (the reference code's '50%' removes 44%).")
     return ("\n### Reconstruction and the paper's protocol\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def _boolq_labels() -> list[bool] | None:
+    import pyarrow.parquet as pq
+
+    path = DATA / "boolq" / "validation.parquet"
+    return [bool(x) for x in pq.read_table(path, columns=["answer"]).column("answer").to_pylist()] \
+        if path.is_file() else None
+
+
+def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
+    """Which answer each row gives on BoolQ (from its per-item correctness and the gold labels): a model
+    that answers one word to nearly everything scores that word's share of the split, whatever it
+    reads, and a pruned model's accuracy then moves with its bias, not with its reading."""
+    labels = _boolq_labels()
+    if labels is None:
+        return ""
+    yes_share = sum(labels[:500]) / len(labels[:500])
+    lines = []
+    for model, rows in all_rows.items():
+        shares = []
+        for r in rows:
+            items = r["items"].get("boolq") or []
+            said_yes = [c == gold for c, gold in zip(items, labels)]  # correct on a "yes" item or wrong on a "no"
+            if items:
+                name = r["row"] if r["row"] == "dense" else f"{r['row']} {int(100 * r['ratio'])}%"
+                shares.append(f"{name} {100 * sum(said_yes) / len(said_yes):.0f}%")
+        lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
+        others = tuple(t for t in TASKS if t != "boolq")
+        for ratio in sorted({r["ratio"] for r in rows if r["row"] == DEFAULT_ROW}):
+            for base in ("FLAP", "WandA-sp"):
+                text = _pair(rows, DEFAULT_ROW, base, ratio, others)
+                if text:
+                    lines.append(f"- {model}, {int(100 * ratio)}%, the five tasks other than BoolQ: {text}.")
+    return ("\n### BoolQ answers\n\n"
+            f"{100 * yes_share:.0f}% of the first 500 BoolQ validation items are \"yes\". A row that answers \"no\" "
+            "to nearly every item scores about the share of \"no\" whatever it reads; one that flips to \"yes\" "
+            "scores about the share of \"yes\". Where the dense model answers one word to nearly everything, "
+            "BoolQ accuracy of its pruned rows measures which word they drift to, and the six-task average "
+            "moves with it; hence also the comparisons on the other five tasks.\n\n" + "\n".join(lines) + "\n")
 
 
 def scorer_section(model: str) -> str:
@@ -462,7 +502,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
 
 ## Findings (computed from the tables below)
 
-{findings(all_rows) if all_rows else '_no results yet_'}{reconstruction_findings(all_rows)}{griffin_findings(MODELS)}"""
+{findings(all_rows) if all_rows else '_no results yet_'}{reconstruction_findings(all_rows)}{griffin_findings(MODELS)}{boolq_findings(all_rows)}"""
     for model, rows in all_rows.items():
         ns = sorted({r["eval_config"]["limit"] for r in rows})
         text += (f"\n## {model}\n\nAccuracy (paper metric, %), N items per task ({' or '.join(map(str, ns))}; "
