@@ -277,6 +277,28 @@ def test_routed_lm_eval_model_scores_each_document_on_its_expert(routed):
         assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
 
 
+def test_routed_documents_decide_as_the_router_with_its_form_test(routed, tmp_path):
+    """lm-eval's requests of one document share a decision, the router's own on that context, form test
+    included (an unfamiliar context goes to the generic expert)."""
+    from lm_eval.api.instance import Instance
+
+    from seap import pipeline
+    from seap.evaluation.routed import route_requests
+    from seap.plan import Plan
+
+    lm = routed["lm"]
+    router = pipeline.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
+                                 config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
+    multi = MultiExpertModel(lm, Plan.load(routed["plan"]), router)
+    ctx = ["12 7 300 =", "HELP NOW!", " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)]
+    reqs = [Instance("loglikelihood", {}, (c, cont), i, ("t", d, 1))
+            for i, (d, c, cont) in enumerate((d, c, cont) for d, c in enumerate(ctx) for cont in (" ok", " no"))]
+    experts, log_rows = route_requests(multi, reqs)
+    want = router.route(lm, ctx)
+    assert experts == [want[r.doc_id].expert for r in reqs]
+    assert [r["reason"] for r in log_rows] == [w.reason for w in want] and want[2].reason == "unfamiliar"
+
+
 def test_route_and_generate_cli(routed, capsys, tmp_path):
     folder, plan, router = str(routed["folder"]), str(routed["plan"]), str(routed["plan"].parent / "router")
     digits = routed["paths"]["digits"]

@@ -40,7 +40,7 @@ def route_requests(multi: MultiExpertModel, requests: Sequence) -> tuple[list[st
         by_doc.setdefault(k, []).append(j)
     docs = list(by_doc)
     routes = router.decide(torch.stack([probs[by_doc[k]].mean(0) for k in docs]),
-                           None if dist is None else torch.stack([dist[by_doc[k]].mean() for k in docs]))
+                           None if dist is None else torch.stack([dist[by_doc[k]].mean(0) for k in docs]))
     decided = dict(zip(docs, routes))
     log_rows = [{"task": k[0], "doc_id": k[1], "expert": r.expert, "label": r.label,
                  "confidence": round(r.confidence, 4), "reason": r.reason} for k, r in decided.items()]
