@@ -75,11 +75,11 @@ def test_bench_models_reports_ratios_to_the_dense_model():
 
 
 def test_bench_config_validation():
-    with pytest.raises(ConfigError, match="generation length"):
+    with pytest.raises(ConfigError, match="`gen_len` >= 2"):
         BenchConfig(gen_len=1)
-    with pytest.raises(ConfigError, match="batch sizes"):
+    with pytest.raises(ConfigError, match="`batch_sizes` must be >= 1"):
         BenchConfig(batch_sizes=(0,))
-    with pytest.raises(ConfigError, match="decode path"):
+    with pytest.raises(ConfigError, match="unknown `decode_path`"):
         BenchConfig(decode_path="vllm")
 
 
