@@ -382,14 +382,14 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
     labels = _boolq_labels()
     if labels is None:
         return ""
-    yes_share = sum(labels[:500]) / len(labels[:500])
+    n = max(len(r["items"].get("boolq") or []) for rows in all_rows.values() for r in rows)
+    yes_share = sum(labels[:n]) / n
     lines = []
     for model, rows in all_rows.items():
         shares = []
         for r in rows:
-            items = r["items"].get("boolq") or []
-            said_yes = [c == gold for c, gold in zip(items, labels)]  # correct on a "yes" item or wrong on a "no"
-            if items:
+            if items := r["items"].get("boolq"):
+                said_yes = [c == gold for c, gold in zip(items, labels)]  # right on a "yes" item or wrong on a "no"
                 name = r["row"] if r["row"] == "dense" else f"{r['row']} {int(100 * r['ratio'])}%"
                 shares.append(f"{name} {100 * sum(said_yes) / len(said_yes):.0f}%")
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
@@ -400,7 +400,7 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
                 if text:
                     lines.append(f"- {model}, {int(100 * ratio)}%, the five tasks other than BoolQ: {text}.")
     return ("\n### BoolQ answers\n\n"
-            f"{100 * yes_share:.0f}% of the first 500 BoolQ validation items are \"yes\". A row that answers \"no\" "
+            f"{100 * yes_share:.0f}% of the first {n} BoolQ validation items are \"yes\". A row that answers \"no\" "
             "to nearly every item scores about the share of \"no\" whatever it reads; one that flips to \"yes\" "
             "scores about the share of \"yes\". Where the dense model answers one word to nearly everything, "
             "BoolQ accuracy of its pruned rows measures which word they drift to, and the six-task average "

@@ -46,9 +46,6 @@ class Corpus:
 DEFAULT_CORPORA: tuple[str, ...] = (
     "science_qa", "physical_commonsense", "reading_yesno", "math_word", "general_text",
 )
-DEFAULT_CORPORA: tuple[str, ...] = (
-    "science_qa", "physical_commonsense", "reading_yesno", "math_word", "general_text",
-)
 SPEC_HELP = (
     f"use a task name ({', '.join(TASK_NAMES)}), 'default', 'default:<family>' "
     f"({', '.join(DEFAULT_CORPORA)}), or a path to a .txt/.jsonl/.json corpus file"
@@ -78,7 +75,7 @@ def pick(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
 
 
 def make_corpus(name: str, examples: Sequence[Example], source: str,
-                 limit: int | None, seed: int) -> Corpus:
+                limit: int | None, seed: int) -> Corpus:
     chosen = pick(examples, limit, seed)
     return Corpus(name=name, texts=tuple(t for t, _ in chosen),
                   prompts=tuple(p for _, p in chosen if p is not None), source=source)

@@ -17,7 +17,7 @@ _FILE_EXTS = (".txt", ".jsonl", ".json")
 
 
 # --------------------------------------------------------------------------- user files
-def json_rows(content: str, where: str) -> Iterator[tuple[str, Any]]:
+def _json_rows(content: str, where: str) -> Iterator[tuple[str, Any]]:
     """Yield (position, value) for each JSONL line; position names the line in errors."""
     for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
@@ -31,7 +31,7 @@ def json_rows(content: str, where: str) -> Iterator[tuple[str, Any]]:
             ) from err
 
 
-def row_examples(rows: Iterable[tuple[str, Any]], where: str) -> list[Example]:
+def _row_examples(rows: Iterable[tuple[str, Any]], where: str) -> list[Example]:
     """{"text"} rows are LM text; {"prompt", "answer"} rows are prompt + gold answer."""
     examples: list[Example] = []
     fix = 'give each row {"text": ...} or {"prompt": ..., "answer": ...}'
@@ -62,7 +62,7 @@ def _parse_file_content(content: str, ext: str, where: str) -> list[Example]:
         blocks = re.split(r"\n[ \t]*\n", content.replace("\r\n", "\n"))
         return [(b.strip(), None) for b in blocks if b.strip()]
     if ext == ".jsonl":
-        return row_examples(json_rows(content, where), where)
+        return _row_examples(_json_rows(content, where), where)
     try:
         data = json.loads(content) if content.strip() else []
     except json.JSONDecodeError as err:
@@ -73,7 +73,7 @@ def _parse_file_content(content: str, ext: str, where: str) -> list[Example]:
     if not isinstance(data, list):
         raise DataError(f"{where} must hold a JSON list of objects, not a {type(data).__name__}: "
                         'write [{"text": ...}, ...] or use .jsonl')
-    return row_examples(((f"item {i}", r) for i, r in enumerate(data, 1)), where)
+    return _row_examples(((f"item {i}", r) for i, r in enumerate(data, 1)), where)
 
 
 def load_file_corpus(path: str | Path, *, limit: int | None = None, seed: int = 0) -> Corpus:
@@ -112,14 +112,14 @@ def load_file_corpus(path: str | Path, *, limit: int | None = None, seed: int = 
 def _family_examples(family: str) -> tuple[Example, ...]:
     if family not in DEFAULT_CORPORA:
         raise unknown_name("default corpus family", family, DEFAULT_CORPORA,
-                       f"use default:<family> with one of {', '.join(DEFAULT_CORPORA)}, "
-                       "or 'default' for all of them")
+                           f"use default:<family> with one of {', '.join(DEFAULT_CORPORA)}, "
+                           "or 'default' for all of them")
     res = resources.files("seap") / "corpus" / f"{family}.jsonl"
     if not res.is_file():
         raise DataError(f"embedded corpus file seap/corpus/{family}.jsonl is missing: reinstall "
                         "seap, or pass a task name or corpus file instead")
     where = f"embedded corpus {family}.jsonl"
-    examples = row_examples(json_rows(res.read_text(encoding="utf-8"), where), where)
+    examples = _row_examples(_json_rows(res.read_text(encoding="utf-8"), where), where)
     if not examples:
         raise DataError(f"{where} holds no texts: reinstall seap")
     return tuple(examples)
