@@ -153,9 +153,10 @@ def routing_section(model: str, rows: list[dict]) -> str:
         own = sum(n for t, c in r["meta"]["routing"].items() for e, n in c.items() if e == t)
         total = sum(n for c in r["meta"]["routing"].values() for n in c.values())
         d, se = paired_delta(r, oracle)
+        routed, oracle_avg, _ = common_averages(r, oracle)
         mem = r["meta"]["memory"]
-        pairs.append(f"| {int(100 * r['ratio'])}% | {100 * oracle['average']['value']:.1f} | "
-                     f"{100 * r['average']['value']:.1f} | {100 * d:+.2f} ± {100 * se:.2f} | {100 * own / total:.1f}% | "
+        pairs.append(f"| {int(100 * r['ratio'])}% | {100 * oracle_avg:.1f} | "
+                     f"{100 * routed:.1f} | {100 * d:+.2f} ± {100 * se:.2f} | {100 * own / total:.1f}% | "
                      f"{mem['base_bytes'] / 1e6:.0f} | {mem['added_bytes'] / 1e6:.0f} ({100 * mem['added_fraction']:.0f}%) |")
     if pairs:
         text += ("\nRouted against oracle (each task on its own expert), same items; memory of the multi-expert model "
@@ -297,9 +298,10 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
             oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
             if oracle:
                 d, se = paired_delta(r, oracle)
-                lines.append(f"- {model}, {int(100 * r['ratio'])}%: routed {100 * r['average']['value']:.1f} vs oracle "
-                             f"task experts {100 * oracle['average']['value']:.1f} (Δ {100 * d:+.2f} ± {100 * se:.2f} "
-                             "paired s.e.; the issue asks for |Δ| ≤ 1 point).")
+                a, b, n = common_averages(r, oracle)
+                lines.append(f"- {model}, {int(100 * r['ratio'])}%: routed {100 * a:.1f} vs oracle task experts "
+                             f"{100 * b:.1f} ({n} items per task; Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e.; the "
+                             "issue asks for |Δ| ≤ 1 point).")
         at50 = {r["row"]: r for r in rows if r["ratio"] == 0.5}
         seap50 = {k: _ratio(v, dense_row) for k, v in at50.items() if k.startswith("SEAP")}
         for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):

@@ -81,8 +81,8 @@ def schedules_section(model: str, rows: list[dict]) -> str:
              f"{fit['protect_last']} last kept dense): k = {fit['k']:.3f}, x0 = {fit['x0']:.3f}, R² of the fit "
              f"{fit['r2']:.2f} (default logistic: k = 1.2, x0 = 0.3; pictures in docs/analyze/{model}):\n\n"
              if fit else ":\n\n")
-    text += ("| schedule | average ± s.e. | Δ vs dense ± paired s.e. | Δ vs default logistic ± paired s.e. | "
-             "token ppl |\n|---|---|---|---|---|\n")
+    text += ("| schedule | items per task | average ± s.e. | Δ vs dense ± paired s.e. | Δ vs default logistic ± "
+             "paired s.e. (common items) | token ppl |\n|---|---|---|---|---|---|\n")
     base = at.get(ROWS[0])
     for name in ROWS:
         r = at.get(name)
@@ -93,6 +93,7 @@ def schedules_section(model: str, rows: list[dict]) -> str:
         ppl = (r.get("token_perplexity") or {}).get("perplexity")
         label = {ROWS[0]: "logistic (default; 2 + 2 layers dense)", ROWS[1]: "uniform (every layer pruned alike)",
                  ROWS[2]: "fitted logistic (2 + 2 layers dense)"}[name]
-        text += (f"| {label} | {100 * r['average']['value']:.1f} ± {100 * r['average']['stderr']:.1f} | {dd} | {db} | "
+        items = max(len(v) for v in r["items"].values())
+        text += (f"| {label} | {items} | {100 * r['average']['value']:.1f} ± {100 * r['average']['stderr']:.1f} | {dd} | {db} | "
                  f"{f'{ppl:.1f}' if ppl else '—'} |\n")
     return text
