@@ -480,8 +480,10 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   of the output projection refitted by least squares (ridge 0.01, bias fitted). "+ refit, OBS
   choice" rows apply the same to a baseline's widths. The paper's recipe is `seap-paper`, the rows
   "SEAP (task experts)" and "SEAP-gen".
-- Scoring: rows evaluated since this stop use seap's selective scorer (lm-eval's HFLM with the LM
-  head applied only at the scored positions; equal log-likelihoods, tested), earlier rows HFLM.
+- Scoring: the rows of the last stops use seap's selective scorer (lm-eval's HFLM with the LM head
+  applied only at the scored positions; from commit f6d4d2a on, each question's shared context is
+  also run once with its choices packed after it), the oldest rows HFLM itself. All give HFLM's
+  log-likelihoods to float rounding (tested at 1e-5; the scorer section below measures it).
 - The paper's protocol: WandA-sp and FLAP calibrated on general text as in their papers. Only
   WikiText-2's test split is available offline, so they take 128 pieces of 2,000 characters from
   60% of its raw stream on; perplexity scores its first 16 windows and first articles (about 5% of
