@@ -48,10 +48,11 @@ def route_requests(multi: MultiExpertModel, requests: Sequence) -> tuple[list[st
 
 
 def make_routed_lm(multi: MultiExpertModel, batch_size: int = 16, max_length: int | None = None):
-    """An lm-eval model whose requests run on the experts the router picks."""
-    from lm_eval.models.huggingface import HFLM
+    """An lm-eval model whose requests run on the experts the router picks (each expert's share
+    through seap's selective scorer, HFLM's numbers)."""
+    from .scorer import SelectiveHFLM
 
-    class RoutedLM(HFLM):
+    class RoutedLM(SelectiveHFLM):
         def _grouped(self, requests, method: str, **kw):
             experts, rows = route_requests(multi, requests)
             self.routing_log.extend(rows)
