@@ -51,8 +51,8 @@ RECON_CONFIGS = (
     ("SEAP (task experts, default)", "seap", "task", {"multiple": None}),
     ("SEAP-gen + sequential refit, OBS choice", "seap", "generic", {"multiple": None, "reconstruct": "sequential"}),
     # the ridge term of the default's refit (0.01): larger pulls the refit toward the plain cut
-    ("SEAP-gen (default, ridge 0.1)", "seap", "generic", {"multiple": None, "ridge": 0.1}),
-    ("SEAP-gen (default, ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0}),
+    ("SEAP-gen (default with ridge 0.1)", "seap", "generic", {"multiple": None, "ridge": 0.1}),
+    ("SEAP-gen (default with ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0}),
 )
 
 # The paper's protocol (SEAP on each task's own data, the baselines on general text as their papers

@@ -22,7 +22,7 @@ ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (Wik
              "WandA-sp + sequential refit", "FLAP + sequential refit", "SEAP (task experts) + sequential refit",
              "SEAP-gen + refit", "SEAP-gen + sequential refit", "WandA-sp + refit, OBS choice",
              "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP-gen + sequential refit, OBS choice",
-             "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default, ridge 0.1)", "SEAP-gen (default, ridge 1)")
+             "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
 DEFAULT_ROW = "SEAP-gen (default: refit, OBS choice)"  # what the seap-gen preset does
 
 
