@@ -142,7 +142,7 @@ class SelectiveHFLM(HFLM):
         inps = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             inps[r, :len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-        kwargs = {"use_cache": False}
+        kwargs = {"use_cache": False} if "use_cache" in self._forward_takes else {}
         if any(row.packed for row in rows):
             pos = torch.zeros_like(inps)
             for r, row in enumerate(rows):
