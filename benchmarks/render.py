@@ -343,7 +343,8 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
             for other in ("FLAP", "WandA-sp", "SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
                           "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
                           "FLAP + sequential refit", "WandA-sp + sequential refit",
-                          "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)"):
+                          "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)",
+                          "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)"):
                 text = _pair(rows, DEFAULT_ROW, other, ratio)
                 if text:
                     lines.append(f"- {model}, {pct}%: {text}.")
