@@ -398,7 +398,7 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
         others = tuple(t for t in TASKS if t != "boolq")
         for ratio in sorted({r["ratio"] for r in rows if r["row"] == DEFAULT_ROW}):
-            for base in ("FLAP", "WandA-sp"):
+            for base in ("FLAP", "WandA-sp", "SEAP-gen"):
                 text = _pair(rows, DEFAULT_ROW, base, ratio, others)
                 if text:
                     lines.append(f"- {model}, {int(100 * ratio)}%, the five tasks other than BoolQ: {text}.")
