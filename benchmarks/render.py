@@ -415,22 +415,20 @@ def scorer_section(model: str) -> str:
     if d is None:
         return ""
     med = d["median_seconds"]
-    if "head only" not in med:  # a result from before the packed contexts: two scorers
-        return (f"\nScorer (`{d['command']}`): lm-eval's own requests for the first {d['items_per_task']} items of "
-                f"each task ({d['requests']} log-likelihoods), HFLM and seap's selective scorer in turn in one "
-                f"process, medians of {len(d['seconds']['hflm'])} timed rounds after a warm-up: HFLM "
-                f"{med['hflm']:.1f} s, selective {med['selective']:.1f} s, **{d['speedup']:.2f}x**; largest "
-                f"log-likelihood difference {d['max_abs_diff']:.1e}, greedy flags "
-                f"{'equal' if d['greedy_equal'] else 'DIFFERENT'}.\n")
-    tok = d["tokens_run"]
+    if "head only" in med:  # three scorers (since the packed contexts)
+        tok = d["tokens_run"]
+        timed = (f"three scorers in turn in one process, medians of {len(d['seconds']['hflm'])} timed rounds after a "
+                 f"warm-up: HFLM {med['hflm']:.1f} s; the LM head at the read positions only {med['head only']:.1f} s "
+                 f"({d['speedup_head_only']:.2f}x, {tok['head only']} tokens through the model); and each question's "
+                 f"context run once, its choices packed after it (seap's scorer) {med['selective']:.1f} s, "
+                 f"**{d['speedup']:.2f}x** ({tok['selective']} tokens)")
+    else:  # an older result: HFLM and the head-only scorer
+        timed = (f"HFLM and seap's selective scorer in turn in one process, medians of {len(d['seconds']['hflm'])} "
+                 f"timed rounds after a warm-up: HFLM {med['hflm']:.1f} s, selective {med['selective']:.1f} s, "
+                 f"**{d['speedup']:.2f}x**")
     return (f"\nScorer (`{d['command']}`): lm-eval's own requests for the first {d['items_per_task']} items of each "
-            f"task ({d['requests']} log-likelihoods), three scorers in turn in one process, medians of "
-            f"{len(d['seconds']['hflm'])} timed rounds after a warm-up: HFLM {med['hflm']:.1f} s; the LM head at "
-            f"the read positions only {med['head only']:.1f} s ({d['speedup_head_only']:.2f}x, {tok['head only']} "
-            f"tokens through the model); and each question's context run once, its choices packed after it "
-            f"(seap's scorer) {med['selective']:.1f} s, **{d['speedup']:.2f}x** ({tok['selective']} tokens); "
-            f"largest log-likelihood difference from HFLM {d['max_abs_diff']:.1e}, greedy flags "
-            f"{'equal' if d['greedy_equal'] else 'DIFFERENT'}.\n")
+            f"task ({d['requests']} log-likelihoods), {timed}; largest log-likelihood difference from HFLM "
+            f"{d['max_abs_diff']:.1e}, greedy flags {'equal' if d['greedy_equal'] else 'DIFFERENT'}.\n")
 
 
 def render() -> Path:

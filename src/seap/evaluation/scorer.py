@@ -73,19 +73,11 @@ def plan_rows(requests: list[tuple[list[int], list[int]]], max_length: int, wind
             groups.setdefault(tuple(ctx), {}).setdefault(tuple(cont[:-1]), []).append(i)
         else:  # HFLM's input: left-truncated to the model's length
             plain.setdefault(tuple((ctx + cont)[-(max_length + 1):][:-1]), []).append(i)
+    rows = []
     for ctx, segments in groups.items():
         if len(segments) == 1:  # nothing to share: HFLM's row
             (seg, members), = segments.items()
             plain.setdefault(ctx + seg, []).extend(members)
-    rows = []
-    for inp, members in plain.items():
-        row = Row(list(inp), [0] * len(inp), list(range(len(inp))))
-        for i in members:
-            n = len(requests[i][1])
-            row.reads.append((i, list(range(len(inp) - n, len(inp)))))
-        rows.append(row)
-    for ctx, segments in groups.items():
-        if len(segments) == 1:
             continue
         row = Row(list(ctx), [0] * len(ctx), list(range(len(ctx))))
         for k, (seg, members) in enumerate(segments.items(), start=1):
@@ -96,6 +88,10 @@ def plan_rows(requests: list[tuple[list[int], list[int]]], max_length: int, wind
             # the context's last position predicts the first continuation token, the segment the rest
             row.reads += [(i, [len(ctx) - 1, *range(start, start + len(seg))]) for i in members]
         rows.append(row)
+    for inp, members in plain.items():
+        n = len(inp)
+        rows.append(Row(list(inp), [0] * n, list(range(n)),
+                        [(i, list(range(n - len(requests[i][1]), n))) for i in members]))
     return rows
 
 
