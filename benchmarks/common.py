@@ -136,20 +136,25 @@ def wikitext_stats(lm, model_name: str):
 
 
 def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
-    """Refit the experts a row evaluates, each on the calibration text its channels came from."""
+    """Refit the experts a row evaluates, each on the calibration text its channels came from; a
+    task-expert plan as `seap prune` refits it (each task expert on its task, the generic expert, which
+    scores perplexity, on all the text)."""
     from seap.plan import GENERIC
+    from seap.pruning import expert_corpora
     from seap.reconstruct import RefitConfig, error_summary, reconstruct_plan
-    from seap.tasks import resolve_corpus
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
-    texts = {t: list(resolve_corpus(t, data_dir=DATA, limit=limit, seed=0).texts) for t in (*TASKS, LM_CORPUS)}
-    pooled = [x for v in texts.values() for x in v]
-    corpora = {"all": pooled} if protocol == "all" else {GENERIC: pooled} if protocol == "generic" else \
-        {t: texts[t] for t in TASKS}
+    texts, members = expert_corpora(plan, (*TASKS, LM_CORPUS), data_dir=DATA, limit=limit, seed=0)
+    members.pop(LM_CORPUS, None)  # the language-modelling text's own expert: no row evaluates it
+    if protocol != "task":  # one expert ("all" for the baselines, or the generic) from all the text
+        texts, members = {"all": [x for v in texts.values() for x in v]}, None
+        if protocol == "generic":
+            texts = {GENERIC: texts["all"]}
     t0 = time.time()
-    reconstruct_plan(lm, plan, corpora, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=8, max_length=512, progress=False)
+    reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
+                     batch_size=8, max_length=512, progress=False)
     plan.meta.extra["reconstruction"] = {"seconds": round(time.time() - t0, 1),
-                                   "errors": {n: error_summary(plan.experts[n]) for n in corpora}}
+                                   "errors": {n: error_summary(plan.experts[n]) for n in members or texts}}
 
 
 # Perplexity subsets per model: Gemma 3's 262k-entry vocabulary makes every scored token ~5x dearer.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import common_averages, paired_delta, read_result, CALIBRATION_LIMIT, DATA, HERE, LM_CORPUS, MODELS, RATIOS, RESULTS, ROOT, TASKS
 from llamacpp import llamacpp_section
+from routing import ROUTED_ROWS
 from shortprompts import shortprompts_section
 from schedules import schedules_section
 from seap.tasks import PAPER_METRIC
@@ -21,9 +22,11 @@ ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (Wik
              "SEAP s_F (task experts)", "SEAP-gen s_F", "SEAP uniform (task experts)", "SEAP fitted (task experts)",
              "WandA-sp + sequential refit", "FLAP + sequential refit", "SEAP (task experts) + sequential refit",
              "SEAP-gen + refit", "SEAP-gen + sequential refit", "WandA-sp + refit, OBS choice",
-             "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP-gen + sequential refit, OBS choice",
+             "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP (routed, default)",
+             "SEAP-gen + sequential refit, OBS choice",
              "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
-DEFAULT_ROW = "SEAP-gen (default: refit, OBS choice)"  # what the seap-gen preset does
+# what seap's presets do: `seap` (a task expert per task, or routed) and `seap-gen` (the generic expert)
+DEFAULT_ROWS = ("SEAP (task experts, default)", "SEAP-gen (default: refit, OBS choice)")
 
 
 def _load(model: str) -> list[dict]:
@@ -144,10 +147,11 @@ def routing_section(model: str, rows: list[dict]) -> str:
             f"splits: {counts}; threshold {data['threshold']}), on all {res.meta['n']} validation prompts:\n\n")
     text += res.markdown()
     pairs = []
+    oracles = {routed: oracle for routed, oracle, _, _ in ROUTED_ROWS}
     for r in rows:
-        if r["row"] != "SEAP (routed)":
+        if r["row"] not in oracles:
             continue
-        oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
+        oracle = next((o for o in rows if o["row"] == oracles[r["row"]] and o["ratio"] == r["ratio"]), None)
         if oracle is None:
             continue
         own = sum(n for t, c in r["meta"]["routing"].items() for e, n in c.items() if e == t)
@@ -155,14 +159,14 @@ def routing_section(model: str, rows: list[dict]) -> str:
         d, se = paired_delta(r, oracle)
         routed, oracle_avg, _ = common_averages(r, oracle)
         mem = r["meta"]["memory"]
-        pairs.append(f"| {int(100 * r['ratio'])}% | {100 * oracle_avg:.1f} | "
+        pairs.append(f"| {r['row']} | {int(100 * r['ratio'])}% | {100 * oracle_avg:.1f} | "
                      f"{100 * routed:.1f} | {100 * d:+.2f} ± {100 * se:.2f} | {100 * own / total:.1f}% | "
                      f"{mem['base_bytes'] / 1e6:.0f} | {mem['added_bytes'] / 1e6:.0f} ({100 * mem['added_fraction']:.0f}%) |")
     if pairs:
         text += ("\nRouted against oracle (each task on its own expert), same items; memory of the multi-expert model "
                  "(base weights once, each expert's gathered FFN rows and columns added):\n\n"
-                 "| ratio | oracle average | routed average | Δ routed − oracle ± paired s.e. | items on their own "
-                 "task's expert | base MB | experts add MB |\n|---|---|---|---|---|---|---|\n" + "\n".join(pairs) + "\n")
+                 "| row | ratio | oracle average | routed average | Δ routed − oracle ± paired s.e. | items on their own "
+                 "task's expert | base MB | experts add MB |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(pairs) + "\n")
     return text
 
 
@@ -294,14 +298,15 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
             a, b, n = common_averages(best, dense_row)
             lines.append(f"- {model}, 20%: best SEAP variant is {best['row']} at {100 * a:.1f} = {100 * a / b:.1f}% of "
                          f"dense ({100 * b:.1f} on the same {n} items per task); the paper's claim on Llama-2-7B is 97.8%.")
-        for r in (r for r in rows if r["row"] == "SEAP (routed)"):
-            oracle = next((o for o in rows if o["row"] == "SEAP (task experts)" and o["ratio"] == r["ratio"]), None)
-            if oracle:
-                d, se = paired_delta(r, oracle)
-                a, b, n = common_averages(r, oracle)
-                lines.append(f"- {model}, {int(100 * r['ratio'])}%: routed {100 * a:.1f} vs oracle task experts "
-                             f"{100 * b:.1f} ({n} items per task; Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e.; the "
-                             "issue asks for |Δ| ≤ 1 point).")
+        for routed, oracle_row, _, _ in ROUTED_ROWS:
+            for r in (r for r in rows if r["row"] == routed):
+                oracle = next((o for o in rows if o["row"] == oracle_row and o["ratio"] == r["ratio"]), None)
+                if oracle:
+                    d, se = paired_delta(r, oracle)
+                    a, b, n = common_averages(r, oracle)
+                    lines.append(f"- {model}, {int(100 * r['ratio'])}%: {routed} {100 * a:.1f} vs oracle {oracle_row} "
+                                 f"{100 * b:.1f} ({n} items per task; Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e.; "
+                                 "the issue asks for |Δ| ≤ 1 point).")
         at50 = {r["row"]: r for r in rows if r["ratio"] == 0.5}
         seap50 = {k: _ratio(v, dense_row) for k, v in at50.items() if k.startswith("SEAP")}
         for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):
@@ -335,17 +340,22 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
     lines = []
     for model, rows in all_rows.items():
         dense_row = next(r for r in rows if r["row"] == "dense")
-        for ratio in sorted({r["ratio"] for r in rows if r["row"] == DEFAULT_ROW}):
+        for default, ratio in ((d, ratio) for d in DEFAULT_ROWS
+                               for ratio in sorted({r["ratio"] for r in rows if r["row"] == d})):
             pct = int(100 * ratio)
-            row = next(r for r in rows if r["row"] == DEFAULT_ROW and r["ratio"] == ratio)
-            lines.append(f"- {model}, {pct}%, seap's default ({DEFAULT_ROW}) keeps "
+            row = next(r for r in rows if r["row"] == default and r["ratio"] == ratio)
+            lines.append(f"- {model}, {pct}%, seap's default ({default}) keeps "
                          f"{100 * _ratio(row, dense_row):.1f}% of the dense average (on the items both scored).")
-            for other in ("FLAP", "WandA-sp", "SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
-                          "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
-                          "FLAP + sequential refit", "WandA-sp + sequential refit",
-                          "WandA-sp (WikiText-2 calibration)", "FLAP (WikiText-2 calibration)",
-                          "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)"):
-                text = _pair(rows, DEFAULT_ROW, other, ratio)
+            # the task experts against their paper recipe and the generic default; the generic default
+            # against its paper recipe and the variants of the refit
+            others = (("SEAP (task experts)", DEFAULT_ROWS[1]) if default == DEFAULT_ROWS[0] else
+                      ("SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
+                       "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
+                       "FLAP + sequential refit", "WandA-sp + sequential refit",
+                       "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)"))
+            for other in ("FLAP", "WandA-sp", *others, "WandA-sp (WikiText-2 calibration)",
+                          "FLAP (WikiText-2 calibration)"):
+                text = _pair(rows, default, other, ratio)
                 if text:
                     lines.append(f"- {model}, {pct}%: {text}.")
         for base in ("FLAP", "WandA-sp", "SEAP (task experts)"):
@@ -397,9 +407,11 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
                 shares.append(f"{name} {100 * sum(said_yes) / len(said_yes):.0f}%")
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
         others = tuple(t for t in TASKS if t != "boolq")
-        for ratio in sorted({r["ratio"] for r in rows if r["row"] == DEFAULT_ROW}):
-            for base in ("FLAP", "WandA-sp", "SEAP-gen"):
-                text = _pair(rows, DEFAULT_ROW, base, ratio, others)
+        for default, ratio in ((d, ratio) for d in DEFAULT_ROWS
+                               for ratio in sorted({r["ratio"] for r in rows if r["row"] == d})):
+            paper = "SEAP (task experts)" if default == DEFAULT_ROWS[0] else "SEAP-gen"
+            for base in ("FLAP", "WandA-sp", paper):
+                text = _pair(rows, default, base, ratio, others)
                 if text:
                     lines.append(f"- {model}, {int(100 * ratio)}%, the five tasks other than BoolQ: {text}.")
     return ("\n### BoolQ answers\n\n"
@@ -495,7 +507,9 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   embedding of the prompt's tokens, a multinomial logistic regression (C = 0.1, standardised
   features) fitted on up to 1500 bare prompts per task from the train splits plus 1000 windows of
   the embedded general text (the "no task" class, routed to the generic expert); a top
-  probability under 0.5 also goes to the generic expert. "Oracle" is the task-expert row. The
+  probability under 0.5 also goes to the generic expert. "Oracle" is the task-expert row. "SEAP
+  (routed, default)": the same router over the task experts of seap's default (`seap` preset,
+  reconstruction), oracle "SEAP (task experts, default)". The
   router also sends prompts of an unfamiliar form (length, digits, line breaks,
   symbols, case) to the generic expert; since stop 24 that form is compared with the class the
   prompt is routed to (farther than 99.8% of that class's training prompts; before: farther from

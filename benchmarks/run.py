@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
     ap.add_argument("--scorer-limit", type=int, default=20, help="scorer stage: first N items of each task")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
-    ap.add_argument("--rows", default=None, help="xsum, accuracy and reconstruction stages: only these rows, in this order (comma-separated, "
+    ap.add_argument("--rows", default=None, help="xsum, accuracy, reconstruction and routing stages: only these rows, in this order (comma-separated, "
                     "e.g. 'magnitude 0.75,GRIFFIN 0.75'), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
         accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), PAPER_CONFIGS, dense=False)
         accuracy(models, limits, False, (0.5,), REFERENCE_CONFIGS, dense=False)
     if args.stage in ("all", "routing"):
-        from routing import routing  # noqa: E402  (benchmarks/routing.py)
+        from routing import ROUTED_ROWS, routing  # noqa: E402  (benchmarks/routing.py)
 
-        routing(models, limits, tuple(float(r) for r in args.ratios.split(",")))
+        routing(models, limits, tuple(float(r) for r in args.ratios.split(",")), chosen(ROUTED_ROWS))
     if args.stage in ("all", "speed"):
         from speed import speed  # noqa: E402  (benchmarks/speed.py)
 
