@@ -514,8 +514,8 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   symbols, case) to the generic expert; since stop 24 that form is compared with the class the
   prompt is routed to (farther than 99.8% of that class's training prompts; before: farther from
   every class than 99.5% of all training prompts). Both router tables below are refitted with it;
-  SmolLM2's routed accuracy rows (500 items) were measured with it, Gemma 3's (50 items) with the
-  classifier alone.
+  SmolLM2's routed accuracy rows (500 items) and Gemma 3's at 50% (250 items) were measured with
+  it, Gemma 3's at 20% (50 items) with the classifier alone.
 - Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first non-overlapping
   windows of 1024 tokens (16 for SmolLM2, 8 for Gemma 3; per-model tokenizer, so not comparable
   across models). Word perplexity: lm-eval's `wikitext` task (rolling log-likelihood, words of the

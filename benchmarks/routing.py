@@ -4,8 +4,8 @@ For each model and ratio: a router fitted on the train splits of the six tasks, 
 validation splits (results/<model>/router.json), then the task suite with the router choosing every
 item's expert, on two task-expert plans (the same plans as their oracle rows): the paper's recipe
 (row "SEAP (routed)", oracle "SEAP (task experts)") and seap's default, with reconstruction (row
-"SEAP (routed, default)", oracle "SEAP (task experts, default)"). The router depends only on the
-plan's task names, so both rows share it.
+"SEAP (routed, default)", oracle "SEAP (task experts, default)"). A router is fitted for each plan:
+it records the experts' fingerprints and refuses any other plan.
 """
 
 from __future__ import annotations
@@ -46,16 +46,14 @@ def routing(models: list[str], limits: dict[str, int], ratios, rows=ROUTED_ROWS)
         router_path = RESULTS / model_name / "router.json"
         cfg = eval_config(model_name, limits[model_name])
         for ratio in ratios:
-            router = None
             for row, _, method, extra in rows:
                 path = RESULTS / model_name / f"{slug(row, ratio)}.json"
                 if finished(path, cfg.limit) and router_path.is_file():
                     continue
                 plan = plan_for(lm, stats, method, ratio, "task", extra)
-                if router is None:
-                    t0 = time.time()
-                    router = fit_router(lm, plan.experts, data_dir=DATA)
-                    fit_s = time.time() - t0
+                t0 = time.time()
+                router = fit_router(lm, plan.experts, data_dir=DATA)
+                fit_s = time.time() - t0
                 if not router_path.is_file():
                     res = evaluate_router(lm, router, data_dir=DATA, unknown=_unknown_prompts())
                     write(router_path, {"model": model_name, "fit_seconds": round(fit_s, 1),
