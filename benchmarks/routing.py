@@ -1,8 +1,8 @@
 """Routing stage of benchmarks/run.py: the router on held-out prompts, and routed vs oracle accuracy.
 
-For each model and ratio: a router fitted on the train splits of the six tasks, evaluated on their
-validation splits (results/<model>/router.json), then the task suite with the router choosing every
-item's expert, on two task-expert plans (the same plans as their oracle rows): the paper's recipe
+For each model, ratio and task-expert plan: a router fitted on the train splits of the six tasks
+(evaluated once on their validation splits, results/<model>/router.json), then the task suite with
+the router choosing every item's expert. Two plans, the same as their oracle rows: the paper's recipe
 (row "SEAP (routed)", oracle "SEAP (task experts)") and seap's default, with reconstruction (row
 "SEAP (routed, default)", oracle "SEAP (task experts, default)"). A router is fitted for each plan:
 it records the experts' fingerprints and refuses any other plan.

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scorer-limit", type=int, default=20, help="scorer stage: first N items of each task")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
     ap.add_argument("--rows", default=None, help="xsum, accuracy, reconstruction and routing stages: only these rows, in this order (comma-separated, "
-                    "e.g. 'magnitude 0.75,GRIFFIN 0.75'), so that a second process can share the work")
+                    "e.g. 'magnitude 0.75,GRIFFIN 0.75'; a name that holds a comma only as the whole value), so that a "
+                    "second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
