@@ -145,11 +145,11 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
     texts, members = expert_corpora(plan, (*TASKS, LM_CORPUS), data_dir=DATA, limit=limit, seed=0)
-    members.pop(LM_CORPUS, None)  # the language-modelling text's own expert: no row evaluates it
-    if protocol != "task":  # one expert ("all" for the baselines, or the generic) from all the text
-        texts, members = {"all": [x for v in texts.values() for x in v]}, None
-        if protocol == "generic":
-            texts = {GENERIC: texts["all"]}
+    if protocol == "task":
+        members.pop(LM_CORPUS, None)  # the language-modelling text's own expert: no row evaluates it
+    else:  # one expert from all the text pooled: the baselines' "all", or the generic
+        pooled = [x for v in texts.values() for x in v]
+        texts, members = {GENERIC if protocol == "generic" else "all": pooled}, None
     t0 = time.time()
     reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
                      batch_size=8, max_length=512, progress=False)

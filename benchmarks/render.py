@@ -25,8 +25,23 @@ ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (Wik
              "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP (routed, default)",
              "SEAP-gen + sequential refit, OBS choice",
              "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
-# what seap's presets do: `seap` (a task expert per task, or routed) and `seap-gen` (the generic expert)
-DEFAULT_ROWS = ("SEAP (task experts, default)", "SEAP-gen (default: refit, OBS choice)")
+# what seap's presets do, `seap` (a task expert per task, or routed) and `seap-gen` (the generic
+# expert), each with the row of its paper recipe
+GENERIC_DEFAULT = "SEAP-gen (default: refit, OBS choice)"
+DEFAULT_ROWS = {"SEAP (task experts, default)": "SEAP (task experts)", GENERIC_DEFAULT: "SEAP-gen"}
+# what the generic default is also compared with: the variants of the refit
+REFIT_VARIANTS = ("SEAP-gen + sequential refit", "FLAP + refit, OBS choice", "WandA-sp + refit, OBS choice",
+                  "SEAP-gen + sequential refit, OBS choice", "FLAP + sequential refit", "WandA-sp + sequential refit",
+                  "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
+
+
+def _row(rows: list[dict], name: str, ratio: float) -> dict | None:
+    return next((r for r in rows if r["row"] == name and r["ratio"] == ratio), None)
+
+
+def _default_rows(rows: list[dict]) -> list[tuple[str, str, dict]]:
+    """(preset's row name, its paper recipe's row name, row) for every measured ratio of each preset."""
+    return [(name, paper, r) for name, paper in DEFAULT_ROWS.items() for r in rows if r["row"] == name]
 
 
 def _load(model: str) -> list[dict]:
@@ -151,7 +166,7 @@ def routing_section(model: str, rows: list[dict]) -> str:
     for r in rows:
         if r["row"] not in oracles:
             continue
-        oracle = next((o for o in rows if o["row"] == oracles[r["row"]] and o["ratio"] == r["ratio"]), None)
+        oracle = _row(rows, oracles[r["row"]], r["ratio"])
         if oracle is None:
             continue
         own = sum(n for t, c in r["meta"]["routing"].items() for e, n in c.items() if e == t)
@@ -300,7 +315,7 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
                          f"dense ({100 * b:.1f} on the same {n} items per task); the paper's claim on Llama-2-7B is 97.8%.")
         for routed, oracle_row, _, _ in ROUTED_ROWS:
             for r in (r for r in rows if r["row"] == routed):
-                oracle = next((o for o in rows if o["row"] == oracle_row and o["ratio"] == r["ratio"]), None)
+                oracle = _row(rows, oracle_row, r["ratio"])
                 if oracle:
                     d, se = paired_delta(r, oracle)
                     a, b, n = common_averages(r, oracle)
@@ -321,8 +336,7 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
 
 
 def _pair(rows: list[dict], a: str, b: str, ratio: float, tasks=TASKS) -> str | None:
-    ra = next((r for r in rows if r["row"] == a and r["ratio"] == ratio), None)
-    rb = next((r for r in rows if r["row"] == b and r["ratio"] == ratio), None)
+    ra, rb = _row(rows, a, ratio), _row(rows, b, ratio)
     if ra is None or rb is None:
         return None
     d, se = paired_delta(ra, rb, tasks)
@@ -340,20 +354,13 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
     lines = []
     for model, rows in all_rows.items():
         dense_row = next(r for r in rows if r["row"] == "dense")
-        for default, ratio in ((d, ratio) for d in DEFAULT_ROWS
-                               for ratio in sorted({r["ratio"] for r in rows if r["row"] == d})):
+        for default, paper, row in _default_rows(rows):
+            ratio = row["ratio"]
             pct = int(100 * ratio)
-            row = next(r for r in rows if r["row"] == default and r["ratio"] == ratio)
             lines.append(f"- {model}, {pct}%, seap's default ({default}) keeps "
                          f"{100 * _ratio(row, dense_row):.1f}% of the dense average (on the items both scored).")
-            # the task experts against their paper recipe and the generic default; the generic default
-            # against its paper recipe and the variants of the refit
-            others = (("SEAP (task experts)", DEFAULT_ROWS[1]) if default == DEFAULT_ROWS[0] else
-                      ("SEAP-gen", "SEAP-gen + sequential refit", "FLAP + refit, OBS choice",
-                       "WandA-sp + refit, OBS choice", "SEAP-gen + sequential refit, OBS choice",
-                       "FLAP + sequential refit", "WandA-sp + sequential refit",
-                       "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)"))
-            for other in ("FLAP", "WandA-sp", *others, "WandA-sp (WikiText-2 calibration)",
+            others = REFIT_VARIANTS if default == GENERIC_DEFAULT else (GENERIC_DEFAULT,)
+            for other in ("FLAP", "WandA-sp", paper, *others, "WandA-sp (WikiText-2 calibration)",
                           "FLAP (WikiText-2 calibration)"):
                 text = _pair(rows, default, other, ratio)
                 if text:
@@ -407,9 +414,8 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
                 shares.append(f"{name} {100 * sum(said_yes) / len(said_yes):.0f}%")
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
         others = tuple(t for t in TASKS if t != "boolq")
-        for default, ratio in ((d, ratio) for d in DEFAULT_ROWS
-                               for ratio in sorted({r["ratio"] for r in rows if r["row"] == d})):
-            paper = "SEAP (task experts)" if default == DEFAULT_ROWS[0] else "SEAP-gen"
+        for default, paper, row in _default_rows(rows):
+            ratio = row["ratio"]
             for base in ("FLAP", "WandA-sp", paper):
                 text = _pair(rows, default, base, ratio, others)
                 if text:
