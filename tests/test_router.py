@@ -192,7 +192,8 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     pieces = [tok.decode([i]) for i in ids[0]]
     n, digits = len(pieces), sum(any(c.isdigit() for c in p) for p in pieces)
     want = [math.log1p(n), digits / n, sum("\n" in p for p in pieces) / n,
-            sum(not any(c.isalnum() for c in p) for p in pieces) / n, 1 / 7, 7 / n, math.log1p(digits), math.log1p(1)]
+            sum(not any(c.isalnum() for c in p) for p in pieces) / n, 1 / 7, 7 / n, math.log1p(digits), math.log1p(1),
+            math.log1p(sum("\n" in p for p in pieces))]
     torch.testing.assert_close(form_features(tok, ids)[0], torch.tensor(want, dtype=torch.float64))
     # Each class's threshold is the quantile of its own training prompts' distances to it.
     g = torch.Generator().manual_seed(0)

@@ -42,7 +42,7 @@ from .tasks import TASKS, Corpus, resolve_corpus
 log = logging.getLogger(__name__)
 
 ROUTER_FORMAT = "seap-router"
-ROUTER_VERSION = 2  # 2: the form test compares with the routed class, one threshold per class
+ROUTER_VERSION = 3  # 2: the form test compares with the routed class, one threshold per class; 3: nine form features
 BACKGROUND = GENERIC  # the class of "no task": routed to the generic expert
 FEATURES = "mean_input_embedding"
 
