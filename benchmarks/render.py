@@ -335,7 +335,9 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pair(rows: list[dict], a: str, b: str, ratio: float, tasks=TASKS) -> str | None:
+def _pair(rows: list[dict], a: str, b: str, ratio: float, tasks=TASKS, items: str | None = None) -> str | None:
+    """`a` against `b` at `ratio`: averages, paired difference and perplexities; `items` says which items
+    were scored (default: N per task)."""
     ra, rb = _row(rows, a, ratio), _row(rows, b, ratio)
     if ra is None or rb is None:
         return None
@@ -344,7 +346,7 @@ def _pair(rows: list[dict], a: str, b: str, ratio: float, tasks=TASKS) -> str | 
     ppl = lambda r: (r.get("token_perplexity") or {}).get("perplexity")  # noqa: E731
     pa, pb = ppl(ra), ppl(rb)
     tail = f"; WikiText-2 token ppl {pa:.1f} vs {pb:.1f}" if pa and pb else ""
-    return (f"{a} {100 * avg_a:.1f} vs {b} {100 * avg_b:.1f} ({n} items per task): "
+    return (f"{a} {100 * avg_a:.1f} vs {b} {100 * avg_b:.1f} ({items or f'{n} items per task'}): "
             f"Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e. ({d / se if se else 0:+.1f} s.e.){tail}")
 
 
@@ -395,6 +397,12 @@ def _boolq_labels() -> list[bool] | None:
         if path.is_file() else None
 
 
+def _yes_share(items: list[float], labels: list[bool]) -> float:
+    """Share of BoolQ items a row answered "yes": right on a "yes" item or wrong on a "no"."""
+    said_yes = [c == gold for c, gold in zip(items, labels)]
+    return sum(said_yes) / len(said_yes)
+
+
 def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
     """Which answer each row gives on BoolQ (from its per-item correctness and the gold labels): a model
     that answers one word to nearly everything scores that word's share of the split, whatever it
@@ -409,9 +417,8 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
         shares = []
         for r in rows:
             if items := r["items"].get("boolq"):
-                said_yes = [c == gold for c, gold in zip(items, labels)]  # right on a "yes" item or wrong on a "no"
                 name = r["row"] if r["row"] == "dense" else f"{r['row']} {int(100 * r['ratio'])}%"
-                shares.append(f"{name} {100 * sum(said_yes) / len(said_yes):.0f}%")
+                shares.append(f"{name} {100 * _yes_share(items, labels):.0f}%")
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
         others = tuple(t for t in TASKS if t != "boolq")
         for default, paper, row in _default_rows(rows):
@@ -436,13 +443,18 @@ def full_sets_findings(models) -> str:
         folder = RESULTS / model / "full"
         rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
         others = tuple(t for t in TASKS if t != "boolq")
+        labels = _boolq_labels()
+        if labels and rows:
+            yes = ", ".join(f"{r['row']} {100 * _yes_share(r['items']['boolq'], labels):.0f}%" for r in rows)
+            lines.append(f"- {model}: share of the {len(labels)} BoolQ items answered \"yes\" ({100 * sum(labels) / len(labels):.0f}% "
+                         f"of them are): {yes}.")
         for default, _, row in _default_rows(rows):
             pct = int(100 * row["ratio"])
             sizes = ", ".join(f"{t} {len(row['items'][t])}" for t in TASKS if row["items"].get(t))
             lines.append(f"- {model}, {pct}%, items: {sizes}.")
             for base in ("FLAP", "WandA-sp"):
                 for tasks, what in ((TASKS, "six tasks"), (others, "the five tasks other than BoolQ")):
-                    text = _pair(rows, default, base, row["ratio"], tasks)
+                    text = _pair(rows, default, base, row["ratio"], tasks, "every item")
                     if text:
                         lines.append(f"- {model}, {pct}%, {what}: {text}.")
     return ("\n### The whole validation splits\n\n`python benchmarks/run.py --stage reconstruction --models "
