@@ -35,6 +35,9 @@ REFIT_VARIANTS = ("SEAP-gen + sequential refit", "FLAP + refit, OBS choice", "Wa
                   "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
 
 
+NOT_BOOLQ = tuple(t for t in TASKS if t != "boolq")  # the comparisons without BoolQ's yes/no drift
+
+
 def _row(rows: list[dict], name: str, ratio: float) -> dict | None:
     return next((r for r in rows if r["row"] == name and r["ratio"] == ratio), None)
 
@@ -44,8 +47,9 @@ def _default_rows(rows: list[dict]) -> list[tuple[str, str, dict]]:
     return [(name, paper, r) for name, paper in DEFAULT_ROWS.items() for r in rows if r["row"] == name]
 
 
-def _load(model: str) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model).glob("*.json"))
+def _load(model: str, sub: str = "") -> list[dict]:
+    """The accuracy rows of results/<model>/<sub> (none when the folder does not exist), in ROW_ORDER."""
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model / sub).glob("*.json"))
             if p.name not in ("speed.json", "router.json", "scorer.json")
             and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
@@ -420,11 +424,10 @@ def boolq_findings(all_rows: dict[str, list[dict]]) -> str:
                 name = r["row"] if r["row"] == "dense" else f"{r['row']} {int(100 * r['ratio'])}%"
                 shares.append(f"{name} {100 * _yes_share(items, labels):.0f}%")
         lines.append(f"- {model}: share of BoolQ items answered \"yes\": " + ", ".join(shares) + ".")
-        others = tuple(t for t in TASKS if t != "boolq")
         for default, paper, row in _default_rows(rows):
             ratio = row["ratio"]
             for base in ("FLAP", "WandA-sp", paper):
-                text = _pair(rows, default, base, ratio, others)
+                text = _pair(rows, default, base, ratio, NOT_BOOLQ)
                 if text:
                     lines.append(f"- {model}, {int(100 * ratio)}%, the five tasks other than BoolQ: {text}.")
     return ("\n### BoolQ answers\n\n"
@@ -439,11 +442,9 @@ def full_sets_findings(models) -> str:
     """seap's default against the baselines on the whole validation splits (results/<model>/full/, run with
     --limit above the largest split): the measurement that the 500-item rows sample."""
     lines = []
+    labels = _boolq_labels()
     for model in models:
-        folder = RESULTS / model / "full"
-        rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-        others = tuple(t for t in TASKS if t != "boolq")
-        labels = _boolq_labels()
+        rows = _load(model, "full")
         if labels and rows:
             yes = ", ".join(f"{r['row']} {100 * _yes_share(r['items']['boolq'], labels):.0f}%" for r in rows)
             lines.append(f"- {model}: share of the {len(labels)} BoolQ items answered \"yes\" ({100 * sum(labels) / len(labels):.0f}% "
@@ -453,7 +454,7 @@ def full_sets_findings(models) -> str:
             sizes = ", ".join(f"{t} {len(row['items'][t])}" for t in TASKS if row["items"].get(t))
             lines.append(f"- {model}, {pct}%, items: {sizes}.")
             for base in ("FLAP", "WandA-sp"):
-                for tasks, what in ((TASKS, "six tasks"), (others, "the five tasks other than BoolQ")):
+                for tasks, what in ((TASKS, "six tasks"), (NOT_BOOLQ, "the five tasks other than BoolQ")):
                     text = _pair(rows, default, base, row["ratio"], tasks, "every item")
                     if text:
                         lines.append(f"- {model}, {pct}%, {what}: {text}.")
@@ -486,7 +487,7 @@ def scorer_section(model: str) -> str:
 
 
 def render() -> Path:
-    all_rows = {m: _load(m) for m in MODELS if (RESULTS / m).is_dir() and _load(m)}
+    all_rows = {m: rows for m in MODELS if (rows := _load(m))}
     plotted = plot(all_rows, HERE / "accuracy_vs_ratio.png") if all_rows else False
     versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "lm_eval", "datasets"))
     cpu = platform.processor() or platform.machine()
