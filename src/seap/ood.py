@@ -43,7 +43,9 @@ def form_features(tokenizer, ids: Sequence[Sequence[int]]) -> torch.Tensor:
     text: dict[int, str] = {}
     rows = []
     for row in ids:
-        toks = [text.setdefault(i, tokenizer.decode([i])) for i in row]
+        for i in set(row) - text.keys():  # decode each distinct id once (setdefault would decode every token)
+            text[i] = tokenizer.decode([i])
+        toks = [text[i] for i in row]
         n = max(len(toks), 1)
         chars = "".join(toks)
         digits = sum(any(c.isdigit() for c in t) for t in toks)
