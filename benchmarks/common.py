@@ -53,6 +53,8 @@ RECON_CONFIGS = (
     # the ridge term of the default's refit (0.01): larger pulls the refit toward the plain cut
     ("SEAP-gen (default with ridge 0.1)", "seap", "generic", {"multiple": None, "ridge": 0.1}),
     ("SEAP-gen (default with ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0}),
+    # the default's reconstruction on the layer schedule fitted by `seap analyze sensitivity`
+    ("SEAP (task experts, default) + fitted schedule", "seap", "task", {"multiple": None, "schedule": "fitted"}),
 )
 
 # The paper's protocol (SEAP on each task's own data, the baselines on general text as their papers
@@ -95,6 +97,8 @@ def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: d
 
     # The accuracy rows were measured with exact widths (multiple 1, the default then); seap's default
     # is now multiples of 32, measured apart by the "SEAP-gen (multiple 32)" row.
+    if extra.get("schedule") == "fitted":
+        extra = {**extra, "schedule": fitted_schedule(lm, lm.source.model_id)}
     cfg = PruneConfig.from_method(method, **{"ratio": ratio, "multiple": 1, **extra})
     if protocol == "wikitext-tail":
         stats = {"wikitext2-tail": wikitext_stats(lm, lm.source.model_id)}
@@ -109,6 +113,21 @@ def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: d
     if cfg.reconstructs:
         reconstruct_row(lm, plan, cfg, protocol)
     return plan
+
+
+def fitted_schedule(lm, model_name: str):
+    """The logistic schedule `seap analyze sensitivity` fits on this model with its defaults, cached
+    as results/<model>/schedule/sensitivity.json (computed once, reused by every row that names it)."""
+    from seap.analyze import analyze_sensitivity, load_schedule
+
+    path = RESULTS / model_name / "schedule" / "sensitivity.json"
+    if not path.is_file():
+        t0 = time.time()
+        res = analyze_sensitivity(lm, progress=False)
+        write(path, res.data)
+        log.info("%s: fitted k=%.3f x0=%.3f in %.0fs", model_name, res.data["schedule"]["k"],
+                 res.data["schedule"]["x0"], time.time() - t0)
+    return load_schedule(path)
 
 
 def wikitext_tail() -> list[str]:

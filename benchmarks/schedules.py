@@ -14,25 +14,12 @@ import gc
 import logging
 import time
 
-from common import finished, read_result, paired_delta, RESULTS, plan_for, slug, stats_for, write, eval_config
+from common import (eval_config, finished, fitted_schedule, paired_delta, plan_for, read_result, RESULTS, slug,
+                    stats_for, write)
 
 log = logging.getLogger("benchmarks.schedules")
 ROWS = ("SEAP (task experts)", "SEAP uniform (task experts)", "SEAP fitted (task experts)")
 RATIO = 0.5
-
-
-def _schedule(lm, model_name: str):
-    """The fitted schedule of this model (`seap analyze sensitivity` defaults), cached as JSON."""
-    from seap.analyze import analyze_sensitivity, load_schedule
-
-    path = RESULTS / model_name / "schedule" / "sensitivity.json"
-    if not path.is_file():
-        t0 = time.time()
-        res = analyze_sensitivity(lm, progress=False)
-        write(path, res.data)
-        log.info("%s: fitted k=%.3f x0=%.3f in %.0fs", model_name, res.data["schedule"]["k"],
-                 res.data["schedule"]["x0"], time.time() - t0)
-    return load_schedule(path)
 
 
 def schedules(models: list[str], limits: dict[str, int]) -> None:
@@ -50,7 +37,7 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             stats = stats or stats_for(lm, model_name)
             t0 = time.time()
             if row.startswith("SEAP fitted"):
-                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"schedule": _schedule(lm, model_name)})
+                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"schedule": fitted_schedule(lm, model_name)})
             else:
                 plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
