@@ -55,6 +55,8 @@ RECON_CONFIGS = (
     ("SEAP-gen (default with ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0}),
     # the default's reconstruction on the layer schedule fitted by `seap analyze sensitivity`
     ("SEAP (task experts, default) + fitted schedule", "seap", "task", {"multiple": None, "schedule": "fitted"}),
+    # a task's corpus is a seventh of the generic's: a larger ridge against an overfitted refit
+    ("SEAP (task experts, default with ridge 0.1)", "seap", "task", {"multiple": None, "ridge": 0.1}),
 )
 
 # The paper's protocol (SEAP on each task's own data, the baselines on general text as their papers

@@ -24,7 +24,8 @@ ROW_ORDER = ("WandA-sp", "FLAP", "WandA-sp (WikiText-2 calibration)", "FLAP (Wik
              "SEAP-gen + refit", "SEAP-gen + sequential refit", "WandA-sp + refit, OBS choice",
              "FLAP + refit, OBS choice", "SEAP (task experts, default)", "SEAP (routed, default)",
              "SEAP-gen + sequential refit, OBS choice",
-             "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
+             "SEAP-gen (default: refit, OBS choice)", "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)",
+             "SEAP (task experts, default) + fitted schedule", "SEAP (task experts, default with ridge 0.1)")
 # what seap's presets do, `seap` (a task expert per task, or routed) and `seap-gen` (the generic
 # expert), each with the row of its paper recipe
 GENERIC_DEFAULT = "SEAP-gen (default: refit, OBS choice)"
@@ -33,6 +34,9 @@ DEFAULT_ROWS = {"SEAP (task experts, default)": "SEAP (task experts)", GENERIC_D
 REFIT_VARIANTS = ("SEAP-gen + sequential refit", "FLAP + refit, OBS choice", "WandA-sp + refit, OBS choice",
                   "SEAP-gen + sequential refit, OBS choice", "FLAP + sequential refit", "WandA-sp + sequential refit",
                   "SEAP-gen (default with ridge 0.1)", "SEAP-gen (default with ridge 1)")
+# ... and those of the task-expert default
+TASK_DEFAULT_VARIANTS = (GENERIC_DEFAULT, "SEAP (task experts, default) + fitted schedule",
+                         "SEAP (task experts, default with ridge 0.1)")
 
 
 NOT_BOOLQ = tuple(t for t in TASKS if t != "boolq")  # the comparisons without BoolQ's yes/no drift
@@ -327,8 +331,7 @@ def findings(all_rows: dict[str, list[dict]]) -> str:
                                  f"{100 * b:.1f} ({n} items per task; Δ {100 * d:+.2f} ± {100 * se:.2f} paired s.e.; "
                                  "the issue asks for |Δ| ≤ 1 point).")
         at50 = {r["row"]: r for r in rows if r["ratio"] == 0.5}
-        seap50 = {k: _ratio(v, dense_row) for k, v in at50.items() if k.startswith("SEAP")}
-        for name in dict.fromkeys(["SEAP (task experts)", max(seap50, key=seap50.get) if seap50 else None]):
+        for name in ("SEAP (task experts)", *DEFAULT_ROWS):  # the paper's recipe and the presets' rows
             if name not in at50:
                 continue
             for base in ("WandA-sp", "FLAP"):
@@ -365,7 +368,7 @@ def reconstruction_findings(all_rows: dict[str, list[dict]]) -> str:
             pct = int(100 * ratio)
             lines.append(f"- {model}, {pct}%, seap's default ({default}) keeps "
                          f"{100 * _ratio(row, dense_row):.1f}% of the dense average (on the items both scored).")
-            others = REFIT_VARIANTS if default == GENERIC_DEFAULT else (GENERIC_DEFAULT,)
+            others = REFIT_VARIANTS if default == GENERIC_DEFAULT else TASK_DEFAULT_VARIANTS
             for other in ("FLAP", "WandA-sp", paper, *others, "WandA-sp (WikiText-2 calibration)",
                           "FLAP (WikiText-2 calibration)"):
                 text = _pair(rows, default, other, ratio)
