@@ -97,10 +97,10 @@ def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: d
     from seap.fingerprints import fingerprint
     from seap.plan import build_plan
 
-    # The accuracy rows were measured with exact widths (multiple 1, the default then); seap's default
-    # is now multiples of 32, measured apart by the "SEAP-gen (multiple 32)" row.
     if extra.get("schedule") == "fitted":
         extra = {**extra, "schedule": fitted_schedule(lm, lm.source.model_id)}
+    # The accuracy rows were measured with exact widths (multiple 1, the default then); seap's default
+    # is now multiples of 32, measured apart by the "SEAP-gen (multiple 32)" row.
     cfg = PruneConfig.from_method(method, **{"ratio": ratio, "multiple": 1, **extra})
     if protocol == "wikitext-tail":
         stats = {"wikitext2-tail": wikitext_stats(lm, lm.source.model_id)}

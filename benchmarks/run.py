@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="accuracy stage: these ratios only")
     ap.add_argument("--scorer-limit", type=int, default=20, help="scorer stage: first N items of each task")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
-    ap.add_argument("--rows", default=None, help="xsum, accuracy, reconstruction and routing stages: only these rows, in this order (comma-separated, "
-                    "e.g. 'magnitude 0.75,GRIFFIN 0.75'; a name that holds a comma only as the whole value), so that a "
-                    "second process can share the work")
+    ap.add_argument("--rows", default=None, help="xsum, accuracy, reconstruction and routing stages: only these rows "
+                    "(comma-separated full names, e.g. 'magnitude 0.75,GRIFFIN 0.75'; names that hold commas "
+                    "themselves work too), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         return 2
     models = [m for m in args.models.split(",") if m]
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
-    def chosen(configs):  # --rows: a full row name, or names separated by commas
-        return [r for r in configs if not args.rows or r[0] == args.rows or r[0] in args.rows.split(",")]
+    def chosen(configs):  # --rows: full row names separated by commas; a name may hold commas itself
+        return [r for r in configs if not args.rows or f",{r[0]}," in f",{args.rows},"]
 
     from accuracy import accuracy  # noqa: E402  (benchmarks/accuracy.py)
 

@@ -14,8 +14,7 @@ import gc
 import logging
 import time
 
-from common import (eval_config, finished, fitted_schedule, paired_delta, plan_for, read_result, RESULTS, slug,
-                    stats_for, write)
+from common import finished, read_result, paired_delta, RESULTS, plan_for, slug, stats_for, write, eval_config
 
 log = logging.getLogger("benchmarks.schedules")
 ROWS = ("SEAP (task experts)", "SEAP uniform (task experts)", "SEAP fitted (task experts)")
@@ -37,7 +36,7 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             stats = stats or stats_for(lm, model_name)
             t0 = time.time()
             if row.startswith("SEAP fitted"):
-                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"schedule": fitted_schedule(lm, model_name)})
+                plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"schedule": "fitted"})
             else:
                 plan = plan_for(lm, stats, "seap-paper", RATIO, "task", {"allocation": "uniform"})
             rep = evaluate_plan(lm, plan, cfg, experts="task", label=f"{row} {int(RATIO * 100)}%")
