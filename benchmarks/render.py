@@ -560,11 +560,9 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   symbols, case) to the generic expert; since stop 24 that form is compared with the class the
   prompt is routed to (farther than 99.8% of that class's training prompts; before: farther from
   every class than 99.5% of all training prompts). Since stop 27 the form test also counts line
-  breaks (router version 3; a template fixes their count). The router tables below and Gemma 3's
-  routed rows at 20% (250 items) are version 3; SmolLM2's routed rows (500 items) and Gemma 3's at
-  50% (250 items) were measured with version 2. Re-computed apart (the same fit on the same
-  prompts), the two versions send 5 of SmolLM2's 2,799 scored validation items and 3 of Gemma 3's
-  1,499 to a different expert, so those rows stand.
+  breaks (router version 3; a template fixes their count). The router tables and every routed
+  row below are version 3 (the rows measured with version 2 were re-run in stop 28: 0 to 2 items
+  per row scored differently).
 - Token perplexity: WikiText-2 raw test, rows joined with "\\n\\n", the first non-overlapping
   windows of 1024 tokens (16 for SmolLM2, 8 for Gemma 3; per-model tokenizer, so not comparable
   across models). Word perplexity: lm-eval's `wikitext` task (rolling log-likelihood, words of the
