@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scorer-limit", type=int, default=20, help="scorer stage: first N items of each task")
     ap.add_argument("--xsum-limit", type=int, default=200, help="xsum stage: first N prompts")
     ap.add_argument("--rows", default=None, help="xsum, accuracy, reconstruction and routing stages: only these rows "
-                    "(comma-separated full names, e.g. 'magnitude 0.75,GRIFFIN 0.75'; names that hold commas "
+                    "(comma-separated full names, e.g. 'magnitude 0.75,GRIFFIN 0.75'; in all but the xsum stage, names that hold commas "
                     "themselves work too), so that a second process can share the work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
