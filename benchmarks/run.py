@@ -49,15 +49,18 @@ def main(argv=None) -> int:
         return 2
     models = [m for m in args.models.split(",") if m]
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(","))}
-    def chosen(configs):  # --rows: full row names separated by commas; a name may hold commas itself
-        return [r for r in configs if not args.rows or f",{r[0]}," in f",{args.rows},"]
+    def named(row: str) -> bool:  # --rows: full row names separated by commas; a name may hold commas itself
+        return not args.rows or f",{row}," in f",{args.rows},"
+
+    def chosen(configs):
+        return [r for r in configs if named(r[0])]
 
     from accuracy import accuracy  # noqa: E402  (benchmarks/accuracy.py)
 
     if args.stage in ("all", "accuracy"):
         rows = chosen(CONFIGS + (EXTRA_CONFIGS if args.extra else ()))
         accuracy(models, limits, args.extra, tuple(float(r) for r in args.ratios.split(",")), rows,
-                 dense=not args.rows or "dense" in args.rows.split(","))
+                 dense=named("dense"))
     if args.stage in ("all", "reconstruction"):
         accuracy(models, limits, False, tuple(float(r) for r in args.ratios.split(",")), chosen(RECON_CONFIGS),
                  dense=False)
