@@ -145,7 +145,8 @@ def wikitext_tail() -> list[str]:
 
 
 def wikitext_stats(lm, model_name: str):
-    from seap.stats import ActivationStats, collect_stats
+    from seap.stats import ActivationStats
+    from seap.layerwise import collect_stats
 
     path = CACHE / model_name / "stats" / "wikitext2_tail.safetensors"
     if path.is_file():
@@ -162,7 +163,8 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
     scores perplexity, on all the text)."""
     from seap.plan import GENERIC
     from seap.pruning import expert_corpora
-    from seap.reconstruct import RefitConfig, error_summary, reconstruct_plan
+    from seap.reconstruct import RefitConfig, error_summary
+    from seap.refit_pass import reconstruct_plan
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
     texts, members = expert_corpora(plan, (*TASKS, LM_CORPUS), data_dir=DATA, limit=limit, seed=0)

@@ -42,7 +42,7 @@ def precision(limit: int) -> None:
     from seap.models import load_model
     from seap.fingerprints import fingerprint
     from seap.plan import build_plan
-    from seap.stats import collect_stats
+    from seap.layerwise import collect_stats
     from seap.tasks import resolve_corpus
 
     corpus = resolve_corpus("default")

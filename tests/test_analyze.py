@@ -21,7 +21,7 @@ from seap.errors import ArtifactError, ConfigError
 from seap.fingerprints import fingerprint
 from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
-from seap.stats import collect_stats
+from seap.layerwise import collect_stats
 from seap.surgery import masked
 
 SAMPLE = TEXTS[:6]

@@ -10,7 +10,8 @@ from seap.config import PruneConfig
 from seap.fingerprints import fingerprint
 from seap.plan import Expert, Plan, PlanRecord
 from seap.pruned import load_pruned, save_pruned
-from seap.stats import ActivationStats, ChannelStats, collect_stats
+from seap.stats import ActivationStats, ChannelStats
+from seap.layerwise import collect_stats
 from seap.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))

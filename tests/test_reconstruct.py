@@ -12,8 +12,8 @@ from seap.config import PruneConfig
 from seap.errors import ConfigError
 from seap.plan import Plan
 from seap.pruning import prune
-from seap.reconstruct import (GramAccumulator, RefitConfig, obs_select, output_error, reconstruct_plan, refit,
-                              refit_expert)
+from seap.reconstruct import GramAccumulator, RefitConfig, obs_select, output_error, refit
+from seap.refit_pass import reconstruct_plan, refit_experts
 from seap.runtime import Runtime
 from seap.surgery import masked, slice_model
 
@@ -173,11 +173,11 @@ def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, ch
     in the refit mode) equal one pass per expert over its own texts."""
     from seap.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
-    from seap.stats import collect_stats
+    from seap.layerwise import collect_stats
 
-    import seap.reconstruct as rec
+    import seap.refit_pass as rec
 
-    real = refit_expert
+    real = refit_experts
     lm = make_loaded(family)
     texts = {"a": TEXTS[:8], "b": TEXTS[8:] + ["Another text about pruning channels."]}
     stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=family == "opt", meta={"corpus": t},
@@ -190,10 +190,10 @@ def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, ch
                           fingerprint=fingerprint(lm.model, lm.adapter))
         calls = []
         monkeypatch.setattr(rec, "available_memory", lambda d: (1 << 40) if shared else 0, raising=False)
-        monkeypatch.setattr(rec, "refit_expert", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        monkeypatch.setattr(rec, "refit_experts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
         rec.reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
                              batch_size=3, progress=False)
-        assert len(calls) == (0 if shared else 3)
+        assert len(calls) == (1 if shared else 3)
         plans.append(plan)
     for name in members:
         one, each = plans[0].experts[name], plans[1].experts[name]
@@ -235,7 +235,7 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
     for load in ("whole", "layerwise"):
         res = prune(str(folder), cfg, [str(corpus)], tmp_path / load, progress=False,
                     runtime=Runtime(device="cpu", load=load))
-        assert res.path == load and "reconstruction" in res.stage_seconds
+        assert res.path == load and "calibration" in res.stage_seconds and res.calibration["passes"] == 1
         runs[load] = Checkpoint.open(tmp_path / load / "model")
     a, b = (r.read(r.names()) for r in runs.values())
     assert sorted(a) == sorted(b)
@@ -288,7 +288,7 @@ def test_prune_cli_with_reconstruction(tmp_path, capsys):
                  "--protect-last", "1", "--reconstruct", "refit", "--ridge", "0.1", "--no-refit-bias",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert "reconstruction" in summary["stage_seconds"]
+    assert "calibration" in summary["stage_seconds"] and summary["calibration"]["passes"] == 1
     plan = Plan.load(out / "plan")
     rec = plan.experts[plan.meta.default_expert].stats["reconstruction"]
     assert (rec["mode"], rec["ridge"], rec["centered"]) == ("refit", 0.1, False)

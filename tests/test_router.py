@@ -17,7 +17,7 @@ from seap.models import encode_left_padded, load_model
 from seap.fingerprints import fingerprint
 from seap.plan import GENERIC, build_plan
 from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
-from seap.stats import collect_stats
+from seap.layerwise import collect_stats
 from seap.surgery import ffn_params
 
 

@@ -286,11 +286,15 @@ class Settings:
 # per layer. Register a new one with @allocation("name"); `seap prune --allocation name` then finds it.
 Allocation = Callable[[Sequence[Pool], Sequence[Sequence[torch.Tensor]], Settings, float], list[list[int]]]
 ALLOCATORS: dict[str, Allocation] = {}
+# Whether an allocation compares unit scores (across layers): one that does not fixes every layer's width
+# from the geometry alone, so statistics, choice and refit of a layer can share one pass (docs/design.md §2.10).
+ALLOCATION_NEEDS_SCORES: dict[str, bool] = {}
 
 
-def allocation(name: str) -> Callable[[Allocation], Allocation]:
+def allocation(name: str, *, needs_scores: bool = False) -> Callable[[Allocation], Allocation]:
     def register(fn: Allocation) -> Allocation:
         ALLOCATORS[name] = fn
+        ALLOCATION_NEEDS_SCORES[name] = needs_scores
         return fn
     return register
 
@@ -329,7 +333,7 @@ def _logistic(pools, scores, s: Settings, budget: float) -> list[list[int]]:
     return _per_layer(logistic, pools, s, budget, k=s.k, x0=s.x0, rho_max=s.rho_max)
 
 
-@allocation("adaptive")
+@allocation("adaptive", needs_scores=True)
 def _adaptive(pools, scores, s: Settings, budget: float) -> list[list[int]]:
     return adaptive(pools, scores, s.ratio, robust=s.robust, multiple=s.multiple, budget=budget)
 

@@ -19,12 +19,12 @@ from ._version import __version__
 from ._io import atomic_dir, prune_output_part, read_artifact
 from .adapters import Adapter
 from . import allocation
-from .allocation import Pool, removed_params
+from .allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .scores import channel_scores, group_scores, top_k
 from .stats import ActivationStats, ChannelStats
-from .weights import ModuleWeights, WeightSource
+from .weights import LayerWeights, ModuleWeights, WeightSource
 
 PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1
@@ -179,19 +179,49 @@ def resolve_head_unit(cfg: PruneConfig, adapter: Adapter, model: nn.Module) -> s
     return mode
 
 
+def layer_scores(cfg: PruneConfig, adapter: Adapter, layer: nn.Module, i: int, ffn_stats: ChannelStats | None,
+                 attn_stats: ChannelStats | None, w: LayerWeights,
+                 head_unit: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer i's unit scores (FFN channels; heads or KV groups with `head_unit`) for one corpus."""
+    ffn = channel_scores(cfg.score, stats=ffn_stats, weights=w.ffn, seed=cfg.seed, salt=2 * i)
+    if not head_unit:
+        return ffn, None
+    g = adapter.head_geometry(layer)
+    ch = channel_scores(cfg.score, stats=attn_stats, weights=w.attn, seed=cfg.seed, salt=2 * i + 1)
+    return ffn, group_scores(ch, g.head_dim * (g.group_size if head_unit == "kv_groups" else 1))
+
+
 def _unit_scores(cfg: PruneConfig, adapter: Adapter, model: nn.Module, stats: ActivationStats | None,
                  head_unit: str | None, weights: WeightSource) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     ffn, heads = [], [] if head_unit else None
     for i, layer in enumerate(adapter.layers(model)):
         s = stats.ffn[i] if stats is not None else None
-        w = weights.layer(i)
-        ffn.append(channel_scores(cfg.score, stats=s, weights=w.ffn, seed=cfg.seed, salt=2 * i))
+        a = stats.attn[i] if stats is not None and stats.attn is not None else None
+        f, h = layer_scores(cfg, adapter, layer, i, s, a, weights.layer(i), head_unit)
+        ffn.append(f)
         if head_unit:
-            g = adapter.head_geometry(layer)
-            a = stats.attn[i] if stats is not None and stats.attn is not None else None
-            ch = channel_scores(cfg.score, stats=a, weights=w.attn, seed=cfg.seed, salt=2 * i + 1)
-            heads.append(group_scores(ch, g.head_dim * (g.group_size if head_unit == "kv_groups" else 1)))
+            heads.append(h)
     return ffn, heads
+
+
+def generic_weights(cfg: PruneConfig, tasks) -> dict[str, float]:
+    """The weight of each task's scores in the generic expert (language-modelling text weighs more)."""
+    return {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in tasks}
+
+
+def experts_of(cfg: PruneConfig, tasks) -> list[str]:
+    """The experts a plan over these task corpora holds: one per task, plus the generic one."""
+    return [*tasks, GENERIC] if len(tasks) > 1 or cfg.generic else list(tasks)
+
+
+def fixed_widths(cfg: PruneConfig, adapter: Adapter, model: nn.Module,
+                 head_unit: str | None) -> tuple[list[int], list[int] | None] | None:
+    """Each layer's kept units when the allocation follows from the geometry alone (uniform, logistic,
+    a fitted schedule), known before any statistic; None when it compares scores (adaptive)."""
+    if ALLOCATION_NEEDS_SCORES.get(cfg.allocation, True):
+        return None
+    ffn_pool, head_pool = pools(adapter, model, head_unit)
+    return allocate(cfg, ffn_pool, head_pool, [], [] if head_pool else None)
 
 
 def pools(adapter: Adapter, model: nn.Module, head_unit: str | None) -> tuple[Pool, Pool | None]:
@@ -279,8 +309,8 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
         ffn_s, head_s = _unit_scores(cfg, adapter, model, stats, head_unit, weights)
         raw[task] = (ffn_s, head_s)
         experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats, weights)
-    if len(stats_by_task) > 1 or cfg.generic:
-        task_weights = {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in raw}
+    if GENERIC in experts_of(cfg, list(stats_by_task)):
+        task_weights = generic_weights(cfg, raw)
         ffn_g = [sum(task_weights[t] * raw[t][0][i] for t in raw) for i in range(len(adapter.layers(model)))]
         head_g = None if head_unit is None else [sum(task_weights[t] * raw[t][1][i] for t in raw)
                                                  for i in range(len(adapter.layers(model)))]

@@ -22,10 +22,14 @@ from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError
 from .models import LazyModel, LoadedModel, open_model
 from .fingerprints import check_fingerprint, fingerprint
+from . import distributed as dist
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
+from .reconstruct import RefitConfig
+from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
 from .pruned import save_pruned
 from .runtime import Runtime, dtype_name
-from .stats import ActivationStats, collect_stats
+from .layerwise import collect_stats
+from .stats import ActivationStats
 from .surgery import count_params, ffn_params, slice_model
 from .tasks import resolve_corpus
 
@@ -63,9 +67,7 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
                 result[task] = cached
                 continue
         corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
-        meta = {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp,
-                "corpus": task, "source": corpus.source, "limit": limit}
-        todo[task] = (corpus, meta, path)
+        todo[task] = (corpus, _stats_meta(lm, fp, task, corpus, limit), path)
         result[task] = None
     if todo and isinstance(lm, LoadedModel):
         for task, (corpus, meta, path) in todo.items():
@@ -85,6 +87,11 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
         if path is not None:
             result[task].save(path)
     return result  # type: ignore[return-value]
+
+
+def _stats_meta(lm, fp: dict, task: str, corpus, limit: int | None) -> dict:
+    return {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp, "corpus": task,
+            "source": corpus.source, "limit": limit}
 
 
 def collect(model: Model = None, data: CalibrationData | Sequence[str] | None = None, out: str | Path | None = None,
@@ -119,6 +126,7 @@ class PruneResult:
     runtime: dict = field(default_factory=dict)  # device, compute dtype, saved dtype
     max_resident_layers: int | None = None  # decoder layers in memory at once (layer-by-layer path)
     bytes_written: int | None = None
+    calibration: dict = field(default_factory=dict)  # passes, world size, tokens per process, resume
 
     def summary(self) -> dict:
         ex = self.plan.experts[self.expert]
@@ -133,6 +141,7 @@ class PruneResult:
             "seconds": round(self.seconds, 1), "files": self.files, "path": self.path,
             "stage_seconds": self.stage_seconds, "runtime": self.runtime,
             "max_resident_layers": self.max_resident_layers, "bytes_written": self.bytes_written,
+            "calibration": self.calibration, "world_size": self.calibration.get("world_size", 1),
         }
 
     def markdown(self) -> str:
@@ -193,6 +202,7 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     tasks, data_dir, limit = data.tasks, data.data_dir, data.limit
     batch_size, max_length, stats_dir = data.batch_size, data.max_length, data.stats_dir
     max_shard = parse_size(shard_size)
+    dist.init((runtime or Runtime()).torch_device)
     lm = open_for_pruning(model, runtime)
     if isinstance(lm, LazyModel) and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
@@ -200,22 +210,31 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
         check_fingerprint(config.schedule.source["fingerprint"], lm.model, lm.adapter, "fitted schedule",
                           weights=lm.weights)
     fp = fingerprint(lm.model, lm.adapter, lm.weights)
-    heads = resolve_head_unit(config, lm.adapter, lm.model) is not None
+    head_unit = resolve_head_unit(config, lm.adapter, lm.model)
+    heads = head_unit is not None
     stages.done("load")
     sdir = stats_dir or (Path(out) / "stats" if out else None)
-    if config.needs_stats:
-        stats = _collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
-                         max_length=max_length, out=sdir, seed=config.seed, progress=progress)
+    refit_cfg = RefitConfig.of(config, lm.adapter, lm.model.config) if config.reconstructs else None
+    if refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks):
+        corpora = {t: resolve_corpus(t, data_dir=data_dir, limit=limit, seed=config.seed) for t in tasks}
+        op = one_pass(lm, config, {t: c.texts for t, c in corpora.items()}, refit_cfg, head_unit=head_unit,
+                      fingerprint=fp, metas={t: _stats_meta(lm, fp, t, c, limit) for t, c in corpora.items()},
+                      batch_size=batch_size, max_length=max_length, resume_dir=sdir, progress=progress)
+        if sdir is not None and dist.is_main():
+            for t, st in op.stats.items():
+                st.save(Path(sdir) / f"{_safe(t)}.safetensors")
+        plan = op.plan
+        stages.done("calibration")
+        calibration = {"passes": 1, "world_size": dist.world_size(), "tokens_per_process": op.tokens_per_process,
+                       "resumed_from_layer": op.resumed_from, "seconds": op.seconds}
     else:
-        stats = {t: None for t in tasks}
-    stages.done("statistics")
-    plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
-                      revision=lm.source.revision, fingerprint=fp, weights=lm.weights)
-    stages.done("plan")
-    if config.reconstructs:
-        reconstruct(lm, plan, config, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                    max_length=max_length, progress=progress)
-        stages.done("reconstruction")
+        plan, calibration = _two_pass(lm, config, tasks, fp, heads, data_dir=data_dir, limit=limit,
+                                      batch_size=batch_size, max_length=max_length, sdir=sdir, progress=progress,
+                                      stages=stages)
+    if not dist.is_main():  # rank 0 writes the artifacts; the others only helped calibrate
+        ex = plan.expert(expert)[1]
+        return PruneResult(plan, plan.expert(expert)[0], None, 0, 0, 0, 0, ex.widths(), time.time() - t0,
+                           calibration=calibration)
     if out:
         out = Path(out)
         files = {"plan": str(plan.save(out / "plan"))}
@@ -228,10 +247,32 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     res.out = Path(out) if out else None
     res.seconds = time.time() - t0
     res.stage_seconds = stages.seconds
+    res.calibration = calibration
     if out:
         write_json(out / "summary.json", res.summary())
         write_text(out / "summary.md", res.markdown())
     return res
+
+
+def _two_pass(lm, config: PruneConfig, tasks, fp: dict, heads: bool, *, data_dir, limit, batch_size, max_length,
+              sdir, progress: bool, stages) -> tuple[Plan, dict]:
+    """Statistics, then the plan, then (with reconstruction) a second pass that refits it."""
+    if config.needs_stats:
+        stats = _collect(lm, tasks, data_dir=data_dir, limit=limit, heads=heads, batch_size=batch_size,
+                         max_length=max_length, out=sdir, seed=config.seed, progress=progress)
+    else:
+        stats = {t: None for t in tasks}
+    stages.done("statistics")
+    plan = build_plan(lm.model, lm.adapter, config, stats, base_model=lm.source.model_id,
+                      revision=lm.source.revision, fingerprint=fp, weights=lm.weights)
+    stages.done("plan")
+    passes = 1 if config.needs_stats else 0
+    if config.reconstructs:
+        reconstruct(lm, plan, config, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                    max_length=max_length, progress=progress)
+        stages.done("reconstruction")
+        passes += 1
+    return plan, {"passes": passes, "world_size": dist.world_size()}
 
 
 def expert_corpora(plan: Plan, tasks: Sequence[str], *, data_dir=None, limit: int | None = None,
@@ -252,8 +293,6 @@ def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, ta
                 data_dir=None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
                 progress: bool = True) -> Plan:
     """Refit every expert of `plan` on its calibration corpus (docs/design.md §2.8), in place."""
-    from .reconstruct import RefitConfig, reconstruct_plan
-
     texts, members = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
     reconstruct_plan(lm, plan, texts, RefitConfig.of(config, lm.adapter, lm.model.config), members=members,
                      batch_size=batch_size, max_length=max_length, progress=progress)

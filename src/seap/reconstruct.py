@@ -1,4 +1,4 @@
-"""Training-free reconstruction (docs/design.md §2.8): refit the kept columns of each output linear.
+"""Training-free reconstruction (docs/design.md §2.8): the maths of refitting each output linear.
 
 After a plan has chosen the FFN channels K of a layer (and the head channels of its attention
 output), the output linear y = W z + b is replaced by W' z_K + b' with
@@ -10,37 +10,33 @@ z, mu its mean, lambda a ridge term relative to the mean of diag S_KK). Without 
 False, for runtimes whose architectures have no FFN bias: Gemma 3 in llama.cpp, vLLM), S is the
 raw second moment and b' = b. FLAP's bias compensation is the special case W' = W[:, K].
 
-The Gram matrix of a layer (d_ff^2 float64: 19 MB for SmolLM2, 1.6 GB for an 8B model) is built on
-the compute device during one layer-by-layer pass over the calibration corpus and dropped once
-that layer's fit is solved, so one is in memory at a time, whether the model is loaded whole or
-streamed from its shards. In the sequential mode each layer sees the hidden states that the
-already pruned and refitted layers before it produce (as SparseGPT), so later layers correct
-what earlier ones lost.
+Memory per layer of C channels (C = d_ff: 14,336 for an 8B model, 28,672 for a 70B): the float64
+Gram matrix (8 C^2 bytes: 1.6 GB / 6.6 GB) plus, while the OBS choice runs, at most two C x C
+float32 matrices (8 C^2 bytes together); the refit holds S_KK and one block of S_KR besides; every
+other temporary is a block of ROW_BLOCK rows. So a layer needs about 16 C^2 bytes (3.3 GB at 8B,
+13 GB at 70B) on top of its weights. The passes that fill the moments are seap.refit_pass.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .config import RECONSTRUCT_MODES as MODES
+from .config import REFIT_CHOICES as CHOICES
 from .config import PruneConfig
 from .errors import ConfigError
-from .runtime import available_memory
 
 log = logging.getLogger(__name__)
 
-from .config import REFIT_CHOICES as CHOICES
-from .config import RECONSTRUCT_MODES as MODES
-
 
 # -- the maths (pure functions) ----------------------------------------------------------------------
+ROW_BLOCK = 2048  # rows of a C x C matrix handled at once: bounds the temporaries to ROW_BLOCK x C
+
+
 @dataclass
 class Moments:
     """First and second moments of a layer's channels z over N tokens (float64)."""
@@ -53,14 +49,27 @@ class Moments:
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
-    def second(self, centered: bool) -> torch.Tensor:
-        """Covariance (centered) or raw second moment, per token."""
+    def second(self, centered: bool, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Covariance (centered) or raw second moment per token, restricted to `rows` x `cols` (default:
+        all), in `dtype`; built in blocks of rows so that no C x C temporary beyond the result exists."""
         n = max(self.count, 1)
-        m = self.gram / n
-        if centered:
-            mu = self.mean
-            m = m - torch.outer(mu, mu)
-        return m
+        c = self.gram.shape[0]
+        rows = torch.arange(c, device=self.gram.device) if rows is None else rows.to(self.gram.device)
+        cols = None if cols is None else cols.to(self.gram.device)
+        out = torch.empty(len(rows), c if cols is None else len(cols), dtype=dtype, device=self.gram.device)
+        mu = self.mean
+        mu_c = mu if cols is None else mu[cols]
+        for r in range(0, len(rows), ROW_BLOCK):
+            idx = rows[r:r + ROW_BLOCK]
+            block = self.gram.index_select(0, idx)
+            if cols is not None:
+                block = block.index_select(1, cols)
+            block = block / n
+            if centered:
+                block -= torch.outer(mu[idx], mu_c)
+            out[r:r + len(idx)] = block
+        return out
 
 
 @dataclass
@@ -75,34 +84,47 @@ def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def _ridge(diag: torch.Tensor, ridge: float) -> float:
+    """lambda: `ridge` x the mean of the diagonal, with a tiny floor that keeps a Cholesky factor
+    defined for channels that never fired."""
+    lam = ridge * float(diag.mean()) if ridge > 0 else 0.0
+    return max(lam, 1e-12 * float(diag.abs().max().clamp_min(1e-30)))
+
+
 def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-2, centered: bool = True) -> Refit:
     """The least-squares output weights over the kept channels (and the bias change when `centered`).
 
     `w`: [d, C] dense output weight; `kept`: channel indices; `ridge`: lambda relative to the mean of
-    diag S_KK (0: the plain least-squares fit, which needs S_KK non-singular)."""
+    diag S_KK (0: the plain least-squares fit, which needs S_KK non-singular). Float64; memory: S_KK
+    and its factor in place, S_KR W_R^T built in blocks of rows, never S or W whole in float64."""
     if ridge < 0:
         raise ConfigError(f"the ridge term must be >= 0, got {ridge}")
     dev = m.gram.device
-    w = w.detach().to(dev, torch.float64)
+    w = w.detach().to(dev)
     kept = kept.to(dev, torch.long)
     removed = _complement(kept, w.shape[1]).to(dev)
-    s = m.second(centered)
-    w_k = w[:, kept]
+    w_k = w[:, kept].double()
+    mu = m.mean.to(dev)
     if len(removed) and len(kept):
-        s_kk = s[kept][:, kept]
-        lam = ridge * float(s_kk.diagonal().mean()) if ridge > 0 else 0.0
-        # A tiny floor keeps the Cholesky factor defined for channels that never fired.
-        lam = max(lam, 1e-12 * float(s_kk.diagonal().abs().max().clamp_min(1e-30)))
-        a = s_kk + lam * torch.eye(len(kept), dtype=s.dtype, device=dev)
+        a = m.second(centered, kept, kept)
+        a.diagonal().add_(_ridge(a.diagonal(), ridge))
+        w_r_t = w[:, removed].T.double()  # [|R|, d]
+        rhs = torch.empty(len(kept), w.shape[0], dtype=torch.float64, device=dev)  # S_KR W_R^T
+        for r in range(0, len(kept), ROW_BLOCK):
+            rhs[r:r + ROW_BLOCK] = m.second(centered, kept[r:r + ROW_BLOCK], removed) @ w_r_t
+        bias_r = w_r_t.T @ mu[removed] if centered else None
+        del w_r_t
         chol, info = torch.linalg.cholesky_ex(a)
-        rhs = s[kept][:, removed] @ w[:, removed].T  # [|K|, d] = S_KR W_R^T
         if int(info) == 0:
+            del a
             w_new = w_k + torch.cholesky_solve(rhs, chol).T
         else:  # not positive definite even with the ridge: a least-squares solve still gives the fit
             w_new = w_k + torch.linalg.lstsq(a, rhs).solution.T
+        del chol, rhs
     else:
-        w_new = w_k.clone()
-    delta = (w @ m.mean.to(dev) - w_new @ m.mean.to(dev)[kept]) if centered else None
+        w_new, bias_r = w_k.clone(), (w[:, removed].double() @ mu[removed] if centered else None)
+    # b' - b = W mu - W' mu_K = W_R mu_R + (W_K - W') mu_K
+    delta = (bias_r + (w_k - w_new) @ mu[kept]) if centered else None
     return Refit(w_new, delta)
 
 
@@ -114,59 +136,88 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
     H = S + lambda I (the moments of `refit`); the single-channel cost is ||W[:, j]||^2 / H^-1_jj.
     Each round removes the cheapest ~(C - n_keep) / `rounds` channels by their single costs and
     updates W and H^-1 for the whole block, so the next round's costs include the compensation
-    (the exact greedy OBS of ZipLM / SlimGPT when a round removes one channel). H^-1 is formed in
-    float64; the updates run in `dtype` (float32: half the memory traffic; it only ranks channels,
-    the refit itself is solved in float64) on a matrix that shrinks as channels go. Sorted indices."""
+    (the exact greedy OBS of ZipLM / SlimGPT when a round removes one channel).
+
+    H, its factor and H^-1 are formed in `dtype` (float32: it only ranks channels; the refit itself is
+    solved in float64), the updates run in place on H^-1 with removed channels masked, and the
+    matrix is compacted only when a fifth of it is dead: besides the float64 Gram matrix, at most
+    two C x C matrices of `dtype` are alive (8 C^2 bytes in float32). Sorted indices."""
     dev = m.gram.device
     c = w.shape[1]
     if not 0 <= n_keep <= c:
         raise ConfigError(f"cannot keep {n_keep} of {c} channels")
-    h = m.second(centered).clone()
-    lam = ridge * float(h.diagonal().mean()) if ridge > 0 else 0.0
-    lam = max(lam, 1e-12 * float(h.diagonal().abs().max().clamp_min(1e-30)))
-    h.diagonal().add_(lam)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h)).to(dtype)
-    w0, w = w, w.detach().to(dev, dtype).clone()
-    idx = torch.arange(c, device=dev)  # the original channel of each remaining column
+    if n_keep == c:
+        return torch.arange(c, device=dev)
+    h = m.second(centered, dtype=dtype)
+    h.diagonal().add_(_ridge(h.diagonal().double(), ridge))
+    chol, info = torch.linalg.cholesky_ex(h)
+    del h
+    if int(info) != 0 and dtype != torch.float64:  # too ill-conditioned for float32: factor in float64
+        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
+    hinv = torch.cholesky_inverse(chol)
+    del chol
+    w = w.detach().to(dev, dtype).clone()
+    idx = torch.arange(c, device=dev)  # the original channel of each column of w and hinv
+    alive = torch.ones(c, dtype=torch.bool, device=dev)
     to_remove = c - n_keep
     step = max(1, -(-to_remove // max(rounds, 1)))
     tiny = torch.finfo(dtype).tiny
     while to_remove > 0:
         cost = (w * w).sum(0) / hinv.diagonal().clamp_min(tiny)
+        cost.masked_fill_(~alive, float("inf"))
         s = torch.topk(cost, min(step, to_remove), largest=False).indices
         coef = torch.linalg.solve(hinv[s][:, s], hinv[s])  # (H^-1_SS)^-1 H^-1_{S,:}
-        w -= w[:, s] @ coef
-        hinv -= hinv[:, s] @ coef
-        alive = torch.ones(len(idx), dtype=torch.bool, device=dev)
+        w.addmm_(w[:, s], coef, alpha=-1)
+        hinv.addmm_(hinv[:, s], coef, alpha=-1)
         alive[s] = False
-        w, hinv, idx = w[:, alive], hinv[alive][:, alive], idx[alive]
         to_remove -= len(s)
+        if to_remove > 0 and int(alive.sum()) < 0.8 * len(alive):  # drop the dead rows and columns
+            keep = alive.nonzero().flatten()
+            w, idx = w[:, keep], idx[keep]
+            hinv = hinv.index_select(0, keep)
+            hinv = hinv.index_select(1, keep)
+            alive = torch.ones(len(keep), dtype=torch.bool, device=dev)
     if dtype != torch.float64 and not (torch.isfinite(w).all() and torch.isfinite(hinv).all()):
-        return obs_select(w0, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
-    return idx.sort().values
+        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
+    return idx[alive].sort().values
 
 
 def output_error(w: torch.Tensor, kept: torch.Tensor, m: Moments, w_new: torch.Tensor | None = None,
-                 bias_delta: torch.Tensor | None = None) -> float:
+                 bias_delta: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> float:
     """sum_t || W z_t - W' z_{K,t} - delta ||^2 over the calibration tokens, from the moments alone.
 
-    `w_new` None: the plain cut W[:, K]."""
+    `w_new` None: the plain cut W[:, K], whose error needs only the removed block of the Gram matrix.
+    `dtype` float32 halves the cost of the d x C^2 product (a reported figure, not a decision); the
+    Gram matrix is read in blocks of rows, so no C x C temporary is made."""
     dev = m.gram.device
-    w = w.detach().to(dev, torch.float64)
+    w = w.detach().to(dev)
     kept = kept.to(dev, torch.long)
-    diff = w.clone()
-    diff[:, kept] -= w[:, kept] if w_new is None else w_new.to(dev, torch.float64)
-    err = float(torch.einsum("ij,jk,ik->", diff, m.gram, diff))
+    if w_new is None:  # the plain cut: D = W on the removed columns, zero elsewhere
+        cols = _complement(kept, w.shape[1]).to(dev)
+        diff = w[:, cols].to(dtype)
+    else:
+        cols = None
+        diff = w.to(dtype, copy=True)
+        diff[:, kept] -= w_new.to(dev, dtype)
+    rows = torch.arange(diff.shape[1], device=dev) if cols is None else cols
+    err = 0.0
+    for r in range(0, len(rows), ROW_BLOCK):  # tr(D G D^T), G's rows a block at a time
+        g = m.gram.index_select(0, rows[r:r + ROW_BLOCK])
+        g = (g if cols is None else g.index_select(1, cols)).to(dtype)
+        err += float(((diff[:, r:r + ROW_BLOCK] @ g) * diff).sum(dtype=torch.float64))
+        del g
     if bias_delta is not None:
+        total = m.total if cols is None else m.total[cols]
         b = bias_delta.to(dev, torch.float64)
-        err += -2 * float(b @ (diff @ m.total)) + m.count * float(b @ b)
+        err += -2 * float(b @ (diff.double() @ total)) + m.count * float(b @ b)
     return max(err, 0.0)
 
 
 # -- accumulating the moments on the device --------------------------------------------------------
 class GramAccumulator:
     """Sum, count and Gram matrix of one linear's inputs, on its device: float32 per batch, float64
-    running values, no host sync; padding excluded with `where`."""
+    running values, no host sync; padding excluded with `where`. The batch's product is added in
+    blocks of rows, so the only C x C matrix is the running float64 sum."""
 
     def __init__(self, channels: int, device: torch.device):
         self.count = torch.zeros((), dtype=torch.float64, device=device)
@@ -182,39 +233,14 @@ class GramAccumulator:
         else:
             self.count += x.shape[0]
         self.total += x.sum(0).double()
-        self.gram += (x.T @ x).double()
+        for r in range(0, x.shape[1], ROW_BLOCK):
+            self.gram[r:r + ROW_BLOCK] += (x[:, r:r + ROW_BLOCK].T @ x).double()
 
     def result(self) -> Moments:
         return Moments(int(round(float(self.count.item()))), self.total, self.gram)
 
 
-@contextmanager
-def recording(linears: dict[str, nn.Linear], state: dict,
-              labels: Sequence[str] | None = None) -> Iterator[dict[str | None, dict[str, GramAccumulator]]]:
-    """Gram accumulators on the inputs of `linears`, one set per label: `labels` names the corpus of each
-    of the runner's batches (`state["batch"]`), None gives one set under None. `state["mask"]`
-    ([B, S] bool) marks real tokens."""
-    keys = sorted(set(labels)) if labels is not None else [None]
-    acc = {key: {k: GramAccumulator(lin.in_features, lin.weight.device) for k, lin in linears.items()}
-           for key in keys}
-    handles = []
-
-    def hook(kind: str):
-        def fn(_m, args):
-            key = None if labels is None else labels[state["batch"]]
-            acc[key][kind].add(args[0], state.get("mask"))
-        return fn
-
-    try:
-        for k, lin in linears.items():
-            handles.append(lin.register_forward_pre_hook(hook(k)))
-        yield acc
-    finally:
-        for h in handles:
-            h.remove()
-
-
-# -- the pass --------------------------------------------------------------------------------------------
+# -- configuration --------------------------------------------------------------------------------------------
 @dataclass
 class RefitConfig:
     mode: str = "refit"
@@ -237,116 +263,6 @@ class RefitConfig:
         return cls(cfg.reconstruct, cfg.ridge, bias, cfg.refit_choice)
 
 
-def _head_channels(adapter: Adapter, layer: nn.Module, heads: torch.Tensor, head_unit: str | None) -> torch.Tensor:
-    from .surgery import head_index_sets
-
-    return head_index_sets(adapter, layer, heads, head_unit)[0]
-
-
-class _ExpertRefit:
-    """One expert's refit, filled layer by layer from the moments of its output linears' inputs."""
-
-    def __init__(self, ex, n_layers: int, head_unit: str | None, cfg: RefitConfig, store_dtype: torch.dtype):
-        self.ex, self.head_unit, self.cfg, self.store_dtype = ex, head_unit, cfg, store_dtype
-        ex.ffn_out = [None] * n_layers
-        ex.ffn_bias = [None] * n_layers if cfg.centered else None
-        heads = ex.heads is not None
-        ex.attn_out = [None] * n_layers if heads else None
-        ex.attn_bias = [None] * n_layers if heads and cfg.centered else None
-        self.errors: dict[str, list[float]] = {"none": [], "bias": [], "refit": []}
-
-    def linears(self, adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
-        out = {"ffn": adapter.ffn_out(layer)}
-        if self.ex.heads is not None:
-            out["attn"] = adapter.attn_out(layer)
-        return out
-
-    def layer(self, adapter: Adapter, i: int, layer: nn.Module, moments: dict[str, Moments]) -> None:
-        from .plan import bias_compensation
-
-        ex, cfg = self.ex, self.cfg
-        for kind, lin in self.linears(adapter, layer).items():
-            m = moments[kind]
-            scored = ex.ffn[i] if kind == "ffn" else _head_channels(adapter, layer, ex.heads[i], self.head_unit)
-            kept = scored
-            if kind == "ffn" and cfg.choice == "obs":
-                kept = ex.ffn[i] = obs_select(lin.weight, m, len(scored), ridge=cfg.ridge, centered=cfg.centered
-                                              ).to(scored.device, scored.dtype)
-            fit = refit(lin.weight, kept, m, ridge=cfg.ridge, centered=cfg.centered)
-            getattr(ex, f"{kind}_out")[i] = fit.weight.to("cpu", self.store_dtype)
-            if cfg.centered:
-                getattr(ex, f"{kind}_bias")[i] = fit.bias_delta.to("cpu", torch.float32)
-            if kind == "ffn":
-                self.errors["none"].append(output_error(lin.weight, scored, m))
-                flap = bias_compensation(lin.weight, m, scored)  # FLAP's bias, for comparison
-                self.errors["bias"].append(output_error(lin.weight, scored, m, None, flap))
-                self.errors["refit"].append(output_error(lin.weight, kept, m, fit.weight, fit.bias_delta))
-
-    def finish(self, tokens: int) -> None:
-        cfg = self.cfg
-        self.ex.stats["reconstruction"] = {
-            "mode": cfg.mode, "ridge": cfg.ridge, "centered": cfg.centered, "choice": cfg.choice, "tokens": tokens,
-            # squared FFN output error on the calibration tokens, per layer: plain cut and FLAP's bias of
-            # the score's channels, refit of the channels kept (the OBS choice with "obs")
-            "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in self.errors.items()},
-        }
-
-
-@torch.no_grad()
-def refit_expert(runner, ex, head_unit: str | None, cfg: RefitConfig, *, store_dtype: torch.dtype,
-                 progress: bool = True, desc: str = "reconstruction") -> None:
-    """Fill the expert's refitted output weights (ffn_out, attn_out) and bias changes, layer by layer.
-
-    `runner`: a seap.layerwise.LayerRunner over the expert's calibration corpus."""
-    from .surgery import layer_masked
-
-    adapter = runner.adapter
-    job = _ExpertRefit(ex, runner.n_layers, head_unit, cfg, store_dtype)
-    for i, layer in tqdm(runner.layers(), total=runner.n_layers, desc=desc, unit="layer", disable=not progress,
-                         leave=False):
-        with recording(job.linears(adapter, layer), runner.state) as acc:
-            outputs = runner.run(i, layer)
-        job.layer(adapter, i, layer, {k: a.result() for k, a in acc[None].items()})
-        del acc
-        if cfg.mode == "sequential":  # the next layer sees this layer pruned and refitted
-            with layer_masked(layer, adapter, ex, i, head_unit):
-                outputs = runner.run(i, layer)
-        runner.advance(outputs)
-    job.finish(runner.n_tokens)
-
-
-@torch.no_grad()
-def refit_experts_shared(runner, experts: dict, members: dict[str, Sequence[str]], batch_corpus: list[str],
-                         head_unit: str | None, cfg: RefitConfig, *, store_dtype: torch.dtype,
-                         progress: bool = True) -> None:
-    """Refit several experts in one pass over the dense model (mode "refit"): the moments of each
-    corpus are kept apart (`batch_corpus`: the corpus of each of the runner's batches) and an expert's
-    are the sum over its corpora (`members`), so a plan's task experts and its generic expert cost
-    one pass over their texts instead of one pass each."""
-    if cfg.mode != "refit":
-        raise ConfigError("only the refit mode shares one pass between experts (sequential: one pass each)")
-    adapter = runner.adapter
-    jobs = {name: _ExpertRefit(ex, runner.n_layers, head_unit, cfg, store_dtype) for name, ex in experts.items()}
-    heads = any(ex.heads is not None for ex in experts.values())
-    for i, layer in tqdm(runner.layers(), total=runner.n_layers, desc="reconstruction", unit="layer",
-                         disable=not progress, leave=False):
-        linears = {"ffn": adapter.ffn_out(layer), **({"attn": adapter.attn_out(layer)} if heads else {})}
-        with recording(linears, runner.state, batch_corpus) as acc:
-            outputs = runner.run(i, layer)
-        per_corpus = {c: {k: a.result() for k, a in kinds.items()} for c, kinds in acc.items()}
-        del acc
-        for name, job in jobs.items():
-            job.layer(adapter, i, layer, {k: _sum([per_corpus[c][k] for c in members[name]])
-                                          for k in job.linears(adapter, layer)})
-        runner.advance(outputs)
-    for name, job in jobs.items():  # tokens: every layer counts the same real tokens
-        job.finish(sum(per_corpus[c]["ffn"].count for c in members[name]))
-
-
-def _sum(moments: list[Moments]) -> Moments:
-    return Moments(sum(m.count for m in moments), sum(m.total for m in moments), sum(m.gram for m in moments))
-
-
 def error_summary(ex) -> dict | None:
     """Model-wide relative error of the refit against the plain cut and FLAP's bias (for reports)."""
     rec = ex.stats.get("reconstruction")
@@ -355,60 +271,3 @@ def error_summary(ex) -> dict | None:
     e = rec["ffn_error"]
     base = sum(e["none"]) or 1.0
     return {"bias / cut": sum(e["bias"]) / base, "refit / cut": sum(e["refit"]) / base}
-
-
-
-def reconstruct_plan(lm, plan, corpora: dict[str, Sequence[str]], cfg: RefitConfig, *,
-                     members: dict[str, Sequence[str]] | None = None, batch_size: int = 8, max_length: int = 512,
-                     progress: bool = True) -> None:
-    """Refit the output linears of the plan's experts on the texts their channels were chosen from,
-    one decoder layer in memory at a time for a model streamed from its checkpoint
-    (seap.models.LazyModel) as for one loaded whole.
-
-    `corpora`: name -> texts; `members`: expert -> the corpora it was calibrated on (default: each
-    corpus is the expert of that name). In the refit mode the experts share one pass when the
-    per-corpus Gram matrices of a layer fit in a quarter of the free memory; otherwise, and in the
-    sequential mode (each expert its own pruned stream), one pass per expert."""
-    from .layerwise import LayerRunner
-    from .skeleton import SkeletonLoader, empty_model
-    from .models import LazyModel
-    from .stats import batches, position_limit
-
-    members = members or {name: (name,) for name in corpora}
-    missing = sorted({c for cs in members.values() for c in cs} - set(corpora))
-    if missing:
-        raise ConfigError(f"no calibration texts for corpora {', '.join(missing)}")
-    limit = position_limit(lm.model.config, max_length)
-    lazy = isinstance(lm, LazyModel)
-    device = lm.device if lazy else lm.adapter.embeddings(lm.model).weight.device
-
-    def runner_over(texts_by_corpus: dict[str, Sequence[str]]) -> tuple[LayerRunner, list[str]]:
-        enc, labels = [], []
-        for c, texts in texts_by_corpus.items():
-            part = batches(lm.tokenizer, texts, batch_size, limit)
-            enc += part
-            labels += [c] * len(part)
-        if lazy:
-            skeleton = empty_model(lm.model.config, lm.dtype)
-            return LayerRunner(skeleton, lm.adapter, enc, device=lm.device, dtype=lm.dtype,
-                               loader=SkeletonLoader(skeleton, lm.adapter, lm.checkpoint)), labels
-        lm.model.eval()
-        return LayerRunner(lm.model, lm.adapter, enc, device=device), labels
-
-    used = sorted({c for cs in members.values() for c in cs})
-    widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
-    gram_bytes = len(used) * max(widths) ** 2 * 8 * (2 if plan.head_unit else 1)
-    if cfg.mode == "refit" and len(members) > 1 and gram_bytes <= available_memory(device) // 4:
-        runner, labels = runner_over({c: corpora[c] for c in used})
-        refit_experts_shared(runner, {n: plan.expert(n)[1] for n in members}, members, labels, plan.head_unit, cfg,
-                             store_dtype=lm.save_dtype, progress=progress)
-    else:
-        for name, cs in members.items():
-            runner, _ = runner_over({c: corpora[c] for c in cs})
-            refit_expert(runner, plan.expert(name)[1], plan.head_unit, cfg, store_dtype=lm.save_dtype,
-                         progress=progress, desc=f"reconstruction ({name})")
-    for name in members:
-        summary = error_summary(plan.expert(name)[1])
-        log.info("reconstructed expert %s on %d tokens: FFN output error %.3f of the plain cut (FLAP's bias: %.3f)",
-                 name, plan.expert(name)[1].stats["reconstruction"]["tokens"], summary["refit / cut"],
-                 summary["bias / cut"])

@@ -1,90 +1,112 @@
-"""Resuming the layer-by-layer pass (docs/design.md §2.9): per-layer statistics and the latest
-hidden-state checkpoint of one run, keyed by its settings, written atomically."""
+"""Checkpoint and resume of a calibration pass (docs/design.md §2.10).
+
+A pass records every finished layer (its statistics, weight summary and decisions: one safetensors
+file of tensors plus a JSON file of the rest, written atomically) and, whenever that costs under a
+tenth of the time since the previous one, the hidden states the next layer reads. A killed run
+started again with the same settings resumes after the last layer whose outputs were saved and ends
+equal to an uninterrupted run. The settings (model, corpus, dtype, device, ratio, reconstruction,
+world size, ...) are stored with the checkpoint: a run with other settings is refused with the
+settings that differ, rather than silently starting over or mixing two runs. Under torchrun, rank 0
+writes the records (the same on every process) and each process its own hidden states.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed as dist
 from ._io import atomic_path, write_json
-from .stats import ChannelStats
-from .weights import LayerWeights, UnitWeights
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESUME_VERSION = 1
+RESUME_VERSION = 2
+Record = dict  # str -> torch.Tensor, or a JSON value
 
 
 class Resume:
-    """A folder of per-layer statistics and the latest hidden-state checkpoint of one run (by key)."""
+    """The checkpoint folder of one pass (`folder`/.calibration-<what>) under the given settings."""
 
-    def __init__(self, folder: Path, key: str):
-        self.folder = folder / f".layerwise-{key}"
-        self.key = key
+    def __init__(self, folder: str | Path, what: str, settings: dict, *, overhead: float = 0.1):
+        self.folder = Path(folder) / f".calibration-{what}"
+        self.settings = json.loads(json.dumps({"version": RESUME_VERSION, **settings}, default=str))
+        self.overhead = overhead
+        self._last, self._cost = time.time(), 0.0
 
-    def save_layer(self, i: int, done: dict, w: LayerWeights) -> None:
-        tensors = {}
-        for t, (f, a) in enumerate(done.values()):  # corpora by position: names may hold '/' or '.'
-            for kind, s in (("ffn", f), ("attn", a)):
-                if s is None:
-                    continue
-                tensors.update({f"{t}/{kind}/mean": s.mean, f"{t}/{kind}/m2": s.m2, f"{t}/{kind}/sumsq": s.sumsq,
-                                f"{t}/{kind}/count": torch.tensor([s.count], dtype=torch.int64)})
-        for kind, u in (("ffn", w.ffn), ("attn", w.attn)):
-            tensors[f"weights/{kind}/col_sq"] = u.col_sq
-            tensors[f"weights/{kind}/col_absmean"] = u.col_absmean
-            if u.in_norm is not None:
-                tensors[f"weights/{kind}/in_norm"] = u.in_norm
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / f"layer-{i:05d}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    @property
+    def _rank_dir(self) -> Path:
+        return self.folder / f"rank-{dist.rank()}"
 
-    def save_hidden(self, next_layer: int, hidden: dict[str, list[torch.Tensor]]) -> None:
-        tensors = {f"{t}/{b}": h.detach().cpu().contiguous() for t, hs in enumerate(hidden.values())
-                   for b, h in enumerate(hs)}
-        with atomic_path(self.folder / "hidden.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        write_json(self.folder / "state.json", {"key": self.key, "next_layer": next_layer})
+    def save_layer(self, i: int, record: Record, hidden: list[torch.Tensor], *, last: bool) -> None:
+        """Layer i's record; then, by the time policy, the hidden states that layer i+1 reads."""
+        if dist.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in record.items() if isinstance(v, torch.Tensor)}
+            rest = {k: v for k, v in record.items() if not isinstance(v, torch.Tensor)}
+            with atomic_path(self.folder / f"layer-{i:05d}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            write_json(self.folder / f"layer-{i:05d}.json", rest)
+        if dist.from_main(last or time.time() - self._last < self._cost / max(self.overhead, 1e-6)):
+            return
+        t0 = time.time()
+        self._rank_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._rank_dir / "hidden.safetensors") as tmp:
+            save_file({str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}, str(tmp))
+        dist.barrier()  # every process's hidden states are saved before the state says so
+        if dist.is_main():
+            write_json(self.folder / "state.json", {"settings": self.settings, "next_layer": i + 1})
+        self._cost, self._last = time.time() - t0, time.time()
 
-    def load(self, n_layers: int, tasks: list[str]):
-        state_path = self.folder / "state.json"
-        if not state_path.is_file():
+    def check(self) -> None:
+        """Refuse a checkpoint left by a run with other settings (one line, with what differs)."""
+        path = self.folder / "state.json"
+        if not path.is_file():
+            return
+        try:
+            saved = json.loads(path.read_text())["settings"]
+        except (OSError, ValueError, KeyError):
+            return  # unreadable: load() starts over
+        if saved != self.settings:
+            diff = [f"{k}: {saved.get(k)!r} then, {self.settings.get(k)!r} now"
+                    for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
+            raise ConfigError(f"{self.folder} holds a killed run with other settings ({'; '.join(diff[:4])}): run "
+                              f"the same command to resume it, or delete that folder to start over")
+
+    def load(self, n_layers: int) -> tuple[int, list[torch.Tensor]] | None:
+        """(first layer to compute, its input hidden states) or None; the records of the layers before it
+        are read with `record(i)`."""
+        self.check()
+        path = self.folder / "state.json"
+        if not path.is_file():
             return None
         try:
-            state = json.loads(state_path.read_text())
-            start = int(state["next_layer"])
-            if state.get("key") != self.key or not 0 < start < n_layers:
+            start = int(json.loads(path.read_text())["next_layer"])
+            if not 0 < start < n_layers:
                 return None
-            raw = load_file(str(self.folder / "hidden.safetensors"))
-            hidden = {t: [raw[f"{j}/{b}"] for b in range(sum(k.startswith(f"{j}/") for k in raw))]
-                      for j, t in enumerate(tasks)}
-            per_layer = [self._layer(i, tasks) for i in range(start)]
+            raw = load_file(str(self._rank_dir / "hidden.safetensors"))
+            hidden = [raw[str(b)] for b in range(len(raw))]
+            missing = [i for i in range(start) for ext in ("safetensors", "json")
+                       if not (self.folder / f"layer-{i:05d}.{ext}").is_file()]
+            if missing:
+                raise OSError(f"the record of layer {missing[0]} is missing")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             log.warning("could not resume from %s (%s): starting over", self.folder, err)
             return None
-        return start, hidden, per_layer
+        return start, hidden
 
-    def _layer(self, i: int, tasks: list[str]) -> dict:
-        raw = load_file(str(self.folder / f"layer-{i:05d}.safetensors"))
-
-        def cs(t: int, kind: str) -> ChannelStats | None:
-            if f"{t}/{kind}/mean" not in raw:
-                return None
-            return ChannelStats(int(raw[f"{t}/{kind}/count"][0]), raw[f"{t}/{kind}/mean"], raw[f"{t}/{kind}/m2"],
-                                raw[f"{t}/{kind}/sumsq"])
-
-        def uw(kind: str) -> UnitWeights:
-            return UnitWeights(raw[f"weights/{kind}/col_sq"], raw[f"weights/{kind}/col_absmean"],
-                               raw.get(f"weights/{kind}/in_norm"))
-
-        return {"ffn": {t: cs(j, "ffn") for j, t in enumerate(tasks)},
-                "attn": {t: cs(j, "attn") for j, t in enumerate(tasks)},
-                "weights": LayerWeights(uw("ffn"), uw("attn"))}
+    def record(self, i: int) -> Record:
+        out: Record = dict(load_file(str(self.folder / f"layer-{i:05d}.safetensors")))
+        out.update(json.loads((self.folder / f"layer-{i:05d}.json").read_text()))
+        return out
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        dist.barrier()
+        if dist.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)

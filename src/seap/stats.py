@@ -195,53 +195,6 @@ class DeviceStats:
         return ChannelStats(int(round(float(self.count.item()))), self.mean.cpu(), self.m2.cpu(), self.sumsq.cpu())
 
 
-@contextmanager
-def capture_activations(model: nn.Module, adapter: Adapter, heads: bool = False,
-                        layers: dict[int, nn.Module] | None = None) -> Iterator["Recorder"]:
-    """Hooks on the inputs of the FFN output linears (and attention output linears) of `layers`
-    (default: every decoder layer of `model`), accumulating on each layer's device.
-
-    The hooks are removed when the block exits, whatever happens inside it.
-    """
-    if layers is None:
-        layers = dict(enumerate(adapter.layers(model)))
-    rec = Recorder()
-    handles = []
-    try:
-        for i, layer in layers.items():
-            out = adapter.ffn_out(layer)
-            rec.ffn[i] = DeviceStats(adapter.d_ff(layer), out.weight.device)
-            handles.append(out.register_forward_pre_hook(rec.hook(rec.ffn[i])))
-            if heads:
-                o = adapter.attn_out(layer)
-                rec.attn[i] = DeviceStats(o.in_features, o.weight.device)
-                handles.append(o.register_forward_pre_hook(rec.hook(rec.attn[i])))
-        yield rec
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class Recorder:
-    """Device statistics per layer index; set `token_mask` ([B, S] bool) before each batch."""
-
-    def __init__(self) -> None:
-        self.ffn: dict[int, DeviceStats] = {}
-        self.attn: dict[int, DeviceStats] = {}
-        self.token_mask: torch.Tensor | None = None
-
-    def hook(self, acc: DeviceStats):
-        def fn(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])  # OPT already flattens to [B*S, C]
-            acc.add(x, None if self.token_mask is None else self.token_mask.reshape(-1))
-        return fn
-
-    def results(self) -> tuple[list[ChannelStats], list[ChannelStats] | None]:
-        ffn = [self.ffn[i].result() for i in sorted(self.ffn)]
-        attn = [self.attn[i].result() for i in sorted(self.attn)] if self.attn else None
-        return ffn, attn
-
-
 def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     """The corpus tokenised into padded batches, sorted by length (less padding; statistics do not
     depend on the order). One definition for the whole-model and the layer-by-layer pass."""
@@ -266,31 +219,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def position_limit(config, max_length: int) -> int:
     """Longer texts than the model has positions for would crash inside the embedding."""
     return min(max_length, int(getattr(config, "max_position_embeddings", max_length) or max_length))
-
-
-@torch.no_grad()
-def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence[str], *,
-                  heads: bool = False, batch_size: int = 8, max_length: int = 512,
-                  meta: dict | None = None, progress: bool = True) -> ActivationStats:
-    """Run the corpus through the (whole, in-memory) model once and return its activation statistics."""
-    max_length = position_limit(model.config, max_length)
-    enc_batches = batches(tokenizer, texts, batch_size, max_length)
-    device = adapter.embeddings(model).weight.device
-    was_training = model.training
-    model.eval()
-    # The decoder body is enough: the LM head (262k x 640 for Gemma 3) would dominate the cost.
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
-    try:
-        with capture_activations(model, adapter, heads) as rec:
-            for enc in tqdm(enc_batches, desc="collecting statistics", disable=not progress, unit="batch"):
-                enc = to_device(enc, device)
-                rec.token_mask = enc["attention_mask"].bool()
-                body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-            ffn, attn = rec.results()
-    finally:
-        model.train(was_training)
-    return finish_stats(ffn, attn, meta, n_texts=sum(len(b["input_ids"]) for b in enc_batches),
-                        max_length=max_length)
 
 
 def finish_stats(ffn: list[ChannelStats], attn: list[ChannelStats] | None, meta: dict | None, *, n_texts: int,

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from ..models import LoadedModel, open_model
-from ..stats import ActivationStats, collect_stats
+from ..layerwise import collect_stats
+from ..stats import ActivationStats
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts
 
 HALVES = ("A", "B")

@@ -45,7 +45,7 @@ from ..models import LoadedModel, open_model
 from ..fingerprints import fingerprint
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores, top_k
-from ..stats import collect_stats
+from ..layerwise import collect_stats
 from ..weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus

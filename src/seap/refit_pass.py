@@ -1,0 +1,318 @@
+"""Reconstruction on the calibration engine (docs/design.md §2.8, §2.10): one pass where the widths are
+known, two where they are not.
+
+One pass (`one_pass`): the logistic schedule, uniform widths and a fitted schedule fix every layer's
+width from the geometry, so while layer i is resident the engine's observers give its activation
+statistics and the Gram matrices of its output linears' inputs, and the layer's scores, channel
+choice (the score's, or OBS), refit and errors are settled before layer i+1 is read: the checkpoint
+is read once. The plan is then built from the statistics exactly as the two-pass path builds it,
+and the layer results replace its experts' channels and output weights. In the sequential mode the
+next layer sees the layer pruned and refitted (one pass per expert, each on its own stream).
+
+Two passes (`reconstruct_plan`): a plan built from statistics already taken (FLAP's adaptive
+allocation compares every layer's scores first) is refitted in a second pass over the texts.
+
+A layer's results are its record (seap.resume): a killed run resumes after the last layer whose
+outputs were checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .adapters import Adapter
+from .calibration import Engine, GramObserver, Outcome, StatsObserver, run_pass
+from .errors import ConfigError
+from .layerwise import engine_for, stats_of_record, stats_record, texts_digest, _finish
+from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
+from .reconstruct import Moments, RefitConfig, obs_select, output_error, refit
+from .resume import Resume
+from .runtime import available_memory
+from .scores import top_k
+from .surgery import head_index_sets, layer_masked
+from .weights import LayerWeights
+
+log = logging.getLogger(__name__)
+
+
+# -- one layer of one expert ----------------------------------------------------------------------------
+def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: torch.Tensor | None,
+                head_unit: str | None, moments: dict[str, Moments], cfg: RefitConfig,
+                store_dtype: torch.dtype) -> dict:
+    """Layer results of one expert from the moments of its output linears' inputs: kept channels (the
+    OBS choice at the score's width with choice "obs"), refitted weights and bias changes, and the FFN
+    output errors of the plain cut, FLAP's bias and the refit on the calibration tokens."""
+    rec: dict = {}
+    units = {"ffn": (adapter.ffn_out(layer), ffn)}
+    if heads is not None:
+        units["attn"] = (adapter.attn_out(layer), head_index_sets(adapter, layer, heads, head_unit)[0])
+    for kind, (lin, scored) in units.items():
+        m = moments[kind]
+        kept = scored
+        if kind == "ffn" and cfg.choice == "obs":
+            kept = obs_select(lin.weight, m, len(scored), ridge=cfg.ridge, centered=cfg.centered).to("cpu")
+        fit = refit(lin.weight, kept, m, ridge=cfg.ridge, centered=cfg.centered)
+        rec[f"{kind}/weight"] = fit.weight.to("cpu", store_dtype)
+        if cfg.centered:
+            rec[f"{kind}/bias"] = fit.bias_delta.to("cpu", torch.float32)
+        if kind == "ffn":
+            rec["ffn/kept"] = kept.to("cpu", torch.long)
+            f32 = dict(dtype=torch.float32)  # reported figures, not decisions
+            rec["err/none"] = output_error(lin.weight, scored, m, **f32)
+            flap = bias_compensation(lin.weight, m, scored)
+            rec["err/bias"] = output_error(lin.weight, scored, m, None, flap, **f32)
+            rec["err/refit"] = output_error(lin.weight, kept, m, fit.weight, fit.bias_delta, **f32)
+    return rec
+
+
+def identity_layer(adapter: Adapter, layer: nn.Module, head_unit: str | None, cfg: RefitConfig,
+                   store_dtype: torch.dtype) -> dict:
+    """The results of a layer that keeps every unit, without its moments: what `refit_layer` gives for
+    it (the weights as they are, zero bias changes, zero errors), at none of the cost."""
+    lin = adapter.ffn_out(layer)
+    rec = {"ffn/kept": torch.arange(lin.in_features), "ffn/weight": lin.weight.detach().to("cpu", store_dtype),
+           "err/none": 0.0, "err/bias": 0.0, "err/refit": 0.0}
+    units = ["ffn"]
+    if head_unit:
+        o = adapter.attn_out(layer)
+        rec["attn/weight"] = o.weight.detach().to("cpu", store_dtype)
+        units.append("attn")
+    if cfg.centered:
+        for kind in units:
+            rec[f"{kind}/bias"] = torch.zeros(rec[f"{kind}/weight"].shape[0], dtype=torch.float32)
+    return rec
+
+
+def _prefixed(rec: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in rec.items()}
+
+
+def _unprefixed(rec: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
+
+
+class _Refits:
+    """The refit of one expert, filled layer by layer from layer records (in any order, once each)."""
+
+    def __init__(self, ex: Expert, n_layers: int, cfg: RefitConfig):
+        self.ex, self.cfg = ex, cfg
+        ex.ffn_out = [None] * n_layers
+        ex.ffn_bias = [None] * n_layers if cfg.centered else None
+        heads = ex.heads is not None
+        ex.attn_out = [None] * n_layers if heads else None
+        ex.attn_bias = [None] * n_layers if heads and cfg.centered else None
+        self.errors = {k: [0.0] * n_layers for k in ("none", "bias", "refit")}
+
+    def set(self, i: int, rec: dict) -> None:
+        ex = self.ex
+        ex.ffn[i] = rec["ffn/kept"].to(ex.ffn[i].dtype)
+        ex.ffn_out[i] = rec["ffn/weight"]
+        if self.cfg.centered:
+            ex.ffn_bias[i] = rec["ffn/bias"]
+        if ex.attn_out is not None:
+            ex.attn_out[i] = rec["attn/weight"]
+            if self.cfg.centered:
+                ex.attn_bias[i] = rec["attn/bias"]
+        for k in self.errors:
+            self.errors[k][i] = float(rec[f"err/{k}"])
+
+    def finish(self, tokens: int) -> None:
+        ex, cfg = self.ex, self.cfg
+        ex.stats["reconstruction"] = {
+            "mode": cfg.mode, "ridge": cfg.ridge, "centered": cfg.centered, "choice": cfg.choice, "tokens": tokens,
+            # squared FFN output error on the calibration tokens, per layer: plain cut and FLAP's bias of
+            # the score's channels, refit of the channels kept (the OBS choice with "obs")
+            "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in self.errors.items()},
+        }
+
+
+# -- one pass -----------------------------------------------------------------------------------------------
+@dataclass
+class OnePass:
+    stats: dict  # task -> ActivationStats
+    plan: Plan
+    summaries: list[LayerWeights]
+    seconds: dict[str, float]
+    resumed_from: int | None
+    tokens_per_process: list[int]
+
+
+def one_pass_possible(cfg, adapter: Adapter, model: nn.Module, head_unit: str | None, tasks: Sequence[str]) -> bool:
+    """Widths fixed by the geometry, and (sequential mode) one expert to stream."""
+    if fixed_widths(cfg, adapter, model, head_unit) is None:
+        return False
+    return cfg.reconstruct != "sequential" or len(experts_of(cfg, list(tasks))) == 1
+
+
+@torch.no_grad()
+def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig | None, *, head_unit: str | None,
+             fingerprint: dict, metas: dict[str, dict], batch_size: int, max_length: int,
+             resume_dir=None, progress: bool = True) -> OnePass:
+    """Statistics, plan and (with `refit_cfg`) reconstruction of every expert in one pass over the model."""
+    from .plan import build_plan
+
+    adapter = lm.adapter
+    ffn_w, head_w = fixed_widths(cfg, adapter, lm.model, head_unit)
+    tasks = list(corpora)
+    experts = experts_of(cfg, tasks)
+    members = {n: (n,) if n != GENERIC else tuple(tasks) for n in experts}
+    weights_g = generic_weights(cfg, tasks)
+    d_ff = [adapter.d_ff(layer) for layer in adapter.layers(lm.model)]
+    n_heads = [None] * len(d_ff) if head_w is None else [len(h) for h in _all_heads(adapter, lm.model, head_unit)]
+    dense = [ffn_w[i] == d_ff[i] and (head_w is None or head_w[i] == n_heads[i]) for i in range(len(d_ff))]
+    kinds = ("ffn", "attn") if head_unit else ("ffn",)
+    settings = {"pass": "one", "model": lm.source.model_id, "fingerprint": fingerprint, "config": cfg.to_dict(), "refit": None if refit_cfg is None else vars(refit_cfg),
+                "texts": texts_digest(corpora), "batch": batch_size, "max_length": max_length,
+                "dtype": str(getattr(lm, "dtype", None)), "world_size": dist.world_size()}
+    resume = Resume(resume_dir, "prune", settings) if resume_dir is not None else None
+    if resume is not None:
+        resume.check()
+    engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length)
+    sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
+
+    def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
+        w = LayerWeights.of_layer(layer, adapter)
+        per_task = seen["stats"]
+        rec = stats_record(per_task, w)
+        if refit_cfg is None:
+            return Outcome(rec)
+        scores = {t: layer_scores(cfg, adapter, layer, i, per_task[t]["ffn"], per_task[t].get("attn"), w, head_unit)
+                  for t in tasks}
+        if GENERIC in experts:
+            scores[GENERIC] = tuple(None if scores[tasks[0]][k] is None else sum(weights_g[t] * scores[t][k]
+                                                                                 for t in tasks) for k in (0, 1))
+        for j, name in enumerate(experts):
+            ffn = top_k(scores[name][0], ffn_w[i])
+            heads = top_k(scores[name][1], head_w[i]) if head_unit else None
+            if dense[i]:
+                r = identity_layer(adapter, layer, head_unit, refit_cfg, lm.save_dtype)
+            else:
+                r = refit_layer(adapter, layer, ffn, heads, head_unit, seen["gram"][name], refit_cfg, lm.save_dtype)
+            rec.update(_prefixed(r, f"x/{j}/"))
+            if heads is not None:
+                rec[f"x/{j}/heads"] = heads
+        if not sequential:
+            return Outcome(rec)
+        ex = _layer_expert(i, len(d_ff), rec, "x/0/", refit_cfg)
+        return Outcome(rec, lambda lay: layer_masked(lay, adapter, ex, i, head_unit))
+
+    observers = [StatsObserver(tasks, bool(head_unit))]
+    if refit_cfg is not None:
+        observers.append(GramObserver(members, kinds))
+    res = run_pass(engine, observers, decide, resume=resume, skip_gram=lambda i: dense[i],
+                   desc="calibration (statistics, choice, refit)", progress=progress)
+    per_layer, summaries = [], []
+    for i in range(engine.n_layers):
+        s, w = stats_of_record(res.record(i), tasks)
+        per_layer.append(s)
+        summaries.append(w)
+    stats = _finish(per_layer, corpora, n_texts, bool(head_unit), metas, max_length, "one-pass")
+    weights = lm.weights
+    if hasattr(weights, "summaries"):
+        weights.summaries = summaries  # measured on the way: no second read of the weights
+    plan = build_plan(lm.model, adapter, cfg, stats, base_model=lm.source.model_id, revision=lm.source.revision,
+                      fingerprint=fingerprint, weights=weights)
+    for name in experts:
+        if plan.experts[name].widths() != list(ffn_w):  # the allocation's widths must not depend on the scores
+            raise RuntimeError(f"one-pass widths differ from the plan's for expert {name}")
+    if refit_cfg is not None:
+        tokens = {name: sum(engine.tokens_by_label.get(c, 0) for c in members[name]) for name in experts}
+        tokens = {name: sum(dist.gather_ints(n)) for name, n in tokens.items()}
+        for j, name in enumerate(experts):
+            ex = plan.experts[name]
+            job = _Refits(ex, engine.n_layers, refit_cfg)
+            for i in range(engine.n_layers):
+                rec = _unprefixed(res.record(i), f"x/{j}/")
+                job.set(i, rec)
+                if ex.heads is not None and not torch.equal(rec["heads"], ex.heads[i]):
+                    raise RuntimeError(f"one-pass heads differ from the plan's in layer {i}")
+            job.finish(tokens[name])
+    if resume is not None:
+        resume.clear()
+    return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all)
+
+
+def _all_heads(adapter: Adapter, model: nn.Module, head_unit: str) -> list[range]:
+    out = []
+    for layer in adapter.layers(model):
+        g = adapter.head_geometry(layer)
+        out.append(range(g.num_kv_heads if head_unit == "kv_groups" else g.num_heads))
+    return out
+
+
+def _layer_expert(i: int, n_layers: int, rec: dict, prefix: str, cfg: RefitConfig) -> Expert:
+    """An expert that holds only layer i's results (for the sequential pass's pruned re-run)."""
+    r = _unprefixed(rec, prefix)
+    ex = Expert([None] * n_layers, [None] * n_layers if "heads" in r else None)
+    ex.ffn[i] = r["ffn/kept"]
+    if "heads" in r:
+        ex.heads[i] = r["heads"]
+    _Refits(ex, n_layers, cfg).set(i, r)
+    return ex
+
+
+# -- two passes: the refit of a built plan --------------------------------------------------------------
+@torch.no_grad()
+def reconstruct_plan(lm, plan: Plan, corpora: dict[str, Sequence[str]], cfg: RefitConfig, *,
+                     members: dict[str, Sequence[str]] | None = None, batch_size: int = 8, max_length: int = 512,
+                     progress: bool = True) -> None:
+    """Refit the output linears of the plan's experts on the texts their channels were chosen from, one
+    decoder layer at a time, for a model streamed from its checkpoint as for one in memory.
+
+    `corpora`: name -> texts; `members`: expert -> the corpora it was calibrated on (default: each
+    corpus is the expert of that name). In the refit mode the experts share one pass when their Gram
+    matrices fit in a quarter of the free memory; otherwise, and in the sequential mode (each expert
+    its own pruned stream), one pass per expert."""
+    members = members or {name: (name,) for name in corpora}
+    missing = sorted({c for cs in members.values() for c in cs} - set(corpora))
+    if missing:
+        raise ConfigError(f"no calibration texts for corpora {', '.join(missing)}")
+    device = getattr(lm, "device", None) or lm.adapter.embeddings(lm.model).weight.device
+    widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
+    gram_bytes = len(members) * max(widths) ** 2 * 8 * (2 if plan.head_unit else 1)
+    if cfg.mode == "refit" and len(members) > 1 and gram_bytes <= available_memory(device) // 4:
+        groups = [dict(members)]
+    else:
+        groups = [{name: cs} for name, cs in members.items()]
+    for group in groups:
+        refit_experts(lm, plan, {c: corpora[c] for cs in group.values() for c in cs}, group, cfg,
+                      batch_size=batch_size, max_length=max_length, progress=progress)
+    for name in members:
+        rec = plan.expert(name)[1].stats["reconstruction"]
+        e = rec["ffn_error"]
+        log.info("reconstructed expert %s on %d tokens: FFN output error %.3f of the plain cut (FLAP's bias: %.3f)",
+                 name, rec["tokens"], sum(e["refit"]) / (sum(e["none"]) or 1), sum(e["bias"]) / (sum(e["none"]) or 1))
+
+
+def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: dict[str, Sequence[str]],
+                  cfg: RefitConfig, *, batch_size: int, max_length: int, progress: bool) -> None:
+    """One pass over `corpora` that refits the experts of `members` (one expert in the sequential mode)."""
+    if cfg.mode == "sequential" and len(members) > 1:
+        raise ConfigError("the sequential mode refits one expert per pass (each sees its own pruned stream)")
+    engine, _ = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length)
+    kinds = ("ffn", "attn") if plan.head_unit else ("ffn",)
+    names = list(members)
+    jobs = {n: _Refits(plan.experts[n], engine.n_layers, cfg) for n in names}
+
+    def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
+        rec = {}
+        for n in names:
+            ex = plan.experts[n]
+            heads = ex.heads[i] if ex.heads is not None else None
+            r = refit_layer(lm.adapter, layer, ex.ffn[i], heads, plan.head_unit, seen["gram"][n], cfg, lm.save_dtype)
+            jobs[n].set(i, r)
+            rec.update(_prefixed(r, f"x/{n}/"))
+        if cfg.mode != "sequential":
+            return Outcome(rec)
+        return Outcome(rec, lambda lay: layer_masked(lay, lm.adapter, plan.experts[names[0]], i, plan.head_unit))
+
+    desc = "reconstruction" if len(names) > 1 else f"reconstruction ({names[0]})"
+    run_pass(engine, [GramObserver(members, kinds)], decide, desc=desc, progress=progress)
+    for n in names:
+        jobs[n].finish(sum(dist.gather_ints(sum(engine.tokens_by_label.get(c, 0) for c in members[n]))))
