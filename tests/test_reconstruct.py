@@ -48,6 +48,13 @@ def test_refit_is_the_independent_least_squares_optimum(centered):
     torch.testing.assert_close(fit.weight, sol[: len(kept)].T, rtol=1e-4, atol=1e-5)
     err = output_error(w, kept, m, fit.weight, fit.bias_delta)
     assert err == pytest.approx(best, rel=1e-4)
+    # what the refit explains, from its own solve, closes the gap from the (mean-compensated) cut
+    removed_ = torch.tensor([c for c in range(z.shape[1]) if c not in set(kept.tolist())])
+    cut = output_error(w, kept, m, None, w[:, removed_] @ m.mean[removed_] if centered else None)
+    assert cut - fit.explained == pytest.approx(err, rel=1e-6)
+    with_ridge = refit(w, kept, m, ridge=0.3, centered=centered)
+    assert cut - with_ridge.explained == pytest.approx(
+        output_error(w, kept, m, with_ridge.weight, with_ridge.bias_delta), rel=1e-6)
     if centered:
         torch.testing.assert_close(fit.bias_delta, sol[-1], rtol=1e-4, atol=1e-5)
     # ...and no worse than FLAP's bias compensation or the plain cut

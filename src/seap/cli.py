@@ -33,6 +33,10 @@ def _griffin(args, density: float | None):
 
 
 def _print_result(res, out) -> None:
+    from . import distributed
+
+    if not distributed.is_main():  # under torchrun, rank 0 reports
+        return
     s = res.summary()
     print(f"pruned {s['base_model']} with {s['method']} (expert {s['expert']}) in {s['seconds']:.0f}s")
     print(f"  prunable parameters removed: {s['achieved_ratio']:.2%} (target {s['target_ratio']:.2%})")
@@ -42,6 +46,13 @@ def _print_result(res, out) -> None:
     w = s["ffn_widths"]
     print(f"  FFN widths: {w[0] if len(set(w)) == 1 else f'{min(w)}..{max(w)} per layer'}"
           + (f"; heads kept per layer {s['heads_kept']}" if s.get("heads_kept") else ""))
+    cal = s.get("calibration") or {}
+    if cal.get("tokens_per_process"):
+        tok = cal["tokens_per_process"]
+        per = f" ({' + '.join(f'{t:,}' for t in tok)} on {len(tok)} processes)" if len(tok) > 1 else ""
+        resumed = f"; resumed at layer {cal['resumed_from_layer']}" if cal.get("resumed_from_layer") else ""
+        print(f"  calibration: {cal['passes']} pass over the model, {sum(tok):,} tokens{per}{resumed}")
+    print(f"  seconds per stage: {', '.join(f'{k} {v:.0f}' for k, v in s['stage_seconds'].items())}")
     for k, v in s["files"].items():
         print(f"  {k}: {v}")
     if out:

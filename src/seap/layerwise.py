@@ -24,6 +24,7 @@ from . import distributed as dist
 from .adapters import Adapter, adapter_for_config
 from .calibration import Engine, Outcome, StatsObserver, run_pass
 from .checkpoint import Checkpoint
+from .errors import ConfigError
 from .resume import Resume
 from .skeleton import SkeletonLoader, empty_model
 from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
@@ -37,12 +38,10 @@ def encode_corpora(tokenizer, corpora: dict[str, Sequence[str]], batch_size: int
     enc, labels, n_texts = [], [], {}
     for name, texts in corpora.items():
         texts = [t for t in texts if t and t.strip()]
-        mine = dist.share(texts)
-        if not mine:
-            from .errors import ConfigError
-
+        if dist.world_size() > 1 and len(texts) < dist.world_size():  # the same test on every process
             raise ConfigError(f"corpus {name!r} has {len(texts)} texts for {dist.world_size()} processes: every "
-                              "process needs at least one; start fewer processes (--nproc-per-node) or add texts")
+                              "process needs at least one; start fewer processes (--nproc-per-node) or give more texts")
+        mine = dist.share(texts)
         part = batches(tokenizer, mine, batch_size, max_length)
         enc += part
         labels += [name] * len(part)
@@ -170,13 +169,15 @@ def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence
     return stats["t"]
 
 
-def engine_for(lm, corpora: dict[str, Sequence[str]], *, batch_size: int, max_length: int) -> tuple[Engine, dict]:
+def engine_for(lm, corpora: dict[str, Sequence[str]], *, batch_size: int, max_length: int,
+               encoded: tuple | None = None) -> tuple[Engine, dict]:
     """The engine over a model in memory (seap.models.LoadedModel) or streamed from its checkpoint
-    (LazyModel), on this process's share of the corpora; and the texts of each corpus."""
+    (LazyModel), on this process's share of the corpora (`encoded`: encode_corpora's result, when the
+    caller has it); and the texts of each corpus."""
     from .models import LazyModel
 
-    limit = position_limit(lm.model.config, max_length)
-    enc, labels, n_texts = encode_corpora(lm.tokenizer, corpora, batch_size, limit)
+    enc, labels, n_texts = encoded or encode_corpora(lm.tokenizer, corpora, batch_size,
+                                                     position_limit(lm.model.config, max_length))
     if isinstance(lm, LazyModel):
         skeleton = empty_model(lm.model.config, lm.dtype)
         loader = SkeletonLoader(skeleton, lm.adapter, lm.checkpoint)

@@ -58,14 +58,11 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
     todo: dict[str, tuple] = {}
     for task in tasks:
         path = Path(out) / f"{_safe(task)}.safetensors" if out else None
-        if path is not None and path.is_file():
-            cached = ActivationStats.load(path)
-            check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file",
-                              weights=lm.weights)
-            if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit:
-                log.info("reusing statistics %s", path)
-                result[task] = cached
-                continue
+        cached = _cached_stats(lm, path, heads, limit)
+        if cached is not None:
+            log.info("reusing statistics %s", path)
+            result[task] = cached
+            continue
         corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
         todo[task] = (corpus, _stats_meta(lm, fp, task, corpus, limit), path)
         result[task] = None
@@ -87,6 +84,15 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
         if path is not None:
             result[task].save(path)
     return result  # type: ignore[return-value]
+
+
+def _cached_stats(lm, path: Path | None, heads: bool, limit: int | None) -> ActivationStats | None:
+    """The statistics saved at `path` when they fit this run (refused when corrupt or of another model)."""
+    if path is None or not path.is_file():
+        return None
+    cached = ActivationStats.load(path)
+    check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file", weights=lm.weights)
+    return cached if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit else None
 
 
 def _stats_meta(lm, fp: dict, task: str, corpus, limit: int | None) -> dict:
@@ -215,8 +221,12 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     stages.done("load")
     sdir = stats_dir or (Path(out) / "stats" if out else None)
     refit_cfg = RefitConfig.of(config, lm.adapter, lm.model.config) if config.reconstructs else None
-    if refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks):
+    corpora = {}
+    if refit_cfg is not None:  # bad data or statistics of another model are refused before the allocation runs
         corpora = {t: resolve_corpus(t, data_dir=data_dir, limit=limit, seed=config.seed) for t in tasks}
+        for t in tasks:
+            _cached_stats(lm, Path(sdir) / f"{_safe(t)}.safetensors" if sdir else None, heads, limit)
+    if refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks):
         op = one_pass(lm, config, {t: c.texts for t, c in corpora.items()}, refit_cfg, head_unit=head_unit,
                       fingerprint=fp, metas={t: _stats_meta(lm, fp, t, c, limit) for t, c in corpora.items()},
                       batch_size=batch_size, max_length=max_length, resume_dir=sdir, progress=progress)

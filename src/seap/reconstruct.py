@@ -76,6 +76,9 @@ class Moments:
 class Refit:
     weight: torch.Tensor  # [d, |K|] float64
     bias_delta: torch.Tensor | None  # [d] float64, added to the linear's bias (None: no bias)
+    # N (tr(X^T S_KR W_R^T) + lambda |X|^2), X = (W' - W_K)^T: how much less squared output error the refit
+    # leaves than the cut with the mean compensated (centered) or the plain cut (not centered)
+    explained: float = 0.0
 
 
 def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -107,7 +110,8 @@ def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-
     mu = m.mean.to(dev)
     if len(removed) and len(kept):
         a = m.second(centered, kept, kept)
-        a.diagonal().add_(_ridge(a.diagonal(), ridge))
+        lam = _ridge(a.diagonal(), ridge)
+        a.diagonal().add_(lam)
         w_r_t = w[:, removed].T.double()  # [|R|, d]
         rhs = torch.empty(len(kept), w.shape[0], dtype=torch.float64, device=dev)  # S_KR W_R^T
         for r in range(0, len(kept), ROW_BLOCK):
@@ -117,15 +121,19 @@ def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             del a
-            w_new = w_k + torch.cholesky_solve(rhs, chol).T
+            x = torch.cholesky_solve(rhs, chol)  # [|K|, d]
         else:  # not positive definite even with the ridge: a least-squares solve still gives the fit
-            w_new = w_k + torch.linalg.lstsq(a, rhs).solution.T
-        del chol, rhs
+            x = torch.linalg.lstsq(a, rhs).solution
+        del chol
+        explained = max(m.count, 1) * (float((x * rhs).sum()) + lam * float((x * x).sum()))
+        w_new = w_k + x.T
+        del rhs, x
     else:
         w_new, bias_r = w_k.clone(), (w[:, removed].double() @ mu[removed] if centered else None)
+        explained = 0.0
     # b' - b = W mu - W' mu_K = W_R mu_R + (W_K - W') mu_K
     delta = (bias_r + (w_k - w_new) @ mu[kept]) if centered else None
-    return Refit(w_new, delta)
+    return Refit(w_new, delta, explained)
 
 
 def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2, centered: bool = True,
@@ -156,30 +164,50 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
     hinv = torch.cholesky_inverse(chol)
     del chol
-    w = w.detach().to(dev, dtype).clone()
-    idx = torch.arange(c, device=dev)  # the original channel of each column of w and hinv
+    wt = w.detach().to(dev, dtype).T.contiguous()  # [C, d]: a channel's weights are a row
+    idx = torch.arange(c, device=dev)  # the original channel of each row of wt and hinv
     alive = torch.ones(c, dtype=torch.bool, device=dev)
     to_remove = c - n_keep
     step = max(1, -(-to_remove // max(rounds, 1)))
     tiny = torch.finfo(dtype).tiny
     while to_remove > 0:
-        cost = (w * w).sum(0) / hinv.diagonal().clamp_min(tiny)
+        cost = torch.linalg.vector_norm(wt, dim=1).square_() / hinv.diagonal().clamp_min(tiny)
         cost.masked_fill_(~alive, float("inf"))
         s = torch.topk(cost, min(step, to_remove), largest=False).indices
-        coef = torch.linalg.solve(hinv[s][:, s], hinv[s])  # (H^-1_SS)^-1 H^-1_{S,:}
-        w.addmm_(w[:, s], coef, alpha=-1)
-        hinv.addmm_(hinv[:, s], coef, alpha=-1)
+        rows = hinv.index_select(0, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
+        coef = torch.linalg.solve(rows[:, s], rows)  # (H^-1_SS)^-1 H^-1_{S,:}
+        wt.addmm_(coef.T, wt.index_select(0, s), alpha=-1)
+        hinv.addmm_(rows.T, coef, alpha=-1)
         alive[s] = False
         to_remove -= len(s)
         if to_remove > 0 and int(alive.sum()) < 0.8 * len(alive):  # drop the dead rows and columns
             keep = alive.nonzero().flatten()
-            w, idx = w[:, keep], idx[keep]
+            wt, idx = wt.index_select(0, keep), idx[keep]
             hinv = hinv.index_select(0, keep)
             hinv = hinv.index_select(1, keep)
             alive = torch.ones(len(keep), dtype=torch.bool, device=dev)
-    if dtype != torch.float64 and not (torch.isfinite(w).all() and torch.isfinite(hinv).all()):
+    if dtype != torch.float64 and not (torch.isfinite(wt).all() and torch.isfinite(hinv).all()):
         return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
     return idx[alive].sort().values
+
+
+def _quadratic(diff: torch.Tensor, m: Moments, cols: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """tr(D G D^T) for D = `diff` on the columns `cols` (None: all), G's rows read a block at a time."""
+    dev = m.gram.device
+    rows = torch.arange(diff.shape[1], device=dev) if cols is None else cols
+    err = 0.0
+    for r in range(0, len(rows), ROW_BLOCK):
+        g = m.gram.index_select(0, rows[r:r + ROW_BLOCK])
+        g = (g if cols is None else g.index_select(1, cols)).to(dtype)
+        err += float(((diff[:, r:r + ROW_BLOCK] @ g) * diff).sum(dtype=torch.float64))
+        del g
+    return err
+
+
+def _bias_terms(diff: torch.Tensor, total: torch.Tensor, bias_delta: torch.Tensor, count: int) -> float:
+    """What a constant output change delta adds to the squared error: -2 delta . (D sum z) + N |delta|^2."""
+    b = bias_delta.to(diff.device, torch.float64)
+    return -2 * float(b @ (diff @ total.to(diff.dtype)).double()) + count * float(b @ b)
 
 
 def output_error(w: torch.Tensor, kept: torch.Tensor, m: Moments, w_new: torch.Tensor | None = None,
@@ -189,28 +217,31 @@ def output_error(w: torch.Tensor, kept: torch.Tensor, m: Moments, w_new: torch.T
     `w_new` None: the plain cut W[:, K], whose error needs only the removed block of the Gram matrix.
     `dtype` float32 halves the cost of the d x C^2 product (a reported figure, not a decision); the
     Gram matrix is read in blocks of rows, so no C x C temporary is made."""
+    return cut_errors(w, kept, m, bias_delta, dtype=dtype)[1 if bias_delta is not None else 0] if w_new is None \
+        else _refit_error(w, kept, m, w_new, bias_delta, dtype)
+
+
+def _refit_error(w, kept, m: Moments, w_new, bias_delta, dtype) -> float:
     dev = m.gram.device
-    w = w.detach().to(dev)
-    kept = kept.to(dev, torch.long)
-    if w_new is None:  # the plain cut: D = W on the removed columns, zero elsewhere
-        cols = _complement(kept, w.shape[1]).to(dev)
-        diff = w[:, cols].to(dtype)
-    else:
-        cols = None
-        diff = w.to(dtype, copy=True)
-        diff[:, kept] -= w_new.to(dev, dtype)
-    rows = torch.arange(diff.shape[1], device=dev) if cols is None else cols
-    err = 0.0
-    for r in range(0, len(rows), ROW_BLOCK):  # tr(D G D^T), G's rows a block at a time
-        g = m.gram.index_select(0, rows[r:r + ROW_BLOCK])
-        g = (g if cols is None else g.index_select(1, cols)).to(dtype)
-        err += float(((diff[:, r:r + ROW_BLOCK] @ g) * diff).sum(dtype=torch.float64))
-        del g
+    diff = w.detach().to(dev, dtype, copy=True)
+    diff[:, kept.to(dev, torch.long)] -= w_new.to(dev, dtype)
+    err = _quadratic(diff, m, None, dtype)
     if bias_delta is not None:
-        total = m.total if cols is None else m.total[cols]
-        b = bias_delta.to(dev, torch.float64)
-        err += -2 * float(b @ (diff.double() @ total)) + m.count * float(b @ b)
+        err += _bias_terms(diff, m.total, bias_delta, m.count)
     return max(err, 0.0)
+
+
+def cut_errors(w: torch.Tensor, kept: torch.Tensor, m: Moments, bias_delta: torch.Tensor | None = None, *,
+               dtype: torch.dtype = torch.float64) -> tuple[float, float | None]:
+    """The plain cut's error and, with `bias_delta` (FLAP's compensation), the compensated cut's, from one
+    product over the removed block of the Gram matrix."""
+    dev = m.gram.device
+    cols = _complement(kept.to(dev, torch.long), w.shape[1]).to(dev)
+    diff = w.detach().to(dev)[:, cols].to(dtype)
+    plain = _quadratic(diff, m, cols, dtype)
+    if bias_delta is None:
+        return max(plain, 0.0), None
+    return max(plain, 0.0), max(plain + _bias_terms(diff, m.total[cols], bias_delta, m.count), 0.0)
 
 
 # -- accumulating the moments on the device --------------------------------------------------------
@@ -226,6 +257,9 @@ class GramAccumulator:
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if keep is not None and x.device.type == "cpu":  # no products of padding (a GPU avoids the sync)
+            x = x[keep.reshape(-1).to(x.device)]
+            keep = None
         if keep is not None:
             keep = keep.reshape(-1, 1).to(x.device)
             x = torch.where(keep, x, 0.0)
@@ -233,10 +267,21 @@ class GramAccumulator:
         else:
             self.count += x.shape[0]
         self.total += x.sum(0).double()
+        # the lower triangle only (half the products), a block of rows at a time; mirrored in result()
         for r in range(0, x.shape[1], ROW_BLOCK):
-            self.gram[r:r + ROW_BLOCK] += (x[:, r:r + ROW_BLOCK].T @ x).double()
+            end = min(r + ROW_BLOCK, x.shape[1])
+            self.gram[r:end, :end] += (x[:, r:end].T @ x[:, :end]).double()
+        self._mirrored = False
 
     def result(self) -> Moments:
+        if not getattr(self, "_mirrored", True):
+            c = self.gram.shape[0]
+            for r in range(0, c, ROW_BLOCK):  # upper blocks from the lower ones
+                end = min(r + ROW_BLOCK, c)
+                self.gram[r:end, end:] = self.gram[end:, r:end].T
+                blk = self.gram[r:end, r:end]
+                blk.copy_(torch.tril(blk) + torch.tril(blk, -1).T)
+            self._mirrored = True
         return Moments(int(round(float(self.count.item()))), self.total, self.gram)
 
 

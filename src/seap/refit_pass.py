@@ -29,11 +29,13 @@ from . import distributed as dist
 from .adapters import Adapter
 from .calibration import Engine, GramObserver, Outcome, StatsObserver, run_pass
 from .errors import ConfigError
-from .layerwise import engine_for, stats_of_record, stats_record, texts_digest, _finish
+from .estimate import calibration_estimate
+from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
-from .reconstruct import Moments, RefitConfig, obs_select, output_error, refit
+from .reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
 from .resume import Resume
-from .runtime import available_memory
+from .runtime import available_memory, fmt_bytes
+from .stats import position_limit
 from .scores import top_k
 from .surgery import head_index_sets, layer_masked
 from .weights import LayerWeights
@@ -64,10 +66,16 @@ def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: to
         if kind == "ffn":
             rec["ffn/kept"] = kept.to("cpu", torch.long)
             f32 = dict(dtype=torch.float32)  # reported figures, not decisions
-            rec["err/none"] = output_error(lin.weight, scored, m, **f32)
-            flap = bias_compensation(lin.weight, m, scored)
-            rec["err/bias"] = output_error(lin.weight, scored, m, None, flap, **f32)
-            rec["err/refit"] = output_error(lin.weight, kept, m, fit.weight, fit.bias_delta, **f32)
+            rec["err/none"], rec["err/bias"] = cut_errors(lin.weight, scored, m, bias_compensation(lin.weight, m, scored),
+                                                          **f32)
+            # the refit's error is the cut of its own channels (mean-compensated when centered) less what the
+            # refit explains: no d x C^2 product
+            if torch.equal(kept.cpu(), scored.cpu()):
+                base = rec["err/bias"] if cfg.centered else rec["err/none"]
+            else:
+                none_k, bias_k = cut_errors(lin.weight, kept, m, bias_compensation(lin.weight, m, kept), **f32)
+                base = bias_k if cfg.centered else none_k
+            rec["err/refit"] = max(base - fit.explained, 0.0)
     return rec
 
 
@@ -76,12 +84,12 @@ def identity_layer(adapter: Adapter, layer: nn.Module, head_unit: str | None, cf
     """The results of a layer that keeps every unit, without its moments: what `refit_layer` gives for
     it (the weights as they are, zero bias changes, zero errors), at none of the cost."""
     lin = adapter.ffn_out(layer)
-    rec = {"ffn/kept": torch.arange(lin.in_features), "ffn/weight": lin.weight.detach().to("cpu", store_dtype),
+    rec = {"ffn/kept": torch.arange(lin.in_features), "ffn/weight": lin.weight.detach().to("cpu", store_dtype, copy=True),
            "err/none": 0.0, "err/bias": 0.0, "err/refit": 0.0}
     units = ["ffn"]
     if head_unit:
         o = adapter.attn_out(layer)
-        rec["attn/weight"] = o.weight.detach().to("cpu", store_dtype)
+        rec["attn/weight"] = o.weight.detach().to("cpu", store_dtype, copy=True)
         units.append("attn")
     if cfg.centered:
         for kind in units:
@@ -173,7 +181,18 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     resume = Resume(resume_dir, "prune", settings) if resume_dir is not None else None
     if resume is not None:
         resume.check()
-    engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length)
+    encoded = encode_corpora(lm.tokenizer, corpora, batch_size, position_limit(lm.model.config, max_length))
+    est = _estimate(lm, encoded[0], ffn_w, dense, len(experts) if refit_cfg is not None else 0,
+                    refit_cfg is not None and refit_cfg.choice == "obs")
+    if est.peak_bytes > est.free:
+        raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
+                          f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
+                          f"{fmt_bytes(est.free)} is free: give fewer tokens (--limit, --max-length, --batch-size), "
+                          "fewer tasks (one Gram matrix per expert), --refit-choice score, or a device with more memory")
+    n_tok = sum(int(b["attention_mask"].sum()) for b in encoded[0])
+    dist.log_once(f"one calibration pass over {len(d_ff)} layers, {n_tok:,} calibration tokens"
+                  f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
+    engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length, encoded=encoded)
     sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
 
     def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
@@ -236,6 +255,23 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     if resume is not None:
         resume.clear()
     return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all)
+
+
+def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool):
+    adapter = lm.adapter
+    layers = []
+    for i, layer in enumerate(adapter.layers(lm.model)):
+        layers.append({"params": sum(p.numel() for p in layer.parameters()), "d_ff": adapter.d_ff(layer),
+                       "kept": ffn_w[i], "dense": dense[i]})
+    emb = adapter.embeddings(lm.model).weight
+    streamed = hasattr(lm, "checkpoint")
+    dtype = lm.dtype if streamed else emb.dtype
+    device = lm.device if streamed else emb.device
+    return calibration_estimate(
+        layers=layers, hidden=emb.shape[1], vocab=emb.shape[0],
+        tokens=sum(int(b["attention_mask"].sum()) for b in enc), padded_tokens=sum(b["input_ids"].numel() for b in enc),
+        batch_tokens=max(b["input_ids"].numel() for b in enc), param_bytes=torch.empty((), dtype=dtype).element_size(),
+        streamed=streamed, groups=groups, obs=obs, refit=groups > 0, device=device)
 
 
 def _all_heads(adapter: Adapter, model: nn.Module, head_unit: str) -> list[range]:

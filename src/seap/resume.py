@@ -28,16 +28,19 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESUME_VERSION = 2
+# Hidden states are checkpointed when that costs under this share of the time since the previous save
+# (every layer on a CPU, every few on a GPU, where a layer takes seconds).
+CHECKPOINT_OVERHEAD = 0.1
 Record = dict  # str -> torch.Tensor, or a JSON value
 
 
 class Resume:
     """The checkpoint folder of one pass (`folder`/.calibration-<what>) under the given settings."""
 
-    def __init__(self, folder: str | Path, what: str, settings: dict, *, overhead: float = 0.1):
+    def __init__(self, folder: str | Path, what: str, settings: dict, *, overhead: float | None = None):
         self.folder = Path(folder) / f".calibration-{what}"
         self.settings = json.loads(json.dumps({"version": RESUME_VERSION, **settings}, default=str))
-        self.overhead = overhead
+        self.overhead = CHECKPOINT_OVERHEAD if overhead is None else overhead
         self._last, self._cost = time.time(), 0.0
 
     @property

@@ -196,17 +196,22 @@ class DeviceStats:
 
 
 def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
-    """The corpus tokenised into padded batches, sorted by length (less padding; statistics do not
-    depend on the order). One definition for the whole-model and the layer-by-layer pass."""
+    """The corpus tokenised into padded batches of texts of similar token counts (the least padding;
+    statistics do not depend on the order). One definition for every calibration pass."""
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(1)
+    order = sorted(range(len(texts)), key=lambda i: (int(lengths[i]), i))
+    left = getattr(tokenizer, "padding_side", "right") == "left"
     out = []
     for b in range(0, len(texts), batch_size):
-        chunk = [texts[i] for i in order[b:b + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        rows = torch.tensor(order[b:b + batch_size])
+        width = int(lengths[rows].max())
+        cols = slice(ids.shape[1] - width, None) if left else slice(0, width)
+        out.append({"input_ids": ids[rows][:, cols].contiguous(), "attention_mask": mask[rows][:, cols].contiguous()})
     return out
 
 

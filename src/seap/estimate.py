@@ -1,0 +1,95 @@
+"""What a calibration pass will cost, from the geometry, the token count and the device, before it runs.
+
+Time: floating-point work per stage divided by rates measured on the device in a fraction of a second
+(a float32 and a float64 matrix product), with the constants of seap's own kernels (the OBS choice
+does about 3.2 C^3 float32 operations for a layer of C channels, factor, inverse and updates
+together: measured 56 s at C = 14,336 and 13 s at C = 8,192 on 2 CPU cores). Memory: the largest of
+what is alive at once (the resident layer, the calibration hidden states, the Gram matrices and the
+OBS or refit workspace of one layer; see seap.reconstruct), so a run that cannot fit is refused up
+front with what to change, not killed an hour in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .runtime import available_memory, fmt_bytes
+
+OBS_WORK = 3.2  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates)
+_RATES: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measured_rate(device: torch.device, dtype: torch.dtype, n: int = 768, repeats: int = 3) -> float:
+    """Floating-point operations per second of an n x n matrix product on `device` (cached)."""
+    key = (str(device), dtype)
+    if key not in _RATES:
+        a = torch.randn(n, n, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            a @ a
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        _RATES[key] = 2 * n ** 3 / max(best, 1e-9)
+    return _RATES[key]
+
+
+@dataclass
+class Estimate:
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
+    peak: dict[str, int] = field(default_factory=dict)  # what is alive at the peak -> bytes
+    free: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.peak.values())
+
+    def line(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{k} {_fmt_s(v)}" for k, v in self.seconds.items() if v >= 0.5)
+        mem = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.peak.items() if v)
+        return (f"estimated {_fmt_s(total)} ({parts}); peak memory about {fmt_bytes(self.peak_bytes)} ({mem}) "
+                f"of {fmt_bytes(self.free)} free")
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens: int, padded_tokens: int,
+                         batch_tokens: int, param_bytes: int, streamed: bool, groups: int, obs: bool,
+                         refit: bool, device: torch.device) -> Estimate:
+    """`layers`: per decoder layer {params, d_ff, kept, dense}; `tokens`: real calibration tokens of this
+    process, `padded_tokens` with padding, `batch_tokens` of the largest batch; `param_bytes`: bytes per
+    parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass)."""
+    r32, r64 = measured_rate(device, torch.float32), measured_rate(device, torch.float64)
+    est = Estimate(free=available_memory(device))
+    fwd = gram = choice = fit = err = 0.0
+    work = 0
+    for lay in layers:
+        c, k, d = lay["d_ff"], lay["kept"], hidden
+        fwd += 2 * lay["params"] * padded_tokens / r32
+        if not refit or lay["dense"]:
+            continue
+        gram += groups * padded_tokens * c * c / r32  # the lower triangle of z^T z
+        if obs:
+            choice += groups * OBS_WORK * c ** 3 / r32
+        r = c - k
+        fit += groups * (k ** 3 / 3 + 2 * k * k * d + 2 * k * r * d) / r64
+        err += groups * 2 * d * (r * r + c * c) / r32
+        work = max(work, 8 * c * c * groups + (8 * c * c if obs else 16 * k * k) + 8 * d * c * 3)
+    est.seconds = {"forward": fwd, "Gram matrices": gram, "OBS choice": choice, "refit": fit, "errors": err}
+    widest = max(lay["params"] for lay in layers)
+    d_ff = max(lay["d_ff"] for lay in layers)
+    hidden_states, runtime = 2 * padded_tokens * hidden * 4, 400 << 20  # in and out; torch and the tokenizer
+    per_layer = {"layer" if streamed else "model": (widest if streamed else sum(lay["params"] for lay in layers)
+                                                    + vocab * hidden) * param_bytes,
+                 "hidden states": hidden_states, "activations": 4 * batch_tokens * d_ff * 4,
+                 "Gram and OBS workspace": work, "runtime": runtime}
+    catch = {"embeddings": vocab * hidden * param_bytes, "hidden states": hidden_states, "runtime": runtime}
+    est.peak = catch if streamed and sum(catch.values()) > sum(per_layer.values()) else per_layer
+    return est

@@ -1,0 +1,224 @@
+"""The calibration engine (DESIGN 2.10): streamed == in memory, one pass == two passes, resume, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXTS, make_loaded, one_line_error, tiny_folder
+
+import seap.refit_pass as refit_pass
+import seap.resume as resume_mod
+from seap.calibration import GramObserver, Outcome, StatsObserver, run_pass
+from seap.checkpoint import Checkpoint
+from seap.cli import main
+from seap.config import PruneConfig
+from seap.fingerprints import fingerprint
+from seap.layerwise import collect_stats, engine_for
+from seap.models import open_model
+from seap.plan import GENERIC, Plan, build_plan, resolve_head_unit
+from seap.pruning import prune
+from seap.reconstruct import RefitConfig
+from seap.refit_pass import one_pass, reconstruct_plan
+from seap.runtime import Runtime
+
+CORPORA = {"a": TEXTS[:7], "b": TEXTS[7:] + ["A further calibration text about the feed-forward channels."]}
+
+
+def _observed(lm, heads: bool) -> list[dict]:
+    engine, _ = engine_for(lm, CORPORA, batch_size=3, max_length=64)
+    seen: list[dict] = []
+
+    def decide(i, layer, s):
+        seen.append(s)
+        return Outcome()
+
+    kinds = ("ffn", "attn") if heads else ("ffn",)
+    run_pass(engine, [StatsObserver(list(CORPORA), heads), GramObserver({"a": ["a"], "ab": ["a", "b"]}, kinds)],
+             decide, progress=False)
+    return seen
+
+
+def test_streamed_engine_equals_the_whole_model_engine(tmp_path, family):
+    folder = tiny_folder(tmp_path, family)
+    heads = family == "opt"
+    runs = {load: _observed(open_model(str(folder), Runtime(device="cpu", load=load), streamable=True), heads)
+            for load in ("whole", "layerwise")}
+    for whole, streamed in zip(runs["whole"], runs["layerwise"]):
+        for lab in CORPORA:
+            for kind, s in whole["stats"][lab].items():
+                t = streamed["stats"][lab][kind]
+                assert s.count == t.count
+                for f in ("mean", "m2", "sumsq"):
+                    torch.testing.assert_close(getattr(t, f), getattr(s, f), rtol=1e-6, atol=1e-9)
+        for g in ("a", "ab"):
+            for kind, m in whole["gram"][g].items():
+                n = streamed["gram"][g][kind]
+                assert m.count == n.count
+                torch.testing.assert_close(n.gram, m.gram, rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(n.total, m.total, rtol=1e-6, atol=1e-9)
+        # independent accumulators agree: diag of the Gram matrix == sum of squares; sum / N == mean
+        a = whole["stats"]["a"]["ffn"]
+        m = whole["gram"]["a"]["ffn"]
+        torch.testing.assert_close(m.gram.diagonal(), a.sumsq, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.total / m.count, a.mean, rtol=1e-5, atol=1e-6)
+        merged = a.merge(whole["stats"]["b"]["ffn"])
+        assert whole["gram"]["ab"]["ffn"].count == merged.count
+        torch.testing.assert_close(whole["gram"]["ab"]["ffn"].gram.diagonal(), merged.sumsq, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("choice", ["obs", "score"])
+def test_one_pass_plan_equals_the_two_pass_plan_where_widths_are_fixed(family, choice):
+    lm = make_loaded(family)
+    cfg = PruneConfig.from_method("seap", ratio=0.5, protect_first=1, protect_last=1, refit_choice=choice)
+    refit_cfg = RefitConfig.of(cfg, lm.adapter, lm.model.config)
+    fp = fingerprint(lm.model, lm.adapter)
+    head_unit = resolve_head_unit(cfg, lm.adapter, lm.model)
+    stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=head_unit is not None, batch_size=3,
+                              meta={}, progress=False) for t, x in CORPORA.items()}
+    two = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None, fingerprint=fp)
+    reconstruct_plan(lm, two, CORPORA, refit_cfg, members={"a": ("a",), "b": ("b",), GENERIC: ("a", "b")},
+                     batch_size=3, progress=False)
+    one = one_pass(lm, cfg, CORPORA, refit_cfg, head_unit=head_unit, fingerprint=fp, metas={}, batch_size=3,
+                   max_length=512, progress=False).plan
+    assert set(one.experts) == set(two.experts) == {"a", "b", GENERIC}
+    for name, ex in two.experts.items():
+        got = one.experts[name]
+        assert got.widths() == ex.widths()
+        for i in range(len(ex.ffn)):
+            assert torch.equal(got.ffn[i], ex.ffn[i]), (name, i)
+            if ex.heads is not None:
+                assert torch.equal(got.heads[i], ex.heads[i])
+            torch.testing.assert_close(got.ffn_out[i], ex.ffn_out[i], rtol=1e-5, atol=1e-6)
+            if ex.ffn_bias is not None:
+                torch.testing.assert_close(got.ffn_bias[i], ex.ffn_bias[i], rtol=1e-5, atol=1e-6)
+        a, b = got.stats["reconstruction"], ex.stats["reconstruction"]
+        assert a["tokens"] == b["tokens"] and a["choice"] == choice
+        for k in ("none", "bias", "refit"):
+            assert a["ffn_error"][k] == pytest.approx(b["ffn_error"][k], rel=1e-4, abs=1e-6)
+
+
+def _corpus(tmp_path: Path, texts=TEXTS) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(texts) + "\n")  # blank-line separated texts
+    return path
+
+
+def test_a_run_killed_in_reconstruction_resumes_and_ends_equal(tmp_path, capsys, monkeypatch):
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    corpus = _corpus(tmp_path)
+    cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1)
+    rt = Runtime(device="cpu", load="layerwise")
+    clean = prune(str(folder), cfg, [str(corpus)], tmp_path / "clean", progress=False, runtime=rt)
+    monkeypatch.setattr(resume_mod, "CHECKPOINT_OVERHEAD", 1e9)  # checkpoint after every layer
+    real, calls = refit_pass.refit_layer, []
+
+    def dies_in_layer_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # layers 1, 2, 3 refitted (0 is dense), killed while refitting layer 4
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(refit_pass, "refit_layer", dies_in_layer_4)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(folder), cfg, [str(corpus)], tmp_path / "killed", progress=False, runtime=rt)
+    assert not (tmp_path / "killed" / "model").exists() and not (tmp_path / "killed" / "plan").exists()
+    monkeypatch.setattr(refit_pass, "refit_layer", real)
+    capsys.readouterr()
+    again = prune(str(folder), cfg, [str(corpus)], tmp_path / "killed", progress=False, runtime=rt)
+    err = capsys.readouterr().err
+    assert "resuming the calibration" in err and "at layer 4 of 8" in err
+    assert again.calibration["resumed_from_layer"] == 4
+    a, b = (Checkpoint.open(p / "model") for p in (tmp_path / "clean", tmp_path / "killed"))
+    ta, tb = a.read(a.names()), b.read(b.names())
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    pa, pb = Plan.load(tmp_path / "clean" / "plan"), Plan.load(tmp_path / "killed" / "plan")
+    assert pa.experts[pa.meta.default_expert].digest() == pb.experts[pb.meta.default_expert].digest()
+    assert clean.calibration["resumed_from_layer"] is None
+    assert not list((tmp_path / "killed" / "stats").glob(".calibration-*"))  # cleared once complete
+
+
+def test_a_resume_under_other_settings_is_refused(tmp_path, capsys, monkeypatch):
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    corpus = _corpus(tmp_path)
+    monkeypatch.setattr(resume_mod, "CHECKPOINT_OVERHEAD", 1e9)
+    real = refit_pass.refit_layer
+    calls = []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(refit_pass, "refit_layer", dies)
+    argv = ["prune", "--model", str(folder), "--task", str(corpus), "--protect-first", "1", "--protect-last", "1",
+            "--load", "layerwise", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--ratio", "0.4"]) == 130  # interrupted: "no partial output was kept"
+    monkeypatch.setattr(refit_pass, "refit_layer", real)
+    one_line_error([*argv, "--ratio", "0.3"], capsys, "other settings", "delete that folder")
+    assert not (tmp_path / "o" / "model").exists()
+    assert main([*argv, "--ratio", "0.4"]) == 0  # the same command resumes
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    import seap.estimate as est
+
+    monkeypatch.setattr(est, "available_memory", lambda device: 1 << 20)
+    one_line_error(["prune", "--model", str(folder), "--task", str(_corpus(tmp_path)), "--protect-first", "1",
+                    "--protect-last", "1", "--ratio", "0.4", "--out", str(tmp_path / "o")], capsys,
+                   "needs about", "is free", "--refit-choice score")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def _torchrun(args: list[str], n: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "seap", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_two_gloo_processes_give_the_plan_of_one(tmp_path):
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    corpus = _corpus(tmp_path)
+    args = ["prune", "--model", str(folder), "--task", str(corpus), "--protect-first", "1", "--protect-last", "1",
+            "--ratio", "0.4", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = _torchrun([*args, "--out", str(tmp_path / "two")], 2, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = Plan.load(tmp_path / "one" / "plan"), Plan.load(tmp_path / "two" / "plan")
+    e1, e2 = one.experts[one.meta.default_expert], two.experts[two.meta.default_expert]
+    assert e1.widths() == e2.widths()
+    shared = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(e1.ffn, e2.ffn))
+    assert shared >= 0.995 * sum(len(a) for a in e1.ffn)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["world_size"] == 1 and s2["world_size"] == 2
+    assert len(s2["calibration"]["tokens_per_process"]) == 2
+    assert sum(s2["calibration"]["tokens_per_process"]) == sum(s1["calibration"]["tokens_per_process"])
+    rec1, rec2 = e1.stats["reconstruction"], e2.stats["reconstruction"]
+    assert rec1["tokens"] == rec2["tokens"]
+    for x, y in zip(e1.ffn_out, e2.ffn_out):
+        if x.shape == y.shape:
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_more_processes_than_calibration_texts(tmp_path):
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
+    run = _torchrun(["prune", "--model", str(folder), "--task", str(_corpus(tmp_path, TEXTS[:1])), "--ratio", "0.4",
+                     "--protect-first", "1", "--protect-last", "1", "--device", "cpu", "--out", str(tmp_path / "o")],
+                    2, tmp_path)
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("seap: error:")]
+    assert lines and "1 texts for 2 processes" in lines[0] and "--nproc-per-node" in lines[0]
+    import seap
+
+    assert str(Path(seap.__file__).parent) not in run.stderr  # no traceback through seap (torchrun prints its own)
+    assert not (tmp_path / "o" / "model").exists()
