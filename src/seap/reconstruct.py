@@ -112,11 +112,12 @@ def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-
         a = m.second(centered, kept, kept)
         lam = _ridge(a.diagonal(), ridge)
         a.diagonal().add_(lam)
-        w_r_t = w[:, removed].T.double()  # [|R|, d]
-        rhs = torch.empty(len(kept), w.shape[0], dtype=torch.float64, device=dev)  # S_KR W_R^T
+        # S_KR W_R^T: an input of the solve, formed in float32 (S itself holds float32 products)
+        w_r_t = w[:, removed].T.float()  # [|R|, d]
+        rhs = torch.empty(len(kept), w.shape[0], dtype=torch.float64, device=dev)
         for r in range(0, len(kept), ROW_BLOCK):
-            rhs[r:r + ROW_BLOCK] = m.second(centered, kept[r:r + ROW_BLOCK], removed) @ w_r_t
-        bias_r = w_r_t.T @ mu[removed] if centered else None
+            rhs[r:r + ROW_BLOCK] = m.second(centered, kept[r:r + ROW_BLOCK], removed, dtype=torch.float32) @ w_r_t
+        bias_r = w_r_t.T.double() @ mu[removed] if centered else None
         del w_r_t
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
@@ -246,14 +247,24 @@ def cut_errors(w: torch.Tensor, kept: torch.Tensor, m: Moments, bias_delta: torc
 
 # -- accumulating the moments on the device --------------------------------------------------------
 class GramAccumulator:
-    """Sum, count and Gram matrix of one linear's inputs, on its device: float32 per batch, float64
-    running values, no host sync; padding excluded with `where`. The batch's product is added in
-    blocks of rows, so the only C x C matrix is the running float64 sum."""
+    """Sum, count and Gram matrix of one linear's inputs, on its device, with no host sync per batch on a
+    GPU; padding excluded (dropped on a CPU, zeroed with `where` on a GPU).
+
+    The products of a batch are added in float32 into a partial sum (the lower triangle only: half the
+    work, in place, a block of rows at a time), which is merged into the float64 running sum every
+    FLUSH_TOKENS tokens and at the end, so the conversion to float64 costs a few passes per layer rather
+    than one per batch. Memory: the float64 sum and the float32 partial, 12 C^2 bytes, while a layer's
+    batches run (less than the OBS choice needs after them)."""
+
+    FLUSH_TOKENS = 8192
 
     def __init__(self, channels: int, device: torch.device):
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.total = torch.zeros(channels, dtype=torch.float64, device=device)
         self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self._part: torch.Tensor | None = None
+        self._part_rows = 0
+        self._mirrored = True
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -267,14 +278,31 @@ class GramAccumulator:
         else:
             self.count += x.shape[0]
         self.total += x.sum(0).double()
-        # the lower triangle only (half the products), a block of rows at a time; mirrored in result()
-        for r in range(0, x.shape[1], ROW_BLOCK):
-            end = min(r + ROW_BLOCK, x.shape[1])
-            self.gram[r:end, :end] += (x[:, r:end].T @ x[:, :end]).double()
+        c = x.shape[1]
+        if self._part is None:
+            self._part = torch.zeros(c, c, dtype=torch.float32, device=x.device)
+        for r in range(0, c, ROW_BLOCK):
+            end = min(r + ROW_BLOCK, c)
+            self._part[r:end, :end].addmm_(x[:, r:end].T, x[:, :end])
+        self._part_rows += x.shape[0]
         self._mirrored = False
+        if self._part_rows >= self.FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._part is None or not self._part_rows:
+            return
+        c = self.gram.shape[0]
+        for r in range(0, c, ROW_BLOCK):
+            end = min(r + ROW_BLOCK, c)
+            self.gram[r:end, :end] += self._part[r:end, :end]
+            self._part[r:end, :end].zero_()
+        self._part_rows = 0
 
     def result(self) -> Moments:
-        if not getattr(self, "_mirrored", True):
+        self._flush()
+        self._part = None
+        if not self._mirrored:
             c = self.gram.shape[0]
             for r in range(0, c, ROW_BLOCK):  # upper blocks from the lower ones
                 end = min(r + ROW_BLOCK, c)
