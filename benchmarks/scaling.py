@@ -29,6 +29,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scaling"
 ORDER = ("smollm2-135m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 CALIBRATION = ["--task", "default", "--limit", "32", "--max-length", "128", "--batch-size", "8"]
+# `--calibration default`: what `seap prune` uses when given nothing (the whole embedded corpus, 512 tokens
+# a text), with the default preset (one pass: statistics, OBS choice and refit) and with --reconstruct none
+DEFAULT_RESULTS = HERE / "results" / "scaling-default"
 WHOLE_FITS_BYTES = 14e9  # the float32 model must leave room for Python, torch and the activations in 24 GB
 
 
@@ -174,7 +177,8 @@ def scaling_section() -> str:
                 continue
             s = p["stage_seconds"]
             text += (f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_bytes'] / 1e9:.1f} GB | {path} | "
-                     f"{p['wall_s']:.0f} | {s['load']:.0f} | {s['statistics']:.0f} | {s['plan']:.1f} | "
+                     f"{p['wall_s']:.0f} | {s['load']:.0f} | {s.get('statistics', s.get('calibration', 0)):.0f} | "
+                     f"{s.get('plan', 0):.1f} | "
                      f"{s['slice_and_save']:.0f} | {p['peak_rss_gb']:.2f} | {p['bytes_written'] / 1e9:.2f} | "
                      f"{p['max_resident_layers'] if p['max_resident_layers'] is not None else 'all'} |\n")
     text += "\nReload of each layer-by-layer output (bfloat16, CPU) and one generated token:\n\n"
@@ -194,7 +198,53 @@ def scaling_section() -> str:
                  f"{'equals' if c['plans_equal'] else 'DIFFERS from'} the uninterrupted run's, index for index.\n")
     if (HERE / "scaling.png").is_file():
         text += "\n![time and peak memory against parameters](scaling.png)\n"
+    return text + default_section()
+
+
+def default_section() -> str:
+    """The default prune (no calibration flags) of each geometry, one row per run."""
+    rows = [json.loads(p.read_text()) for p in sorted(DEFAULT_RESULTS.glob("*.json"))]
+    if not rows:
+        return ""
+    text = ("\n### The default prune at scale\n\n`seap prune --model CKPT --ratio 0.5 --out OUT` as a user runs it "
+            "(the `seap` preset: one calibration pass with statistics, OBS channel choice and least-squares refit "
+            "per layer; the whole embedded corpus; float32 on the CPU, output in bf16), under `/usr/bin/time -v` "
+            "on this idle 2-core machine. Stage seconds from summary.json; the calibration pass split as the "
+            "engine timed it.\n\n| model | command | wall | calibration pass (forward / decide / checkpoint) | "
+            "slice+save | calibration tokens | peak RSS GiB | written GB | reload + 1 token |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        c, s, g = r["calibration"], r["stage_seconds"], r.get("reload_generate") or {}
+        cs = c.get("seconds", {})
+        text += (f"| {r['model']} | `{r['label']}` | {r['wall_s'] / 60:.1f} min | {s.get('calibration', 0) / 60:.1f} min "
+                 f"({cs.get('forward', 0) / 60:.1f} / {cs.get('decide', 0) / 60:.1f} / {cs.get('checkpoint', 0) / 60:.1f}) "
+                 f"| {s.get('slice_and_save', 0):.0f} s | {sum(c.get('tokens_per_process', [0])):,} | "
+                 f"{r['peak_rss_gb']:.2f} | {r['bytes_written'] / 1e9:.2f} | "
+                 f"{g.get('wall_s', 0):.0f} s, {g.get('peak_rss_gb', 0):.2f} GiB, {(g.get('generated') or ['?'])[0]!r} |\n")
     return text
+
+
+def record_default(name: str, out: Path, log: Path, gen_log: Path | None, label: str) -> dict:
+    """The row of one default prune run from its output folder and its /usr/bin/time logs."""
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    parts = [float(x) for x in wall.group(1).split(":")] if wall else [0.0]
+    summary = json.loads((out / "summary.json").read_text())
+    row = {"model": name, "label": label, "wall_s": round(sum(v * 60 ** i for i, v in enumerate(reversed(parts))), 1),
+           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None,
+           "estimate": next((ln for ln in text.splitlines() if ln.startswith("seap: one calibration pass")), None),
+           **{k: summary[k] for k in ("stage_seconds", "calibration", "bytes_written", "params_before", "params_after",
+                                      "achieved_ratio", "ffn_widths", "max_resident_layers", "runtime")}}
+    if gen_log is not None and gen_log.is_file():
+        g = gen_log.read_text(errors="replace")
+        grss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", g)
+        gwall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", g)
+        gp = [float(x) for x in gwall.group(1).split(":")] if gwall else [0.0]
+        row["reload_generate"] = {"wall_s": round(sum(v * 60 ** i for i, v in enumerate(reversed(gp))), 1),
+                                  "peak_rss_gb": round(int(grss.group(1)) / 2**20, 3) if grss else None,
+                                  "generated": re.findall(r'"text": "(.*)"', g)[:1]}
+    return row
 
 
 def plot(rows: list[dict]) -> None:
@@ -226,11 +276,19 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(ORDER))
     ap.add_argument("--work", default="/tmp/seap-scaling", help="where checkpoints and outputs go (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--record-default", nargs=4, metavar=("MODEL", "OUT", "LOG", "GENERATE_LOG"),
+                    help="only: record a default prune run (its --out folder and /usr/bin/time -v logs)")
     ap.add_argument("--resume-check", default=None, metavar="MODEL",
                     help="only: kill a layer-by-layer prune of MODEL midway, restart it, compare plans")
     args = ap.parse_args()
     from seap._io import write_json
 
+    if args.record_default:
+        name, out, log, gen = args.record_default
+        row = record_default(name, Path(out), Path(log), Path(gen), "seap prune --model CKPT --ratio 0.5 --out OUT")
+        write_json(DEFAULT_RESULTS / f"{name}.json", row)
+        print(json.dumps(row, indent=1))
+        return 0
     if args.resume_check:
         res = resume_check(args.resume_check, Path(args.work))
         write_json(HERE / "results" / "resume_check.json", res)

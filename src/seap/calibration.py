@@ -158,6 +158,7 @@ class GramObserver:
         for g, kinds in self.acc.items():
             out[g] = {}
             for k, a in kinds.items():
+                a.flush()  # the float32 partial belongs to this process's sum: merge it before the all-reduce
                 dist.all_reduce_sum(a.count, a.total, a.gram)
                 out[g][k] = a.result()
         self.acc = {}  # the Gram matrices live only as long as the caller's decision needs them

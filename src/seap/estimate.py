@@ -23,8 +23,9 @@ FORWARD_EFFICIENCY = 0.7  # a decoder layer's forward against a square matrix pr
 _RATES: dict[tuple[str, torch.dtype], float] = {}
 
 
-def measured_rate(device: torch.device, dtype: torch.dtype, n: int = 768, repeats: int = 3) -> float:
-    """Floating-point operations per second of an n x n matrix product on `device` (cached)."""
+def measured_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 6) -> float:
+    """Floating-point operations per second of an n x n matrix product on `device` (the best of a few
+    runs, so a moment's contention does not inflate the estimate; cached)."""
     key = (str(device), dtype)
     if key not in _RATES:
         a = torch.randn(n, n, device=device).to(dtype)

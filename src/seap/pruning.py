@@ -81,7 +81,7 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
         lm.weights.summaries = res.weights.summaries  # measured on the way: no second read of the weights
         result.update(res.stats)
     for task, (_, _, path) in todo.items():
-        if path is not None:
+        if path is not None and dist.is_main():  # under torchrun, rank 0 writes
             result[task].save(path)
     return result  # type: ignore[return-value]
 
@@ -109,6 +109,7 @@ def collect(model: Model = None, data: CalibrationData | Sequence[str] | None = 
     Statistics already in `out` for the same model are reused instead of recomputed; a killed
     layer-by-layer pass with the same settings resumes from its last checkpoint in `out`."""
     data = CalibrationData.of(data)
+    dist.init((runtime or Runtime()).torch_device)
     lm = open_for_pruning(model, runtime)
     return _collect(lm, data.tasks, data_dir=data.data_dir, limit=data.limit, heads=heads, batch_size=data.batch_size,
                     max_length=data.max_length, out=out or data.stats_dir, seed=seed, progress=progress)

@@ -287,9 +287,10 @@ class GramAccumulator:
         self._part_rows += x.shape[0]
         self._mirrored = False
         if self._part_rows >= self.FLUSH_TOKENS:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Merge the float32 partial into the float64 sum (before the sum is all-reduced or read)."""
         if self._part is None or not self._part_rows:
             return
         c = self.gram.shape[0]
@@ -300,7 +301,7 @@ class GramAccumulator:
         self._part_rows = 0
 
     def result(self) -> Moments:
-        self._flush()
+        self.flush()
         self._part = None
         if not self._mirrored:
             c = self.gram.shape[0]

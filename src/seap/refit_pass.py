@@ -27,7 +27,7 @@ from torch import nn
 
 from . import distributed as dist
 from .adapters import Adapter
-from .calibration import Engine, GramObserver, Outcome, StatsObserver, run_pass
+from .calibration import GramObserver, Outcome, StatsObserver, run_pass
 from .errors import ConfigError
 from .estimate import calibration_estimate
 from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
 
 from ._io import atomic_path
-from .adapters import Adapter
 from .errors import ArtifactError, DataError
 
 log = logging.getLogger(__name__)
