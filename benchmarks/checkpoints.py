@@ -40,10 +40,11 @@ GEOMETRIES: dict[str, dict] = {
 }
 
 
-def config_for(name: str):
+def config_for(name: str, layers: int | None = None):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(**GEOMETRIES[name], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    geometry = {**GEOMETRIES[name], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = LlamaConfig(**geometry, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     cfg.dtype = torch.bfloat16
     return cfg
 
@@ -70,14 +71,15 @@ def _value(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Te
 
 
 def write_checkpoint(name: str, folder: str | Path, *, seed: int = 0, std: float = 0.02,
-                     shard_size: str = "5GB") -> Path:
-    """A random-weight bf16 checkpoint of `name`'s geometry in `folder` (atomically)."""
+                     shard_size: str = "5GB", layers: int | None = None) -> Path:
+    """A random-weight bf16 checkpoint of `name`'s geometry in `folder` (atomically); `layers` keeps
+    only that many decoder layers (a per-layer profile at full width, in minutes)."""
     from seap._io import atomic_dir
     from seap.checkpoint import parse_size, write_tensors
     from seap.skeleton import empty_model
     from seap.pruned import tensor_specs
 
-    cfg = config_for(name)
+    cfg = config_for(name, layers)
     skeleton = empty_model(cfg, torch.bfloat16)
     specs = tensor_specs(skeleton, torch.bfloat16)
     folder = Path(folder)
@@ -95,8 +97,9 @@ def main() -> None:
     ap.add_argument("folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", default="5GB")
+    ap.add_argument("--layers", type=int, help="keep only this many decoder layers (a per-layer profile)")
     args = ap.parse_args()
-    path = write_checkpoint(args.name, args.folder, seed=args.seed, shard_size=args.shard_size)
+    path = write_checkpoint(args.name, args.folder, seed=args.seed, shard_size=args.shard_size, layers=args.layers)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"wrote {path} ({size / 1e9:.2f} GB)")
 
