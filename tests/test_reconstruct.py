@@ -97,6 +97,34 @@ def test_errors_from_the_moments_equal_the_direct_sums():
                                                      rel=1e-6)
 
 
+def test_blocked_triangular_maths_equal_one_block(monkeypatch):
+    """The lower-triangle Gram sums, OBS updates and error quadratics, run in blocks smaller than the
+    matrix (as at 8B), give what one block gives: the same moments, channels, refit and errors."""
+    import seap.reconstruct as rec
+
+    z, w, kept = _data(tokens=300, channels=23, out=7, seed=5)
+
+    def everything(m):
+        chosen = obs_select(w, m, 9, ridge=1e-2, rounds=7)
+        fit = refit(w, chosen, m, ridge=1e-2)
+        errs = (output_error(w, kept, m), output_error(w, chosen, m, fit.weight, fit.bias_delta))
+        return chosen, fit, errs
+
+    m1 = _moments(z, chunks=(100, 200))
+    c1, f1, e1 = everything(m1)
+    monkeypatch.setattr(rec, "TRI_BLOCK", 4)
+    monkeypatch.setattr(rec, "ROW_BLOCK", 5)
+    m2 = _moments(z, chunks=(100, 200))
+    torch.testing.assert_close(m2.gram, m1.gram, rtol=1e-5, atol=1e-6)  # float32 partial sums in another order
+    assert torch.equal(m2.gram, m2.gram.T)  # the upper triangle mirrored from the lower
+    c2, f2, e2 = everything(m1)
+    assert c2.tolist() == c1.tolist()
+    torch.testing.assert_close(f2.weight, f1.weight, rtol=1e-5, atol=1e-7)  # its right-hand side is float32
+    assert e2 == pytest.approx(e1, rel=1e-6)
+    direct = float(((z @ w.T - z[:, kept] @ w[:, kept].T) ** 2).sum())
+    assert e2[0] == pytest.approx(direct, rel=1e-6)
+
+
 def test_ridge_shrinks_towards_the_plain_cut_and_keep_all_is_the_identity():
     z, w, kept = _data(seed=5)
     m = _moments(z)

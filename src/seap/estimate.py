@@ -2,8 +2,8 @@
 
 Time: floating-point work per stage divided by rates measured on the device in a fraction of a second
 (a float32 and a float64 matrix product), with the constants of seap's own kernels (the OBS choice
-does about 2.5 C^3 float32 operations for a layer of C channels, factor, inverse and updates
-together: measured 41 s at C = 14,336 on 2 CPU cores at 178 GFLOPS). Memory: the largest of
+does about 2 C^3 float32 operations for a layer of C channels, factor, inverse and updates of the
+lower triangle together: measured 33 s at C = 14,336 on 2 CPU cores at 178 GFLOPS). Memory: the largest of
 what is alive at once (the resident layer, the calibration hidden states, the Gram matrices and the
 OBS or refit workspace of one layer; see seap.reconstruct), so a run that cannot fit is refused up
 front with what to change, not killed an hour in.
@@ -18,7 +18,7 @@ import torch
 
 from .runtime import available_memory, fmt_bytes
 
-OBS_WORK = 2.5  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates)
+OBS_WORK = 2.0  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates)
 FORWARD_EFFICIENCY = 0.7  # a decoder layer's forward against a square matrix product (measured at 8B on a CPU)
 _RATES: dict[tuple[str, torch.dtype], float] = {}
 
@@ -82,7 +82,7 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
             choice += groups * OBS_WORK * c ** 3 / r32
         r = c - k
         fit += groups * (k ** 3 / 3 + 2 * k * k * d + 2 * k * r * d) / r64
-        err += groups * 2 * d * r * r * (2 if obs else 1) / r32  # the cut of the score's and the OBS channels
+        err += groups * d * r * r * (2 if obs else 1) / r32  # the cuts of the score's and the OBS channels (lower blocks)
         # per group a float64 Gram matrix; then the OBS choice's two float32 C x C (or the refit's S_KK and its
         # factor), W^T and the refit's float64 pieces of W
         work = max(work, 8 * c * c * groups + max(8 * c * c if obs else 0, 16 * k * k) + 12 * d * c)

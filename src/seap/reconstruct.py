@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # -- the maths (pure functions) ----------------------------------------------------------------------
 ROW_BLOCK = 2048  # rows of a C x C matrix handled at once: bounds the temporaries to ROW_BLOCK x C
+TRI_BLOCK = 1024  # rows of a lower-triangle update at once: finer blocks skip more of the upper triangle
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Moments:
         all), in `dtype`; built in blocks of rows so that no C x C temporary beyond the result exists."""
         n = max(self.count, 1)
         c = self.gram.shape[0]
+        whole = rows is None
         rows = torch.arange(c, device=self.gram.device) if rows is None else rows.to(self.gram.device)
         cols = None if cols is None else cols.to(self.gram.device)
         out = torch.empty(len(rows), c if cols is None else len(cols), dtype=dtype, device=self.gram.device)
@@ -62,12 +64,12 @@ class Moments:
         mu_c = mu if cols is None else mu[cols]
         for r in range(0, len(rows), ROW_BLOCK):
             idx = rows[r:r + ROW_BLOCK]
-            block = self.gram.index_select(0, idx)
+            block = self.gram[r:r + len(idx)] if whole else self.gram.index_select(0, idx)  # a view when whole
             if cols is not None:
                 block = block.index_select(1, cols)
-            block = block / n
+            block = block / n  # float64, the one temporary
             if centered:
-                block -= torch.outer(mu[idx], mu_c)
+                block.addr_(mu[idx], mu_c, alpha=-1)  # centred in float64, then rounded
             out[r:r + len(idx)] = block
         return out
 
@@ -148,7 +150,8 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
     (the exact greedy OBS of ZipLM / SlimGPT when a round removes one channel).
 
     H, its factor and H^-1 are formed in `dtype` (float32: it only ranks channels; the refit itself is
-    solved in float64), the updates run in place on H^-1 with removed channels masked, and the
+    solved in float64), the updates run in place on the lower triangle of H^-1 (the rows S are read
+    from it by symmetry) with removed channels masked, and the
     matrix is compacted only when a fifth of it is dead: besides the float64 Gram matrix, at most
     two C x C matrices of `dtype` are alive (8 C^2 bytes in float32). Sorted indices."""
     dev = m.gram.device
@@ -165,6 +168,8 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
     hinv = torch.cholesky_inverse(chol)
     del chol
+    if not hinv.is_contiguous():  # LAPACK's result is column-major; H^-1 is symmetric, so its transpose is it
+        hinv = hinv.T if hinv.T.is_contiguous() else hinv.contiguous()
     wt = w.detach().to(dev, dtype).T.contiguous()  # [C, d]: a channel's weights are a row
     idx = torch.arange(c, device=dev)  # the original channel of each row of wt and hinv
     alive = torch.ones(c, dtype=torch.bool, device=dev)
@@ -175,10 +180,13 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         cost = torch.linalg.vector_norm(wt, dim=1).square_() / hinv.diagonal().clamp_min(tiny)
         cost.masked_fill_(~alive, float("inf"))
         s = torch.topk(cost, min(step, to_remove), largest=False).indices
-        rows = hinv.index_select(0, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
+        rows = _symmetric_rows(hinv, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
         coef = torch.linalg.solve(rows[:, s], rows)  # (H^-1_SS)^-1 H^-1_{S,:}
         wt.addmm_(coef.T, wt.index_select(0, s), alpha=-1)
-        hinv.addmm_(rows.T, coef, alpha=-1)
+        n = hinv.shape[0]
+        for r in range(0, n, TRI_BLOCK):  # the update of the lower triangle only: half the work
+            end = min(r + TRI_BLOCK, n)
+            hinv[r:end, :end].addmm_(rows[:, r:end].T, coef[:, :end], alpha=-1)
         alive[s] = False
         to_remove -= len(s)
         if to_remove > 0 and int(alive.sum()) < 0.8 * len(alive):  # drop the dead rows and columns
@@ -192,16 +200,28 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
     return idx[alive].sort().values
 
 
+def _symmetric_rows(low: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rows `s` of the symmetric matrix whose lower triangle (diagonal included) `low` holds."""
+    rows, cols = low.index_select(0, s), low.index_select(1, s).T
+    upper = torch.arange(low.shape[0], device=low.device)[None, :] > s[:, None]
+    return torch.where(upper, cols, rows)
+
+
 def _quadratic(diff: torch.Tensor, m: Moments, cols: torch.Tensor | None, dtype: torch.dtype) -> float:
-    """tr(D G D^T) for D = `diff` on the columns `cols` (None: all), G's rows read a block at a time."""
+    """tr(D G D^T) for D = `diff` on the columns `cols` (None: all), from the blocks of G on and below its
+    diagonal (G is symmetric: each block below counts twice), a block of rows at a time."""
     dev = m.gram.device
-    rows = torch.arange(diff.shape[1], device=dev) if cols is None else cols
+    n = diff.shape[1]
+    rows = None if cols is None else cols.to(dev)
     err = 0.0
-    for r in range(0, len(rows), ROW_BLOCK):
-        g = m.gram.index_select(0, rows[r:r + ROW_BLOCK])
-        g = (g if cols is None else g.index_select(1, cols)).to(dtype)
-        err += float(((diff[:, r:r + ROW_BLOCK] @ g) * diff).sum(dtype=torch.float64))
+    for r in range(0, n, TRI_BLOCK):
+        end = min(r + TRI_BLOCK, n)
+        g = m.gram[r:end, :end] if rows is None else m.gram.index_select(0, rows[r:end]).index_select(1, rows[:end])
+        prod = diff[:, r:end] @ g.to(dtype)  # D_a G_{a, <=a}
         del g
+        err += 2 * float((prod[:, :r] * diff[:, :r]).sum(dtype=torch.float64))
+        err += float((prod[:, r:] * diff[:, r:end]).sum(dtype=torch.float64))
+        del prod
     return err
 
 
@@ -281,8 +301,8 @@ class GramAccumulator:
         c = x.shape[1]
         if self._part is None:
             self._part = torch.zeros(c, c, dtype=torch.float32, device=x.device)
-        for r in range(0, c, ROW_BLOCK):
-            end = min(r + ROW_BLOCK, c)
+        for r in range(0, c, TRI_BLOCK):
+            end = min(r + TRI_BLOCK, c)
             self._part[r:end, :end].addmm_(x[:, r:end].T, x[:, :end])
         self._part_rows += x.shape[0]
         self._mirrored = False
