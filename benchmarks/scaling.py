@@ -5,7 +5,8 @@
 
 Each checkpoint (benchmarks/checkpoints.py: bf16 sharded safetensors, a real tokenizer, seeded
 random weights) is pruned by 50% with SEAP on a fixed calibration set (the embedded corpus,
---limit 32 texts, at most 128 tokens each) as a separate process under `/usr/bin/time -v`: the
+--limit 32 texts, at most 128 tokens each) as a separate process under `/usr/bin/time -v`, with the
+default (one pass: statistics, OBS choice, least-squares refit) and with `--reconstruct none`: the
 layer-by-layer path always, the whole-model path where the float32 model fits in memory. Then the
 pruned folder is reloaded (bfloat16) and generates one token. Wall time per stage comes from the
 run's summary.json; peak RSS and wall time from /usr/bin/time. Random weights make accuracy
@@ -32,6 +33,8 @@ CALIBRATION = ["--task", "default", "--limit", "32", "--max-length", "128", "--b
 # `--calibration default`: what `seap prune` uses when given nothing (the whole embedded corpus, 512 tokens
 # a text), with the default preset (one pass: statistics, OBS choice and refit) and with --reconstruct none
 DEFAULT_RESULTS = HERE / "results" / "scaling-default"
+# each path with the default (one pass: statistics, OBS choice, refit) and with the statistics alone
+VARIANTS = ("", "--reconstruct none")
 WHOLE_FITS_BYTES = 14e9  # the float32 model must leave room for Python, torch and the activations in 24 GB
 
 
@@ -60,13 +63,15 @@ def run_model(name: str, work: Path, keep: bool) -> dict:
     row = {"model": name, "geometry": GEOMETRIES[name], "params": ckpt.n_params, "checkpoint_bytes": ckpt.nbytes,
            "checkpoint_write_s": round(time.time() - t0, 1), "calibration": " ".join(CALIBRATION), "paths": {}}
     seap = [sys.executable, "-m", "seap"]
-    paths = ["layerwise"] + (["whole"] if ckpt.n_params * 4 <= WHOLE_FITS_BYTES else [])
-    for path in paths:
-        out = work / name / path
+    runs = [(path, variant) for path in ["layerwise"] + (["whole"] if ckpt.n_params * 4 <= WHOLE_FITS_BYTES else [])
+            for variant in VARIANTS]
+    for load, variant in runs:
+        path = load + (f", {variant}" if variant else "")
+        out = work / name / path.replace(", ", "-").replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [*seap, "prune", "--model", str(ckpt_dir), "--load", path, "--device", "cpu", "--ratio", "0.5",
-               *CALIBRATION, "--out", str(out)]
-        res = timed(cmd, work / name / f"{path}.log")
+        cmd = [*seap, "prune", "--model", str(ckpt_dir), "--load", load, "--device", "cpu", "--ratio", "0.5",
+               *CALIBRATION, *variant.split(), "--out", str(out)]
+        res = timed(cmd, out.with_suffix(".log"))
         if res["rc"] == 0:
             summary = json.loads((out / "summary.json").read_text())
             res.update(stage_seconds=summary["stage_seconds"], bytes_written=summary["bytes_written"],
@@ -75,7 +80,7 @@ def run_model(name: str, work: Path, keep: bool) -> dict:
                        calibration_tokens=_tokens(out / "stats"))
         row["paths"][path] = res
         print(f"{name} {path}: rc {res['rc']}, {res['wall_s']}s, peak RSS {res['peak_rss_gb']} GiB", flush=True)
-    pruned = work / name / "layerwise" / "model"
+    pruned = work / name / "layerwise" / "model"  # the default's output
     if pruned.is_dir():
         cmd = [*seap, "generate", "--model", str(pruned), "--dtype", "bfloat16", "--device", "cpu",
                "--max-new-tokens", "1", "--json", "The capital of France is"]
@@ -165,9 +170,10 @@ def scaling_section() -> str:
             f"by 50% with SEAP on {tok} calibration tokens (`{rows[0]['calibration']}`), each run a separate process "
             "under `/usr/bin/time -v` on the CPU (float32 compute, output saved in bf16). **Random weights make "
             "accuracy meaningless; time, memory and bytes are exact.** Stages from the run's summary.json: load "
-            "(skeleton or whole model, tokenizer, fingerprint), statistics (the calibration pass), plan, slice and "
-            "save.\n\n"
-            "| model | params | checkpoint | path | wall s | load | statistics | plan | slice+save | peak RSS GiB | "
+            "(skeleton or whole model, tokenizer, fingerprint), calibration (the one pass of statistics, choice and refit; "
+            "statistics alone with --reconstruct none), plan, slice and "
+            "save. `path` names the loading path and, after a comma, what differs from the default.\n\n"
+            "| model | params | checkpoint | path | wall s | load | calibration | plan | slice+save | peak RSS GiB | "
             "written GB | layers in memory |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         for path, p in r["paths"].items():

@@ -165,6 +165,35 @@ def test_prior_weighs_like_n0_tokens_of_evidence():
     assert torch.equal(top_k(with_prior(neuron_scores(z[:, :1]), p, 1e6), 8), top_k(p[None], 8))
 
 
+def test_the_prior_from_the_engine_is_the_whole_model_statistic(family, tmp_path):
+    """corpus_statistic runs on the calibration engine, in memory and streamed from a checkpoint alike;
+    both equal the statistic summed over whole-model forwards of each text alone."""
+    from conftest import tiny_folder
+
+    from seap.models import open_model
+    from seap.runtime import Runtime
+
+    texts = ["some generic text", "and a second one, longer than the first", "a third"]
+    folder = tiny_folder(tmp_path, family)
+    lm = open_model(str(folder), Runtime(device="cpu", dtype="float32"))
+    total, n = None, 0
+    for t in texts:
+        ids = lm.tokenizer(t, return_tensors="pt")["input_ids"]
+        with prefill_statistics(lm.model, lm.adapter, None) as scores:
+            lm.model(ids)
+        sq = [s.double().square().sum(0) for s in scores]
+        total = sq if total is None else [a + b for a, b in zip(total, sq)]
+        n += ids.shape[1]
+    want = [(t / n).float() for t in total]
+    lazy = open_model(str(folder), Runtime(device="cpu", dtype="float32", load="layerwise"), streamable=True)
+    assert type(lazy).__name__ == "LazyModel"
+    for got in (corpus_statistic(lm, texts, batch_size=2),
+                corpus_statistic(lazy, texts)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_density_fix_keeps_more_of_a_short_prompt_and_selects_per_row():
     cfg = GriffinConfig(density=0.5, short="density", prior_tokens=64)
     d = cfg.densities(torch.tensor([0, 64, 10_000]))

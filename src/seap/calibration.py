@@ -11,8 +11,8 @@ the one helper that registers forward hooks (and always removes them), the sums 
 under torch.distributed (seap.distributed), resume (seap.resume: each finished layer's record and
 the next layer's inputs), and progress with an ETA.
 
-Observers: `StatsObserver` (activation statistics per corpus, §2.1) and `GramObserver` (first and
-second moments per group of corpora, §2.8). A pass is `run_pass(engine, observers, decide)`.
+Observers: `StatsObserver` (activation statistics per corpus, §2.1), `GramObserver` (first and
+second moments per group of corpora, §2.8) and `PriorObserver` (GRIFFIN's generic prior, §3). A pass is `run_pass(engine, observers, decide)`.
 """
 
 from __future__ import annotations
@@ -163,6 +163,37 @@ class GramObserver:
                 out[g][k] = a.result()
         self.acc = {}  # the Gram matrices live only as long as the caller's decision needs them
         return out
+
+
+class PriorObserver:
+    """GRIFFIN's corpus statistic (seap.griffin.corpus_statistic) of each layer: the sum over real tokens
+    of z_tj^2 / ||z_t||^2 for the FFN output linear's input z, summed across processes."""
+
+    name = "prior"
+    kinds = ("ffn",)
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def start(self, linears: Mapping[str, nn.Module], skip: bool) -> None:
+        self.total = torch.zeros(linears["ffn"].in_features, dtype=torch.float64, device=linears["ffn"].weight.device)
+        self.count = torch.zeros((), dtype=torch.float64, device=self.total.device)
+
+    def add(self, kind: str, x: torch.Tensor, mask: torch.Tensor | None, label: str) -> None:
+        if kind != "ffn":
+            return
+        sq = x.float().square()
+        w = 1.0 / sq.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # 1 / ||z_t||^2
+        if mask is not None:
+            w = w * mask.to(w.device, w.dtype)
+        self.total += (w @ sq).double()
+        self.count += x.shape[0] if mask is None else mask.sum(dtype=torch.float64)
+
+    def result(self) -> tuple[torch.Tensor, int]:
+        """(the layer's sum, the real tokens it is over), over every process."""
+        dist.all_reduce_sum(self.total, self.count)
+        return self.total, int(self.count)
 
 
 # -- the engine ---------------------------------------------------------------------------------------------

@@ -324,23 +324,25 @@ PRIOR_FORMAT, PRIOR_VERSION = "seap-griffin-prior", 1
 
 
 @torch.inference_mode()
-def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> list[torch.Tensor]:
+def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: int = 512,
+                     progress: bool = False) -> list[torch.Tensor]:
     """Per layer [F]: GRIFFIN's statistic over a corpus, per token, sum_t z_tj^2 / ||z_t||^2 / N (it
-    sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons."""
-    from .stats import batches, to_device
+    sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons. One pass of the
+    calibration engine (a model in memory or streamed from its checkpoint; summed across processes
+    under torchrun)."""
+    from .calibration import Outcome, PriorObserver, run_pass
+    from .layerwise import engine_for
 
-    device = next(lm.model.parameters()).device
-    total: list[torch.Tensor] | None = None
-    n = 0
-    body = getattr(lm.model, getattr(lm.model, "base_model_prefix", ""), None) or lm.model
-    for enc in batches(lm.tokenizer, texts, batch_size, max_length):
-        enc = to_device(enc, device)
-        with prefill_statistics(lm.model, lm.adapter, enc["attention_mask"]) as scores:
-            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-        sq = [s.double().square().sum(0) for s in scores]
-        total = sq if total is None else [a + b for a, b in zip(total, sq)]
-        n += int(enc["attention_mask"].sum())
-    return [(t / max(n, 1)).float().cpu() for t in total]
+    engine, _ = engine_for(lm, {"prior": list(texts)}, batch_size=batch_size, max_length=max_length)
+    out: list[torch.Tensor] = []
+
+    def decide(_i, _layer, seen) -> Outcome:
+        total, n = seen["prior"]
+        out.append((total / max(n, 1)).float().cpu())
+        return Outcome()
+
+    run_pass(engine, [PriorObserver()], decide, desc="GRIFFIN prior", progress=progress)
+    return out
 
 
 def prior_cache_path(lm) -> Path:
