@@ -275,6 +275,25 @@ def _resident(engine: Engine, i: int) -> Iterator[nn.Module]:
             torch.cuda.empty_cache()
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Tensors under
+    glibc's mmap threshold (a layer's per-batch hidden states and activations) live on the heap, whose
+    freed holes otherwise stay resident: a pass over many layers would grow its RSS layer by layer."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 # -- a pass ---------------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -302,12 +321,14 @@ class PassResult:
 
 def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Module, dict], Outcome], *,
              resume=None, skip_gram: Callable[[int], bool] | None = None, desc: str = "calibration",
-             progress: bool = True) -> PassResult:
+             progress: bool = True, sequential: bool = False) -> PassResult:
     """Every decoder layer once: observe its output linears' inputs on all batches, reduce the
     observations across processes, `decide(i, layer, {observer name: result})`, advance the hidden
     states (the pruned layer's outputs when the outcome says so), checkpoint. `resume`: a
     seap.resume.Resume, which records every layer and hands back the records of the layers a killed
-    run finished. `skip_gram(i)`: layer i needs no Gram matrix (kept dense)."""
+    run finished. `skip_gram(i)`: layer i needs no Gram matrix (kept dense). `sequential`: a decision may
+    ask for the layer to be run again pruned, so its inputs stay alive through it; otherwise they are
+    freed before the decision (the OBS choice's peak is the pass's peak)."""
     adapter = engine.adapter
     records: list[dict] = []
     start = 0
@@ -339,15 +360,23 @@ def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Modu
 
             with observing(linears, sink):
                 outputs = engine.run(i, layer)
+            if not sequential:
+                engine.advance(outputs)
+                del outputs
+                release_freed_memory()  # the inputs, before the decision's workspace is allocated
             t2 = time.time()
             outcome = decide(i, layer, {o.name: o.result() for o in observers})
             t3 = time.time()
             if outcome.pruned is not None:  # sequential: the next layer sees this one pruned
+                if not sequential:
+                    raise RuntimeError("a decision asked for a pruned re-run in a pass not opened as sequential")
                 del outputs
                 with outcome.pruned(layer):
                     outputs = engine.run(i, layer)
             t4 = time.time()
-        engine.advance(outputs)
+        if sequential:
+            engine.advance(outputs)
+        release_freed_memory()
         if resume is not None:
             resume.save_layer(i, outcome.record, engine.hidden, last=i == engine.n_layers - 1)
         records.append(None if resume is not None else outcome.record)

@@ -2,8 +2,9 @@
 
 Time: floating-point work per stage divided by rates measured on the device in a fraction of a second
 (a float32 and a float64 matrix product), with the constants of seap's own kernels (the OBS choice
-does about 2 C^3 float32 operations for a layer of C channels, factor, inverse and updates of the
-lower triangle together: measured 33 s at C = 14,336 on 2 CPU cores at 178 GFLOPS). Memory: the largest of
+counts as about 2.4 C^3 float32 operations for a layer of C channels, factor, inverse and updates of
+the lower triangle together: measured 33 s a layer in the 8B-geometry default prune on 2 CPU cores
+whose matrix product runs at about 178 GFLOPS). Memory: the largest of
 what is alive at once (the resident layer, the calibration hidden states, the Gram matrices and the
 OBS or refit workspace of one layer; see seap.reconstruct), so a run that cannot fit is refused up
 front with what to change, not killed an hour in.
@@ -18,7 +19,8 @@ import torch
 
 from .runtime import available_memory, fmt_bytes
 
-OBS_WORK = 2.0  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates)
+OBS_WORK = 2.4  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates), as timed at 8B
+GATHER_EFFICIENCY = 0.7  # the refit and the errors gather blocks of the float64 Gram matrix: below the matmul rate
 FORWARD_EFFICIENCY = 0.7  # a decoder layer's forward against a square matrix product (measured at 8B on a CPU)
 _RATES: dict[tuple[str, torch.dtype], float] = {}
 
@@ -64,14 +66,15 @@ def _fmt_s(s: float) -> str:
 
 def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens: int, padded_tokens: int,
                          batch_tokens: int, param_bytes: int, streamed: bool, groups: int, obs: bool,
-                         refit: bool, device: torch.device) -> Estimate:
+                         refit: bool, device: torch.device, sequential: bool = False) -> Estimate:
     """`layers`: per decoder layer {params, d_ff, kept, dense}; `tokens`: real calibration tokens of this
     process, `padded_tokens` with padding, `batch_tokens` of the largest batch; `param_bytes`: bytes per
-    parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass)."""
+    parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass);
+    `sequential`: the layer's inputs stay alive through its decision (seap.calibration.run_pass)."""
     r32, r64 = measured_rate(device, torch.float32), measured_rate(device, torch.float64)
     est = Estimate(free=available_memory(device))
     fwd = gram = choice = fit = err = 0.0
-    work = 0
+    work = gram_bytes = 0
     for lay in layers:
         c, k, d = lay["d_ff"], lay["kept"], hidden
         fwd += 2 * lay["params"] * padded_tokens / r32 / FORWARD_EFFICIENCY
@@ -81,19 +84,25 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
         if obs:
             choice += groups * OBS_WORK * c ** 3 / r32
         r = c - k
-        fit += groups * (k ** 3 / 3 + 2 * k * k * d + 2 * k * r * d) / r64
-        err += groups * d * r * r * (2 if obs else 1) / r32  # the cuts of the score's and the OBS channels (lower blocks)
+        fit += groups * (k ** 3 / 3 + 2 * k * k * d + 2 * k * r * d) / r64 / GATHER_EFFICIENCY
+        err += groups * d * r * r * (2 if obs else 1) / r32 / GATHER_EFFICIENCY  # two cuts, lower blocks
         # per group a float64 Gram matrix; then the OBS choice's two float32 C x C (or the refit's S_KK and its
         # factor), W^T and the refit's float64 pieces of W
         work = max(work, 8 * c * c * groups + max(8 * c * c if obs else 0, 16 * k * k) + 12 * d * c)
+        gram_bytes = max(gram_bytes, 8 * c * c * groups + 4 * c * c)  # the float64 sums and one float32 partial
     est.seconds = {"forward": fwd, "Gram matrices": gram, "OBS choice": choice, "refit": fit, "errors": err}
     widest = max(lay["params"] for lay in layers)
     d_ff = max(lay["d_ff"] for lay in layers)
     hidden_states, runtime = 2 * padded_tokens * hidden * 4, 400 << 20  # in and out; torch and the tokenizer
-    per_layer = {"layer" if streamed else "model": (widest if streamed else sum(lay["params"] for lay in layers)
-                                                    + vocab * hidden) * param_bytes,
-                 "hidden states": hidden_states, "activations": 4 * batch_tokens * d_ff * 4,
-                 "Gram and OBS workspace": work, "runtime": runtime}
+    layer = {"layer" if streamed else "model": (widest if streamed else sum(lay["params"] for lay in layers)
+                                                 + vocab * hidden) * param_bytes}
+    # while the batches run: inputs, outputs, activations and the Gram sums; while the layer is decided:
+    # its outputs (and inputs, in a sequential pass) and the choice's or refit's workspace
+    running = {**layer, "hidden states": hidden_states, "activations": 4 * batch_tokens * d_ff * 4,
+               "Gram matrices": gram_bytes, "runtime": runtime}
+    deciding = {**layer, "hidden states": hidden_states // (1 if sequential else 2), "Gram and OBS workspace": work,
+                "runtime": runtime}
+    per_layer = max(running, deciding, key=lambda p: sum(p.values()))
     catch = {"embeddings": vocab * hidden * param_bytes, "hidden states": hidden_states, "runtime": runtime}
     est.peak = catch if streamed and sum(catch.values()) > sum(per_layer.values()) else per_layer
     return est

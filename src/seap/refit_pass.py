@@ -182,8 +182,9 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     if resume is not None:
         resume.check()
     encoded = encode_corpora(lm.tokenizer, corpora, batch_size, position_limit(lm.model.config, max_length))
+    sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
     est = _estimate(lm, encoded[0], ffn_w, dense, len(experts) if refit_cfg is not None else 0,
-                    refit_cfg is not None and refit_cfg.choice == "obs")
+                    refit_cfg is not None and refit_cfg.choice == "obs", sequential)
     if est.peak_bytes > est.free:
         raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
                           f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
@@ -193,7 +194,6 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     dist.log_once(f"one calibration pass over {len(d_ff)} layers, {n_tok:,} calibration tokens"
                   f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
     engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length, encoded=encoded)
-    sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
 
     def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
         w = LayerWeights.of_layer(layer, adapter)
@@ -225,7 +225,7 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     if refit_cfg is not None:
         observers.append(GramObserver(members, kinds))
     res = run_pass(engine, observers, decide, resume=resume, skip_gram=lambda i: dense[i],
-                   desc="calibration (statistics, choice, refit)", progress=progress)
+                   desc="calibration (statistics, choice, refit)", progress=progress, sequential=sequential)
     per_layer, summaries = [], []
     for i in range(engine.n_layers):
         s, w = stats_of_record(res.record(i), tasks)
@@ -257,7 +257,7 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all)
 
 
-def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool):
+def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool, sequential: bool):
     adapter = lm.adapter
     layers = []
     for i, layer in enumerate(adapter.layers(lm.model)):
@@ -271,7 +271,7 @@ def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: 
         layers=layers, hidden=emb.shape[1], vocab=emb.shape[0],
         tokens=sum(int(b["attention_mask"].sum()) for b in enc), padded_tokens=sum(b["input_ids"].numel() for b in enc),
         batch_tokens=max(b["input_ids"].numel() for b in enc), param_bytes=torch.empty((), dtype=dtype).element_size(),
-        streamed=streamed, groups=groups, obs=obs, refit=groups > 0, device=device)
+        streamed=streamed, groups=groups, obs=obs, refit=groups > 0, device=device, sequential=sequential)
 
 
 def _all_heads(adapter: Adapter, model: nn.Module, head_unit: str) -> list[range]:
@@ -349,6 +349,7 @@ def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: di
         return Outcome(rec, lambda lay: layer_masked(lay, lm.adapter, plan.experts[names[0]], i, plan.head_unit))
 
     desc = "reconstruction" if len(names) > 1 else f"reconstruction ({names[0]})"
-    run_pass(engine, [GramObserver(members, kinds)], decide, desc=desc, progress=progress)
+    run_pass(engine, [GramObserver(members, kinds)], decide, desc=desc, progress=progress,
+             sequential=cfg.mode == "sequential")
     for n in names:
         jobs[n].finish(sum(dist.gather_ints(sum(engine.tokens_by_label.get(c, 0) for c in members[n]))))
