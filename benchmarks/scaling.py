@@ -30,8 +30,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scaling"
 ORDER = ("smollm2-135m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 CALIBRATION = ["--task", "default", "--limit", "32", "--max-length", "128", "--batch-size", "8"]
-# `--calibration default`: what `seap prune` uses when given nothing (the whole embedded corpus, 512 tokens
-# a text), with the default preset (one pass: statistics, OBS choice and refit) and with --reconstruct none
+# rows of `seap prune` as a user runs it (no calibration flags: the whole embedded corpus), --record-default
 DEFAULT_RESULTS = HERE / "results" / "scaling-default"
 # each path with the default (one pass: statistics, OBS choice, refit) and with the statistics alone
 VARIANTS = ("", "--reconstruct none")
@@ -44,10 +43,18 @@ def timed(cmd: list[str], log: Path) -> dict:
     with open(log, "w") as fh:
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    return {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1), "peak_rss_gb": time_v(log)["peak_rss_gb"],
+            "command": " ".join(cmd)}
+
+
+def time_v(log: Path) -> dict:
+    """Wall seconds and peak RSS (GiB) from a log that ends with `/usr/bin/time -v`'s report."""
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1),
-            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None, "command": " ".join(cmd)}
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    parts = [float(x) for x in wall.group(1).split(":")] if wall else [0.0]
+    return {"wall_s": round(sum(v * 60 ** i for i, v in enumerate(reversed(parts))), 1),
+            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None}
 
 
 def run_model(name: str, work: Path, keep: bool) -> dict:
@@ -233,23 +240,14 @@ def default_section() -> str:
 def record_default(name: str, out: Path, log: Path, gen_log: Path | None, label: str) -> dict:
     """The row of one default prune run from its output folder and its /usr/bin/time logs."""
     text = log.read_text(errors="replace")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
-    parts = [float(x) for x in wall.group(1).split(":")] if wall else [0.0]
     summary = json.loads((out / "summary.json").read_text())
-    row = {"model": name, "label": label, "wall_s": round(sum(v * 60 ** i for i, v in enumerate(reversed(parts))), 1),
-           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None,
+    row = {"model": name, "label": label, **time_v(log),
            "estimate": next((ln for ln in text.splitlines() if ln.startswith("seap: one calibration pass")), None),
            **{k: summary[k] for k in ("stage_seconds", "calibration", "bytes_written", "params_before", "params_after",
                                       "achieved_ratio", "ffn_widths", "max_resident_layers", "runtime")}}
     if gen_log is not None and gen_log.is_file():
-        g = gen_log.read_text(errors="replace")
-        grss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", g)
-        gwall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", g)
-        gp = [float(x) for x in gwall.group(1).split(":")] if gwall else [0.0]
-        row["reload_generate"] = {"wall_s": round(sum(v * 60 ** i for i, v in enumerate(reversed(gp))), 1),
-                                  "peak_rss_gb": round(int(grss.group(1)) / 2**20, 3) if grss else None,
-                                  "generated": re.findall(r'"text": "(.*)"', g)[:1]}
+        row["reload_generate"] = {**time_v(gen_log),
+                                  "generated": re.findall(r'"text": "(.*)"', gen_log.read_text(errors="replace"))[:1]}
     return row
 
 

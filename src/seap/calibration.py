@@ -12,11 +12,14 @@ under torch.distributed (seap.distributed), resume (seap.resume: each finished l
 the next layer's inputs), and progress with an ETA.
 
 Observers: `StatsObserver` (activation statistics per corpus, §2.1), `GramObserver` (first and
-second moments per group of corpora, §2.8) and `PriorObserver` (GRIFFIN's generic prior, §3). A pass is `run_pass(engine, observers, decide)`.
+second moments per group of corpora, §2.8) and `PriorObserver` (GRIFFIN's generic prior, §2.6). A pass
+is `run_pass(engine, observers, decide)`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -31,6 +34,7 @@ from . import distributed as dist
 from .adapters import Adapter
 from .reconstruct import GramAccumulator, Moments
 from .runtime import available_memory
+from .scores import squared_neuron_scores
 from .stats import ChannelStats, DeviceStats
 
 log = logging.getLogger(__name__)
@@ -183,11 +187,7 @@ class PriorObserver:
     def add(self, kind: str, x: torch.Tensor, mask: torch.Tensor | None, label: str) -> None:
         if kind != "ffn":
             return
-        sq = x.float().square()
-        w = 1.0 / sq.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # 1 / ||z_t||^2
-        if mask is not None:
-            w = w * mask.to(w.device, w.dtype)
-        self.total += (w @ sq).double()
+        self.total += squared_neuron_scores(x[None], None if mask is None else mask[None])[0].double()
         self.count += x.shape[0] if mask is None else mask.sum(dtype=torch.float64)
 
     def result(self) -> tuple[torch.Tensor, int]:
@@ -279,19 +279,17 @@ def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Tensors under
     glibc's mmap threshold (a layer's per-batch hidden states and activations) live on the heap, whose
     freed holes otherwise stay resident: a pass over many layers would grow its RSS layer by layer."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 # -- a pass ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
-from .scores import ranking, top_k
+from .scores import neuron_scores, ranking, top_k
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,7 @@ class GriffinConfig:
         return d
 
 
-# -- the statistic (pure) -----------------------------------------------------------------------
-def neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, S, F] activations (and [B, S] real-token mask) -> [B, F] GRIFFIN neuron scores."""
-    # ||z_t / ||z_t|| ||_col = sqrt(sum_t w_t z_t^2) with w_t = mask_t / ||z_t||^2: one square, one
-    # row sum and one batched matmul instead of materialising the normalised rows (prefill cost).
-    sq = z.float().square()
-    w = 1.0 / sq.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    if mask is not None:
-        w = w * mask.to(w.dtype)
-    return torch.bmm(w[:, None, :], sq)[:, 0].sqrt()
-
-
+# -- the selection (pure) ---------------------------------------------------------------------
 def keep_count(density: float, width: int) -> int:
     return max(1, min(width, round(density * width)))
 

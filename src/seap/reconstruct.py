@@ -38,6 +38,11 @@ ROW_BLOCK = 2048  # rows of a C x C matrix handled at once: bounds the temporari
 TRI_BLOCK = 1024  # rows of a lower-triangle update at once: finer blocks skip more of the upper triangle
 
 
+def _blocks(n: int, size: int):
+    """(start, end) of consecutive blocks of `size` rows covering 0..n."""
+    return ((r, min(r + size, n)) for r in range(0, n, size))
+
+
 @dataclass
 class Moments:
     """First and second moments of a layer's channels z over N tokens (float64)."""
@@ -183,9 +188,7 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         rows = _symmetric_rows(hinv, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
         coef = torch.linalg.solve(rows[:, s], rows)  # (H^-1_SS)^-1 H^-1_{S,:}
         wt.addmm_(coef.T, wt.index_select(0, s), alpha=-1)
-        n = hinv.shape[0]
-        for r in range(0, n, TRI_BLOCK):  # the update of the lower triangle only: half the work
-            end = min(r + TRI_BLOCK, n)
+        for r, end in _blocks(hinv.shape[0], TRI_BLOCK):  # the update of the lower triangle only: half the work
             hinv[r:end, :end].addmm_(rows[:, r:end].T, coef[:, :end], alpha=-1)
         alive[s] = False
         to_remove -= len(s)
@@ -214,8 +217,7 @@ def _quadratic(diff: torch.Tensor, m: Moments, cols: torch.Tensor | None, dtype:
     n = diff.shape[1]
     rows = None if cols is None else cols.to(dev)
     err = 0.0
-    for r in range(0, n, TRI_BLOCK):
-        end = min(r + TRI_BLOCK, n)
+    for r, end in _blocks(n, TRI_BLOCK):
         g = m.gram[r:end, :end] if rows is None else m.gram.index_select(0, rows[r:end]).index_select(1, rows[:end])
         prod = diff[:, r:end] @ g.to(dtype)  # D_a G_{a, <=a}
         del g
@@ -301,8 +303,7 @@ class GramAccumulator:
         c = x.shape[1]
         if self._part is None:
             self._part = torch.zeros(c, c, dtype=torch.float32, device=x.device)
-        for r in range(0, c, TRI_BLOCK):
-            end = min(r + TRI_BLOCK, c)
+        for r, end in _blocks(c, TRI_BLOCK):
             self._part[r:end, :end].addmm_(x[:, r:end].T, x[:, :end])
         self._part_rows += x.shape[0]
         self._mirrored = False
@@ -314,8 +315,7 @@ class GramAccumulator:
         if self._part is None or not self._part_rows:
             return
         c = self.gram.shape[0]
-        for r in range(0, c, ROW_BLOCK):
-            end = min(r + ROW_BLOCK, c)
+        for r, end in _blocks(c, ROW_BLOCK):
             self.gram[r:end, :end] += self._part[r:end, :end]
             self._part[r:end, :end].zero_()
         self._part_rows = 0
@@ -325,8 +325,7 @@ class GramAccumulator:
         self._part = None
         if not self._mirrored:
             c = self.gram.shape[0]
-            for r in range(0, c, ROW_BLOCK):  # upper blocks from the lower ones
-                end = min(r + ROW_BLOCK, c)
+            for r, end in _blocks(c, ROW_BLOCK):  # upper blocks from the lower ones
                 self.gram[r:end, end:] = self.gram[end:, r:end].T
                 blk = self.gram[r:end, r:end]
                 blk.copy_(torch.tril(blk) + torch.tril(blk, -1).T)

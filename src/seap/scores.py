@@ -71,3 +71,20 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def group_scores(channel: torch.Tensor, group_width: int) -> torch.Tensor:
     """Average channel scores over consecutive groups (a head: head_dim channels; a KV group)."""
     return channel.reshape(-1, group_width).mean(1)
+
+
+# -- GRIFFIN's statistic (§2.6): the flock of each channel over a prompt's tokens ---------------------
+def neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S, F] activations (and [B, S] real-token mask) -> [B, F] GRIFFIN neuron scores."""
+    return squared_neuron_scores(z, mask).sqrt()
+
+
+def squared_neuron_scores(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, F] sum_t mask_t z_tj^2 / ||z_t||^2: the squares of `neuron_scores`, which sum over tokens."""
+    # ||z_t / ||z_t|| ||_col = sqrt(sum_t w_t z_t^2) with w_t = mask_t / ||z_t||^2: one square, one
+    # row sum and one batched matmul instead of materialising the normalised rows (prefill cost).
+    sq = z.float().square()
+    w = 1.0 / sq.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    if mask is not None:
+        w = w * mask.to(w.device, w.dtype)
+    return torch.bmm(w[:, None, :], sq)[:, 0]
