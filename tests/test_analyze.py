@@ -22,6 +22,7 @@ from seap.fingerprints import fingerprint
 from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
 from seap.layerwise import collect_stats
+from seap.models import open_model
 from seap.surgery import masked
 
 SAMPLE = TEXTS[:6]
@@ -248,6 +249,24 @@ def test_pooled_hidden_states_match_the_models_own_hidden_states():
             assert last[layer, i] == pytest.approx(hs[layer + 1][0, -1], abs=1e-5)
     z = standardize(mean[3].numpy())
     assert np.allclose(z.mean(0), 0) and np.allclose(z.std(0), 1)
+
+
+def test_pooled_hidden_states_streamed_equal_the_model_in_memory(tmp_path, family):
+    """The probe is a pass of the calibration engine: layer by layer from the checkpoint's shards, it
+    gives what the whole model in memory gives."""
+    from seap.runtime import Runtime
+
+    folder = tiny_folder(tmp_path, family)
+    texts = TEXTS[:5]
+    whole = open_model(str(folder), Runtime(device="cpu", dtype="float32"))
+    lazy = open_model(str(folder), Runtime(device="cpu", dtype="float32", load="layerwise"), streamable=True)
+    assert type(lazy).__name__ == "LazyModel"
+    for pool in ("mean", "last"):
+        want = pooled_hidden_states(whole, texts, pool=pool, max_length=64, batch_size=2, progress=False)
+        got = pooled_hidden_states(lazy, texts, pool=pool, max_length=64, batch_size=2, progress=False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="empty"):
+        pooled_hidden_states(whole, ["a text", "   "], progress=False)
 
 
 def test_clusters_end_to_end(tmp_path):

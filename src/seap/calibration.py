@@ -12,8 +12,10 @@ under torch.distributed (seap.distributed), resume (seap.resume: each finished l
 the next layer's inputs), and progress with an ETA.
 
 Observers: `StatsObserver` (activation statistics per corpus, §2.1), `GramObserver` (first and
-second moments per group of corpora, §2.8) and `PriorObserver` (GRIFFIN's generic prior, §2.6). A pass
-is `run_pass(engine, observers, decide)`.
+second moments per group of corpora, §2.8), `PriorObserver` (GRIFFIN's generic prior, §2.6) and
+`PooledOutputs` (each text's pooled layer outputs: the hidden-state probe of `seap analyze clusters`).
+An observer gets the inputs of a layer's output linears (`add`); one with an `outputs` method also
+gets the layer's outputs on every batch. A pass is `run_pass(engine, observers, decide)`.
 """
 
 from __future__ import annotations
@@ -89,18 +91,19 @@ def catch_inputs(model: nn.Module, adapter: Adapter, enc: dict[str, torch.Tensor
 
 # -- the one hook helper ------------------------------------------------------------------------------------
 @contextmanager
-def observing(modules: Mapping[str, nn.Module], sink: Callable[[str, torch.Tensor], None],
-              *, output: bool = False) -> Iterator[None]:
+def observing(modules: Mapping, sink: Callable[[object, object], None], *, output: bool = False,
+              whole: bool = False) -> Iterator[None]:
     """Forward hooks on `modules` (name -> module): `sink(name, x)` gets each call's first input (a
-    pre-hook), or its output with `output`. Every hook is removed when the block exits, whatever
-    happens inside it. The one place in seap's calibration that registers hooks."""
+    pre-hook), or its output with `output` (the first element of a tuple, or exactly what the module
+    returned with `whole`). Every hook is removed when the block exits, whatever happens inside it.
+    The one place in seap's calibration and analysis that registers hooks."""
     handles = []
 
-    def pre(name: str):
+    def pre(name):
         return lambda _m, args: sink(name, args[0])
 
-    def post(name: str):
-        return lambda _m, _args, out: sink(name, out[0] if isinstance(out, tuple) else out)
+    def post(name):
+        return lambda _m, _args, out: sink(name, out[0] if isinstance(out, tuple) and not whole else out)
 
     try:
         for name, mod in modules.items():
@@ -194,6 +197,37 @@ class PriorObserver:
         """(the layer's sum, the real tokens it is over), over every process."""
         dist.all_reduce_sum(self.total, self.count)
         return self.total, int(self.count)
+
+
+class PooledOutputs:
+    """Every layer's outputs pooled per text over its real tokens (the mean, or the last token):
+    [n_layers, n_texts, hidden] float32. `rows[b]`: the texts of batch b (stats.indexed_batches)."""
+
+    name = "pooled"
+
+    def __init__(self, n_layers: int, rows: Sequence[Sequence[int]], hidden: int, pool: str = "mean"):
+        self.rows = [torch.as_tensor(r, dtype=torch.int64) for r in rows]
+        self.pool = pool
+        self.pooled = torch.zeros(n_layers, sum(len(r) for r in rows), hidden)
+
+    def start(self, linears: Mapping[str, nn.Linear], skip: bool) -> None:
+        pass
+
+    def add(self, kind: str, x: torch.Tensor, mask: torch.Tensor | None, label: str) -> None:
+        pass
+
+    def outputs(self, i: int, outputs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+        for rows, h, m in zip(self.rows, outputs, masks):
+            m = m.to(h.device, h.dtype)  # [B, S]
+            if self.pool == "mean":
+                v = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+            else:  # the last real token, wherever the padding is
+                last = (m * torch.arange(m.shape[1], dtype=m.dtype, device=m.device)).argmax(1)
+                v = h[torch.arange(h.shape[0], device=h.device), last]
+            self.pooled[i, rows] = v.float().cpu()
+
+    def result(self) -> torch.Tensor:
+        return self.pooled
 
 
 # -- the engine ---------------------------------------------------------------------------------------------
@@ -358,6 +392,9 @@ def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Modu
 
             with observing(linears, sink):
                 outputs = engine.run(i, layer)
+            for o in observers:
+                if hasattr(o, "outputs"):
+                    o.outputs(i, outputs, engine.masks)
             if not sequential:
                 engine.advance(outputs)
                 del outputs

@@ -194,20 +194,28 @@ class DeviceStats:
 def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     """The corpus tokenised into padded batches of texts of similar token counts (the least padding;
     statistics do not depend on the order). One definition for every calibration pass."""
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
+    return [enc for _, enc in indexed_batches(tokenizer, texts, batch_size, max_length)]
+
+
+def indexed_batches(tokenizer, texts: Sequence[str], batch_size: int,
+                    max_length: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """`batches`, each with the positions in `texts` of its rows (for a result per text)."""
+    kept = [i for i, t in enumerate(texts) if t and t.strip()]
+    if not kept:
         raise DataError("the corpus has no non-empty texts: give a task with rows or a file with text")
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    enc = tokenizer([texts[i] for i in kept], return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_length)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(1)
-    order = sorted(range(len(texts)), key=lambda i: (int(lengths[i]), i))
+    order = sorted(range(len(kept)), key=lambda i: (int(lengths[i]), i))
     left = getattr(tokenizer, "padding_side", "right") == "left"
     out = []
-    for b in range(0, len(texts), batch_size):
+    for b in range(0, len(kept), batch_size):
         rows = torch.tensor(order[b:b + batch_size])
         width = int(lengths[rows].max())
         cols = slice(ids.shape[1] - width, None) if left else slice(0, width)
-        out.append({"input_ids": ids[rows][:, cols].contiguous(), "attention_mask": mask[rows][:, cols].contiguous()})
+        out.append(([kept[r] for r in rows.tolist()],
+                    {"input_ids": ids[rows][:, cols].contiguous(), "attention_mask": mask[rows][:, cols].contiguous()}))
     return out
 
 

@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..models import LoadedModel, open_model
-from .common import (Analysis, batches, check_layers, check_positive, decoder_body, default_tasks, layer_outputs,
-                     markdown_table, spread_layers, task_texts)
+from ..calibration import Outcome, PooledOutputs, run_pass
+from ..layerwise import engine_for
+from ..stats import indexed_batches, position_limit
+from .common import Analysis, check_layers, check_positive, default_tasks, markdown_table, spread_layers, task_texts
 
 POOLS = ("mean", "last")
 METHODS = ("pca", "tsne", "umap")
@@ -51,28 +53,17 @@ class ClusterConfig:
 @torch.no_grad()
 def pooled_hidden_states(lm: LoadedModel, texts: Sequence[str], *, pool: str = "mean", max_length: int = 256,
                          batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """Every layer's output pooled per text over its real tokens: [n_layers, n_texts, hidden] (float32)."""
-    n_layers = len(lm.adapter.layers(lm.model))
-    out = torch.zeros(n_layers, len(texts), lm.adapter.hidden_size(lm.model))
-    body = decoder_body(lm.model)
-    state: dict = {}
-
-    def keep(i: int, h: torch.Tensor) -> None:
-        m = state["mask"].to(h.dtype)  # [B, S]
-        if pool == "mean":
-            v = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        else:  # the last real token, wherever the padding is
-            last = (m * torch.arange(m.shape[1], dtype=m.dtype)).argmax(1)
-            v = h[torch.arange(h.shape[0]), last]
-        out[i, state["idx"]] = v.float()
-
-    n_batches = (len(texts) + batch_size - 1) // batch_size
-    with layer_outputs(lm.model, lm.adapter, keep):
-        for idx, enc in tqdm(batches(lm.tokenizer, texts, batch_size, max_length), total=n_batches,
-                             desc="hidden states", unit="batch", disable=not progress):
-            state.update(idx=torch.tensor(idx), mask=enc["attention_mask"].bool())
-            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-    return out
+    """Every layer's output pooled per text over its real tokens: [n_layers, n_texts, hidden] (float32).
+    A pass of the calibration engine (the model in memory, or streamed layer by layer from its checkpoint)."""
+    indexed = indexed_batches(lm.tokenizer, texts, batch_size, position_limit(lm.model.config, max_length))
+    if sum(len(r) for r, _ in indexed) != len(texts):
+        raise ConfigError("a prompt is empty: every text needs at least one non-blank character")
+    rows, enc = [r for r, _ in indexed], [e for _, e in indexed]
+    engine, _ = engine_for(lm, {"t": texts}, batch_size=batch_size, max_length=max_length,
+                           encoded=(enc, ["t"] * len(enc), {"t": len(texts)}))
+    probe = PooledOutputs(engine.n_layers, rows, lm.adapter.hidden_size(lm.model), pool)
+    run_pass(engine, [probe], lambda i, layer, seen: Outcome(), desc="hidden states", progress=progress)
+    return probe.result()
 
 
 def standardize(x: np.ndarray) -> np.ndarray:

@@ -1,19 +1,20 @@
-"""What the analyses share: task texts, the decoder body, a hook on every layer's output, and
+"""What the analyses share: task texts, a hook on every layer's output (through the
+calibration engine's one hook helper), and
 writing an analysis (JSON numbers, a Markdown summary, PNG figures) into one output folder."""
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .._io import write_json, write_text
 from ..adapters import Adapter
+from ..calibration import observing
 from ..errors import ConfigError
 from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus
 
@@ -47,37 +48,11 @@ def check_positive(**values: int | float | None) -> None:
             raise ConfigError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {v}")
 
 
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The model without its LM head (Gemma 3's 262k-row head would dominate a hidden-state pass)."""
-    return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
-
-
-@contextmanager
 def layer_outputs(model: nn.Module, adapter: Adapter, fn: Callable[[int, torch.Tensor], None], *,
-                  raw: bool = False) -> Iterator[None]:
-    """Call fn(layer index, hidden states [B, S, d]) with every decoder layer's output (`raw`: exactly
-    what the layer returned, a tensor or a tuple); hooks removed on exit."""
-    def hook(i: int):
-        def run(_module, _args, out):
-            fn(i, out if raw or not isinstance(out, (tuple, list)) else out[0])
-        return run
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(adapter.layers(model))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> Iterator[tuple[list[int], dict]]:
-    """Texts sorted by length (less padding) in batches: (their original indices, the encoding)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
-        yield idx, dict(enc)
+                  raw: bool = False):
+    """A context in which fn(layer index, hidden states [B, S, d]) gets every decoder layer's output
+    (`raw`: exactly what the layer returned, a tensor or a tuple); hooks removed on exit."""
+    return observing(dict(enumerate(adapter.layers(model))), fn, output=True, whole=raw)
 
 
 def spread_layers(n_layers: int, count: int = 4) -> tuple[int, ...]:

@@ -49,7 +49,8 @@ from ..layerwise import collect_stats
 from ..weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus
-from .common import Analysis, batches, check_positive, layer_outputs, markdown_table, task_texts
+from ..stats import batches
+from .common import Analysis, check_positive, layer_outputs, markdown_table, task_texts
 from .schedule import DEFAULT_K, DEFAULT_X0, SENS_FORMAT, SENS_VERSION
 
 METRICS = ("cosine", "ppl")
@@ -201,7 +202,7 @@ def _run(model: nn.Module, b: _Batch | dict, store: dict) -> tuple[torch.Tensor,
 @torch.no_grad()
 def _dense(lm: LoadedModel, texts: Sequence[str], cfg: SensitivityConfig) -> list[_Batch]:
     out, store = [], {}
-    for _, enc in batches(lm.tokenizer, texts, cfg.batch_size, cfg.max_length):
+    for enc in batches(lm.tokenizer, texts, cfg.batch_size, cfg.max_length):
         outs: dict[int, object] = {}
         with layer_outputs(lm.model, lm.adapter, outs.__setitem__, raw=True):
             h, nll = _run(lm.model, enc, store)
