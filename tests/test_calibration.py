@@ -179,6 +179,23 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys, m
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
+    """After the pass the plan holds every layer's refitted output weights (save dtype) while the model is
+    saved; a pass without checkpoints holds them from the start. At 70B that is about 19 GB."""
+    from seap.estimate import calibration_estimate
+
+    layers = [{"params": 1000, "d_ff": 64, "kept": 32, "dense": False}] * 100
+    layers += [{"params": 1000, "d_ff": 64, "kept": 64, "dense": True}] * 2
+    kw = dict(layers=layers, hidden=16, vocab=100, tokens=10, padded_tokens=12, batch_tokens=12, param_bytes=4,
+              streamed=True, groups=1, obs=True, refit=True, device=torch.device("cpu"))
+    held = 100 * 16 * 32 * 2 + 2 * 16 * 64 * 2  # hidden x kept (x d_ff in a dense layer) x bf16 bytes
+    saving = calibration_estimate(**kw)
+    assert saving.peak == {"layer": 4000, "refitted weights": held, "runtime": 400 << 20}
+    unsaved = calibration_estimate(**kw, checkpointed=False)
+    assert unsaved.peak["refitted weights"] == held and unsaved.peak_bytes > saving.peak_bytes
+    assert calibration_estimate(**{**kw, "refit": False}, checkpointed=False).peak.get("refitted weights", 0) == 0
+
+
 def _torchrun(args: list[str], n: int, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "seap", *args]

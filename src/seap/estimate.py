@@ -66,18 +66,23 @@ def _fmt_s(s: float) -> str:
 
 def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens: int, padded_tokens: int,
                          batch_tokens: int, param_bytes: int, streamed: bool, groups: int, obs: bool,
-                         refit: bool, device: torch.device, sequential: bool = False) -> Estimate:
+                         refit: bool, device: torch.device, sequential: bool = False, store_bytes: int = 2,
+                         checkpointed: bool = True) -> Estimate:
     """`layers`: per decoder layer {params, d_ff, kept, dense}; `tokens`: real calibration tokens of this
     process, `padded_tokens` with padding, `batch_tokens` of the largest batch; `param_bytes`: bytes per
     parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass);
-    `sequential`: the layer's inputs stay alive through its decision (seap.calibration.run_pass)."""
+    `sequential`: the layer's inputs stay alive through its decision (seap.calibration.run_pass);
+    `store_bytes`: per parameter of the refitted weights (the save dtype), which are held for the save
+    after the pass, and during it too unless the pass is `checkpointed` (its records on disk)."""
     r32, r64 = measured_rate(device, torch.float32), measured_rate(device, torch.float64)
     est = Estimate(free=available_memory(device))
     fwd = gram = choice = fit = err = 0.0
-    work = gram_bytes = 0
+    work = gram_bytes = held = 0
     for lay in layers:
         c, k, d = lay["d_ff"], lay["kept"], hidden
         fwd += 2 * lay["params"] * padded_tokens / r32 / FORWARD_EFFICIENCY
+        if refit:  # every layer's refitted output weights (an identity copy in a dense layer), per expert
+            held += groups * d * (c if lay["dense"] else k) * store_bytes
         if not refit or lay["dense"]:
             continue
         gram += groups * padded_tokens * c * c / r32  # the lower triangle of z^T z
@@ -98,11 +103,30 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
                                                  + vocab * hidden) * param_bytes}
     # while the batches run: inputs, outputs, activations and the Gram sums; while the layer is decided:
     # its outputs (and inputs, in a sequential pass) and the choice's or refit's workspace
+    during = {} if checkpointed else {"refitted weights": held}
     running = {**layer, "hidden states": hidden_states, "activations": 4 * batch_tokens * d_ff * 4,
-               "Gram matrices": gram_bytes, "runtime": runtime}
+               "Gram matrices": gram_bytes, **during, "runtime": runtime}
     deciding = {**layer, "hidden states": hidden_states // (1 if sequential else 2), "Gram and OBS workspace": work,
-                "runtime": runtime}
-    per_layer = max(running, deciding, key=lambda p: sum(p.values()))
+                **during, "runtime": runtime}
+    # after the pass, the plan holds every layer's refitted weights while the model is sliced and saved
+    saving = {**layer, "refitted weights": held, "runtime": runtime}
+    per_layer = max(running, deciding, saving, key=lambda p: sum(p.values()))
     catch = {"embeddings": vocab * hidden * param_bytes, "hidden states": hidden_states, "runtime": runtime}
     est.peak = catch if streamed and sum(catch.values()) > sum(per_layer.values()) else per_layer
     return est
+
+
+def model_estimate(adapter, model, enc: list[dict], kept: list[int], dense: list[bool], *, groups: int, obs: bool,
+                   sequential: bool, streamed: bool, dtype: torch.dtype, device: torch.device,
+                   store_dtype: torch.dtype = torch.bfloat16, checkpointed: bool = True) -> Estimate:
+    """calibration_estimate of a model (real, or a skeleton on the meta device: only shapes are read) over
+    the encoded calibration batches `enc`, with `kept` FFN channels per layer."""
+    layers = [{"params": sum(p.numel() for p in layer.parameters()), "d_ff": adapter.d_ff(layer), "kept": kept[i],
+               "dense": dense[i]} for i, layer in enumerate(adapter.layers(model))]
+    emb = adapter.embeddings(model).weight
+    return calibration_estimate(
+        layers=layers, hidden=emb.shape[1], vocab=emb.shape[0],
+        tokens=sum(int(b["attention_mask"].sum()) for b in enc), padded_tokens=sum(b["input_ids"].numel() for b in enc),
+        batch_tokens=max(b["input_ids"].numel() for b in enc), param_bytes=torch.empty((), dtype=dtype).element_size(),
+        streamed=streamed, groups=groups, obs=obs, refit=groups > 0, device=device, sequential=sequential,
+        store_bytes=torch.empty((), dtype=store_dtype).element_size(), checkpointed=checkpointed)

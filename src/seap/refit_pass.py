@@ -29,7 +29,7 @@ from . import distributed as dist
 from .adapters import Adapter
 from .calibration import GramObserver, Outcome, StatsObserver, run_pass
 from .errors import ConfigError
-from .estimate import calibration_estimate
+from .estimate import model_estimate
 from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
 from .reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
@@ -184,7 +184,7 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     encoded = encode_corpora(lm.tokenizer, corpora, batch_size, position_limit(lm.model.config, max_length))
     sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
     est = _estimate(lm, encoded[0], ffn_w, dense, len(experts) if refit_cfg is not None else 0,
-                    refit_cfg is not None and refit_cfg.choice == "obs", sequential)
+                    refit_cfg is not None and refit_cfg.choice == "obs", sequential, resume is not None)
     if est.peak_bytes > est.free:
         raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
                           f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
@@ -257,21 +257,14 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all)
 
 
-def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool, sequential: bool):
-    adapter = lm.adapter
-    layers = []
-    for i, layer in enumerate(adapter.layers(lm.model)):
-        layers.append({"params": sum(p.numel() for p in layer.parameters()), "d_ff": adapter.d_ff(layer),
-                       "kept": ffn_w[i], "dense": dense[i]})
-    emb = adapter.embeddings(lm.model).weight
+def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool, sequential: bool,
+              checkpointed: bool):
+    emb = lm.adapter.embeddings(lm.model).weight
     streamed = hasattr(lm, "checkpoint")
-    dtype = lm.dtype if streamed else emb.dtype
-    device = lm.device if streamed else emb.device
-    return calibration_estimate(
-        layers=layers, hidden=emb.shape[1], vocab=emb.shape[0],
-        tokens=sum(int(b["attention_mask"].sum()) for b in enc), padded_tokens=sum(b["input_ids"].numel() for b in enc),
-        batch_tokens=max(b["input_ids"].numel() for b in enc), param_bytes=torch.empty((), dtype=dtype).element_size(),
-        streamed=streamed, groups=groups, obs=obs, refit=groups > 0, device=device, sequential=sequential)
+    return model_estimate(lm.adapter, lm.model, enc, ffn_w, dense, groups=groups, obs=obs, sequential=sequential,
+                          streamed=streamed, dtype=lm.dtype if streamed else emb.dtype,
+                          device=lm.device if streamed else emb.device, store_dtype=lm.save_dtype,
+                          checkpointed=checkpointed)
 
 
 def _all_heads(adapter: Adapter, model: nn.Module, head_unit: str) -> list[range]:
