@@ -37,6 +37,11 @@ GEOMETRIES: dict[str, dict] = {
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                          max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                          rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
+    # on paper only (benchmarks/on_paper.py): 141 GB in bf16, more than this machine's disk holds
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                          max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                          rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
 }
 
 

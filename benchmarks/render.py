@@ -592,9 +592,10 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
         text += llamacpp_section(model)
         text += scorer_section(model)
     from precision import precision_section
+    from on_paper import paper_section
     from scaling import scaling_section
 
-    text += precision_section() + scaling_section()
+    text += precision_section() + scaling_section() + paper_section()
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")
     dest = HERE / "RESULTS.md"

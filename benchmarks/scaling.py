@@ -128,7 +128,7 @@ def resume_check(name: str, work: Path, kill_after: int = 6) -> dict:
                             stderr=subprocess.DEVNULL)
     done = 0
     while proc.poll() is None:
-        states = list((resumed / "stats").glob(".layerwise-*/state.json"))
+        states = list((resumed / "stats").glob(".calibration-*/state.json"))
         done = json.loads(states[0].read_text())["next_layer"] if states else 0
         if done >= kill_after:
             proc.send_signal(signal.SIGKILL)
@@ -142,10 +142,12 @@ def resume_check(name: str, work: Path, kill_after: int = 6) -> dict:
                             stderr=subprocess.STDOUT).returncode
     resumed_s = time.time() - t1
     a, b = Plan.load(clean / "plan"), Plan.load(resumed / "plan")
-    same = all(torch_equal(x, y) for x, y in zip(a.experts["default"].ffn, b.experts["default"].ffn))
-    note = re.findall(r"resuming the layer-by-layer pass at layer (\d+)", log.read_text())
-    return {"model": name, "killed_after_layers": done, "kill_signal": "SIGKILL", "restart_rc": rc,
-            "resumed_at_layer": int(note[0]) if note else None, "plans_equal": same,
+    ea, eb = a.experts[a.meta.default_expert], b.experts[b.meta.default_expert]
+    same = all(torch_equal(x, y) for x, y in zip(ea.ffn, eb.ffn))
+    note = re.findall(r"resuming the .* pass at layer (\d+)", log.read_text())
+    return {"model": name, "command": " ".join(["seap", *args]), "killed_after_layers": done, "kill_signal": "SIGKILL",
+            "restart_rc": rc, "resumed_at_layer": int(note[0]) if note else None, "plans_equal": same,
+            "models_tensor_equal": _same_tensors(clean / "model", resumed / "model"),
             "uninterrupted_s": round(clean_s, 1), "restart_s": round(resumed_s, 1)}
 
 
@@ -153,6 +155,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Every tensor of two saved model folders equal, shard by shard."""
+    from safetensors.torch import load_file
+
+    fa, fb = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
+    if [f.name for f in fa] != [f.name for f in fb]:
+        return False
+    for x, y in zip(fa, fb):
+        ta, tb = load_file(str(x)), load_file(str(y))
+        if ta.keys() != tb.keys() or not all(torch_equal(ta[k], tb[k]) for k in ta):
+            return False
+    return True
 
 
 def _tokens(stats_dir: Path) -> int | None:
