@@ -340,7 +340,7 @@ def write_tensors(folder: str | Path, tensors: Iterable[tuple[str, torch.Tensor]
 def write_error(path: str | Path, err: OSError, need: int | None = None) -> ArtifactError:
     """One line for a failed write of an output: a full disk says so (with what the output needs)."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        size = f" ({need / 1e9:.2f} GB in all)" if need else ""
+        size = (f" ({need / 1e9:.2f} GB in all)" if need >= 1e9 else f" ({need / 1e6:.1f} MB in all)") if need else ""
         return ArtifactError(f"the disk filled up while writing {path}{size}: free space or choose another --out; "
                              "its partial files were removed")
     return ArtifactError(f"could not write {path} ({err.strerror or err}): free space or choose another --out; "

@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 
 from ._io import sweep_temporaries, write_json
 from ._version import __version__
+from .checkpoint import write_error
 from .errors import ArtifactError, BusyError, SeapError
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,13 @@ def output_folder(path: str | Path | None, command: str, parts: Sequence[str] | 
         sweep_temporaries(path)
         try:
             yield out
-        except SeapError as err:
+        except (SeapError, OSError) as err:
             if not out.begun or out.committed:
                 raise
             if out.discard_parts:
                 out.discard()
+            if isinstance(err, OSError):  # a write that no writer turned into one line (a summary, say)
+                err = write_error(path, err)
             raise type(err)(f"{err}; {path} is marked incomplete: run the command again") from None
         except BaseException:
             if out.begun and not out.committed and out.discard_parts:
@@ -270,8 +273,8 @@ def _verify(folder: Path, manifest: dict, prefix: str | None) -> None:
         elif entry.get("sha256") and _digest(f) != entry["sha256"]:
             why = "its checksum differs from the one written"
         if why:
-            raise ArtifactError(f"{folder} is damaged or mixed: {rel} is not the file `{command}` wrote ({why}): "
-                                "run the command again")
+            raise ArtifactError(f"{folder} is corrupt or truncated, or mixes two runs: {rel} is not the file "
+                                f"`{command}` wrote ({why}): run the command again")
 
 
 def check_folder(path: str | Path) -> None:

@@ -278,6 +278,7 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
         ex = plan.expert(expert)[1]
         return PruneResult(plan, plan.expert(expert)[0], None, 0, 0, 0, 0, ex.widths(), time.time() - t0,
                            calibration=calibration)
+    plan.expert(expert)  # a wrong --expert is refused before the folder is touched
     if out:
         out = Path(out)
         output.begin()  # from here until the manifest, the folder is marked incomplete
