@@ -184,8 +184,8 @@ def test_a_disk_that_fills_up_during_the_save(tmp_path, monkeypatch, capsys, loa
     out = tmp_path / "o"
     one_line_error(["prune", "--model", str(folder), "--load", load, "--method", "wanda-sp", "--limit", "4",
                      "--out", str(out)], capsys,
-                    "disk filled up", "nothing was kept")
-    assert not (out / "model").exists()
+                    "disk filled up", "partial files were removed", "marked incomplete: run the command again")
+    assert not (out / "model").exists() and not (out / "plan").exists()  # the parts it had begun are gone
     assert not [p for p in out.iterdir() if p.name.startswith(".model")]  # no temp folder left behind
 
 

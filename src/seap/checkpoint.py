@@ -74,7 +74,7 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ModelError(f"{index} is corrupt ({err}): download the checkpoint again") from None
+                raise ModelError(f"{index} is corrupt ({err}): {redo_hint(folder)}") from None
             files = sorted(set(weight_map.values()))
         elif (folder / SINGLE_NAME).is_file():
             weight_map, files = None, [SINGLE_NAME]
@@ -88,7 +88,7 @@ class Checkpoint:
         if missing:
             raise ModelError(f"checkpoint {folder} is missing shard {missing[0]}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                             + f", named in {INDEX_NAME}: download the checkpoint again")
+                             + f", named in {INDEX_NAME}: {redo_hint(folder)}")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             try:
@@ -98,12 +98,12 @@ class Checkpoint:
                     tensors[name] = TensorInfo(name, f, dtype, shape, offset)
             except (SafetensorError, OSError, ValueError, KeyError) as err:
                 raise ModelError(f"shard {folder / f} is truncated or corrupt ({str(err).splitlines()[0][:90]}): "
-                                 "download the checkpoint again") from None
+                                 f"{redo_hint(folder)}") from None
         if weight_map is not None:
             absent = [n for n, f in weight_map.items() if n not in tensors or tensors[n].file != f]
             if absent:
                 raise ModelError(f"checkpoint {folder}: tensor {absent[0]} is named in {INDEX_NAME} but not in "
-                                 f"{weight_map[absent[0]]}: download the checkpoint again")
+                                 f"{weight_map[absent[0]]}: {redo_hint(folder)}")
         return cls(folder, tensors)
 
     # -- description -------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class Checkpoint:
                         out[n] = t.to(device) if device is not None else t
             except OSError as err:
                 raise ModelError(f"reading {self.folder / f} failed ({str(err).splitlines()[0][:90]}): the shard "
-                                 "is damaged; download the checkpoint again") from None
+                                 f"is damaged; {redo_hint(self.folder)}") from None
         return out
 
     def read_elements(self, name: str, positions: Sequence[int]) -> list[float]:
@@ -170,6 +170,26 @@ class Checkpoint:
                 fh.seek(info.offset + p * size)
                 raw[k * size:(k + 1) * size] = torch.frombuffer(bytearray(fh.read(size)), dtype=torch.uint8)
         return raw.view(info.dtype).float().tolist()
+
+
+def redo_hint(folder: Path) -> str:
+    """How to get a whole copy of `folder` back: seap wrote it (run that command again; its manifest or
+    its seap_pruning record says so) or it came from elsewhere (download it again)."""
+    from .outputs import MANIFEST
+
+    for f in (folder, folder.parent):
+        try:
+            command = json.loads((f / MANIFEST).read_text(encoding="utf-8")).get("command")
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if command:
+            return f"run `{command}` again"
+    try:
+        if "seap_pruning" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+            return "seap wrote this folder: run `seap prune` (or `seap apply`) again"
+    except (OSError, ValueError, TypeError):
+        pass
+    return "download the checkpoint again"
 
 
 def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
@@ -299,10 +319,11 @@ class ShardWriter:
 
 
 def write_tensors(folder: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec],
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, *, target: str | Path | None = None) -> list[str]:
     """Stream (name, tensor) pairs, in the order of `specs`, into sharded safetensors in `folder`.
 
-    A full disk becomes an ArtifactError that says so; the caller's atomic folder then vanishes."""
+    A full disk becomes an ArtifactError that says so, naming `target` (the folder `folder` is the
+    temporary of); the caller's atomic folder then vanishes."""
     writer = ShardWriter(folder, specs, max_shard_bytes)
     try:
         for name, t in tensors:
@@ -310,38 +331,42 @@ def write_tensors(folder: str | Path, tensors: Iterable[tuple[str, torch.Tensor]
         return writer.finish()
     except OSError as err:
         writer.abort()
-        need = sum(s.nbytes for s in specs)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ArtifactError(f"the disk filled up while writing {folder} ({need / 1e9:.2f} GB in all): free "
-                                "space or choose another --out; nothing was kept") from None
-        raise ArtifactError(f"could not write {folder} ({err.strerror or err}); nothing was kept") from None
+        raise write_error(target or folder, err, sum(s.nbytes for s in specs)) from None
     except BaseException:
         writer.abort()
         raise
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count."""
-    if isinstance(text, int):
-        return text
+def write_error(path: str | Path, err: OSError, need: int | None = None) -> ArtifactError:
+    """One line for a failed write of an output: a full disk says so (with what the output needs)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        size = (f" ({need / 1e9:.2f} GB in all)" if need >= 1e9 else f" ({need / 1e6:.1f} MB in all)") if need else ""
+        return ArtifactError(f"the disk filled up while writing {path}{size}: free space or choose another --out; "
+                             "its partial files were removed")
+    return ArtifactError(f"could not write {path} ({err.strerror or err}): free space or choose another --out; "
+                         "its partial files were removed")
+
+
+def parse_size(text: str | int, what: str = "`shard_size`") -> int:
+    """'5GB', '500MB', '2GiB' or a byte count (`what` names it in errors: the CLI shows a flag)."""
+    from .errors import ConfigError
+
     s = str(text).strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
              "KB": 10**3, "B": 1}
-    for u, mult in units.items():
+    value, mult = None, 1
+    for u, m in units.items():
         if s.endswith(u):
             try:
-                value = float(s[: -len(u)])
+                value, mult = float(s[: -len(u)]), m
             except ValueError:
-                break
-            if value <= 0:
-                break
-            return int(value * mult)
-    try:
-        value = int(s)
-        if value > 0:
-            return value
-    except ValueError:
-        pass
-    from .errors import ConfigError
-
-    raise ConfigError(f"cannot read the size {text!r}: give e.g. 5GB, 500MB or a byte count")
+                pass
+            break
+    if value is None:
+        try:
+            value = float(int(s))
+        except ValueError:
+            raise ConfigError(f"cannot read {what} {text!r}: give e.g. 5GB, 500MB or a byte count") from None
+    if not value * mult >= 1 or value != value or value == float("inf"):  # zero, negative, below a byte, nan, inf
+        raise ConfigError(f"{what} must be at least one byte, got {text!r}: give e.g. 5GB, 500MB or a byte count")
+    return int(value * mult)

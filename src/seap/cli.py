@@ -101,7 +101,7 @@ def _route(pipeline, args, rt) -> None:
         cfg = RouterConfig(threshold=args.threshold, limit=args.limit,
                            background=tuple(args.background or RouterConfig.background))
         router = pipeline.fit_router(args.model, args.plan, tasks=args.tasks, data_dir=args.data_dir,
-                                     split=args.split, config=cfg, out=args.out, runtime=rt)
+                                     split=args.split, config=cfg, out=args.out, runtime=rt, wait=args.wait)
         counts = router.meta["train_counts"]
         print(f"router over {len(router.classes)} classes fitted in {router.meta['fit_seconds']:.0f}s "
               f"(train accuracy {router.meta['train_accuracy']:.3f})")
@@ -126,7 +126,7 @@ def _route(pipeline, args, rt) -> None:
 
 # -- commands: flags -> configs -> one pipeline call -> printed result ------------------------------
 def _collect(pipeline, args, rt) -> None:
-    stats = pipeline.collect(args.model, _calibration(args), args.out, heads=args.heads, runtime=rt)
+    stats = pipeline.collect(args.model, _calibration(args), args.out, heads=args.heads, runtime=rt, wait=args.wait)
     for task, s in stats.items():
         print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
 
@@ -146,13 +146,13 @@ def _prune(pipeline, args, rt) -> None:
         multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
         refit_bias=args.refit_bias, refit_choice=args.refit_choice)
     res = pipeline.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert, runtime=rt,
-                         shard_size=args.shard_size)
+                         shard_size=args.shard_size, wait=args.wait)
     _print_result(res, args.out)
 
 
 def _apply(pipeline, args, rt) -> None:
     _print_result(pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out, runtime=rt,
-                                 shard_size=args.shard_size), None)
+                                 shard_size=args.shard_size, wait=args.wait), None)
 
 
 def _eval(pipeline, args, rt) -> None:
@@ -197,7 +197,7 @@ def _export(pipeline, args, rt) -> None:
     _print_export(pipeline.export(args.model, args.out, fmt=args.fmt, plan=args.plan, expert=args.expert,
                                   out_type=args.out_type, tokenizer_from=args.tokenizer_from,
                                   tensor_parallel=args.tensor_parallel, check=args.check, data_dir=args.data_dir,
-                                  runtime=rt))
+                                  runtime=rt, wait=args.wait))
 
 
 def _analyze(pipeline, args, rt) -> None:
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seap: error: {as_flags(str(err), parser, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("seap: interrupted; no partial output was kept", file=sys.stderr)
+        print("seap: interrupted: nothing half-written is left under its final name, and an output folder it "
+              "had begun is marked incomplete; run the command again", file=sys.stderr)
         return 130
     return 0
 

@@ -29,6 +29,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per calibration text")
 
 
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="when another seap run is writing --out, wait for it to "
+                   "finish instead of refusing")
+
+
 def _chat_args(p: argparse.ArgumentParser, chat_help: str) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--chat", dest="chat", action="store_true", default=None, help=chat_help)
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--heads", action="store_true", help="also collect attention-output statistics")
     p.add_argument("--out", default="seap-stats", help="folder for <task>.safetensors")
+    _wait_arg(p)
 
     p = sub.add_parser("prune", help="statistics -> plan -> pruned model, in one command")
     _model_args(p)
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", default=None, help="which expert of the plan to materialise")
     p.add_argument("--stats-dir", default=None, help="reuse/store statistics here (default <out>/stats)")
     p.add_argument("--out", default="seap-out", help="output folder: plan/, model/, stats/, summary.*")
+    _wait_arg(p)
 
     p = sub.add_parser("apply", help="apply a saved plan to its base model")
     _model_args(p)
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--expert", default=None)
     p.add_argument("--out", required=True)
+    _wait_arg(p)
 
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval) and perplexity of a model, pruned folder or plan")
     _model_args(p)
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "WikiText-2 tokens (needs the llamacpp extra and --data-dir)")
     p.add_argument("--data-dir", default=None, help="with --check: folder holding wikitext2/ (e.g. ../shared/data)")
     p.add_argument("--out", required=True, help="a .gguf file (gguf) or a folder (vllm)")
+    _wait_arg(p)
 
     p = sub.add_parser("route", help="SEAP's task router: fit it, evaluate it, explain its choices")
     rsub = p.add_subparsers(dest="route_cmd", required=True)
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", action="append", default=None,
                    help="plain-text corpus that teaches 'no task' (repeatable; default default:general_text)")
     r.add_argument("--out", default=None, help="router folder (default: <first plan>/../router)")
+    _wait_arg(r)
     r = rsub.add_parser("eval", help="per-task precision, recall, F1 and confusion matrix on held-out prompts")
     _model_args(r)
     add_runtime_args(r, device_map=True)

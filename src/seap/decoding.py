@@ -23,8 +23,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .models import encode_left_padded
+from .errors import ConfigError, DataError
+from .models import encode_left_padded, max_positions
 
 Finished = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -171,6 +171,18 @@ def stop_strings_seen(tokenizer, stop: Sequence[str], every: int = 4) -> Finishe
     return finished
 
 
+def check_lengths(config, lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Refuse prompts that, with the tokens to generate, need more positions than the model has (past
+    them a model runs on, but on positions it never learnt: the continuation means nothing)."""
+    limit = max_positions(config)
+    if limit is None or not lengths or max(lengths) + max_new_tokens <= limit:
+        return
+    i = max(range(len(lengths)), key=lambda k: lengths[k])
+    raise DataError(f"prompt {i + 1} has {lengths[i]:,} tokens and the model has {limit:,} positions: with "
+                    f"{max_new_tokens} new tokens (`max_new_tokens`) a prompt can have at most "
+                    f"{max(limit - max_new_tokens, 0):,}: shorten it")
+
+
 def generate_texts(lm, prompts: Sequence[str], max_new_tokens: int = 64, *,
                    selection: FFNSelection | None = None, stop: Sequence[str] = (),
                    special_tokens: bool = True) -> tuple[list[str], Decoded]:
@@ -180,6 +192,7 @@ def generate_texts(lm, prompts: Sequence[str], max_new_tokens: int = 64, *,
     stop = [s for s in stop if s]
     device = lm.model.get_input_embeddings().weight.device  # where the ids go, with a device map too
     enc = encode_left_padded(tok, prompts, device, special_tokens=special_tokens)
+    check_lengths(lm.model.config, enc["attention_mask"].sum(1).tolist(), max_new_tokens)
     out = greedy(lm.model, enc["input_ids"], max_new_tokens, attention_mask=enc["attention_mask"],
                  selection=selection, eos_token_id=stop_token_ids(lm) or None,
                  pad_token_id=getattr(tok, "pad_token_id", None),

@@ -24,3 +24,7 @@ class ModelError(SeapError, ValueError):
 
 class ArtifactError(SeapError, ValueError):
     """A statistics file, plan or pruned folder is corrupt, truncated or belongs to another model."""
+
+
+class BusyError(SeapError):
+    """Another seap run holds the output folder's lock."""

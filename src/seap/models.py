@@ -11,13 +11,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ._io import prune_output_part
 from .adapters import Adapter, adapter_for_config, get_adapter
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DataError, ModelError
 from .weights import ModuleWeights, WeightSource
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,70 @@ def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = N
     return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
 
 
+def load_tokenizer(path: str | Path, **kwargs):
+    """AutoTokenizer.from_pretrained, remembering the fast backend's truncation and padding as loaded:
+    save_tokenizer writes them back so, whatever calibration or batching set meanwhile."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        tokenizer._seap_loaded_backend = (backend.truncation, backend.padding)
+    return tokenizer
+
+
+def _set_backend(backend, truncation: dict | None, padding: dict | None) -> None:
+    if truncation:
+        backend.enable_truncation(**truncation)
+    else:
+        backend.no_truncation()
+    if padding:
+        backend.enable_padding(**padding)
+    else:
+        backend.no_padding()
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)` as it was loaded. Calling a fast tokenizer with truncation or
+    padding sets them on its backend for good (calibration's max_length 512, say), and a tokenizer.json
+    carrying them makes the plain `tokenizers` library cut every input; one that seap did not load is
+    saved with neither."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        tokenizer.save_pretrained(folder)
+        return
+    current = (backend.truncation, backend.padding)
+    _set_backend(backend, *getattr(tokenizer, "_seap_loaded_backend", (None, None)))
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        _set_backend(backend, *current)
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts, refused with one line when one is not text that UTF-8 can carry: bytes that are not
+    UTF-8 on the command line reach Python as lone surrogates, and would fail deep inside the tokenizer."""
+    out = []
+    for i, p in enumerate(prompts, 1):
+        if not isinstance(p, str):
+            raise DataError(f"prompt {i} is not text but {type(p).__name__}: give each prompt as a string")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as err:
+            code = ord(p[err.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+            raise DataError(f"prompt {i} is not valid UTF-8 ({what} at character {err.start + 1}): give it in UTF-8 "
+                            "(check the terminal's encoding), or in a UTF-8 --file") from None
+        out.append(p)
+    return out
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model has positions for (None when its config does not say)."""
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -198,7 +263,7 @@ def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str 
     """Load a causal LM and its tokenizer into memory (default float32 on the CPU); a folder written
     by seap goes through seap's loader. `device_map` ('auto'): accelerate spreads the model over the
     GPUs and the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     src = resolve_model(name_or_path, gguf_file=gguf_file, revision=revision)
     kwargs = {"revision": revision} if revision else {}
@@ -213,7 +278,7 @@ def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str 
             ckpt_dtype = _config_dtype(Path(src.path, "config.json"))
             if is_pruned_folder(src.path):
                 model = load_pruned(src.path, dtype=dtype, device=device, device_map=device_map)
-                tokenizer = AutoTokenizer.from_pretrained(src.path)
+                tokenizer = load_tokenizer(src.path)
                 return _finish(model, tokenizer, src, None, ckpt_dtype)
         config = AutoConfig.from_pretrained(src.path, **kwargs)
         adapter_for_config(config)  # fail fast, before loading weights, on an unsupported family
@@ -221,7 +286,7 @@ def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str 
             device_map, device = {"": torch.device(device)}, None  # straight onto the GPU, not through the host
         placement = {"device_map": device_map} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or torch.float32, **placement, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
+        tokenizer = load_tokenizer(src.path, **kwargs)
         if ckpt_dtype is None and not src.gguf_file:
             ckpt_dtype = _config_dtype(Path(src.path, "config.json")) if Path(src.path).is_dir() else None
     except OSError as err:
@@ -297,7 +362,7 @@ def open_model(name_or_path: str | ModelSource | None = None, runtime=None, *, r
     """A model placed and typed as `runtime` (seap.runtime.Runtime) says: whole in memory, or, where
     `streamable` (statistics and pruning) and it does not fit or is asked to, a LazyModel left on disk.
     Shards are checked (missing, truncated) before anything is loaded."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .checkpoint import Checkpoint
     from .pruned import is_pruned_folder
@@ -322,7 +387,7 @@ def open_model(name_or_path: str | ModelSource | None = None, runtime=None, *, r
     try:
         config = AutoConfig.from_pretrained(folder)
         adapter = adapter_for_config(config)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
     except OSError as err:
         raise ModelError(f"{folder} is not a complete model folder ({str(err).splitlines()[0]})") from None
     if getattr(tokenizer, "pad_token_id", None) is None:

@@ -11,7 +11,7 @@ from typing import Sequence
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
 from .griffin import GriffinConfig
-from .models import LoadedModel, chat_prompts, open_model
+from .models import LoadedModel, chat_prompts, check_prompts, open_model
 from .fingerprints import check_fingerprint
 from .plan import Plan
 from .pruned import read_record
@@ -54,11 +54,21 @@ def _expert_info(ex) -> dict:
 
 def info(path: str | Path) -> dict:
     """What a plan folder, a pruned model folder or a `seap prune --out` folder (both) contains."""
+    from .outputs import check_folder, check_prune_output
+
     path = Path(path)
+    if not (path / "plan.json").is_file() and not (path / "config.json").is_file() and path.is_dir():
+        check_prune_output(path)  # refused when incomplete or mixed (its manifest, or its two parts)
+    else:
+        check_folder(path)
+    return _describe(path)
+
+
+def _describe(path: Path) -> dict:
     parts = {k: path / k for k, marker in (("plan", "plan.json"), ("model", "config.json"))
              if (path / k / marker).is_file() and not (path / marker).is_file()}
     if parts:
-        return {"kind": "prune output", "folder": str(path), **{k: info(p) for k, p in parts.items()}}
+        return {"kind": "prune output", "folder": str(path), **{k: _describe(p) for k, p in parts.items()}}
     if (path / "plan.json").is_file():
         plan = Plan.load(path)
         arch = plan.meta.fingerprint["arch"]
@@ -196,25 +206,30 @@ def _router(router: str | Path | Router) -> Router:
 def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Plan], *,
                tasks: Sequence[str] | None = None, data_dir: str | Path | None = None, split: str | None = "train",
                config: RouterConfig | None = None, out: str | Path | None = None,
-               runtime: Runtime | None = None) -> Router:
-    """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default."""
+               runtime: Runtime | None = None, wait: bool = False) -> Router:
+    """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default, as
+    one artifact (seap.outputs; `wait`: wait for another run writing `out` instead of refusing)."""
     from .experts import merge_experts
+    from .outputs import output_folder
     from .router import fit_router as fit
 
-    lm = _load(model, runtime)
-    loaded = _plans(plans)
+    loaded = _plans(plans)  # bad plans are refused before the model loads
     experts, owner = merge_experts(loaded)
-    for p in loaded:
-        check_fingerprint(p.meta.fingerprint, lm.model, lm.adapter)
-    t0 = time.time()
-    router = fit(lm, experts, config, data_dir=data_dir, split=split, tasks=tasks)
-    router.meta["fit_seconds"] = round(time.time() - t0, 1)
-    router.meta["plans"] = [str(p) for p in plans if not isinstance(p, Plan)]
     if out is None and not isinstance(plans[0], Plan):
         out = Path(plans[0]).parent / "router"
-    if out is not None:
-        router.save(out)
-        router.meta["folder"] = str(out)
+    with output_folder(out, "seap route fit", None, wait=wait) as output:
+        lm = _load(model, runtime)
+        for p in loaded:
+            check_fingerprint(p.meta.fingerprint, lm.model, lm.adapter)
+        t0 = time.time()
+        router = fit(lm, experts, config, data_dir=data_dir, split=split, tasks=tasks)
+        router.meta["fit_seconds"] = round(time.time() - t0, 1)
+        router.meta["plans"] = [str(p) for p in plans if not isinstance(p, Plan)]
+        if out is not None:
+            output.begin()
+            router.save(out)
+            output.commit()
+            router.meta["folder"] = str(out)
     return router
 
 
@@ -253,6 +268,7 @@ def explain(model: str | LoadedModel | None, router: str | Path | Router, prompt
     """`seap route explain`: the expert each prompt gets, with the class probabilities."""
     if not prompts:
         raise ConfigError("give at least one prompt to explain")
+    prompts = check_prompts(prompts)
     lm = _load(model, runtime)
     return _router(router).route(lm, prompts)
 
@@ -276,6 +292,7 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
 
     if not prompts:
         raise ConfigError("give at least one prompt")
+    prompts = check_prompts(prompts)  # before the model loads
     if max_new_tokens < 1:
         raise ConfigError(f"max new tokens must be >= 1, got {max_new_tokens}")
     lm = _load(model, runtime)

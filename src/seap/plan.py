@@ -144,7 +144,15 @@ class Plan:
         meta, tensors = read_artifact(folder, "plan.json", "indices.safetensors", kind="plan", fmt=PLAN_FORMAT,
                                       version=PLAN_VERSION, missing="give the folder that `seap prune` wrote as <out>/plan",
                                       redo="prune again")
-        n_layers = int(meta.get("fingerprint", {}).get("arch", {}).get("n_layers", 0))
+        try:  # the record first: a missing field is named as itself, not as the expert it leaves unreadable
+            record = PlanRecord.from_dict({k: v for k, v in meta.items() if k != "experts"})
+        except KeyError as err:
+            raise ArtifactError(f"plan {folder} is incomplete (plan.json has no field {err}): prune again") from None
+        try:
+            n_layers = int(record.fingerprint["arch"]["n_layers"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"plan {folder} is damaged (its fingerprint has no layer count: {err!r}): "
+                                "prune again") from None
         experts = {}
         try:
             for name, info in meta["experts"].items():
@@ -158,7 +166,6 @@ class Plan:
                 if ex.ffn is None or ex.widths() != info["widths"]:
                     raise KeyError(f"{name}/ffn")
                 experts[name] = ex
-            record = PlanRecord.from_dict({k: v for k, v in meta.items() if k != "experts"})
         except (KeyError, TypeError, AttributeError) as err:
             raise ArtifactError(f"plan {folder} is incomplete (missing {err}): prune again") from None
         return cls(record, experts)

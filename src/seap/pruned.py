@@ -22,9 +22,10 @@ from torch import nn
 
 from ._io import atomic_dir
 from .adapters import adapter_for_config
-from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_tensors
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_error, write_tensors
 from .errors import ArtifactError, ModelError
 from .config import SEAP_CONFIG_KEY
+from .models import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,12 @@ def write_pruned_folder(folder: str | Path, layout: nn.Module, specs: list[Tenso
         raise ArtifactError("this model has not been pruned by seap (no seap_pruning record): slice it first")
     try:
         with atomic_dir(folder) as tmp:
-            write_tensors(tmp, values, specs, max_shard_bytes)
+            write_tensors(tmp, values, specs, max_shard_bytes, target=folder)
             _write_config(layout, record, tmp, dtype)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                save_tokenizer(tokenizer, tmp)
     except OSError as err:
-        raise ArtifactError(f"could not write {folder} ({err.strerror or err}): free space or choose another --out; "
-                            "nothing was kept") from None
+        raise write_error(folder, err) from None
     return folder
 
 
@@ -175,7 +175,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, *, device:
     try:
         ckpt = Checkpoint.open(folder)
     except ModelError as err:
-        raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
+        raise ArtifactError(str(err)) from None  # its fix already says to prune again
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = {n: t for n, t in model_tensors(model) if not (tied and n.endswith("lm_head.weight"))}
     missing = [n for n in expected if n not in ckpt]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -29,9 +30,10 @@ from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
 from .pruned import save_pruned
 from .runtime import Runtime, dtype_name
 from .layerwise import collect_stats
+from .outputs import PRUNE_PARTS, Output, locked, output_folder
 from .stats import ActivationStats
 from .surgery import count_params, ffn_params, slice_model
-from .tasks import resolve_corpus
+from .tasks import check_corpus_spec, resolve_corpus
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +104,26 @@ def _stats_meta(lm, fp: dict, task: str, corpus, limit: int | None) -> dict:
 
 def collect(model: Model = None, data: CalibrationData | Sequence[str] | None = None, out: str | Path | None = None,
             *, heads: bool = False, seed: int = 0, progress: bool = True,
-            runtime: Runtime | None = None) -> dict[str, ActivationStats]:
+            runtime: Runtime | None = None, wait: bool = False) -> dict[str, ActivationStats]:
     """Activation statistics of each task corpus of `data` (saved as <out>/<task>.safetensors when out is
-    given; default out: data.stats_dir). `heads`: per-head statistics too.
+    given; default out: data.stats_dir). `heads`: per-head statistics too. `wait`: when another run is
+    writing `out`, wait for it instead of refusing (seap.outputs).
 
     Statistics already in `out` for the same model are reused instead of recomputed; a killed
     layer-by-layer pass with the same settings resumes from its last checkpoint in `out`."""
     data = CalibrationData.of(data)
+    for t in data.tasks:  # a bad name is refused before the model loads
+        check_corpus_spec(t, data_dir=data.data_dir)
     dist.init((runtime or Runtime()).torch_device)
-    lm = open_for_pruning(model, runtime)
-    return _collect(lm, data.tasks, data_dir=data.data_dir, limit=data.limit, heads=heads, batch_size=data.batch_size,
-                    max_length=data.max_length, out=out or data.stats_dir, seed=seed, progress=progress)
+    out = out or data.stats_dir
+    parts = [f"{_safe(t)}.safetensors" for t in data.tasks]
+    with output_folder(out, "seap collect", parts, wait=wait, enabled=dist.is_main()) as output:
+        lm = open_for_pruning(model, runtime)
+        output.begin()
+        stats = _collect(lm, data.tasks, data_dir=data.data_dir, limit=data.limit, heads=heads,
+                         batch_size=data.batch_size, max_length=data.max_length, out=out, seed=seed, progress=progress)
+        output.commit()
+    return stats
 
 
 @dataclass
@@ -192,8 +203,8 @@ def _runtime_record(lm: LoadedModel | LazyModel) -> dict:
 
 
 def prune(model: Model = None, config: PruneConfig | None = None, data: CalibrationData | Sequence[str] | None = None,
-          out: str | Path | None = None, *, expert: str | None = None, runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
-          progress: bool = True) -> PruneResult:
+          out: str | Path | None = None, *, expert: str | None = None, runtime: Runtime | None = None,
+          shard_size: str | int = DEFAULT_SHARD_BYTES, progress: bool = True, wait: bool = False) -> PruneResult:
     """Statistics -> plan -> physically pruned model, saved under `out` (plan/, model/, summary).
 
     `model`: a bundled name, hub id or folder (or a model already opened); `config`: what to prune
@@ -201,15 +212,37 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     names; default the embedded corpus). `expert`: the plan expert to materialise (default: the plan's).
     A schedule measured by `seap analyze sensitivity` is part of the config (PruneConfig.schedule, from
     `seap.analyze.schedule.load_schedule`), refused on another model. `runtime`: device, dtype and whole /
-    layer-by-layer loading; `shard_size` of the saved shards."""
+    layer-by-layer loading; `shard_size` of the saved shards. `out` is written as one artifact
+    (seap.outputs): locked while it is written (`wait`: wait for another run instead of refusing),
+    marked incomplete until its manifest is written last."""
     t0 = time.time()
     stages = _Stages()
     config = config or PruneConfig.from_method("seap")
     data = CalibrationData.of(data)
-    tasks, data_dir, limit = data.tasks, data.data_dir, data.limit
-    batch_size, max_length, stats_dir = data.batch_size, data.max_length, data.stats_dir
     max_shard = parse_size(shard_size)
+    for t in data.tasks:  # a bad name is refused before the model loads
+        check_corpus_spec(t, data_dir=data.data_dir)
     dist.init((runtime or Runtime()).torch_device)
+    sdir = data.stats_dir or (Path(out) / "stats" if out else None)
+    with _prune_outputs(out, sdir, wait) as output:
+        return _prune(output, model, config, data, out, sdir, expert, runtime, max_shard, progress, t0, stages)
+
+
+@contextmanager
+def _prune_outputs(out, sdir, wait: bool) -> Iterator[Output]:
+    """The output folder (locked, committed by its manifest) and, outside it, the statistics folder (locked)."""
+    with ExitStack() as stack:
+        output = stack.enter_context(output_folder(out, "seap prune", PRUNE_PARTS, wait=wait,
+                                                   enabled=dist.is_main(), discard_parts=True))
+        if sdir is not None and (out is None or Path(out).resolve() not in Path(sdir).resolve().parents):
+            stack.enter_context(locked(sdir, "seap prune", wait=wait, enabled=dist.is_main()))
+        yield output
+
+
+def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, out, sdir, expert, runtime,
+           max_shard: int, progress: bool, t0: float, stages: _Stages) -> PruneResult:
+    tasks, data_dir, limit = data.tasks, data.data_dir, data.limit
+    batch_size, max_length = data.batch_size, data.max_length
     lm = open_for_pruning(model, runtime)
     if isinstance(lm, LazyModel) and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
@@ -220,7 +253,6 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     head_unit = resolve_head_unit(config, lm.adapter, lm.model)
     heads = head_unit is not None
     stages.done("load")
-    sdir = stats_dir or (Path(out) / "stats" if out else None)
     refit_cfg = RefitConfig.of(config, lm.adapter, lm.model.config) if config.reconstructs else None
     corpora = {}
     if refit_cfg is not None:  # bad data or statistics of another model are refused before the allocation runs
@@ -246,8 +278,10 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
         ex = plan.expert(expert)[1]
         return PruneResult(plan, plan.expert(expert)[0], None, 0, 0, 0, 0, ex.widths(), time.time() - t0,
                            calibration=calibration)
+    plan.expert(expert)  # a wrong --expert is refused before the folder is touched
     if out:
         out = Path(out)
+        output.begin()  # from here until the manifest, the folder is marked incomplete
         files = {"plan": str(plan.save(out / "plan"))}
     res = _materialise(lm, plan, expert, out / "model" if out else None, max_shard, progress)
     stages.done("slice_and_save")
@@ -262,6 +296,7 @@ def prune(model: Model = None, config: PruneConfig | None = None, data: Calibrat
     if out:
         write_json(out / "summary.json", res.summary())
         write_text(out / "summary.md", res.markdown())
+        output.commit()
     return res
 
 
@@ -352,16 +387,21 @@ def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, fo
 
 def apply(model: Model, plan: str | Path | Plan, *, expert: str | None = None, out: str | Path | None = None,
           runtime: Runtime | None = None, shard_size: str | int = DEFAULT_SHARD_BYTES,
-          progress: bool = True) -> PruneResult:
+          progress: bool = True, wait: bool = False) -> PruneResult:
     """Apply a saved plan to its base model (refused for any other model) and save the result
-    (streamed from the shards when the model is not loaded whole)."""
+    (streamed from the shards when the model is not loaded whole) as one artifact (seap.outputs)."""
     t0 = time.time()
-    lm = open_for_pruning(model, runtime)
-    if isinstance(lm, LazyModel) and not out:
-        raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter, weights=lm.weights)
-    res = _materialise(lm, plan, expert, Path(out) if out else None, parse_size(shard_size), progress)
+    max_shard = parse_size(shard_size)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)  # a bad plan is refused before the model loads
+    plan.expert(expert)
+    with output_folder(out, "seap apply", None, wait=wait) as output:
+        lm = open_for_pruning(model, runtime)
+        if isinstance(lm, LazyModel) and not out:
+            raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
+        check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter, weights=lm.weights)
+        output.begin()
+        res = _materialise(lm, plan, expert, Path(out) if out else None, max_shard, progress)
+        output.commit()
     res.out = Path(out) if out else None
     res.seconds = time.time() - t0
     return res

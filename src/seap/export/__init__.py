@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("gguf", "vllm")
 
 
-def check_text_tokens(lm: LoadedModel, n: int, data_dir: str | Path | None) -> tuple[list[int], str]:
+def check_text_tokens(lm: LoadedModel | ExportSource, n: int, data_dir: str | Path | None) -> tuple[list[int], str]:
     """The first n tokens of WikiText-2 test (or of the embedded general text without data)."""
     from ..evaluation.perplexity import wikitext_stream
     from ..tasks import resolve_corpus
@@ -45,40 +45,61 @@ def check_text_tokens(lm: LoadedModel, n: int, data_dir: str | Path | None) -> t
 def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str = "gguf", plan=None,
                  expert: str | None = None, out_type: str = "f32", tokenizer_from: str | None = None,
                  tensor_parallel: int = 1, check: int = 0, data_dir: str | Path | None = None,
-                 progress: bool = True, runtime=None) -> dict:
+                 progress: bool = True, runtime=None, wait: bool = False) -> dict:
     """Export a model (a pruned folder, or a base model with `plan`) for llama.cpp or vLLM.
 
     A safetensors folder (pruned, or a base checkpoint cut by `plan`) is streamed from its shards,
     one decoder layer in memory at a time; a LoadedModel, a GGUF or a bundled model is exported
     from memory, and so is any model with `check` or `--load whole` (the check runs it whole).
     With `check` > 0 (GGUF only), llama.cpp's next-token logits on the first `check` WikiText-2
-    tokens are compared with the transformers model; the result is saved next to the file."""
+    tokens are compared with the transformers model; the result is saved next to the file.
+    The output is written as one artifact (seap.outputs): a vLLM folder with its manifest last, a GGUF
+    file renamed into place; locked meanwhile (`wait`: wait for another run instead of refusing)."""
+    from ..outputs import locked, output_folder
+
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
     if check < 0:
         raise ConfigError(f"--check must be >= 0 tokens, got {check}")
     if check and fmt == "vllm":
         raise ConfigError("--check compares llama.cpp logits: it applies to --format gguf")
+    if fmt == "gguf" and Path(out).suffix != ".gguf":
+        raise ConfigError(f"the GGUF output must end in .gguf, got {out}")
+    if fmt == "vllm":
+        with output_folder(out, "seap export", None, wait=wait) as output:
+            src = _source(model, runtime, plan, expert, check)
+            output.begin()
+            res = export_vllm(src, out, tensor_parallel=tensor_parallel, progress=progress)
+            output.commit()
+        return {"format": fmt, **res.to_dict()}
+    with locked(out, "seap export", wait=wait):
+        return _export_gguf(model, out, plan, expert, out_type, tokenizer_from, check, data_dir, progress, runtime)
+
+
+def _source(model, runtime, plan, expert, check: int) -> ExportSource:
+    """What is exported: streamed from a safetensors folder where it can be, else a model in memory."""
     src = None
     if not isinstance(model, LoadedModel) and not check:
         src = open_source(model, runtime, plan, expert)
-    lm = None
     if src is None:
         lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
         if plan is not None:
             lm = sliced(lm, plan, expert)
         src = ExportSource.of(lm)
-    if fmt == "vllm":
-        res: GGUFExport | VLLMExport = export_vllm(src, out, tensor_parallel=tensor_parallel, progress=progress)
-        return {"format": fmt, **res.to_dict()}
+    return src
+
+
+def _export_gguf(model, out, plan, expert, out_type: str, tokenizer_from, check: int, data_dir, progress: bool,
+                 runtime) -> dict:
+    src = _source(model, runtime, plan, expert, check)
     res = export_gguf(src, out, GGUFConfig(out_type=out_type, tokenizer_from=tokenizer_from), progress=progress)
-    report = {"format": fmt, **res.to_dict()}
-    if check:
+    report = {"format": "gguf", **res.to_dict()}
+    if check:  # `check` made _source load the model whole: src.model computes, src.tokenizer encodes
         from .llamacpp import compare_logits
 
-        tokens, source = check_text_tokens(lm, check, data_dir)
+        tokens, source = check_text_tokens(src, check, data_dir)
         t0 = time.time()
-        report["check"] = {**compare_logits(lm.model, res.path, tokens).to_dict(), "text": source,
+        report["check"] = {**compare_logits(src.model, res.path, tokens).to_dict(), "text": source,
                            "seconds": round(time.time() - t0, 1)}
         write_json(Path(out).with_suffix(".json"), report)
     return report

@@ -23,7 +23,6 @@ readers (llama.cpp then picks its default pre-tokenizer for BPE vocabularies and
 
 from __future__ import annotations
 
-import errno
 import logging
 import tempfile
 import time
@@ -36,8 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_path
-from ..errors import ArtifactError, ConfigError, ModelError
-from ..models import LoadedModel, resolve_model
+from ..checkpoint import write_error
+from ..errors import ConfigError, ModelError
+from ..models import LoadedModel, resolve_model, save_tokenizer
 from .source import ExportSource, as_source
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ def _hf_tokenizer(w, lm: ExportSource, n_vocab: int) -> None:
     from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory() as tmp:
-        lm.tokenizer.save_pretrained(tmp)
+        save_tokenizer(lm.tokenizer, tmp)
         folder = Path(tmp)
         spm = (folder / "tokenizer.model").is_file()
         vocab = SentencePieceVocab(folder) if spm else BpeVocab(folder)
@@ -402,9 +402,7 @@ def write_gguf(src: ExportSource, path: Path, out_type: str, tokenizer_from: str
         for e, data in tqdm(tensors, total=len(plan), desc=f"gguf {out_type}", disable=not progress):
             w.write_tensor_data(_encode(data, e.qtype))
     except OSError as err:
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise ArtifactError(f"{'the disk filled up while writing' if full else 'could not write'} {path} "
-                            f"({err.strerror or err}): free space or choose another --out; nothing was kept") from None
+        raise write_error(path, err) from None
     finally:
         tensors.close()  # a streamed source frees its loaded layer
         w.close()
@@ -427,7 +425,7 @@ def export_gguf(model: str | LoadedModel | ExportSource, out: str | Path, config
         else:
             from .llamacpp import quantize
 
-            with tempfile.TemporaryDirectory(dir=out.parent) as work:
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as work:
                 f32 = Path(work) / "f32.gguf"
                 lay, tok, _ = write_gguf(src, f32, "f32", cfg.tokenizer_from, progress)
                 counts = quantize(f32, tmp, cfg.out_type)

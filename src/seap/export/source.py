@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import Adapter, adapter_for_config
 from ..checkpoint import Checkpoint, TensorSpec
 from ..errors import ArtifactError, ModelError
-from ..models import LoadedModel, ModelSource, local_folder, open_model, resolve_model
+from ..models import LoadedModel, ModelSource, load_tokenizer, local_folder, open_model, resolve_model
 from ..fingerprints import check_fingerprint
 from ..pruned import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
 from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors
@@ -117,12 +117,10 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
 
 
 def _pruned_source(folder: Path, src: ModelSource, rt) -> ExportSource:
-    from transformers import AutoTokenizer
-
     try:
         ckpt = Checkpoint.open(folder)
     except ModelError as err:
-        raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
+        raise ArtifactError(str(err)) from None  # Checkpoint's fix already says to prune again
     dtype = ckpt.dtype  # copied, not computed with
     layout = pruned_skeleton(folder, dtype)
     adapter = adapter_for_config(layout.config)
@@ -133,7 +131,7 @@ def _pruned_source(folder: Path, src: ModelSource, rt) -> ExportSource:
         raise ArtifactError(f"{err} (a pruned folder: prune again)") from None
     _generation_config(layout, folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
     except OSError as err:
         raise ArtifactError(f"{folder} has no usable tokenizer ({str(err).splitlines()[0]}): prune again") from None
     if getattr(tokenizer, "pad_token_id", None) is None:  # as load_model sets it: the saved tokenizer must match

@@ -24,9 +24,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir
-from ..checkpoint import DEFAULT_SHARD_BYTES, write_tensors
-from ..errors import ArtifactError, ConfigError, ModelError
-from ..models import LoadedModel
+from ..checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
+from ..errors import ConfigError, ModelError
+from ..models import LoadedModel, save_tokenizer
 from ..pruned import needs_seap_loader, write_config
 from ..surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
@@ -123,7 +123,7 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
     out = Path(out)
     try:
         with atomic_dir(out) as tmp:
-            write_tensors(tmp, values, specs, max_shard_bytes)
+            write_tensors(tmp, values, specs, max_shard_bytes, target=out)
             if plain:
                 write_config(src.model, tmp, src.dtype)
                 kind = config.model_type
@@ -132,10 +132,9 @@ def export_vllm(model: str | LoadedModel | ExportSource, out: str | Path, *, ten
                 shutil.copyfile(CONFIG_MODULE, tmp / "configuration_decilm.py")
                 kind = "decilm"
             if src.tokenizer is not None:
-                src.tokenizer.save_pretrained(tmp)
+                save_tokenizer(src.tokenizer, tmp)
     except OSError as err:
-        raise ArtifactError(f"could not write {out} ({err.strerror or err}): free space or choose another --out; "
-                            "nothing was kept") from None
+        raise write_error(out, err) from None
     finally:
         values.close()
         raw.close()  # a streamed source frees its loaded layer even when writing stopped early

@@ -3,9 +3,9 @@
 
 from .corpus import DEFAULT_CORPORA, Corpus
 from .files import default_corpora, load_default_corpus, load_file_corpus
-from .loading import corpus_from_rows, load_rows, load_task_corpus, local_file, resolve_corpus, task_spec
+from .loading import check_corpus_spec, corpus_from_rows, load_rows, load_task_corpus, local_file, resolve_corpus, task_spec
 from .specs import ACCURACY_TASKS, EVAL_TASKS, PAPER_METRIC, SUITE, TASK_NAMES, TASKS, TaskSpec
 
 __all__ = ["ACCURACY_TASKS", "DEFAULT_CORPORA", "EVAL_TASKS", "PAPER_METRIC", "SUITE", "TASK_NAMES", "TASKS",
-           "Corpus", "TaskSpec", "corpus_from_rows", "default_corpora", "load_default_corpus", "load_file_corpus",
+           "Corpus", "TaskSpec", "check_corpus_spec", "corpus_from_rows", "default_corpora", "load_default_corpus", "load_file_corpus",
            "load_rows", "load_task_corpus", "local_file", "resolve_corpus", "task_spec"]

@@ -214,3 +214,11 @@ def resolve_corpus(spec: str, *, data_dir: str | Path | None = None, split: str 
     if path.suffix or path.exists() or "/" in text or "\\" in text:
         return load_file_corpus(path, limit=limit, seed=seed)
     raise unknown_name("task or corpus", text, (*TASK_NAMES, "default"), SPEC_HELP)
+
+
+def check_corpus_spec(spec: str, *, data_dir: str | Path | None = None) -> None:
+    """Refuse a corpus spec that resolve_corpus would refuse, before a model is loaded for it: names and
+    files are checked now (cheap); a task's data is read when it is used."""
+    if str(spec).strip().lower() in TASKS:
+        return
+    resolve_corpus(spec, data_dir=data_dir)  # 'default[:family]' (embedded) or a file: cheap to read
