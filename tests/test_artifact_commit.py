@@ -357,7 +357,7 @@ def test_default_prune_saves_the_tokenizer_as_loaded(tmp_path, base):
 
 def test_save_tokenizer_keeps_a_loaded_setting(tmp_path):
     """What the file had is what is saved (not merely nothing), whatever calibration set meanwhile."""
-    from seap.models import load_tokenizer, save_tokenizer
+    from seap.tokenizer import load_tokenizer, save_tokenizer
     from conftest import byte_level_tokenizer
 
     tok = byte_level_tokenizer()

@@ -19,6 +19,9 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
+# the file that commits a seap output folder (seap.outputs writes and checks it)
+MANIFEST = "seap-manifest.json"
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -115,51 +118,3 @@ def sweep_temporaries(path: str | Path) -> int:
     if freed:
         log.info("removed %.1f MB of temporaries that a stopped run left in %s", freed / 1e6, path)
     return freed
-
-
-def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind: str, fmt: str, version: int,
-                  missing: str, redo: str) -> tuple[dict, dict]:
-    """The JSON header and tensors of a saved folder (plan, router), checked for format and version.
-    `missing` says which folder to give instead, `redo` how to rebuild a damaged one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .errors import ArtifactError
-    from .outputs import check_folder
-
-    folder = Path(folder)
-    check_folder(folder)  # not one that a stopped run left half written
-    js, st = folder / json_name, folder / tensors_name
-    if not folder.is_dir() or not js.is_file() or not st.is_file():
-        raise ArtifactError(f"{folder} is not a {kind} folder (needs {json_name} and {tensors_name}): {missing}")
-    try:
-        meta = json.loads(js.read_text(encoding="utf-8"))
-        tensors = load_file(str(st))
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{kind} {folder} is corrupt or truncated ({str(err)[:80]}): {redo}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ArtifactError(f"{js} is not a seap {kind} (format {meta.get('format') if isinstance(meta, dict) else '?'})")
-    got = meta.get("version")
-    if got != version or isinstance(got, bool):
-        # repr: a version written as the string "1" must not read "version 1 is not 1"
-        hint = f" (the number {version}, not the text {got!r})" if str(got) == str(version) else ""
-        raise ArtifactError(f"{js} has {kind} format version {got!r}, and this seap reads version {version}"
-                            f"{hint}: {redo}")
-    return meta, tensors
-
-
-def prune_output_part(path: str | Path, part: str, marker: str) -> Path:
-    """`seap prune --out OUT` writes OUT/plan/ and OUT/model/: OUT stands for either where one is
-    expected. `path` itself when it holds `marker`, else its `part` subfolder when that does.
-    Refused (seap.outputs) when the folder is incomplete or mixes two runs."""
-    from .outputs import PRUNE_PARTS, check_folder, check_prune_output, read_manifest
-
-    path = Path(path)
-    if not (path / marker).is_file() and path.is_dir():
-        manifest = read_manifest(path)
-        if (manifest is not None and manifest.get("parts") == list(PRUNE_PARTS)) or any(
-                (path / p).is_dir() for p in ("plan", "model")):
-            check_prune_output(path)  # the whole folder, its part with it
-            return path / part if (path / part / marker).is_file() else path
-    check_folder(path)
-    return path

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ._io import MANIFEST
 from .errors import ArtifactError, ModelError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -175,8 +176,6 @@ class Checkpoint:
 def redo_hint(folder: Path) -> str:
     """How to get a whole copy of `folder` back: seap wrote it (run that command again; its manifest or
     its seap_pruning record says so) or it came from elsewhere (download it again)."""
-    from .outputs import MANIFEST
-
     for f in (folder, folder.parent):
         try:
             command = json.loads((f / MANIFEST).read_text(encoding="utf-8")).get("command")

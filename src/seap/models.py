@@ -16,10 +16,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._io import prune_output_part
+from .outputs import prune_output_part
 from .adapters import Adapter, adapter_for_config, get_adapter
 from .errors import ConfigError, DataError, ModelError
 from .weights import ModuleWeights, WeightSource
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -147,46 +148,6 @@ def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = N
     finally:
         tokenizer.padding_side = side
     return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
-
-
-def load_tokenizer(path: str | Path, **kwargs):
-    """AutoTokenizer.from_pretrained, remembering the fast backend's truncation and padding as loaded:
-    save_tokenizer writes them back so, whatever calibration or batching set meanwhile."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        tokenizer._seap_loaded_backend = (backend.truncation, backend.padding)
-    return tokenizer
-
-
-def _set_backend(backend, truncation: dict | None, padding: dict | None) -> None:
-    if truncation:
-        backend.enable_truncation(**truncation)
-    else:
-        backend.no_truncation()
-    if padding:
-        backend.enable_padding(**padding)
-    else:
-        backend.no_padding()
-
-
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    """`tokenizer.save_pretrained(folder)` as it was loaded. Calling a fast tokenizer with truncation or
-    padding sets them on its backend for good (calibration's max_length 512, say), and a tokenizer.json
-    carrying them makes the plain `tokenizers` library cut every input; one that seap did not load is
-    saved with neither."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        tokenizer.save_pretrained(folder)
-        return
-    current = (backend.truncation, backend.padding)
-    _set_backend(backend, *getattr(tokenizer, "_seap_loaded_backend", (None, None)))
-    try:
-        tokenizer.save_pretrained(folder)
-    finally:
-        _set_backend(backend, *current)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:

@@ -28,14 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ._io import sweep_temporaries, write_json
+from ._io import MANIFEST, sweep_temporaries, write_json
 from ._version import __version__
 from .checkpoint import write_error
 from .errors import ArtifactError, BusyError, SeapError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "seap-manifest.json"
 MANIFEST_FORMAT = "seap-output"
 MANIFEST_VERSION = 1
 # Files up to this size are checksummed when written and checked on every read; bigger ones (the
@@ -200,19 +199,27 @@ def output_folder(path: str | Path | None, command: str, parts: Sequence[str] | 
     lock.acquire(command, wait)
     try:
         sweep_temporaries(path)
+        # a folder that is this command's alone (one part, nothing there before) goes whole after a failure
+        fresh = parts is None and (not Path(path).exists() or not any(Path(path).iterdir()))
         try:
             yield out
         except (SeapError, OSError) as err:
             if not out.begun or out.committed:
                 raise
-            if out.discard_parts:
-                out.discard()
             if isinstance(err, OSError):  # a write that no writer turned into one line (a summary, say)
                 err = write_error(path, err)
+            if fresh:
+                shutil.rmtree(path, ignore_errors=True)
+                raise type(err)(f"{err}; nothing was kept") from None
+            if out.discard_parts:
+                out.discard()
             raise type(err)(f"{err}; {path} is marked incomplete: run the command again") from None
         except BaseException:
-            if out.begun and not out.committed and out.discard_parts:
-                out.discard()
+            if out.begun and not out.committed:
+                if fresh:
+                    shutil.rmtree(path, ignore_errors=True)
+                elif out.discard_parts:
+                    out.discard()
             raise
     finally:
         lock.release()
@@ -317,3 +324,46 @@ def check_prune_output(path: Path) -> None:
         raise ArtifactError(f"{path} mixes two runs: plan/ is {plan.get('method')}@{plan.get('target_ratio')} but "
                             f"model/ is {record.get('method')}@{record.get('target_ratio')} "
                             f"(expert {record.get('expert')}): run the command again")
+
+
+def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind: str, fmt: str, version: int,
+                  missing: str, redo: str) -> tuple[dict, dict]:
+    """The JSON header and tensors of a saved folder (plan, router), checked for format and version.
+    `missing` says which folder to give instead, `redo` how to rebuild a damaged one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    check_folder(folder)  # not one that a stopped run left half written
+    js, st = folder / json_name, folder / tensors_name
+    if not folder.is_dir() or not js.is_file() or not st.is_file():
+        raise ArtifactError(f"{folder} is not a {kind} folder (needs {json_name} and {tensors_name}): {missing}")
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+        tensors = load_file(str(st))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{kind} {folder} is corrupt or truncated ({str(err)[:80]}): {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ArtifactError(f"{js} is not a seap {kind} (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+    got = meta.get("version")
+    if got != version or isinstance(got, bool):
+        # repr: a version written as the string "1" must not read "version 1 is not 1"
+        hint = f" (the number {version}, not the text {got!r})" if str(got) == str(version) else ""
+        raise ArtifactError(f"{js} has {kind} format version {got!r}, and this seap reads version {version}"
+                            f"{hint}: {redo}")
+    return meta, tensors
+
+
+def prune_output_part(path: str | Path, part: str, marker: str) -> Path:
+    """`seap prune --out OUT` writes OUT/plan/ and OUT/model/: OUT stands for either where one is
+    expected. `path` itself when it holds `marker`, else its `part` subfolder when that does.
+    Refused (seap.outputs) when the folder is incomplete or mixes two runs."""
+    path = Path(path)
+    if not (path / marker).is_file() and path.is_dir():
+        manifest = read_manifest(path)
+        if (manifest is not None and manifest.get("parts") == list(PRUNE_PARTS)) or any(
+                (path / p).is_dir() for p in ("plan", "model")):
+            check_prune_output(path)  # the whole folder, its part with it
+            return path / part if (path / part / marker).is_file() else path
+    check_folder(path)
+    return path

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from ._io import atomic_dir, prune_output_part, read_artifact
+from ._io import atomic_dir
+from .outputs import prune_output_part, read_artifact
 from .adapters import Adapter
 from . import allocation
 from .allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params

@@ -25,7 +25,7 @@ from .adapters import adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_error, write_tensors
 from .errors import ArtifactError, ModelError
 from .config import SEAP_CONFIG_KEY
-from .models import save_tokenizer
+from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from ._io import atomic_dir, read_artifact
+from ._io import atomic_dir
+from .outputs import read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
 from .models import LoadedModel

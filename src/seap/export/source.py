@@ -19,7 +19,8 @@ from torch import nn
 from ..adapters import Adapter, adapter_for_config
 from ..checkpoint import Checkpoint, TensorSpec
 from ..errors import ArtifactError, ModelError
-from ..models import LoadedModel, ModelSource, load_tokenizer, local_folder, open_model, resolve_model
+from ..models import LoadedModel, ModelSource, local_folder, open_model, resolve_model
+from ..tokenizer import load_tokenizer
 from ..fingerprints import check_fingerprint
 from ..pruned import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
 from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .._io import atomic_dir
 from ..checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
 from ..errors import ConfigError, ModelError
-from ..models import LoadedModel, save_tokenizer
+from ..models import LoadedModel
+from ..tokenizer import save_tokenizer
 from ..pruned import needs_seap_loader, write_config
 from ..surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
