@@ -238,7 +238,8 @@ def default_section() -> str:
     text = ("\n### The default prune at scale\n\n`seap prune --model CKPT --ratio 0.5 --out OUT` as a user runs it "
             "(the `seap` preset: one calibration pass with statistics, OBS channel choice and least-squares refit "
             "per layer; the whole embedded corpus; float32 on the CPU, output in bf16), under `/usr/bin/time -v` "
-            "on this idle 2-core machine. Stage seconds from summary.json; the calibration pass split as the "
+            "on this 2-core machine (the 8B row of 2026-12-06 while a niced test run shared the cores; the same command "
+            "on the idle machine, before each layer's inputs were freed after its forward, took 49.1 min at 5.82 GiB). Stage seconds from summary.json; the calibration pass split as the "
             "engine timed it.\n\n| model | command | wall | calibration pass (forward / decide / checkpoint) | "
             "slice+save | calibration tokens | peak RSS GiB | written GB | reload + 1 token |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
