@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import seap
 from conftest import one_line_error, tiny_folder
@@ -417,3 +418,28 @@ def test_shard_size_zero_and_unknown_task_are_refused_up_front(tmp_path, capsys,
     one_line_error(["collect", "--model", str(base), "--task", "nosuch", "--out", str(tmp_path / "s")], capsys,
                    "unknown task or corpus 'nosuch'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_in_a_safetensors_write_is_an_oserror_and_in_a_checkpoint_one_line(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError ("I/O error: No space left on device (os error
+    28)"): seap turns it into the OSError it wraps, and the calibration checkpoint into one line (found by hand:
+    a prune into a 40 MB tmpfs ended in a traceback from inside safetensors)."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from seap import _io
+    from seap.errors import ArtifactError
+    from seap.resume import Resume
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        _io.save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
+    assert err.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())  # no temporary left
+    resume = Resume(tmp_path / "stats", "prune", {"a": 1})
+    with pytest.raises(ArtifactError, match="the disk filled up while writing"):
+        resume.save_layer(0, {"t": torch.zeros(2)}, [torch.zeros(1)], last=False)

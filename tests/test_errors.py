@@ -169,7 +169,7 @@ def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seap.plan.save_file", boom)
+    monkeypatch.setattr("seap.plan.save_tensors", boom)
     with pytest.raises(KeyboardInterrupt):
         plan.save(tmp_path / "plan")
     assert list(tmp_path.iterdir()) == []  # no final folder, no temp left behind

@@ -353,9 +353,8 @@ def griffin_prior(lm, texts: Sequence[str] | None = None, *, cache: bool = True)
     """The generic statistic that steadies GRIFFIN on short prompts: `corpus_statistic` of the
     embedded general corpus (or `texts`) on this model, computed once and cached per model."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from ._io import atomic_path
+    from ._io import save_tensors
 
     path = prior_cache_path(lm) if cache and texts is None else None
     if path is not None and path.is_file():
@@ -372,9 +371,8 @@ def griffin_prior(lm, texts: Sequence[str] | None = None, *, cache: bool = True)
     prior = corpus_statistic(lm, texts)
     if path is not None:
         try:
-            with atomic_path(path) as tmp:
-                save_file({f"layer.{i}": p.contiguous() for i, p in enumerate(prior)}, str(tmp),
-                          metadata={"format": f"{PRIOR_FORMAT}/{PRIOR_VERSION}"})
+            save_tensors(path, {f"layer.{i}": p.contiguous() for i, p in enumerate(prior)},
+                         metadata={"format": f"{PRIOR_FORMAT}/{PRIOR_VERSION}"})
         except OSError as err:  # a read-only home: the prior still works, uncached
             log.info("could not cache the GRIFFIN prior at %s (%s)", path, err)
     return prior

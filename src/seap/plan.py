@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from ._io import atomic_dir
+from ._io import atomic_dir, save_tensors
 from .outputs import prune_output_part, read_artifact
 from .adapters import Adapter
 from . import allocation
@@ -135,7 +134,7 @@ class Plan:
         meta = dict(self.meta.to_dict(), format=PLAN_FORMAT, version=PLAN_VERSION,
                     experts={n: {"widths": e.widths(), **e.stats} for n, e in self.experts.items()})
         with atomic_dir(folder) as tmp:
-            save_file(tensors, str(tmp / "indices.safetensors"))
+            save_tensors(tmp / "indices.safetensors", tensors)
             (tmp / "plan.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return folder
 

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import distributed as dist
-from ._io import atomic_path, write_json
+from ._io import save_tensors, write_json
+from .checkpoint import write_error
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,26 @@ class Resume:
         return self.folder / f"rank-{dist.rank()}"
 
     def save_layer(self, i: int, record: Record, hidden: list[torch.Tensor], *, last: bool) -> None:
-        """Layer i's record; then, by the time policy, the hidden states that layer i+1 reads."""
+        """Layer i's record; then, by the time policy, the hidden states that layer i+1 reads. A failed
+        write (a full disk) is one line; the layers saved before it stay for a resume."""
+        try:
+            self._save_layer(i, record, hidden, last=last)
+        except OSError as err:
+            raise write_error(self.folder, err) from None
+
+    def _save_layer(self, i: int, record: Record, hidden: list[torch.Tensor], *, last: bool) -> None:
         if dist.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.detach().cpu().contiguous() for k, v in record.items() if isinstance(v, torch.Tensor)}
             rest = {k: v for k, v in record.items() if not isinstance(v, torch.Tensor)}
-            with atomic_path(self.folder / f"layer-{i:05d}.safetensors") as tmp:
-                save_file(tensors, str(tmp))
+            save_tensors(self.folder / f"layer-{i:05d}.safetensors", tensors)
             write_json(self.folder / f"layer-{i:05d}.json", rest)
         if dist.from_main(last or time.time() - self._last < self._cost / max(self.overhead, 1e-6)):
             return
         t0 = time.time()
         self._rank_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._rank_dir / "hidden.safetensors") as tmp:
-            save_file({str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}, str(tmp))
+        save_tensors(self._rank_dir / "hidden.safetensors", {str(b): h.detach().cpu().contiguous()
+                                                              for b, h in enumerate(hidden)})
         dist.barrier()  # every process's hidden states are saved before the state says so
         if dist.is_main():
             write_json(self.folder / "state.json", {"settings": self.settings, "next_layer": i + 1})

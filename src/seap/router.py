@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from ._io import atomic_dir
+from ._io import atomic_dir, save_tensors
 from .outputs import read_artifact
 from .adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
@@ -183,7 +182,7 @@ class Router:
                             "ood_thresholds": self.ood.thresholds})
             meta["ood"] = {"quantile": self.ood.quantile, "classes": list(self.ood.classes)}
         with atomic_dir(folder) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "router.safetensors"))
+            save_tensors(tmp / "router.safetensors", {k: v.contiguous() for k, v in tensors.items()})
             (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return folder
 

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ._io import atomic_path
+from ._io import save_tensors
 from .errors import ArtifactError, DataError
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class ActivationStats:
                 tensors[f"{kind}.{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
         header = dict(self.meta, format=STATS_FORMAT, version=STATS_VERSION, n_layers=len(self.ffn),
                       heads=self.attn is not None, n_tokens=self.n_tokens)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"seap": json.dumps(header)})
+        save_tensors(path, tensors, metadata={"seap": json.dumps(header)})
         return path
 
     @classmethod
