@@ -201,6 +201,16 @@ def output_folder(path: str | Path | None, command: str, parts: Sequence[str] | 
         sweep_temporaries(path)
         # a folder that is this command's alone (one part, nothing there before) goes whole after a failure
         fresh = parts is None and (not Path(path).exists() or not any(Path(path).iterdir()))
+
+        def undo() -> str:
+            """After a failure between begin and commit: what is left, said as the message's end."""
+            if fresh:
+                shutil.rmtree(path, ignore_errors=True)
+                return "nothing was kept"
+            if out.discard_parts:
+                out.discard()
+            return f"{path} is marked incomplete: run the command again"
+
         try:
             yield out
         except (SeapError, OSError) as err:
@@ -208,18 +218,10 @@ def output_folder(path: str | Path | None, command: str, parts: Sequence[str] | 
                 raise
             if isinstance(err, OSError):  # a write that no writer turned into one line (a summary, say)
                 err = write_error(path, err)
-            if fresh:
-                shutil.rmtree(path, ignore_errors=True)
-                raise type(err)(f"{err}; nothing was kept") from None
-            if out.discard_parts:
-                out.discard()
-            raise type(err)(f"{err}; {path} is marked incomplete: run the command again") from None
+            raise type(err)(f"{err}; {undo()}") from None
         except BaseException:
             if out.begun and not out.committed:
-                if fresh:
-                    shutil.rmtree(path, ignore_errors=True)
-                elif out.discard_parts:
-                    out.discard()
+                undo()
             raise
     finally:
         lock.release()
@@ -272,11 +274,11 @@ def _verify(folder: Path, manifest: dict, prefix: str | None) -> None:
         if prefix is not None and rel != prefix and not rel.startswith(prefix + "/"):
             continue
         f = folder / rel
-        why = None
-        if not f.is_file():
+        why, size = None, f.stat().st_size if f.is_file() else None
+        if size is None:
             why = "it is missing"
-        elif f.stat().st_size != entry.get("bytes"):
-            why = f"it has {f.stat().st_size:,} bytes, not the {entry.get('bytes'):,} written"
+        elif size != entry.get("bytes"):
+            why = f"it has {size:,} bytes, not the {entry.get('bytes'):,} written"
         elif entry.get("sha256") and _digest(f) != entry["sha256"]:
             why = "its checksum differs from the one written"
         if why:
