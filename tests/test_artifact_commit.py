@@ -443,3 +443,32 @@ def test_a_full_disk_in_a_safetensors_write_is_an_oserror_and_in_a_checkpoint_on
     resume = Resume(tmp_path / "stats", "prune", {"a": 1})
     with pytest.raises(ArtifactError, match="the disk filled up while writing"):
         resume.save_layer(0, {"t": torch.zeros(2)}, [torch.zeros(1)], last=False)
+
+
+def test_tensors_streamed_from_disk_read_like_safetensors_own_file(tmp_path):
+    """A file with tensors left on disk (StoredTensor) is written one tensor at a time in safetensors'
+    format: safetensors reads it back equal, dtypes, shapes and metadata included."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from seap._io import StoredTensor, TensorFile, TensorList, save_tensors
+
+    src = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).bfloat16(), "f64": torch.tensor(2.5, dtype=torch.float64),
+           "bool": torch.tensor([True, False, True]), "i64": torch.arange(7), "empty": torch.zeros(0, 3),
+           "f16": torch.randn(2, 3, 2).half()}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    mixed = {"in_memory": torch.ones(2, 2), **{f"on_disk/{k}": StoredTensor(tmp_path / "src.safetensors", k) for k in src}}
+    save_tensors(tmp_path / "out.safetensors", mixed, {"note": "streamed"})
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert sorted(got) == sorted(mixed)
+    assert torch.equal(got["in_memory"], torch.ones(2, 2))
+    for k, v in src.items():
+        assert got[f"on_disk/{k}"].dtype == v.dtype and torch.equal(got[f"on_disk/{k}"], v), k
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert f.metadata() == {"note": "streamed"}
+    lazy = TensorFile(tmp_path / "out.safetensors")
+    assert len(lazy) == len(mixed) and "on_disk/bf16" in lazy and "nothing" not in lazy
+    listed = TensorList([lazy.stored("on_disk/f32"), torch.zeros(1)])
+    assert torch.equal(listed[0], src["f32"]) and isinstance(listed.items[0], StoredTensor)
+    listed.read_in(tmp_path)
+    assert isinstance(listed.items[0], torch.Tensor)

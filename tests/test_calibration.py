@@ -17,7 +17,7 @@ import seap.resume as resume_mod
 from seap.calibration import GramObserver, Outcome, StatsObserver, run_pass
 from seap.checkpoint import Checkpoint
 from seap.cli import main
-from seap.config import PruneConfig
+from seap.config import CalibrationData, PruneConfig
 from seap.fingerprints import fingerprint
 from seap.layerwise import collect_stats, engine_for
 from seap.models import open_model
@@ -145,6 +145,71 @@ def test_a_run_killed_in_reconstruction_resumes_and_ends_equal(tmp_path, capsys,
     assert not list((tmp_path / "killed" / "stats").glob(".calibration-*"))  # cleared once complete
 
 
+def test_a_run_stopped_in_the_save_reuses_every_record(tmp_path, capsys, monkeypatch):
+    """After the pass, the checkpoint stays until the model is saved: a run stopped in the save is resumed
+    with no layer computed again, and the refitted weights are read from disk, not held."""
+    import seap.pruning as pruning
+    from seap._io import StoredTensor, TensorList
+
+    folder = tiny_folder(tmp_path, "llama", num_hidden_layers=6)
+    corpus = _corpus(tmp_path)
+    cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1)
+    rt = Runtime(device="cpu", load="layerwise")
+    clean = prune(str(folder), cfg, [str(corpus)], tmp_path / "clean", progress=False, runtime=rt)
+    real_save = pruning._materialise
+
+    def stops(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruning, "_materialise", stops)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(folder), cfg, [str(corpus)], tmp_path / "stopped", progress=False, runtime=rt)
+    assert list((tmp_path / "stopped" / "stats").glob(".calibration-*"))
+    monkeypatch.setattr(pruning, "_materialise", real_save)
+    monkeypatch.setattr(refit_pass, "refit_layer", lambda *a, **k: pytest.fail("a layer was refitted again"))
+    capsys.readouterr()
+    again = prune(str(folder), cfg, [str(corpus)], tmp_path / "stopped", progress=False, runtime=rt)
+    assert "an earlier run finished all 6 layers" in capsys.readouterr().err
+    assert again.calibration["resumed_from_layer"] == 6
+    assert not list((tmp_path / "stopped" / "stats").glob(".calibration-*"))
+    a, b = (Checkpoint.open(p / "model") for p in (tmp_path / "clean", tmp_path / "stopped"))
+    ta, tb = a.read(a.names()), b.read(b.names())
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    ex = again.plan.experts[again.plan.meta.default_expert]
+    assert isinstance(ex.ffn_out, TensorList)  # the result's plan reads its weights from the saved plan
+    saved = (tmp_path / "stopped" / "plan" / "indices.safetensors").resolve()
+    assert all(isinstance(t, StoredTensor) and t.path == saved for t in ex.ffn_out.items)
+    loaded = Plan.load(tmp_path / "clean" / "plan")
+    assert ex.digest() == loaded.experts[loaded.meta.default_expert].digest()
+    for i in range(6):
+        assert torch.equal(ex.ffn_out[i], clean.plan.experts[clean.plan.meta.default_expert].ffn_out[i])
+
+
+def test_a_prune_in_memory_reads_its_weights_in_before_the_checkpoint_goes(tmp_path, monkeypatch):
+    """No --out but a statistics folder: the checkpoint is removed at the end, so the plan's refitted
+    weights come into memory first."""
+    lm = make_loaded("llama")
+    cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1)
+    corpus = str(_corpus(tmp_path))
+    seen = []
+    real_remove = resume_mod.Resume.remove
+
+    def remove(self):
+        seen.append(self.folder.is_dir())
+        real_remove(self)
+
+    monkeypatch.setattr(resume_mod.Resume, "remove", remove)
+    res = prune(lm, cfg, CalibrationData(tasks=[corpus], stats_dir=tmp_path / "st"), progress=False)
+    assert seen == [True] and not list((tmp_path / "st").glob(".calibration-*"))
+    ex = res.plan.experts[res.plan.meta.default_expert]
+    assert all(isinstance(t, torch.Tensor) for t in ex.ffn_out.items)
+    ref = prune(make_loaded("llama"), cfg, [corpus], progress=False)  # no checkpoint at all
+    ref_ex = ref.plan.experts[ref.plan.meta.default_expert]
+    for i in range(len(ex.ffn)):
+        assert torch.equal(ex.ffn[i], ref_ex.ffn[i]) and torch.equal(ex.ffn_out[i], ref_ex.ffn_out[i])
+
+
 def test_a_resume_under_other_settings_is_refused(tmp_path, capsys, monkeypatch):
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
     corpus = _corpus(tmp_path)
@@ -180,8 +245,8 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys, m
 
 
 def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
-    """After the pass the plan holds every layer's refitted output weights (save dtype) while the model is
-    saved; a pass without checkpoints holds them from the start. At 70B that is about 19 GB."""
+    """A checkpointed pass leaves the refitted output weights (save dtype) on disk and the save reads one
+    layer's at a time; a pass without checkpoints holds every layer's from the start (about 19 GB at 70B)."""
     from seap.estimate import calibration_estimate
 
     layers = [{"params": 1000, "d_ff": 64, "kept": 32, "dense": False}] * 100
@@ -190,7 +255,10 @@ def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
               streamed=True, groups=1, obs=True, refit=True, device=torch.device("cpu"))
     held = 100 * 16 * 32 * 2 + 2 * 16 * 64 * 2  # hidden x kept (x d_ff in a dense layer) x bf16 bytes
     saving = calibration_estimate(**kw)
-    assert saving.peak == {"layer": 4000, "refitted weights": held, "runtime": 400 << 20}
+    # the peak is then a layer's decision: the Gram matrix, OBS's two C x C, W^T and the refit's pieces
+    work = 8 * 64 * 64 + 8 * 64 * 64 + 12 * 16 * 64
+    assert saving.peak == {"layer": 4000, "hidden states": 12 * 16 * 4, "Gram and OBS workspace": work,
+                           "runtime": 400 << 20}
     unsaved = calibration_estimate(**kw, checkpointed=False)
     assert unsaved.peak["refitted weights"] == held and unsaved.peak_bytes > saving.peak_bytes
     assert calibration_estimate(**{**kw, "refit": False}, checkpointed=False).peak.get("refitted weights", 0) == 0

@@ -10,12 +10,16 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,101 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+class StoredTensor:
+    """One tensor of a safetensors file, read when it is used: the refitted weights of a big model stay
+    on disk (in the calibration checkpoint, or the saved plan) instead of all in memory at once."""
+
+    __slots__ = ("path", "key")
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+
+    def load(self):
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(self.key)
+
+    def spec(self) -> tuple[str, list[int]]:
+        """(safetensors dtype, shape), from the file's header alone."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as f:
+            sl = f.get_slice(self.key)
+            return sl.get_dtype(), list(sl.get_shape())
+
+
+class TensorList(Sequence):
+    """A per-layer list of tensors, each held in memory or on disk (StoredTensor); indexing gives the
+    tensor, read then, so a loop over the layers holds one layer's at a time."""
+
+    def __init__(self, items: Sequence):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        item = self.items[i]
+        return item.load() if isinstance(item, StoredTensor) else item
+
+    def __setitem__(self, i: int, value) -> None:
+        self.items[i] = value
+
+    def read_in(self, folder: Path) -> None:
+        """Read into memory the tensors stored under `folder` (a checkpoint about to be removed)."""
+        folder = Path(folder).resolve()
+        self.items = [t.load() if isinstance(t, StoredTensor) and folder in t.path.resolve().parents else t
+                      for t in self.items]
+
+
+def stored_items(tensors: Sequence) -> list:
+    """The entries of a per-layer list as saved: a TensorList's StoredTensors unread."""
+    return list(tensors.items) if isinstance(tensors, TensorList) else list(tensors)
+
+
+# safetensors' dtype names
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+              "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) -> None:
+    """The safetensors format (an 8-byte header length, the JSON header, the tensors' bytes in header
+    order) written one tensor at a time: a StoredTensor is read only while it is copied. safetensors'
+    own writer needs every tensor in memory at once; its reader reads this file like its own."""
+    import struct
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, t in tensors.items():
+        if isinstance(t, StoredTensor):
+            dtype, shape = t.spec()
+        else:
+            dtype, shape = _ST_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape)
+        n = _ST_BYTES[dtype] * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for t in tensors.values():
+            t = t.load() if isinstance(t, StoredTensor) else t
+            fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+
+
+
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, atomically; its own error for a failed write (a full disk, say) becomes the
-    OSError it wraps, so that callers handle every failed write one way."""
+    """A safetensors file, atomically: by safetensors' save_file when every tensor is in memory, else
+    (some are StoredTensors) streamed one tensor at a time. safetensors' error for a failed write (a
+    full disk, say) becomes the OSError it wraps, so that callers handle every failed write one way."""
     import errno
     import re
 
@@ -59,10 +155,44 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
 
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            if any(isinstance(t, StoredTensor) for t in tensors.values()):
+                _write_streamed(tmp, tensors, metadata)
+            else:
+                save_file(tensors, str(tmp), metadata=metadata)
     except SafetensorError as err:
         code = re.search(r"os error (\d+)", str(err))
         raise OSError(int(code.group(1)) if code else errno.EIO, str(err), str(path)) from None
+
+
+class TensorFile(Mapping):
+    """The tensors of a safetensors file by name, each read when it is asked for (`stored(key)` gives
+    it unread)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        with safe_open(str(self.path), "pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str):
+        if key not in self._keys:
+            raise KeyError(key)
+        return StoredTensor(self.path, key).load()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def stored(self, key: str) -> StoredTensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return StoredTensor(self.path, key)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from ._io import StoredTensor
 from .adapters import Adapter
 from .reconstruct import GramAccumulator, Moments
 from .runtime import available_memory
@@ -350,6 +351,12 @@ class PassResult:
         rec = self.records[i]
         return rec if rec is not None else self.resume.record(i)
 
+    def stored(self, i: int, key: str) -> torch.Tensor | StoredTensor:
+        """Tensor `key` of layer i's record: in memory, or left unread in the checkpoint (valid until the
+        checkpoint is removed)."""
+        rec = self.records[i]
+        return rec[key] if rec is not None else StoredTensor(self.resume.tensors_path(i), key)
+
 
 def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Module, dict], Outcome], *,
              resume=None, skip_gram: Callable[[int], bool] | None = None, desc: str = "calibration",
@@ -368,8 +375,12 @@ def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Modu
         start, hidden = state
         records = [None] * start
         engine.advance([h.to(engine.hidden[0].device) for h in hidden])
-        dist.log_once(f"resuming the {desc} pass at layer {start} of {engine.n_layers} "
-                      f"(layers 0-{start - 1} were finished by an earlier run)")
+        if start < engine.n_layers:
+            dist.log_once(f"resuming the {desc} pass at layer {start} of {engine.n_layers} "
+                          f"(layers 0-{start - 1} were finished by an earlier run)")
+        else:
+            dist.log_once(f"resuming after the {desc} pass: an earlier run finished all {start} layers, "
+                          "whose records are reused")
     t = {"layer_loads": 0.0, "forward": 0.0, "decide": 0.0, "checkpoint": 0.0}
     bar = tqdm(range(start, engine.n_layers), desc=desc, unit="layer", initial=start, total=engine.n_layers,
                disable=not progress or not dist.is_main())

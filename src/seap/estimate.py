@@ -72,17 +72,19 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
     process, `padded_tokens` with padding, `batch_tokens` of the largest batch; `param_bytes`: bytes per
     parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass);
     `sequential`: the layer's inputs stay alive through its decision (seap.calibration.run_pass);
-    `store_bytes`: per parameter of the refitted weights (the save dtype), which are held for the save
-    after the pass, and during it too unless the pass is `checkpointed` (its records on disk)."""
+    `store_bytes`: per parameter of the refitted weights (the save dtype): a `checkpointed` pass leaves
+    them in its records on disk and the save reads one layer's at a time; otherwise they are all held
+    from the start."""
     r32, r64 = measured_rate(device, torch.float32), measured_rate(device, torch.float64)
     est = Estimate(free=available_memory(device))
     fwd = gram = choice = fit = err = 0.0
-    work = gram_bytes = held = 0
+    work = gram_bytes = held = held_layer = 0
     for lay in layers:
         c, k, d = lay["d_ff"], lay["kept"], hidden
         fwd += 2 * lay["params"] * padded_tokens / r32 / FORWARD_EFFICIENCY
         if refit:  # every layer's refitted output weights (an identity copy in a dense layer), per expert
             held += groups * d * (c if lay["dense"] else k) * store_bytes
+            held_layer = max(held_layer, groups * d * (c if lay["dense"] else k) * store_bytes)
         if not refit or lay["dense"]:
             continue
         gram += groups * padded_tokens * c * c / r32  # the lower triangle of z^T z
@@ -108,8 +110,8 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
                "Gram matrices": gram_bytes, **during, "runtime": runtime}
     deciding = {**layer, "hidden states": hidden_states // (1 if sequential else 2), "Gram and OBS workspace": work,
                 **during, "runtime": runtime}
-    # after the pass, the plan holds every layer's refitted weights while the model is sliced and saved
-    saving = {**layer, "refitted weights": held, "runtime": runtime}
+    # after the pass the model is sliced and saved layer by layer, each with its refitted weights
+    saving = {**layer, "refitted weights": held_layer if checkpointed else held, "runtime": runtime}
     per_layer = max(running, deciding, saving, key=lambda p: sum(p.values()))
     catch = {"embeddings": vocab * hidden * param_bytes, "hidden states": hidden_states, "runtime": runtime}
     est.peak = catch if streamed and sum(catch.values()) > sum(per_layer.values()) else per_layer

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ._io import MANIFEST, sweep_temporaries, write_json
+from ._io import MANIFEST, TensorFile, sweep_temporaries, write_json
 from ._version import __version__
 from .checkpoint import write_error
 from .errors import ArtifactError, BusyError, SeapError
@@ -329,11 +329,10 @@ def check_prune_output(path: Path) -> None:
 
 
 def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind: str, fmt: str, version: int,
-                  missing: str, redo: str) -> tuple[dict, dict]:
+                  missing: str, redo: str) -> tuple[dict, TensorFile]:
     """The JSON header and tensors of a saved folder (plan, router), checked for format and version.
     `missing` says which folder to give instead, `redo` how to rebuild a damaged one."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     check_folder(folder)  # not one that a stopped run left half written
@@ -342,7 +341,7 @@ def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind
         raise ArtifactError(f"{folder} is not a {kind} folder (needs {json_name} and {tensors_name}): {missing}")
     try:
         meta = json.loads(js.read_text(encoding="utf-8"))
-        tensors = load_file(str(st))
+        tensors = TensorFile(st)  # each tensor read when used: a big plan's refitted weights stay on disk
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{kind} {folder} is corrupt or truncated ({str(err)[:80]}): {redo}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:

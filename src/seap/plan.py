@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from ._io import atomic_dir, save_tensors
+from ._io import StoredTensor, TensorList, atomic_dir, save_tensors, stored_items
 from .outputs import prune_output_part, read_artifact
 from .adapters import Adapter
 from . import allocation
@@ -31,6 +32,7 @@ PLAN_VERSION = 1
 GENERIC = "generic"
 LM_CORPORA = ("wikitext2", "general_text")
 KINDS = ("ffn", "heads", "ffn_bias", "attn_bias", "ffn_out", "attn_out")  # per-layer tensors of an expert
+REFIT_KINDS = ("ffn_out", "attn_out")  # [d, kept] per layer: the bulk of a plan, kept on disk until used
 
 
 @dataclass
@@ -42,9 +44,10 @@ class Expert:
     ffn_bias: list[torch.Tensor] | None = None  # [d] added to the FFN output bias per layer
     attn_bias: list[torch.Tensor] | None = None
     stats: dict = field(default_factory=dict)
-    # Reconstruction (seap.reconstruct): refitted kept columns of the output linears, [d, kept] per layer
-    ffn_out: list[torch.Tensor] | None = None
-    attn_out: list[torch.Tensor] | None = None
+    # Reconstruction (seap.reconstruct): refitted kept columns of the output linears, [d, kept] per layer;
+    # a TensorList when they are on disk (a plan loaded, or one built from a checkpointed pass)
+    ffn_out: Sequence[torch.Tensor] | None = None
+    attn_out: Sequence[torch.Tensor] | None = None
 
     def widths(self) -> list[int]:
         return [len(i) for i in self.ffn]
@@ -129,13 +132,18 @@ class Plan:
         tensors = {}
         for name, ex in self.experts.items():
             for kind in KINDS:
-                for i, t in enumerate(getattr(ex, kind) or []):
-                    tensors[f"{name}/{kind}.{i}"] = t.contiguous()
+                for i, t in enumerate(stored_items(getattr(ex, kind) or [])):
+                    tensors[f"{name}/{kind}.{i}"] = t if isinstance(t, StoredTensor) else t.contiguous()
         meta = dict(self.meta.to_dict(), format=PLAN_FORMAT, version=PLAN_VERSION,
                     experts={n: {"widths": e.widths(), **e.stats} for n, e in self.experts.items()})
         with atomic_dir(folder) as tmp:
             save_tensors(tmp / "indices.safetensors", tensors)
             (tmp / "plan.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name, ex in self.experts.items():  # on disk now: read from the saved file (its checkpoint may go)
+            for kind in REFIT_KINDS:
+                if isinstance(weights := getattr(ex, kind), TensorList):
+                    weights.items = [StoredTensor(folder.resolve() / "indices.safetensors", f"{name}/{kind}.{i}")
+                                     for i in range(len(weights))]
         return folder
 
     @classmethod
@@ -156,10 +164,13 @@ class Plan:
         experts = {}
         try:
             for name, info in meta["experts"].items():
-                def get(kind: str) -> list[torch.Tensor] | None:
+                def get(kind: str) -> Sequence[torch.Tensor] | None:
                     if f"{name}/{kind}.0" not in tensors:
                         return None
-                    return [tensors[f"{name}/{kind}.{i}"] for i in range(n_layers)]
+                    keys = [f"{name}/{kind}.{i}" for i in range(n_layers)]
+                    if kind in REFIT_KINDS:  # read when a layer is sliced, not all at once
+                        return TensorList([tensors.stored(k) for k in keys])
+                    return [tensors[k] for k in keys]
 
                 ex = Expert(get("ffn"), get("heads"), get("ffn_bias"), get("attn_bias"),
                             {k: v for k, v in info.items() if k != "widths"}, get("ffn_out"), get("attn_out"))

@@ -266,11 +266,12 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
         if sdir is not None and dist.is_main():
             for t, st in op.stats.items():
                 st.save(Path(sdir) / f"{_safe(t)}.safetensors")
-        plan = op.plan
+        plan, release = op.plan, op.release
         stages.done("calibration")
         calibration = {"passes": 1, "world_size": dist.world_size(), "tokens_per_process": op.tokens_per_process,
                        "resumed_from_layer": op.resumed_from, "seconds": op.seconds}
     else:
+        release = lambda: None  # noqa: E731 - the two passes keep no checkpoint past their end
         plan, calibration = _two_pass(lm, config, tasks, fp, heads, data_dir=data_dir, limit=limit,
                                       batch_size=batch_size, max_length=max_length, sdir=sdir, progress=progress,
                                       stages=stages)
@@ -284,6 +285,7 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
         output.begin()  # from here until the manifest, the folder is marked incomplete
         files = {"plan": str(plan.save(out / "plan"))}
     res = _materialise(lm, plan, expert, out / "model" if out else None, max_shard, progress)
+    release()  # the checkpoint the refitted weights were read from: kept until the model is saved
     stages.done("slice_and_save")
     if out:
         res.files = {**files, **res.files}

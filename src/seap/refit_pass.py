@@ -33,6 +33,7 @@ from .estimate import model_estimate
 from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
 from .reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
+from ._io import TensorList
 from .resume import Resume
 from .runtime import available_memory, fmt_bytes
 from .stats import position_limit
@@ -110,10 +111,10 @@ class _Refits:
 
     def __init__(self, ex: Expert, n_layers: int, cfg: RefitConfig):
         self.ex, self.cfg = ex, cfg
-        ex.ffn_out = [None] * n_layers
+        ex.ffn_out = TensorList([None] * n_layers)  # a weight may stay on disk (StoredTensor) until it is used
         ex.ffn_bias = [None] * n_layers if cfg.centered else None
         heads = ex.heads is not None
-        ex.attn_out = [None] * n_layers if heads else None
+        ex.attn_out = TensorList([None] * n_layers) if heads else None
         ex.attn_bias = [None] * n_layers if heads and cfg.centered else None
         self.errors = {k: [0.0] * n_layers for k in ("none", "bias", "refit")}
 
@@ -149,6 +150,18 @@ class OnePass:
     seconds: dict[str, float]
     resumed_from: int | None
     tokens_per_process: list[int]
+    resume: Resume | None = None  # the checkpoint, whose records the plan's refitted weights are read from
+
+    def release(self) -> None:
+        """Remove the checkpoint: call it once the plan is saved and materialised (a run that stops before
+        resumes with every layer's record). Plan.save points the refitted weights to its own file."""
+        if self.resume is None:
+            return
+        for ex in self.plan.experts.values():  # weights not yet saved elsewhere (no --out) come into memory
+            for weights in (ex.ffn_out, ex.attn_out):
+                if isinstance(weights, TensorList):
+                    weights.read_in(self.resume.folder)
+        self.resume.remove()
 
 
 def one_pass_possible(cfg, adapter: Adapter, model: nn.Module, head_unit: str | None, tasks: Sequence[str]) -> bool:
@@ -248,13 +261,16 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
             job = _Refits(ex, engine.n_layers, refit_cfg)
             for i in range(engine.n_layers):
                 rec = _unprefixed(res.record(i), f"x/{j}/")
+                for k in ("ffn/weight", "attn/weight"):  # the bulk: read again when the layer is sliced
+                    if k in rec:
+                        rec[k] = res.stored(i, f"x/{j}/{k}")
                 job.set(i, rec)
                 if ex.heads is not None and not torch.equal(rec["heads"], ex.heads[i]):
                     raise RuntimeError(f"one-pass heads differ from the plan's in layer {i}")
             job.finish(tokens[name])
     if resume is not None:
-        resume.clear()
-    return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all)
+        dist.barrier()  # every process has read the records; rank 0 removes them in release()
+    return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all, resume)
 
 
 def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool, sequential: bool,

@@ -61,9 +61,14 @@ class Resume:
             self.folder.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.detach().cpu().contiguous() for k, v in record.items() if isinstance(v, torch.Tensor)}
             rest = {k: v for k, v in record.items() if not isinstance(v, torch.Tensor)}
-            save_tensors(self.folder / f"layer-{i:05d}.safetensors", tensors)
+            save_tensors(self.tensors_path(i), tensors)
             write_json(self.folder / f"layer-{i:05d}.json", rest)
-        if dist.from_main(last or time.time() - self._last < self._cost / max(self.overhead, 1e-6)):
+        if last:  # the pass is finished: a run stopped after it (in the save, say) reuses every record
+            dist.barrier()
+            if dist.is_main():
+                write_json(self.folder / "state.json", {"settings": self.settings, "next_layer": i + 1})
+            return
+        if dist.from_main(time.time() - self._last < self._cost / max(self.overhead, 1e-6)):
             return
         t0 = time.time()
         self._rank_dir.mkdir(parents=True, exist_ok=True)
@@ -91,17 +96,19 @@ class Resume:
 
     def load(self, n_layers: int) -> tuple[int, list[torch.Tensor]] | None:
         """(first layer to compute, its input hidden states) or None; the records of the layers before it
-        are read with `record(i)`."""
+        are read with `record(i)`. A finished pass gives (n_layers, [])."""
         self.check()
         path = self.folder / "state.json"
         if not path.is_file():
             return None
         try:
             start = int(json.loads(path.read_text())["next_layer"])
-            if not 0 < start < n_layers:
+            if not 0 < start <= n_layers:
                 return None
-            raw = load_file(str(self._rank_dir / "hidden.safetensors"))
-            hidden = [raw[str(b)] for b in range(len(raw))]
+            hidden = []  # a finished pass needs no hidden states
+            if start < n_layers:
+                raw = load_file(str(self._rank_dir / "hidden.safetensors"))
+                hidden = [raw[str(b)] for b in range(len(raw))]
             missing = [i for i in range(start) for ext in ("safetensors", "json")
                        if not (self.folder / f"layer-{i:05d}.{ext}").is_file()]
             if missing:
@@ -112,11 +119,19 @@ class Resume:
         return start, hidden
 
     def record(self, i: int) -> Record:
-        out: Record = dict(load_file(str(self.folder / f"layer-{i:05d}.safetensors")))
+        out: Record = dict(load_file(str(self.tensors_path(i))))
         out.update(json.loads((self.folder / f"layer-{i:05d}.json").read_text()))
         return out
 
+    def tensors_path(self, i: int) -> Path:
+        """The safetensors file of layer i's record."""
+        return self.folder / f"layer-{i:05d}.safetensors"
+
     def clear(self) -> None:
         dist.barrier()
+        self.remove()
+
+    def remove(self) -> None:
+        """Delete the checkpoint (rank 0), with no barrier: for after every process is done reading it."""
         if dist.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)
