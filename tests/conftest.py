@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # GRIFFIN's cached priors of the tests' tiny models go to a throwaway folder, not the user's cache.
 os.environ["SEAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="seap-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEAP_CACHE_DIR"], True)  # removed when the run ends
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
