@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 log = logging.getLogger(__name__)
 
 # the file that commits a seap output folder (seap.outputs writes and checks it)
@@ -120,6 +118,8 @@ def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) 
     order) written one tensor at a time: a StoredTensor is read only while it is copied. safetensors'
     own writer needs every tensor in memory at once; its reader reads this file like its own."""
     import struct
+
+    import torch  # here: seap._io stays importable without torch
 
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
