@@ -15,7 +15,7 @@ log = logging.getLogger("benchmarks")
 def accuracy(models: list[str], limits: dict[str, int], extra: bool, ratios=RATIOS, configs=None,
              dense: bool = True) -> None:
     from seap.evaluation.runner import evaluate_model, evaluate_plan
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     for model_name in models:
         lm = None

@@ -58,7 +58,7 @@ def real_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, read from the bundled GGUF (no network)."""
     from transformers import AutoTokenizer
 
-    from seap.models import resolve_model
+    from seap.model.loading import resolve_model
 
     src = resolve_model("smollm2-135m")
     return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
@@ -80,9 +80,9 @@ def write_checkpoint(name: str, folder: str | Path, *, seed: int = 0, std: float
     """A random-weight bf16 checkpoint of `name`'s geometry in `folder` (atomically); `layers` keeps
     only that many decoder layers (a per-layer profile at full width, in minutes)."""
     from seap._io import atomic_dir
-    from seap.checkpoint import parse_size, write_tensors
-    from seap.skeleton import empty_model
-    from seap.pruned import tensor_specs
+    from seap.model.checkpoint import parse_size, write_tensors
+    from seap.model.skeleton import empty_model
+    from seap.model.pruned_folder import tensor_specs
 
     cfg = config_for(name, layers)
     skeleton = empty_model(cfg, torch.bfloat16)

@@ -94,7 +94,7 @@ def stats_for(lm, model_name: str) -> dict:
 
 def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):
     from seap.config import PruneConfig
-    from seap.fingerprints import fingerprint
+    from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
 
     if extra.get("schedule") == "fitted":

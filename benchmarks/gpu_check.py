@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from seap.config import CalibrationData, PruneConfig
     from seap.pruning import prune
-    from seap.runtime import Runtime
+    from seap.model.runtime import Runtime
 
     if args.geometry == "tiny":
         checkpoints.GEOMETRIES["tiny"] = TINY
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from seap.pruned import load_pruned
+    from seap.model.pruned_folder import load_pruned
 
     torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = {}

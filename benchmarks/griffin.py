@@ -51,7 +51,7 @@ def _magnitude(lm, model_name: str, density: float):
 
 def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
     from seap.evaluation.generation import evaluate_xsum
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     for model_name in models:
         lm = None
@@ -90,7 +90,7 @@ def griffin_speed(models: list[str]) -> None:
     from seap.bench import BenchConfig, bench_models, speed_table
     from seap.evaluation.generation import load_xsum
     from seap.griffin import GriffinConfig
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     # GRIFFIN's experts depend on the prompt: time it on real text (0-shot XSum prompts), not random tokens
     texts = [r["article"] for r in load_xsum(DATA, shots=0, limit=SPEED_PROMPTS)]

@@ -44,7 +44,7 @@ def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> 
     from seap.export import GGUFConfig, export_gguf, export_model
     from seap.export.llamacpp import tensor_types
     from seap.export.llamacpp import bench_gguf, speed_rows
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     for model_name in models:
         check_path = RESULTS / model_name / "llamacpp_check.json"

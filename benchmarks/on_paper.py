@@ -33,12 +33,12 @@ MEASURED = HERE / "results" / "scaling-default"
 
 def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     """The default prune's estimate (per stage seconds, peak bytes by part) for `name`'s geometry."""
-    from seap.adapters import get_adapter
+    from seap.model.adapters import get_adapter
     from seap.config import CalibrationData, PruneConfig
     from seap.estimate import model_estimate
     from seap.layerwise import encode_corpora
     from seap.plan import experts_of, fixed_widths, resolve_head_unit
-    from seap.skeleton import empty_model
+    from seap.model.skeleton import empty_model
     from seap.stats import position_limit
     from seap.tasks import resolve_corpus
 

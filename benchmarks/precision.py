@@ -39,8 +39,8 @@ def precision(limit: int) -> None:
 
     from seap.config import PruneConfig
     from seap.evaluation.runner import evaluate_plan
-    from seap.models import load_model
-    from seap.fingerprints import fingerprint
+    from seap.model.loading import load_model
+    from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
     from seap.layerwise import collect_stats
     from seap.tasks import resolve_corpus

@@ -60,7 +60,7 @@ def time_v(log: Path) -> dict:
 def run_model(name: str, work: Path, keep: bool) -> dict:
     from checkpoints import GEOMETRIES, write_checkpoint
 
-    from seap.checkpoint import Checkpoint
+    from seap.model.checkpoint import Checkpoint
 
     ckpt_dir = work / name / "checkpoint"
     t0 = time.time()

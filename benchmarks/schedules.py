@@ -23,7 +23,7 @@ RATIO = 0.5
 
 def schedules(models: list[str], limits: dict[str, int]) -> None:
     from seap.evaluation.runner import evaluate_plan
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     for model_name in models:
         lm = load_model(model_name)

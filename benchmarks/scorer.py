@@ -38,7 +38,7 @@ def scorer(models, limit: int = 20, repeats: int = 2) -> None:
 
     from seap.evaluation.harness import make_lm
     from seap.evaluation.scorer import plan_rows
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     # HFLM; the selective scorer with its LM head at the read positions only; and with shared contexts packed
     variants = (("hflm", True, False), ("head only", False, False), ("selective", False, True))

@@ -52,7 +52,7 @@ def degenerate(ids: list[int], text: str, run: int = 8) -> bool:
 def _continue(lm, prompts: list[str], griffin=None) -> tuple[list[str], list[list[int]], float]:
     from seap.decoding import generate_texts, stop_token_ids
     from seap.griffin import griffin_selection
-    from seap.models import chat_prompts
+    from seap.model.loading import chat_prompts
 
     texts_in, templated = chat_prompts(lm.tokenizer, prompts, True)
     stops = set(stop_token_ids(lm))
@@ -80,7 +80,7 @@ def shortprompts(models: list[str]) -> None:
 
     from seap.surgery import sliced
     from seap.griffin import GriffinConfig
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     prompts = short_prompts()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

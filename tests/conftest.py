@@ -113,8 +113,8 @@ def tokenizer():
 
 
 def make_loaded(family: str, **kw):
-    from seap.adapters import get_adapter
-    from seap.models import LoadedModel, ModelSource
+    from seap.model.adapters import get_adapter
+    from seap.model.loading import LoadedModel, ModelSource
 
     model = FAMILIES[family](**kw)
     return LoadedModel(model, ByteTokenizer(), get_adapter(model), ModelSource(f"tiny-{family}", f"tiny-{family}"))
@@ -161,7 +161,7 @@ def left_padded(seqs):
 
 def plan_for(lm, cfg, texts=TEXTS, heads=None):
     """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
-    from seap.fingerprints import fingerprint
+    from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
     from seap.layerwise import collect_stats
 

@@ -18,11 +18,11 @@ from seap.analyze.sensitivity import (_dense, _run, layer_damage, quadratic_sens
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
-from seap.fingerprints import fingerprint
+from seap.model.fingerprints import fingerprint
 from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
 from seap.layerwise import collect_stats
-from seap.models import open_model
+from seap.model.loading import open_model
 from seap.surgery import masked
 
 SAMPLE = TEXTS[:6]
@@ -254,7 +254,7 @@ def test_pooled_hidden_states_match_the_models_own_hidden_states():
 def test_pooled_hidden_states_streamed_equal_the_model_in_memory(tmp_path, family):
     """The probe is a pass of the calibration engine: layer by layer from the checkpoint's shards, it
     gives what the whole model in memory gives."""
-    from seap.runtime import Runtime
+    from seap.model.runtime import Runtime
 
     folder = tiny_folder(tmp_path, family)
     texts = TEXTS[:5]

@@ -117,7 +117,7 @@ def test_kill_during_model_save_into_fresh_folder(tmp_path, capsys, base):
 
 
 def test_disk_full_during_model_save(tmp_path, capsys, base, monkeypatch):
-    from seap import checkpoint
+    from seap.model import checkpoint
 
     out = tmp_path / "o"
     prune(base, out, "0.5")
@@ -358,7 +358,7 @@ def test_default_prune_saves_the_tokenizer_as_loaded(tmp_path, base):
 
 def test_save_tokenizer_keeps_a_loaded_setting(tmp_path):
     """What the file had is what is saved (not merely nothing), whatever calibration set meanwhile."""
-    from seap.tokenizer import load_tokenizer, save_tokenizer
+    from seap.model.tokenizer import load_tokenizer, save_tokenizer
     from conftest import byte_level_tokenizer
 
     tok = byte_level_tokenizer()

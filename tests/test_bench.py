@@ -14,7 +14,7 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError
 from seap.surgery import sliced
-from seap.fingerprints import fingerprint
+from seap.model.fingerprints import fingerprint
 from seap.plan import build_plan
 
 
@@ -102,7 +102,7 @@ def test_bench_cli_dense_vs_pruned_folder(tmp_path, capsys):
 
 
 def test_text_prompts_take_the_first_tokens_of_long_enough_texts(tmp_path, capsys):
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     lm = load_model(str(tiny_folder(tmp_path, "llama")))
     texts = ["abcdefghij", "short", "0123456789xyz"]

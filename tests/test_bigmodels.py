@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import FAMILIES, TEXTS, byte_level_tokenizer, one_line_error
 
-from seap import runtime as rt_mod
-from seap.checkpoint import Checkpoint, ShardWriter
+from seap.model import runtime as rt_mod
+from seap.model.checkpoint import Checkpoint, ShardWriter
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError, ModelError
 from seap.layerwise import layerwise_stats
-from seap.models import load_model, open_model
+from seap.model.loading import load_model, open_model
 from seap.pruning import prune
-from seap.runtime import Runtime
+from seap.model.runtime import Runtime
 from seap.layerwise import collect_stats
 
 CPU = torch.device("cpu")

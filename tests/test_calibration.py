@@ -15,17 +15,17 @@ from conftest import TEXTS, make_loaded, one_line_error, tiny_folder
 import seap.refit_pass as refit_pass
 import seap.resume as resume_mod
 from seap.calibration import GramObserver, Outcome, StatsObserver, run_pass
-from seap.checkpoint import Checkpoint
+from seap.model.checkpoint import Checkpoint
 from seap.cli import main
 from seap.config import CalibrationData, PruneConfig
-from seap.fingerprints import fingerprint
+from seap.model.fingerprints import fingerprint
 from seap.layerwise import collect_stats, engine_for
-from seap.models import open_model
+from seap.model.loading import open_model
 from seap.plan import GENERIC, Plan, build_plan, resolve_head_unit
 from seap.pruning import prune
 from seap.reconstruct import RefitConfig
 from seap.refit_pass import one_pass, reconstruct_plan
-from seap.runtime import Runtime
+from seap.model.runtime import Runtime
 
 CORPORA = {"a": TEXTS[:7], "b": TEXTS[7:] + ["A further calibration text about the feed-forward channels."]}
 

@@ -8,7 +8,7 @@ from conftest import tiny_folder
 
 from seap.cli import main
 from seap.config import PRESETS
-from seap.models import load_model
+from seap.model.loading import load_model
 
 
 @pytest.fixture(scope="module")

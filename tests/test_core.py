@@ -7,9 +7,9 @@ import torch
 from conftest import TEXTS, make_loaded, plan_for
 
 from seap.config import PruneConfig
-from seap.fingerprints import fingerprint
+from seap.model.fingerprints import fingerprint
 from seap.plan import Expert, Plan, PlanRecord
-from seap.pruned import load_pruned, save_pruned
+from seap.model.pruned_folder import load_pruned, save_pruned
 from seap.stats import ActivationStats, ChannelStats
 from seap.layerwise import collect_stats
 from seap.surgery import masked, slice_model

@@ -11,7 +11,7 @@ from seap.decoding import cut_at_stop, generate_texts, greedy, positions
 from seap.errors import ConfigError
 from seap.griffin import (GriffinConfig, GriffinSelection, corpus_statistic, experts_applied, prefill_statistics,
                           select, with_prior)
-from seap.models import encode_left_padded, load_model
+from seap.model.loading import encode_left_padded, load_model
 
 G = torch.Generator().manual_seed(11)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (9, 5, 12, 3)]

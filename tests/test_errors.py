@@ -160,7 +160,7 @@ def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
 
     lm = make_loaded("llama")
     from seap.config import PruneConfig
-    from seap.fingerprints import fingerprint
+    from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
 
     plan = build_plan(lm.model, lm.adapter, PruneConfig.from_method("magnitude"), {"t": None}, base_model="x",

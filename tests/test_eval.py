@@ -19,7 +19,7 @@ from seap.evaluation.harness import (PAPER_METRIC, TaskScore, localize_yaml, pap
                                      write_task_folder, yaml_source)
 from seap.evaluation.perplexity import token_perplexity
 from seap.evaluation.runner import EvalConfig, evaluate_model, evaluate_plan
-from seap.models import load_model
+from seap.model.loading import load_model
 
 PARITY_TASKS = ("piqa", "arc_easy", "winogrande")
 
@@ -169,7 +169,7 @@ def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     """Protocol `task`: each task is scored by its own expert, others by the default (generic) one."""
     from seap.config import CalibrationData, PruneConfig
     from seap.surgery import sliced
-    from seap.fingerprints import fingerprint
+    from seap.model.fingerprints import fingerprint
     from seap.pipeline import collect
     from seap.plan import build_plan
 

@@ -14,7 +14,7 @@ from seap.config import PruneConfig
 from seap.errors import ConfigError, ModelError
 from seap.export import GGUFConfig, export_gguf, export_vllm
 from seap.export.llamacpp import available as llamacpp_available
-from seap.models import load_model
+from seap.model.loading import load_model
 from seap.surgery import slice_model
 
 IDS = torch.randint(3, 250, (1, 24), generator=torch.Generator().manual_seed(3))

@@ -13,7 +13,7 @@ from seap.errors import DataError
 from seap.evaluation.generation import evaluate_xsum, load_xsum, rouge_scores
 from seap.decoding import cut_at_stop, generate_texts
 from seap.griffin import GriffinSelection, classification_mode
-from seap.models import load_model
+from seap.model.loading import load_model
 
 ARTICLES = [
     "The council voted to close the old bridge after engineers found cracks in its supports.",

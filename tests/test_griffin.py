@@ -170,8 +170,8 @@ def test_the_prior_from_the_engine_is_the_whole_model_statistic(family, tmp_path
     both equal the statistic summed over whole-model forwards of each text alone."""
     from conftest import tiny_folder
 
-    from seap.models import open_model
-    from seap.runtime import Runtime
+    from seap.model.loading import open_model
+    from seap.model.runtime import Runtime
 
     texts = ["some generic text", "and a second one, longer than the first", "a third"]
     folder = tiny_folder(tmp_path, family)

@@ -30,7 +30,7 @@ def test_main_job_on_bundled_smollm2(tmp_path):
     assert summary["achieved_ratio"] == pytest.approx(0.5, abs=1e-3)
     # A new process reloads the folder and counts its parameters independently.
     code = (
-        "import json, torch; from seap.models import load_model; lm = load_model(%r); "
+        "import json, torch; from seap.model.loading import load_model; lm = load_model(%r); "
         "a = lm.adapter; ffn = sum(l.weight.numel() for layer in a.layers(lm.model) "
         "for l in (*a.ffn_in(layer), a.ffn_out(layer))); "
         "ids = lm.tokenizer('The capital of France is', return_tensors='pt'); "
@@ -74,8 +74,8 @@ SIX_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogr
 def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
     """Fitted on the train splits of the six tasks, tested on their validation splits (DESIGN 2.5)."""
     from seap.config import PruneConfig
-    from seap.models import load_model
-    from seap.fingerprints import fingerprint
+    from seap.model.loading import load_model
+    from seap.model.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
     from seap.router import evaluate_router, fit_router
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import TEXTS, make_loaded, plan_for, tiny_folder
 
-from seap.checkpoint import Checkpoint
+from seap.model.checkpoint import Checkpoint
 from seap.config import PruneConfig
 from seap.errors import ConfigError
 from seap.plan import Plan
 from seap.pruning import prune
 from seap.reconstruct import GramAccumulator, RefitConfig, obs_select, output_error, refit
 from seap.refit_pass import reconstruct_plan, refit_experts
-from seap.runtime import Runtime
+from seap.model.runtime import Runtime
 from seap.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))
@@ -206,7 +206,7 @@ def test_reconstruction_brings_the_model_closer_to_dense_on_its_calibration_text
 def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, choice, monkeypatch):
     """Task experts and the generic expert refitted from per-corpus moments in one pass (the default
     in the refit mode) equal one pass per expert over its own texts."""
-    from seap.fingerprints import fingerprint
+    from seap.model.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
     from seap.layerwise import collect_stats
 

@@ -13,8 +13,8 @@ from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.surgery import sliced
 from seap.experts import MultiExpertModel
-from seap.models import encode_left_padded, load_model
-from seap.fingerprints import fingerprint
+from seap.model.loading import encode_left_padded, load_model
+from seap.model.fingerprints import fingerprint
 from seap.plan import GENERIC, build_plan
 from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
 from seap.layerwise import collect_stats

@@ -13,7 +13,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from seap.evaluation.harness import make_lm  # noqa: E402
 from seap.evaluation.scorer import packed_mask, plan_rows  # noqa: E402
-from seap.models import load_model  # noqa: E402
+from seap.model.loading import load_model  # noqa: E402
 
 from conftest import tiny_folder  # noqa: E402
 

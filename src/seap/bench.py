@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .decoding import greedy, sync
 from .errors import ConfigError
 from .griffin import GriffinConfig
-from .models import LoadedModel
+from .model.loading import LoadedModel
 from .surgery import count_params, ffn_params, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def text_prompts(tokenizer, texts: Sequence[str], length: int, chat: bool = Fals
     """[N, length] token ids: the first `length` tokens of every text long enough to give them; with
     `chat`, the last `length` tokens of each text as a user turn of the chat template (so a prompt
     ends where the assistant's answer starts, as an instruct model is served)."""
-    from .models import chat_prompts
+    from .model.loading import chat_prompts
 
     if chat:
         wrapped, _ = chat_prompts(tokenizer, texts, True)

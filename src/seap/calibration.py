@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from ._io import StoredTensor
-from .adapters import Adapter
+from .model.adapters import Adapter
 from .reconstruct import GramAccumulator, Moments
-from .runtime import available_memory
+from .model.runtime import available_memory
 from .scores import squared_neuron_scores
 from .stats import ChannelStats, DeviceStats
 
@@ -236,7 +236,7 @@ class Engine:
     """Calibration batches through a model's decoder layers one at a time.
 
     `batches` and their corpus `labels` are this process's share. With a `loader`
-    (seap.skeleton.SkeletonLoader) the model is an empty skeleton whose layers are read from the
+    (seap.model.skeleton.SkeletonLoader) the model is an empty skeleton whose layers are read from the
     checkpoint one at a time; without one it is a model in memory. `offload`: keep the hidden states on
     the CPU (None: when three copies of them would not fit in the device's free memory)."""
 

@@ -13,7 +13,7 @@ from .cli_args import as_flags, build_parser
 from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError, SeapError
 from .griffin import GriffinConfig
-from .runtime import runtime_from_args
+from .model.runtime import runtime_from_args
 
 
 def _calibration(args) -> CalibrationData:

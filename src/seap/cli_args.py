@@ -9,7 +9,7 @@ from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
 from .export.gguf import OUT_TYPES
 from .griffin import DEFAULT_SHORT, SHORT_MODES
-from .runtime import add_runtime_args
+from .model.runtime import add_runtime_args
 from .tasks import ACCURACY_TASKS, SUITE, TASK_NAMES
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .models import encode_left_padded, max_positions
+from .model.loading import encode_left_padded, max_positions
 
 Finished = Callable[[torch.Tensor], "torch.Tensor | None"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .runtime import available_memory, fmt_bytes
+from .model.runtime import available_memory, fmt_bytes
 
 OBS_WORK = 2.4  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates), as timed at 8B
 GATHER_EFFICIENCY = 0.7  # the refit and the errors gather blocks of the float64 Gram matrix: below the matmul rate

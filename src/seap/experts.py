@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import by_sequence, module_path, set_module
+from .model.adapters.base import by_sequence, module_path, set_module
 from .decoding import generate_texts
 from .errors import ConfigError
-from .models import LoadedModel
-from .fingerprints import check_fingerprint
+from .model.loading import LoadedModel
+from .model.fingerprints import check_fingerprint
 from .plan import Expert, Plan
 from .router import Route, Router
 from .surgery import head_index_sets, unique_tensors

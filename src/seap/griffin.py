@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter
-from .adapters.base import by_sequence, module_path, set_module
+from .model.adapters import Adapter
+from .model.adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
 from .scores import neuron_scores, ranking, top_k
 
@@ -340,7 +340,7 @@ def prior_cache_path(lm) -> Path:
     import json
     import os
 
-    from .fingerprints import fingerprint
+    from .model.fingerprints import fingerprint
 
     fp = fingerprint(lm.model, lm.adapter)
     key = hashlib.sha256(json.dumps([fp["arch_hash"], fp["signature"]]).encode()).hexdigest()[:24]

@@ -2,7 +2,7 @@
 (`collect_stats`) or a checkpoint that never fits in memory (`layerwise_stats`): the same engine, the
 same observers, so both give the same statistics.
 
-Streamed, the model is an empty skeleton (`seap.skeleton`, accelerate's `init_empty_weights`): the
+Streamed, the model is an empty skeleton (`seap.model.skeleton`, accelerate's `init_empty_weights`): the
 embeddings are loaded, every batch's layer inputs are caught, the embeddings are freed, and each
 decoder layer is read from the shards, run on every batch and freed. Peak memory: one layer, the
 embeddings (briefly), the hidden states. A killed streamed pass started again with the same settings
@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .adapters import Adapter, adapter_for_config
+from .model.adapters import Adapter, adapter_for_config
 from .calibration import Engine, Outcome, StatsObserver, run_pass
-from .checkpoint import Checkpoint
+from .model.checkpoint import Checkpoint
 from .errors import ConfigError
 from .resume import Resume
-from .skeleton import SkeletonLoader, empty_model
+from .model.skeleton import SkeletonLoader, empty_model
 from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
-from .weights import CheckpointWeights, LayerWeights, UnitWeights
+from .model.weights import CheckpointWeights, LayerWeights, UnitWeights
 
 
 def encode_corpora(tokenizer, corpora: dict[str, Sequence[str]], batch_size: int,
@@ -171,10 +171,10 @@ def collect_stats(model: nn.Module, tokenizer, adapter: Adapter, texts: Sequence
 
 def engine_for(lm, corpora: dict[str, Sequence[str]], *, batch_size: int, max_length: int,
                encoded: tuple | None = None) -> tuple[Engine, dict]:
-    """The engine over a model in memory (seap.models.LoadedModel) or streamed from its checkpoint
+    """The engine over a model in memory (seap.model.loading.LoadedModel) or streamed from its checkpoint
     (LazyModel), on this process's share of the corpora (`encoded`: encode_corpora's result, when the
     caller has it); and the texts of each corpus."""
-    from .models import LazyModel
+    from .model.loading import LazyModel
 
     enc, labels, n_texts = encoded or encode_corpora(lm.tokenizer, corpora, batch_size,
                                                      position_limit(lm.model.config, max_length))

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 
 from ._io import MANIFEST, TensorFile, sweep_temporaries, write_json
 from ._version import __version__
-from .checkpoint import write_error
+from .model.checkpoint import write_error
 from .errors import ArtifactError, BusyError, SeapError
 
 log = logging.getLogger(__name__)

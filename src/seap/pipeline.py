@@ -11,13 +11,13 @@ from typing import Sequence
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
 from .griffin import GriffinConfig
-from .models import LoadedModel, chat_prompts, check_prompts, open_model
-from .fingerprints import check_fingerprint
+from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
+from .model.fingerprints import check_fingerprint
 from .plan import Plan
-from .pruned import read_record
+from .model.pruned_folder import read_record
 from .pruning import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .router import Router, RouterConfig, RouterEval, Route
-from .runtime import Runtime
+from .model.runtime import Runtime
 from .surgery import plan_and_expert, sliced
 from .tasks import resolve_corpus
 
@@ -80,9 +80,9 @@ def _describe(path: Path) -> dict:
             "experts": {n: _expert_info(e) for n, e in plan.experts.items()},
         }
     if (path / "config.json").is_file():
-        from .adapters import adapter_for_config
-        from .checkpoint import Checkpoint
-        from .runtime import dtype_name
+        from .model.adapters import adapter_for_config
+        from .model.checkpoint import Checkpoint
+        from .model.runtime import dtype_name
 
         data = read_record(path)
         rec = data["seap_pruning"]

@@ -18,14 +18,14 @@ from torch import nn
 from ._version import __version__
 from ._io import StoredTensor, TensorList, atomic_dir, save_tensors, stored_items
 from .outputs import prune_output_part, read_artifact
-from .adapters import Adapter
+from .model.adapters import Adapter
 from . import allocation
 from .allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .scores import channel_scores, group_scores, top_k
 from .stats import ActivationStats, ChannelStats
-from .weights import LayerWeights, ModuleWeights, WeightSource
+from .model.weights import LayerWeights, ModuleWeights, WeightSource
 
 PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1
@@ -67,7 +67,7 @@ class PlanRecord:
     """What a plan was made from and how (plan.json besides its experts)."""
 
     base_model: str
-    fingerprint: dict  # of the base model (seap.fingerprints): the plan is refused on another one
+    fingerprint: dict  # of the base model (seap.model.fingerprints): the plan is refused on another one
     method: str
     config: dict  # the PruneConfig, as a dict
     target_ratio: float

@@ -1,6 +1,6 @@
 """collect -> plan -> slice -> save, whole in memory or layer by layer, with a summary.
 
-The path is chosen by `seap.models.open_model` from the memory free (or forced by Runtime.load):
+The path is chosen by `seap.model.loading.open_model` from the memory free (or forced by Runtime.load):
 a model that fits is loaded whole; a bigger safetensors checkpoint stays on disk, its statistics
 come from the layer-by-layer pass (seap.layerwise) and its pruned copy is streamed from the
 source shards (seap.streaming). Both paths give the same statistics, plan and files.
@@ -18,17 +18,17 @@ from typing import Iterator, Sequence
 import torch
 
 from ._io import write_json, write_text
-from .checkpoint import DEFAULT_SHARD_BYTES, parse_size
+from .model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError
-from .models import LazyModel, LoadedModel, open_model
-from .fingerprints import check_fingerprint, fingerprint
+from .model.loading import LazyModel, LoadedModel, open_model
+from .model.fingerprints import check_fingerprint, fingerprint
 from . import distributed as dist
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
 from .reconstruct import RefitConfig
 from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
-from .pruned import save_pruned
-from .runtime import Runtime, dtype_name
+from .model.pruned_folder import save_pruned
+from .model.runtime import Runtime, dtype_name
 from .layerwise import collect_stats
 from .outputs import PRUNE_PARTS, Output, locked, output_folder
 from .stats import ActivationStats

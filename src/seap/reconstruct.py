@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter
+from .model.adapters import Adapter
 from .config import RECONSTRUCT_MODES as MODES
 from .config import REFIT_CHOICES as CHOICES
 from .config import PruneConfig

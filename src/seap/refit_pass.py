@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .adapters import Adapter
+from .model.adapters import Adapter
 from .calibration import GramObserver, Outcome, StatsObserver, run_pass
 from .errors import ConfigError
 from .estimate import model_estimate
@@ -35,11 +35,11 @@ from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_wi
 from .reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
 from ._io import TensorList
 from .resume import Resume
-from .runtime import available_memory, fmt_bytes
+from .model.runtime import available_memory, fmt_bytes
 from .stats import position_limit
 from .scores import top_k
 from .surgery import head_index_sets, layer_masked
-from .weights import LayerWeights
+from .model.weights import LayerWeights
 
 log = logging.getLogger(__name__)
 

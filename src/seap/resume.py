@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from . import distributed as dist
 from ._io import save_tensors, write_json
-from .checkpoint import write_error
+from .model.checkpoint import write_error
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)

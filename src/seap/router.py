@@ -31,11 +31,11 @@ from torch import nn
 from ._version import __version__
 from ._io import atomic_dir, save_tensors
 from .outputs import read_artifact
-from .adapters import Adapter
+from .model.adapters import Adapter
 from .errors import ArtifactError, ConfigError, DataError
-from .models import LoadedModel
+from .model.loading import LoadedModel
 from .ood import OodTest, form_features
-from .fingerprints import check_fingerprint, fingerprint
+from .model.fingerprints import check_fingerprint, fingerprint
 from .plan import GENERIC, Expert
 from .tasks import TASKS, Corpus, resolve_corpus
 

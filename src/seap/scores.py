@@ -1,7 +1,7 @@
 """Importance scores per prunable unit (docs/design.md §2.2). Pure functions of tensors: higher = keep.
 
 Shapes: W_d is [d, C] (the output linear: d outputs, C channels); W_in rows are [C, d]. The weights
-enter as per-channel norms (seap.weights.UnitWeights), so a model need not be in memory.
+enter as per-channel norms (seap.model.weights.UnitWeights), so a model need not be in memory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .errors import ConfigError
 from .stats import ChannelStats
-from .weights import UnitWeights
+from .model.weights import UnitWeights
 
 SCORES = ("wifv", "wifn", "wanda_sp", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")

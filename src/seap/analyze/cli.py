@@ -10,7 +10,7 @@ OUT_HELP = "output folder for <name>.json, <name>.md and the PNG figures (defaul
 
 
 def _common(p: argparse.ArgumentParser, *, limit: int, tasks_help: str) -> None:
-    from ..runtime import add_runtime_args
+    from ..model.runtime import add_runtime_args
 
     add_runtime_args(p, device_map=True)
     p.add_argument("--model", default=None, help="bundled name (smollm2-135m [default], gemma3-270m), a Hugging "

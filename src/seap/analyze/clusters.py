@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..models import LoadedModel, open_model
+from ..model.loading import LoadedModel, open_model
 from ..calibration import Outcome, PooledOutputs, run_pass
 from ..layerwise import engine_for
 from ..stats import indexed_batches, position_limit

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._io import write_json, write_text
-from ..adapters import Adapter
+from ..model.adapters import Adapter
 from ..calibration import observing
 from ..errors import ConfigError
 from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..models import LoadedModel, open_model
+from ..model.loading import LoadedModel, open_model
 from ..layerwise import collect_stats
 from ..stats import ActivationStats
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts

@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 
 from ..allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
-from ..models import LoadedModel, open_model
-from ..fingerprints import fingerprint
+from ..model.loading import LoadedModel, open_model
+from ..model.fingerprints import fingerprint
 from ..plan import Expert, Plan, pools
 from ..scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..layerwise import collect_stats
-from ..weights import ModuleWeights
+from ..model.weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus
 from ..stats import batches

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..griffin import GriffinConfig
-from ..models import LoadedModel
+from ..model.loading import LoadedModel
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -86,7 +86,7 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     `chat`: each prompt as a user turn of the chat template (GRIFFIN's protocol is the raw prompt)."""
     from ..decoding import generate_texts
     from ..griffin import GriffinSelection, griffin_prior
-    from ..models import chat_prompts
+    from ..model.loading import chat_prompts
 
     griffin = None
     if density is not None:  # a float: the paper's pure GRIFFIN; a GriffinConfig: as it says

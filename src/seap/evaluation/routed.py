@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..experts import MultiExpertModel
-from ..models import LoadedModel
+from ..model.loading import LoadedModel
 from ..plan import GENERIC, Plan
 from ..router import Router
 from .harness import evaluate_tasks, make_lm

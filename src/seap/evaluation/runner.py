@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
-from ..adapters import get_adapter
-from ..models import LoadedModel
-from ..fingerprints import check_fingerprint
+from ..model.adapters import get_adapter
+from ..model.loading import LoadedModel
+from ..model.fingerprints import check_fingerprint
 from ..griffin import GriffinConfig
 from ..plan import GENERIC, Plan
 from ..surgery import count_params, sliced

@@ -35,10 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_path
-from ..checkpoint import write_error
+from ..model.checkpoint import write_error
 from ..errors import ConfigError, ModelError
-from ..models import LoadedModel, resolve_model
-from ..tokenizer import save_tokenizer
+from ..model.loading import LoadedModel, resolve_model
+from ..model.tokenizer import save_tokenizer
 from .source import ExportSource, as_source
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..adapters import Adapter, adapter_for_config
-from ..checkpoint import Checkpoint, TensorSpec
+from ..model.adapters import Adapter, adapter_for_config
+from ..model.checkpoint import Checkpoint, TensorSpec
 from ..errors import ArtifactError, ModelError
-from ..models import LoadedModel, ModelSource, local_folder, open_model, resolve_model
-from ..tokenizer import load_tokenizer
-from ..fingerprints import check_fingerprint
-from ..pruned import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
+from ..model.loading import LoadedModel, ModelSource, local_folder, open_model, resolve_model
+from ..model.tokenizer import load_tokenizer
+from ..model.fingerprints import check_fingerprint
+from ..model.pruned_folder import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
 from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors
 
 
@@ -83,7 +83,7 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
     """A streamed source for a local safetensors folder (a hub id is downloaded first): the pruned
     folder as it is, or the base checkpoint cut by `plan`; None for anything else (GGUF files, the
     bundled models, .bin weights) and under `--load whole`: those are loaded whole."""
-    from ..runtime import Runtime
+    from ..model.runtime import Runtime
 
     rt = runtime or Runtime()
     if rt.load == "whole":
@@ -109,7 +109,7 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
         stream = _checked(stream_pruned_tensors(ckpt, config, plan, expert, dtype), ModelError,
                           "download the checkpoint again")
     else:
-        from ..skeleton import empty_model
+        from ..model.skeleton import empty_model
 
         stream = _checked(stream_tensors(ckpt, lazy.model, empty_model(config, dtype), lazy.adapter, dtype),
                           ModelError, "download the checkpoint again")

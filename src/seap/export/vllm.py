@@ -6,7 +6,7 @@ Nemotron-NAS block-config layout that vLLM's `DeciLMForCausalLM` reads: `block_c
 layer i's `ffn.intermediate_size` and `attention.n_heads_in_group`; the weights keep their Llama
 names. The folder carries its own `configuration_decilm.py` (serve with `trust_remote_code`).
 
-Tensors are written to sharded safetensors one at a time (seap.checkpoint's writer), so a pruned
+Tensors are written to sharded safetensors one at a time (seap.model.checkpoint's writer), so a pruned
 folder or a base checkpoint with a plan is exported one decoder layer in memory at a time.
 
 Tensor parallelism shards every FFN width and head count over the GPUs, so `tensor_parallel=N`
@@ -24,11 +24,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir
-from ..checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
 from ..errors import ConfigError, ModelError
-from ..models import LoadedModel
-from ..tokenizer import save_tokenizer
-from ..pruned import needs_seap_loader, write_config
+from ..model.loading import LoadedModel
+from ..model.tokenizer import save_tokenizer
+from ..model.pruned_folder import needs_seap_loader, write_config
 from ..surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
 

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .outputs import prune_output_part
+from ..outputs import prune_output_part
 from .adapters import Adapter, adapter_for_config, get_adapter
-from .errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from .weights import ModuleWeights, WeightSource
 from .tokenizer import load_tokenizer
 
@@ -127,7 +127,7 @@ class LazyModel:
     tokenizer: object
     adapter: Adapter
     source: ModelSource
-    checkpoint: object  # seap.checkpoint.Checkpoint
+    checkpoint: object  # seap.model.checkpoint.Checkpoint
     device: torch.device
     dtype: torch.dtype
     weights: WeightSource  # fingerprint samples and weight norms read from the shards
@@ -234,7 +234,7 @@ def load_model(name_or_path: str | ModelSource | None = None, *, gguf_file: str 
     ckpt_dtype = torch.float32 if src.gguf_file else None
     try:
         if src.gguf_file is None and Path(src.path, "config.json").is_file():
-            from .pruned import is_pruned_folder, load_pruned
+            from .pruned_folder import is_pruned_folder, load_pruned
 
             ckpt_dtype = _config_dtype(Path(src.path, "config.json"))
             if is_pruned_folder(src.path):
@@ -320,13 +320,13 @@ def choose_load(mode: str, ckpt, device: torch.device, dtype: torch.dtype, *, st
 
 def open_model(name_or_path: str | ModelSource | None = None, runtime=None, *, revision: str | None = None,
                streamable: bool = False) -> LoadedModel | LazyModel:
-    """A model placed and typed as `runtime` (seap.runtime.Runtime) says: whole in memory, or, where
+    """A model placed and typed as `runtime` (seap.model.runtime.Runtime) says: whole in memory, or, where
     `streamable` (statistics and pruning) and it does not fit or is asked to, a LazyModel left on disk.
     Shards are checked (missing, truncated) before anything is loaded."""
     from transformers import AutoConfig
 
     from .checkpoint import Checkpoint
-    from .pruned import is_pruned_folder
+    from .pruned_folder import is_pruned_folder
     from .runtime import Runtime
 
     rt = runtime or Runtime()

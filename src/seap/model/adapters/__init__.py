@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ModelError
+from ...errors import ModelError
 from .base import Adapter, HeadGeometry
 from .families import Gemma3Adapter, LlamaAdapter, OPTAdapter
 

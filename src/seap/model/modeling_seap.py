@@ -16,7 +16,7 @@ from __future__ import annotations
 import transformers
 from torch import nn
 
-# The stock classes seap prunes (seap.adapters): one subclass each, named Seap<class>.
+# The stock classes seap prunes (seap.model.adapters): one subclass each, named Seap<class>.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "SmolLM3ForCausalLM", "GraniteForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
                  "GemmaForCausalLM", "OPTForCausalLM")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .errors import ArtifactError
+from ..errors import ArtifactError
 from .weights import ModuleWeights, WeightSource
 
 

@@ -24,8 +24,8 @@ from typing import Iterable, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ._io import MANIFEST
-from .errors import ArtifactError, ModelError
+from .._io import MANIFEST
+from ..errors import ArtifactError, ModelError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -348,7 +348,7 @@ def write_error(path: str | Path, err: OSError, need: int | None = None) -> Arti
 
 def parse_size(text: str | int, what: str = "`shard_size`") -> int:
     """'5GB', '500MB', '2GiB' or a byte count (`what` names it in errors: the CLI shows a flag)."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     s = str(text).strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,

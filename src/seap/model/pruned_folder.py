@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_dir
+from .._io import atomic_dir
 from .adapters import adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_error, write_tensors
-from .errors import ArtifactError, ModelError
-from .config import SEAP_CONFIG_KEY
+from ..errors import ArtifactError, ModelError
+from ..config import SEAP_CONFIG_KEY
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _write_config(layout: nn.Module, record: dict, folder: Path, dtype: torch.dt
 
 def _add_remote_code(cfg: dict, adapter, folder: Path) -> None:
     """Per-layer widths need their own modeling code to load without seap: the folder carries
-    seap/modeling_seap.py and config.json points `trust_remote_code` loaders at it."""
+    seap/model/modeling_seap.py and config.json points `trust_remote_code` loaders at it."""
     from . import modeling_seap
 
     arch = (cfg.get("architectures") or [""])[0]

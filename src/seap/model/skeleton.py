@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .checkpoint import Checkpoint
-from .errors import ModelError
+from ..errors import ModelError
 from .weights import CheckpointWeights, LayerWeights, signature_positions
 
 
