@@ -37,7 +37,7 @@ EXTRA_CONFIGS = (  # run after the required rows: SEAP with FLAP's fluctuation s
     ("SEAP-gen (multiple 32)", "seap-paper", "generic", {"multiple": 32}),
 )
 
-# Training-free reconstruction (seap.reconstruct) on top of each method, same calibration text
+# Training-free reconstruction (seap.core.reconstruct) on top of each method, same calibration text
 RECON_CONFIGS = (
     ("SEAP-gen + sequential refit", "seap-paper", "generic", {"reconstruct": "sequential"}),
     ("FLAP + sequential refit", "flap", "all", {"reconstruct": "sequential"}),
@@ -163,7 +163,7 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
     scores perplexity, on all the text)."""
     from seap.plan import GENERIC
     from seap.pruning import expert_corpora
-    from seap.reconstruct import RefitConfig, error_summary
+    from seap.core.reconstruct import RefitConfig, error_summary
     from seap.refit_pass import reconstruct_plan
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seap.allocation import Pool, adaptive, logistic, uniform
+from seap.core.allocation import Pool, adaptive, logistic, uniform
 from seap.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TEXTS, has_shared_data, make_loaded, tiny_folder
 
-from seap.allocation import Pool, Schedule, achieved_ratio
+from seap.core.allocation import Pool, Schedule, achieved_ratio
 from seap.analyze import (ClusterConfig, HeatmapConfig, SensitivityConfig, analyze_clusters, analyze_heatmap,
                           analyze_plans, analyze_sensitivity, fit_logistic, load_schedule)
 from seap.analyze.clusters import pooled_hidden_states, silhouette, standardize

@@ -23,7 +23,7 @@ from seap.layerwise import collect_stats, engine_for
 from seap.model.loading import open_model
 from seap.plan import GENERIC, Plan, build_plan, resolve_head_unit
 from seap.pruning import prune
-from seap.reconstruct import RefitConfig
+from seap.core.reconstruct import RefitConfig
 from seap.refit_pass import one_pass, reconstruct_plan
 from seap.model.runtime import Runtime
 

@@ -11,7 +11,7 @@ from seap.decoding import greedy
 from seap.errors import ConfigError
 from seap.griffin import (GriffinConfig, GriffinSelection, classification_mode, corpus_statistic, keep_count,
                           neuron_scores, prefill_statistics, select, with_prior)
-from seap.scores import top_k
+from seap.core.scores import top_k
 
 G = torch.Generator().manual_seed(5)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]

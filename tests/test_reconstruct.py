@@ -12,7 +12,7 @@ from seap.config import PruneConfig
 from seap.errors import ConfigError
 from seap.plan import Plan
 from seap.pruning import prune
-from seap.reconstruct import GramAccumulator, RefitConfig, obs_select, output_error, refit
+from seap.core.reconstruct import GramAccumulator, RefitConfig, obs_select, output_error, refit
 from seap.refit_pass import reconstruct_plan, refit_experts
 from seap.model.runtime import Runtime
 from seap.surgery import masked, slice_model
@@ -100,7 +100,7 @@ def test_errors_from_the_moments_equal_the_direct_sums():
 def test_blocked_triangular_maths_equal_one_block(monkeypatch):
     """The lower-triangle Gram sums, OBS updates and error quadratics, run in blocks smaller than the
     matrix (as at 8B), give what one block gives: the same moments, channels, refit and errors."""
-    import seap.reconstruct as rec
+    import seap.core.reconstruct as rec
 
     z, w, kept = _data(tokens=300, channels=23, out=7, seed=5)
 

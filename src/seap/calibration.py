@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from ._io import StoredTensor
 from .model.adapters import Adapter
-from .reconstruct import GramAccumulator, Moments
+from .core.reconstruct import GramAccumulator, Moments
 from .model.runtime import available_memory
-from .scores import squared_neuron_scores
+from .core.scores import squared_neuron_scores
 from .stats import ChannelStats, DeviceStats
 
 log = logging.getLogger(__name__)

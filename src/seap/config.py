@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .allocation import ALLOCATORS, DEFAULT_K, DEFAULT_X0, Schedule, Settings, check_ratio
+from .core.allocation import ALLOCATORS, DEFAULT_K, DEFAULT_X0, Schedule, Settings, check_ratio
 from .errors import ConfigError
-from .scores import SCORES
+from .core.scores import SCORES
 
 HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32
@@ -56,7 +56,7 @@ class PruneConfig:
     # a logistic schedule measured on this model (seap.analyze.schedule.load_schedule): its k, x0 and
     # dense layers replace the defaults; allocation "logistic" only
     schedule: Schedule | None = None
-    # Training-free reconstruction (seap.reconstruct): "none", "refit" (least squares on the dense
+    # Training-free reconstruction (seap.core.reconstruct): "none", "refit" (least squares on the dense
     # model's activations) or "sequential" (each layer on the outputs of the pruned layers before it)
     reconstruct: str = "none"
     ridge: float = 1e-2  # relative to the mean variance of the kept channels
@@ -153,7 +153,7 @@ class PruneConfig:
         return self.with_(multiple=DEFAULT_MULTIPLE if min(widths) >= MIN_WIDTH_FOR_MULTIPLE else 1)
 
     def settings(self) -> Settings:
-        """What the allocation reads (seap.allocation.allocate); resolve the multiple first."""
+        """What the allocation reads (seap.core.allocation.allocate); resolve the multiple first."""
         return Settings(self.ratio, self.multiple or 1, self.first, self.last, self.k, self.x0, self.rho_max,
                         self.robust)
 

@@ -6,7 +6,7 @@ counts as about 2.4 C^3 float32 operations for a layer of C channels, factor, in
 the lower triangle together: measured 33 s a layer in the 8B-geometry default prune on 2 CPU cores
 whose matrix product runs at about 178 GFLOPS). Memory: the largest of
 what is alive at once (the resident layer, the calibration hidden states, the Gram matrices and the
-OBS or refit workspace of one layer; see seap.reconstruct), so a run that cannot fit is refused up
+OBS or refit workspace of one layer; see seap.core.reconstruct), so a run that cannot fit is refused up
 front with what to change, not killed an hour in.
 """
 

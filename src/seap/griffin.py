@@ -37,7 +37,7 @@ from torch import nn
 from .model.adapters import Adapter
 from .model.adapters.base import by_sequence, module_path, set_module
 from .errors import ConfigError
-from .scores import neuron_scores, ranking, top_k
+from .core.scores import neuron_scores, ranking, top_k
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from ._version import __version__
 from ._io import StoredTensor, TensorList, atomic_dir, save_tensors, stored_items
 from .outputs import prune_output_part, read_artifact
 from .model.adapters import Adapter
-from . import allocation
-from .allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
+from .core import allocation
+from .core.allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
-from .scores import channel_scores, group_scores, top_k
+from .core.scores import channel_scores, group_scores, top_k
 from .stats import ActivationStats, ChannelStats
 from .model.weights import LayerWeights, ModuleWeights, WeightSource
 
@@ -44,7 +44,7 @@ class Expert:
     ffn_bias: list[torch.Tensor] | None = None  # [d] added to the FFN output bias per layer
     attn_bias: list[torch.Tensor] | None = None
     stats: dict = field(default_factory=dict)
-    # Reconstruction (seap.reconstruct): refitted kept columns of the output linears, [d, kept] per layer;
+    # Reconstruction (seap.core.reconstruct): refitted kept columns of the output linears, [d, kept] per layer;
     # a TensorList when they are on disk (a plan loaded, or one built from a checkpointed pass)
     ffn_out: Sequence[torch.Tensor] | None = None
     attn_out: Sequence[torch.Tensor] | None = None

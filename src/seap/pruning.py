@@ -25,7 +25,7 @@ from .model.loading import LazyModel, LoadedModel, open_model
 from .model.fingerprints import check_fingerprint, fingerprint
 from . import distributed as dist
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
-from .reconstruct import RefitConfig
+from .core.reconstruct import RefitConfig
 from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
 from .model.pruned_folder import save_pruned
 from .model.runtime import Runtime, dtype_name

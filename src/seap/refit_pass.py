@@ -32,12 +32,12 @@ from .errors import ConfigError
 from .estimate import model_estimate
 from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
-from .reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
+from .core.reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
 from ._io import TensorList
 from .resume import Resume
 from .model.runtime import available_memory, fmt_bytes
 from .stats import position_limit
-from .scores import top_k
+from .core.scores import top_k
 from .surgery import head_index_sets, layer_masked
 from .model.weights import LayerWeights
 

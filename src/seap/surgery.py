@@ -2,7 +2,7 @@
 
 Slicing keeps rows of the FFN input linears and columns of the output linear (and whole heads
 of q/k/v/o); bias compensation is added to the output linears' biases, and with reconstruction
-(seap.reconstruct) the output linears' kept columns take their refitted values.
+(seap.core.reconstruct) the output linears' kept columns take their refitted values.
 """
 
 from __future__ import annotations

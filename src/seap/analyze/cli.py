@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..scores import SCORES
+from ..core.scores import SCORES
 
 OUT_HELP = "output folder for <name>.json, <name>.md and the PNG figures (default seap-analyze)"
 

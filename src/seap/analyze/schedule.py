@@ -1,12 +1,12 @@
 """The schedule `seap analyze sensitivity` fitted, as an input of `seap prune --schedule`: read from its
-sensitivity.json into a `seap.allocation.Schedule` (PruneConfig.schedule); pruning refuses it on another model."""
+sensitivity.json into a `seap.core.allocation.Schedule` (PruneConfig.schedule); pruning refuses it on another model."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..allocation import DEFAULT_K, DEFAULT_X0, Schedule  # noqa: F401  (DEFAULT_*: drawn for comparison)
+from ..core.allocation import DEFAULT_K, DEFAULT_X0, Schedule  # noqa: F401  (DEFAULT_*: drawn for comparison)
 from ..errors import ArtifactError
 
 SENS_FORMAT = "seap-sensitivity"

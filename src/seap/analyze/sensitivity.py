@@ -16,7 +16,7 @@ From damage to a pruning-rate curve ("less damage -> prune more"):
      layers; eps = 1e-3 x the median c_l, so a layer whose pruning changes nothing gets at most
      ~32 times the median layer's tolerance instead of all of the budget;
   3. tau(x) ~ A / (1 + exp(-k (x - x0))) fitted by least squares over the pruned layers' relative
-     depth x (the logistic schedule's own coordinate, seap.allocation.relative_depths); A in
+     depth x (the logistic schedule's own coordinate, seap.core.allocation.relative_depths); A in
      closed form, (k, x0) by a zooming grid search.
 `--allocation logistic-fitted` (seap.analyze.schedule) uses that (k, x0) in SEAP's schedule with
 Lambda still bisected so the ratio holds over all layers: the measured curve sets the shape, the
@@ -39,12 +39,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import logistic, relative_depths, uniform
+from ..core.allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
 from ..model.loading import LoadedModel, open_model
 from ..model.fingerprints import fingerprint
 from ..plan import Expert, Plan, pools
-from ..scores import DATA_FREE, SCORES, channel_scores, top_k
+from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..layerwise import collect_stats
 from ..model.weights import ModuleWeights
 from ..surgery import masked

@@ -6,11 +6,15 @@ enter as per-channel norms (seap.model.weights.UnitWeights), so a model need not
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .errors import ConfigError
-from .stats import ChannelStats
-from .model.weights import UnitWeights
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # the scores read these objects' tensors only
+    from ..model.weights import UnitWeights
+    from ..stats import ChannelStats
 
 SCORES = ("wifv", "wifn", "wanda_sp", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")

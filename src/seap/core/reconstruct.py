@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.adapters import Adapter
-from .config import RECONSTRUCT_MODES as MODES
-from .config import REFIT_CHOICES as CHOICES
-from .config import PruneConfig
-from .errors import ConfigError
+from ..model.adapters import Adapter
+from ..config import RECONSTRUCT_MODES as MODES
+from ..config import REFIT_CHOICES as CHOICES
+from ..config import PruneConfig
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

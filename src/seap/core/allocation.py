@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_K, DEFAULT_X0 = 1.2, 0.3  # SEAP's logistic: steepness and midpoint over the relative depth
 
