@@ -145,8 +145,8 @@ def wikitext_tail() -> list[str]:
 
 
 def wikitext_stats(lm, model_name: str):
-    from seap.stats import ActivationStats
-    from seap.layerwise import collect_stats
+    from seap.calibration.stats import ActivationStats
+    from seap.calibration.layerwise import collect_stats
 
     path = CACHE / model_name / "stats" / "wikitext2_tail.safetensors"
     if path.is_file():
@@ -163,7 +163,8 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
     scores perplexity, on all the text)."""
     from seap.plan import GENERIC
     from seap.pruning import expert_corpora
-    from seap.core.reconstruct import RefitConfig, error_summary
+    from seap.config import RefitConfig
+    from seap.refit_pass import error_summary
     from seap.refit_pass import reconstruct_plan
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)

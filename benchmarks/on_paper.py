@@ -4,7 +4,7 @@
     python benchmarks/on_paper.py --models llama-3.1-70b --processes 1,8
 
 The numbers are what `seap prune --model CKPT --ratio 0.5 --out OUT` prints before its calibration pass
-(seap.estimate), computed here without a checkpoint: the model is a skeleton on the meta device with the
+(seap.calibration.estimate), computed here without a checkpoint: the model is a skeleton on the meta device with the
 published geometry (benchmarks/checkpoints.py), the calibration batches are the default corpus encoded by
 the checkpoints' tokenizer, the widths are the `seap` preset's logistic schedule at 50%, and the rates are
 this machine's float32 / float64 matrix products, timed now. For N processes (torchrun) each process
@@ -35,11 +35,11 @@ def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     """The default prune's estimate (per stage seconds, peak bytes by part) for `name`'s geometry."""
     from seap.model.adapters import get_adapter
     from seap.config import CalibrationData, PruneConfig
-    from seap.estimate import model_estimate
-    from seap.layerwise import encode_corpora
+    from seap.calibration.estimate import model_estimate
+    from seap.calibration.layerwise import encode_corpora
     from seap.plan import experts_of, fixed_widths, resolve_head_unit
     from seap.model.skeleton import empty_model
-    from seap.stats import position_limit
+    from seap.calibration.stats import position_limit
     from seap.tasks import resolve_corpus
 
     cfg = PruneConfig.from_method("seap", ratio=ratio)
@@ -50,7 +50,7 @@ def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     kept, _ = fixed_widths(cfg, adapter, skeleton, head_unit)
     d_ff = [adapter.d_ff(layer) for layer in adapter.layers(skeleton)]
     corpora = {t: resolve_corpus(t, seed=cfg.seed).texts for t in data.tasks}
-    # one process's share: every processes-th text (seap.distributed.share deals them out round-robin)
+    # one process's share: every processes-th text (seap.calibration.distributed.share deals them out round-robin)
     share = {t: [x for x in texts if x and x.strip()][::processes] for t, texts in corpora.items()}
     enc, _, _ = encode_corpora(real_tokenizer(), share, data.batch_size,
                                position_limit(skeleton.config, data.max_length))

@@ -42,7 +42,7 @@ def precision(limit: int) -> None:
     from seap.model.loading import load_model
     from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
-    from seap.layerwise import collect_stats
+    from seap.calibration.layerwise import collect_stats
     from seap.tasks import resolve_corpus
 
     corpus = resolve_corpus("default")

@@ -163,7 +163,7 @@ def plan_for(lm, cfg, texts=TEXTS, heads=None):
     """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
     from seap.model.fingerprints import fingerprint
     from seap.plan import build_plan
-    from seap.layerwise import collect_stats
+    from seap.calibration.layerwise import collect_stats
 
     heads = lm.model.config.model_type == "opt" if heads is None else heads
     stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, texts, heads=heads, meta={"corpus": "t"},

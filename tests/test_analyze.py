@@ -21,7 +21,7 @@ from seap.errors import ArtifactError, ConfigError
 from seap.model.fingerprints import fingerprint
 from seap.pruning import prune
 from seap.plan import Expert, Plan, allocate, build_plan
-from seap.layerwise import collect_stats
+from seap.calibration.layerwise import collect_stats
 from seap.model.loading import open_model
 from seap.surgery import masked
 

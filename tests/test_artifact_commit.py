@@ -431,7 +431,7 @@ def test_a_full_disk_in_a_safetensors_write_is_an_oserror_and_in_a_checkpoint_on
 
     from seap import _io
     from seap.errors import ArtifactError
-    from seap.resume import Resume
+    from seap.calibration.resume import Resume
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -19,11 +19,11 @@ from seap.model.checkpoint import Checkpoint, ShardWriter
 from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ConfigError, ModelError
-from seap.layerwise import layerwise_stats
+from seap.calibration.layerwise import layerwise_stats
 from seap.model.loading import load_model, open_model
 from seap.pruning import prune
 from seap.model.runtime import Runtime
-from seap.layerwise import collect_stats
+from seap.calibration.layerwise import collect_stats
 
 CPU = torch.device("cpu")
 
@@ -117,7 +117,7 @@ def test_a_killed_layerwise_pass_resumes_from_its_last_layer(tmp_path, monkeypat
     kwargs = dict(batch_size=4, device=CPU, dtype=torch.float32, progress=False, checkpoint_overhead=1e9)
     clean = layerwise_stats(ckpt, lm.model.config, lm.tokenizer, {"t": TEXTS}, **kwargs)
 
-    import seap.layerwise as lw
+    import seap.calibration.layerwise as lw
 
     real = lw.LayerWeights.of_layer
     calls = {"n": 0}
@@ -211,7 +211,7 @@ def test_apply_and_collect_stream_like_the_whole_path(tmp_path):
     for load in ("whole", "layerwise"):
         assert main(["collect", "--model", str(folder), "--load", load, "--task", corpus, "--out",
                      str(tmp_path / f"stats-{load}")]) == 0
-    from seap.stats import ActivationStats
+    from seap.calibration.stats import ActivationStats
 
     name = f"{Path(corpus).name}.safetensors"
     a, b = (ActivationStats.load(tmp_path / f"stats-{x}" / name) for x in ("whole", "layerwise"))

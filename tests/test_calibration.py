@@ -13,17 +13,17 @@ import torch
 from conftest import TEXTS, make_loaded, one_line_error, tiny_folder
 
 import seap.refit_pass as refit_pass
-import seap.resume as resume_mod
-from seap.calibration import GramObserver, Outcome, StatsObserver, run_pass
+import seap.calibration.resume as resume_mod
+from seap.calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
 from seap.model.checkpoint import Checkpoint
 from seap.cli import main
 from seap.config import CalibrationData, PruneConfig
 from seap.model.fingerprints import fingerprint
-from seap.layerwise import collect_stats, engine_for
+from seap.calibration.layerwise import collect_stats, engine_for
 from seap.model.loading import open_model
 from seap.plan import GENERIC, Plan, build_plan, resolve_head_unit
 from seap.pruning import prune
-from seap.core.reconstruct import RefitConfig
+from seap.config import RefitConfig
 from seap.refit_pass import one_pass, reconstruct_plan
 from seap.model.runtime import Runtime
 
@@ -235,7 +235,7 @@ def test_a_resume_under_other_settings_is_refused(tmp_path, capsys, monkeypatch)
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys, monkeypatch):
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
-    import seap.estimate as est
+    import seap.calibration.estimate as est
 
     monkeypatch.setattr(est, "available_memory", lambda device: 1 << 20)
     one_line_error(["prune", "--model", str(folder), "--task", str(_corpus(tmp_path)), "--protect-first", "1",
@@ -247,7 +247,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys, m
 def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
     """A checkpointed pass leaves the refitted output weights (save dtype) on disk and the save reads one
     layer's at a time; a pass without checkpoints holds every layer's from the start (about 19 GB at 70B)."""
-    from seap.estimate import calibration_estimate
+    from seap.calibration.estimate import calibration_estimate
 
     layers = [{"params": 1000, "d_ff": 64, "kept": 32, "dense": False}] * 100
     layers += [{"params": 1000, "d_ff": 64, "kept": 64, "dense": True}] * 2

@@ -10,8 +10,8 @@ from seap.config import PruneConfig
 from seap.model.fingerprints import fingerprint
 from seap.plan import Expert, Plan, PlanRecord
 from seap.model.pruned_folder import load_pruned, save_pruned
-from seap.stats import ActivationStats, ChannelStats
-from seap.layerwise import collect_stats
+from seap.calibration.stats import ActivationStats, ChannelStats
+from seap.calibration.layerwise import collect_stats
 from seap.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))

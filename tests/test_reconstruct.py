@@ -8,11 +8,12 @@ import torch
 from conftest import TEXTS, make_loaded, plan_for, tiny_folder
 
 from seap.model.checkpoint import Checkpoint
-from seap.config import PruneConfig
+from seap.config import PruneConfig, RefitConfig
 from seap.errors import ConfigError
 from seap.plan import Plan
 from seap.pruning import prune
-from seap.core.reconstruct import GramAccumulator, RefitConfig, obs_select, output_error, refit
+from seap.calibration.gram import GramAccumulator
+from seap.core.reconstruct import obs_select, output_error, refit
 from seap.refit_pass import reconstruct_plan, refit_experts
 from seap.model.runtime import Runtime
 from seap.surgery import masked, slice_model
@@ -208,7 +209,7 @@ def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, ch
     in the refit mode) equal one pass per expert over its own texts."""
     from seap.model.fingerprints import fingerprint
     from seap.plan import GENERIC, build_plan
-    from seap.layerwise import collect_stats
+    from seap.calibration.layerwise import collect_stats
 
     import seap.refit_pass as rec
 

@@ -17,7 +17,7 @@ from seap.model.loading import encode_left_padded, load_model
 from seap.model.fingerprints import fingerprint
 from seap.plan import GENERIC, build_plan
 from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
-from seap.layerwise import collect_stats
+from seap.calibration.layerwise import collect_stats
 from seap.surgery import ffn_params
 
 

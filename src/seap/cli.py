@@ -33,7 +33,7 @@ def _griffin(args, density: float | None):
 
 
 def _print_result(res, out) -> None:
-    from . import distributed
+    from .calibration import distributed
 
     if not distributed.is_main():  # under torchrun, rank 0 reports
         return

@@ -172,6 +172,30 @@ class PruneConfig:
         return replace(self, **changes)
 
 
+@dataclass
+class RefitConfig:
+    """The reconstruction of one model (docs/design.md §2.8): what seap.refit_pass runs."""
+
+    mode: str = "refit"
+    ridge: float = 1e-2
+    centered: bool = True  # fit a bias too (needs an FFN output bias in the pruned architecture)
+    choice: str = "score"  # "obs": choose each layer's FFN channels (same width) for the refit
+
+    def __post_init__(self) -> None:
+        if self.choice not in REFIT_CHOICES:
+            raise ConfigError(f"unknown channel choice {self.choice!r}: choose one of {', '.join(REFIT_CHOICES)}")
+        if self.mode not in RECONSTRUCT_MODES:
+            raise ConfigError(f"unknown reconstruction {self.mode!r}: choose one of {', '.join(RECONSTRUCT_MODES)}")
+        if self.ridge < 0:
+            raise ConfigError(f"the ridge term must be >= 0, got {self.ridge}")
+
+    @classmethod
+    def of(cls, cfg: PruneConfig, adapter, config) -> RefitConfig:
+        """The pruning config's reconstruction for a model (`config`: its transformers config)."""
+        bias = cfg.refit_bias if cfg.refit_bias is not None else adapter.supports_native_ffn_out_bias(config)
+        return cls(cfg.reconstruct, cfg.ridge, bias, cfg.refit_choice)
+
+
 DEFAULT_TASKS = ("default",)  # the embedded corpus: no download, no data folder
 
 

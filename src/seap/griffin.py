@@ -319,8 +319,8 @@ def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: 
     sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons. One pass of the
     calibration engine (a model in memory or streamed from its checkpoint; summed across processes
     under torchrun)."""
-    from .calibration import Outcome, PriorObserver, run_pass
-    from .layerwise import engine_for
+    from .calibration.engine import Outcome, PriorObserver, run_pass
+    from .calibration.layerwise import engine_for
 
     engine, _ = engine_for(lm, {"prior": list(texts)}, batch_size=batch_size, max_length=max_length)
     out: list[torch.Tensor] = []

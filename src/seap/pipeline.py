@@ -41,7 +41,7 @@ def load(model: str | Path | None = None, *, runtime: Runtime | None = None) -> 
 
 def _expert_info(ex) -> dict:
     """What `seap info` shows of an expert: widths, ratios, and the reconstruction in brief."""
-    from .core.reconstruct import error_summary
+    from .refit_pass import error_summary
 
     out = {"ffn_widths": ex.widths(), **{k: v for k, v in ex.stats.items() if k != "reconstruction"}}
     rec = ex.stats.get("reconstruction")

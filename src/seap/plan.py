@@ -24,7 +24,7 @@ from .core.allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
 from .config import PruneConfig
 from .errors import ArtifactError, ConfigError
 from .core.scores import channel_scores, group_scores, top_k
-from .stats import ActivationStats, ChannelStats
+from .calibration.stats import ActivationStats, ChannelStats
 from .model.weights import LayerWeights, ModuleWeights, WeightSource
 
 PLAN_FORMAT = "seap-plan"

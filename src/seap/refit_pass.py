@@ -12,7 +12,7 @@ next layer sees the layer pruned and refitted (one pass per expert, each on its 
 Two passes (`reconstruct_plan`): a plan built from statistics already taken (FLAP's adaptive
 allocation compares every layer's scores first) is refitted in a second pass over the texts.
 
-A layer's results are its record (seap.resume): a killed run resumes after the last layer whose
+A layer's results are its record (seap.calibration.resume): a killed run resumes after the last layer whose
 outputs were checkpointed.
 """
 
@@ -25,18 +25,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import distributed as dist
+from .calibration import distributed as dist
 from .model.adapters import Adapter
-from .calibration import GramObserver, Outcome, StatsObserver, run_pass
+from .calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
 from .errors import ConfigError
-from .estimate import model_estimate
-from .layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
+from .calibration.estimate import model_estimate
+from .calibration.layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
-from .core.reconstruct import Moments, RefitConfig, cut_errors, obs_select, refit
+from .config import RefitConfig
+from .core.reconstruct import Moments, cut_errors, obs_select, refit
 from ._io import TensorList
-from .resume import Resume
+from .calibration.resume import Resume
 from .model.runtime import available_memory, fmt_bytes
-from .stats import position_limit
+from .calibration.stats import position_limit
 from .core.scores import top_k
 from .surgery import head_index_sets, layer_masked
 from .model.weights import LayerWeights
@@ -362,3 +363,13 @@ def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: di
              sequential=cfg.mode == "sequential")
     for n in names:
         jobs[n].finish(sum(dist.gather_ints(sum(engine.tokens_by_label.get(c, 0) for c in members[n]))))
+
+
+def error_summary(ex) -> dict | None:
+    """Model-wide relative error of the refit against the plain cut and FLAP's bias (for reports)."""
+    rec = ex.stats.get("reconstruction")
+    if not rec:
+        return None
+    e = rec["ffn_error"]
+    base = sum(e["none"]) or 1.0
+    return {"bias / cut": sum(e["bias"]) / base, "refit / cut": sum(e["refit"]) / base}

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._io import write_json, write_text
 from ..model.adapters import Adapter
-from ..calibration import observing
+from ..calibration.engine import observing
 from ..errors import ConfigError
 from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus
 

@@ -1,7 +1,7 @@
 """Do tasks activate distinct FFN channels, consistently? (SEAP Figure 3 and its split-half check)
 
 For each task the corpus (prompt + gold answer) is split into two random halves; each half's
-activation statistics (seap.stats, the input of every layer's FFN output linear) give a profile:
+activation statistics (seap.calibration.stats, the input of every layer's FFN output linear) give a profile:
 per layer, the root-mean-square magnitude of every channel. Profiles are compared per layer by
 the Pearson correlation of the log magnitudes (magnitudes span orders of size; the log makes the
 comparison scale-free and lets every channel count), averaged over layers. Two halves of one task
@@ -22,8 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from ..model.loading import LoadedModel, open_model
-from ..layerwise import collect_stats
-from ..stats import ActivationStats
+from ..calibration.layerwise import collect_stats
+from ..calibration.stats import ActivationStats
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts
 
 HALVES = ("A", "B")

@@ -45,11 +45,11 @@ from ..model.loading import LoadedModel, open_model
 from ..model.fingerprints import fingerprint
 from ..plan import Expert, Plan, pools
 from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
-from ..layerwise import collect_stats
+from ..calibration.layerwise import collect_stats
 from ..model.weights import ModuleWeights
 from ..surgery import masked
 from ..tasks import resolve_corpus
-from ..stats import batches
+from ..calibration.stats import batches
 from .common import Analysis, check_positive, layer_outputs, markdown_table, task_texts
 from .schedule import DEFAULT_K, DEFAULT_X0, SENS_FORMAT, SENS_VERSION
 

@@ -14,7 +14,7 @@ Memory per layer of C channels (C = d_ff: 14,336 for an 8B model, 28,672 for a 7
 Gram matrix (8 C^2 bytes: 1.6 GB / 6.6 GB) plus, while the OBS choice runs, at most two C x C
 float32 matrices (8 C^2 bytes together); the refit holds S_KK and one block of S_KR besides; every
 other temporary is a block of ROW_BLOCK rows. So a layer needs about 16 C^2 bytes (3.3 GB at 8B,
-13 GB at 70B) on top of its weights. The passes that fill the moments are seap.refit_pass.
+13 GB at 70B) on top of its weights. The moments are summed by seap.calibration.gram, in the passes of seap.refit_pass.
 """
 
 from __future__ import annotations
@@ -24,21 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.adapters import Adapter
-from ..config import RECONSTRUCT_MODES as MODES
-from ..config import REFIT_CHOICES as CHOICES
-from ..config import PruneConfig
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-# -- the maths (pure functions) ----------------------------------------------------------------------
 ROW_BLOCK = 2048  # rows of a C x C matrix handled at once: bounds the temporaries to ROW_BLOCK x C
 TRI_BLOCK = 1024  # rows of a lower-triangle update at once: finer blocks skip more of the upper triangle
 
 
-def _blocks(n: int, size: int):
+def blocks(n: int, size: int):
     """(start, end) of consecutive blocks of `size` rows covering 0..n."""
     return ((r, min(r + size, n)) for r in range(0, n, size))
 
@@ -188,7 +183,7 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         rows = _symmetric_rows(hinv, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
         coef = torch.linalg.solve(rows[:, s], rows)  # (H^-1_SS)^-1 H^-1_{S,:}
         wt.addmm_(coef.T, wt.index_select(0, s), alpha=-1)
-        for r, end in _blocks(hinv.shape[0], TRI_BLOCK):  # the update of the lower triangle only: half the work
+        for r, end in blocks(hinv.shape[0], TRI_BLOCK):  # the update of the lower triangle only: half the work
             hinv[r:end, :end].addmm_(rows[:, r:end].T, coef[:, :end], alpha=-1)
         alive[s] = False
         to_remove -= len(s)
@@ -217,7 +212,7 @@ def _quadratic(diff: torch.Tensor, m: Moments, cols: torch.Tensor | None, dtype:
     n = diff.shape[1]
     rows = None if cols is None else cols.to(dev)
     err = 0.0
-    for r, end in _blocks(n, TRI_BLOCK):
+    for r, end in blocks(n, TRI_BLOCK):
         g = m.gram[r:end, :end] if rows is None else m.gram.index_select(0, rows[r:end]).index_select(1, rows[:end])
         prod = diff[:, r:end] @ g.to(dtype)  # D_a G_{a, <=a}
         del g
@@ -265,102 +260,3 @@ def cut_errors(w: torch.Tensor, kept: torch.Tensor, m: Moments, bias_delta: torc
     if bias_delta is None:
         return max(plain, 0.0), None
     return max(plain, 0.0), max(plain + _bias_terms(diff, m.total[cols], bias_delta, m.count), 0.0)
-
-
-# -- accumulating the moments on the device --------------------------------------------------------
-class GramAccumulator:
-    """Sum, count and Gram matrix of one linear's inputs, on its device, with no host sync per batch on a
-    GPU; padding excluded (dropped on a CPU, zeroed with `where` on a GPU).
-
-    The products of a batch are added in float32 into a partial sum (the lower triangle only: half the
-    work, in place, a block of rows at a time), which is merged into the float64 running sum every
-    FLUSH_TOKENS tokens and at the end, so the conversion to float64 costs a few passes per layer rather
-    than one per batch. Memory: the float64 sum and the float32 partial, 12 C^2 bytes, while a layer's
-    batches run (less than the OBS choice needs after them)."""
-
-    FLUSH_TOKENS = 8192
-
-    def __init__(self, channels: int, device: torch.device):
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.total = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
-        self._part: torch.Tensor | None = None
-        self._part_rows = 0
-        self._mirrored = True
-
-    def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if keep is not None and x.device.type == "cpu":  # no products of padding (a GPU avoids the sync)
-            x = x[keep.reshape(-1).to(x.device)]
-            keep = None
-        if keep is not None:
-            keep = keep.reshape(-1, 1).to(x.device)
-            x = torch.where(keep, x, 0.0)
-            self.count += keep.sum(dtype=torch.float64)
-        else:
-            self.count += x.shape[0]
-        self.total += x.sum(0).double()
-        c = x.shape[1]
-        if self._part is None:
-            self._part = torch.zeros(c, c, dtype=torch.float32, device=x.device)
-        for r, end in _blocks(c, TRI_BLOCK):
-            self._part[r:end, :end].addmm_(x[:, r:end].T, x[:, :end])
-        self._part_rows += x.shape[0]
-        self._mirrored = False
-        if self._part_rows >= self.FLUSH_TOKENS:
-            self.flush()
-
-    def flush(self) -> None:
-        """Merge the float32 partial into the float64 sum (before the sum is all-reduced or read)."""
-        if self._part is None or not self._part_rows:
-            return
-        c = self.gram.shape[0]
-        for r, end in _blocks(c, ROW_BLOCK):
-            self.gram[r:end, :end] += self._part[r:end, :end]
-            self._part[r:end, :end].zero_()
-        self._part_rows = 0
-
-    def result(self) -> Moments:
-        self.flush()
-        self._part = None
-        if not self._mirrored:
-            c = self.gram.shape[0]
-            for r, end in _blocks(c, ROW_BLOCK):  # upper blocks from the lower ones
-                self.gram[r:end, end:] = self.gram[end:, r:end].T
-                blk = self.gram[r:end, r:end]
-                blk.copy_(torch.tril(blk) + torch.tril(blk, -1).T)
-            self._mirrored = True
-        return Moments(int(round(float(self.count.item()))), self.total, self.gram)
-
-
-# -- configuration --------------------------------------------------------------------------------------------
-@dataclass
-class RefitConfig:
-    mode: str = "refit"
-    ridge: float = 1e-2
-    centered: bool = True  # fit a bias too (needs an FFN output bias in the pruned architecture)
-    choice: str = "score"  # "obs": choose each layer's FFN channels (same width) for the refit
-
-    def __post_init__(self) -> None:
-        if self.choice not in CHOICES:
-            raise ConfigError(f"unknown channel choice {self.choice!r}: choose one of {', '.join(CHOICES)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown reconstruction {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.ridge < 0:
-            raise ConfigError(f"the ridge term must be >= 0, got {self.ridge}")
-
-    @classmethod
-    def of(cls, cfg: PruneConfig, adapter: Adapter, config) -> RefitConfig:
-        """The pruning config's reconstruction for a model (`config`: its transformers config)."""
-        bias = cfg.refit_bias if cfg.refit_bias is not None else adapter.supports_native_ffn_out_bias(config)
-        return cls(cfg.reconstruct, cfg.ridge, bias, cfg.refit_choice)
-
-
-def error_summary(ex) -> dict | None:
-    """Model-wide relative error of the refit against the plain cut and FLAP's bias (for reports)."""
-    rec = ex.stats.get("reconstruction")
-    if not rec:
-        return None
-    e = rec["ffn_error"]
-    base = sum(e["none"]) or 1.0
-    return {"bias / cut": sum(e["bias"]) / base, "refit / cut": sum(e["refit"]) / base}

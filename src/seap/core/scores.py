@@ -14,7 +14,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:  # the scores read these objects' tensors only
     from ..model.weights import UnitWeights
-    from ..stats import ChannelStats
+    from ..calibration.stats import ChannelStats
 
 SCORES = ("wifv", "wifn", "wanda_sp", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")

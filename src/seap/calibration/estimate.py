@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model.runtime import available_memory, fmt_bytes
+from ..model.runtime import available_memory, fmt_bytes
 
 OBS_WORK = 2.4  # float32 operations of the OBS choice per C^3 (factor, inverse, greedy updates), as timed at 8B
 GATHER_EFFICIENCY = 0.7  # the refit and the errors gather blocks of the float64 Gram matrix: below the matmul rate
@@ -71,7 +71,7 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
     """`layers`: per decoder layer {params, d_ff, kept, dense}; `tokens`: real calibration tokens of this
     process, `padded_tokens` with padding, `batch_tokens` of the largest batch; `param_bytes`: bytes per
     parameter in the compute dtype; `groups`: Gram matrices per layer (experts refitted in the pass);
-    `sequential`: the layer's inputs stay alive through its decision (seap.calibration.run_pass);
+    `sequential`: the layer's inputs stay alive through its decision (seap.calibration.engine.run_pass);
     `store_bytes`: per parameter of the refitted weights (the save dtype): a `checkpointed` pass leaves
     them in its records on disk and the save reads one layer's at a time; otherwise they are all held
     from the start."""

@@ -6,7 +6,7 @@ Streamed, the model is an empty skeleton (`seap.model.skeleton`, accelerate's `i
 embeddings are loaded, every batch's layer inputs are caught, the embeddings are freed, and each
 decoder layer is read from the shards, run on every batch and freed. Peak memory: one layer, the
 embeddings (briefly), the hidden states. A killed streamed pass started again with the same settings
-resumes after its last checkpointed layer (seap.resume).
+resumes after its last checkpointed layer (seap.calibration.resume).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .model.adapters import Adapter, adapter_for_config
-from .calibration import Engine, Outcome, StatsObserver, run_pass
-from .model.checkpoint import Checkpoint
-from .errors import ConfigError
+from ..model.adapters import Adapter, adapter_for_config
+from .engine import Engine, Outcome, StatsObserver, run_pass
+from ..model.checkpoint import Checkpoint
+from ..errors import ConfigError
 from .resume import Resume
-from .model.skeleton import SkeletonLoader, empty_model
+from ..model.skeleton import SkeletonLoader, empty_model
 from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
-from .model.weights import CheckpointWeights, LayerWeights, UnitWeights
+from ..model.weights import CheckpointWeights, LayerWeights, UnitWeights
 
 
 def encode_corpora(tokenizer, corpora: dict[str, Sequence[str]], batch_size: int,
@@ -174,7 +174,7 @@ def engine_for(lm, corpora: dict[str, Sequence[str]], *, batch_size: int, max_le
     """The engine over a model in memory (seap.model.loading.LoadedModel) or streamed from its checkpoint
     (LazyModel), on this process's share of the corpora (`encoded`: encode_corpora's result, when the
     caller has it); and the texts of each corpus."""
-    from .model.loading import LazyModel
+    from ..model.loading import LazyModel
 
     enc, labels, n_texts = encoded or encode_corpora(lm.tokenizer, corpora, batch_size,
                                                      position_limit(lm.model.config, max_length))

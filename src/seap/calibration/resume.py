@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import distributed as dist
-from ._io import save_tensors, write_json
-from .model.checkpoint import write_error
-from .errors import ConfigError
+from .._io import save_tensors, write_json
+from ..model.checkpoint import write_error
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ observers record the inputs of its output linears, the caller decides from what 
 channels, refits), and the layer's outputs, dense or pruned, become the next layer's inputs: on the
 device, or on the CPU when they do not fit there. Around that loop the engine owns, for every pass:
 the one helper that registers forward hooks (and always removes them), the sums across processes
-under torch.distributed (seap.distributed), resume (seap.resume: each finished layer's record and
+under torch.distributed (seap.calibration.distributed), resume (seap.calibration.resume: each finished layer's record and
 the next layer's inputs), and progress with an ETA.
 
 Observers: `StatsObserver` (activation statistics per corpus, §2.1), `GramObserver` (first and
@@ -33,11 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from ._io import StoredTensor
-from .model.adapters import Adapter
-from .core.reconstruct import GramAccumulator, Moments
-from .model.runtime import available_memory
-from .core.scores import squared_neuron_scores
+from .._io import StoredTensor
+from ..model.adapters import Adapter
+from ..core.reconstruct import Moments
+from .gram import GramAccumulator
+from ..model.runtime import available_memory
+from ..core.scores import squared_neuron_scores
 from .stats import ChannelStats, DeviceStats
 
 log = logging.getLogger(__name__)
@@ -364,7 +365,7 @@ def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Modu
     """Every decoder layer once: observe its output linears' inputs on all batches, reduce the
     observations across processes, `decide(i, layer, {observer name: result})`, advance the hidden
     states (the pruned layer's outputs when the outcome says so), checkpoint. `resume`: a
-    seap.resume.Resume, which records every layer and hands back the records of the layers a killed
+    seap.calibration.resume.Resume, which records every layer and hands back the records of the layers a killed
     run finished. `skip_gram(i)`: layer i needs no Gram matrix (kept dense). `sequential`: a decision may
     ask for the layer to be run again pruned, so its inputs stay alive through it; otherwise they are
     freed before the decision (the OBS choice's peak is the pass's peak)."""

@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as tdist
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

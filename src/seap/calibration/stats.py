@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ._io import save_tensors
-from .errors import ArtifactError, DataError
+from .._io import save_tensors
+from ..errors import ArtifactError, DataError
 
 log = logging.getLogger(__name__)
 
