@@ -95,7 +95,7 @@ def stats_for(lm, model_name: str) -> dict:
 def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):
     from seap.config import PruneConfig
     from seap.model.fingerprints import fingerprint
-    from seap.plan import build_plan
+    from seap.pruning.plan import build_plan
 
     if extra.get("schedule") == "fitted":
         extra = {**extra, "schedule": fitted_schedule(lm, lm.source.model_id)}
@@ -161,11 +161,11 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
     """Refit the experts a row evaluates, each on the calibration text its channels came from; a
     task-expert plan as `seap prune` refits it (each task expert on its task, the generic expert, which
     scores perplexity, on all the text)."""
-    from seap.plan import GENERIC
-    from seap.pruning import expert_corpora
+    from seap.pruning.plan import GENERIC
+    from seap.pruning.prune import expert_corpora
     from seap.config import RefitConfig
-    from seap.refit_pass import error_summary
-    from seap.refit_pass import reconstruct_plan
+    from seap.pruning.refit_pass import error_summary
+    from seap.pruning.refit_pass import reconstruct_plan
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
     texts, members = expert_corpora(plan, (*TASKS, LM_CORPUS), data_dir=DATA, limit=limit, seed=0)

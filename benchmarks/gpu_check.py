@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import checkpoints
 
     from seap.config import CalibrationData, PruneConfig
-    from seap.pruning import prune
+    from seap.pruning.prune import prune
     from seap.model.runtime import Runtime
 
     if args.geometry == "tiny":

@@ -43,7 +43,7 @@ def _rows(model_name: str) -> list[tuple[str, float | None, str]]:
 
 def _magnitude(lm, model_name: str, density: float):
     """The static baseline: magnitude scores, the same width in every layer, FFN only."""
-    from seap.surgery import sliced
+    from seap.pruning.surgery import sliced
 
     extra = {"protect_first": 0, "protect_last": 0}
     return sliced(lm, plan_for(lm, stats_for(lm, model_name), "magnitude", round(1 - density, 6), "all", extra), None)

@@ -33,7 +33,7 @@ REPEATS = {"smollm2-135m": 7, "gemma3-270m": 5}
 
 
 def _pruned(lm, model_name: str):
-    from seap.surgery import sliced
+    from seap.pruning.surgery import sliced
 
     row, method, protocol, extra = PRUNED[model_name]
     plan = plan_for(lm, stats_for(lm, model_name), method, 0.5, protocol, extra)
@@ -93,7 +93,7 @@ def llamacpp_default(model_name: str = "smollm2-135m") -> None:
     multiples of 32) exported to Q8_0 and timed against dense in llama.cpp, as the speed rows above."""
     from seap.export import benchmark_gguf
     from seap.export.llamacpp import tensor_types
-    from seap.pruning import prune
+    from seap.pruning.prune import prune
 
     path = RESULTS / model_name / "llamacpp_default.json"
     if path.is_file():

@@ -37,7 +37,7 @@ def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     from seap.config import CalibrationData, PruneConfig
     from seap.calibration.estimate import model_estimate
     from seap.calibration.layerwise import encode_corpora
-    from seap.plan import experts_of, fixed_widths, resolve_head_unit
+    from seap.pruning.plan import experts_of, fixed_widths, resolve_head_unit
     from seap.model.skeleton import empty_model
     from seap.calibration.stats import position_limit
     from seap.tasks import resolve_corpus

@@ -41,7 +41,7 @@ def precision(limit: int) -> None:
     from seap.evaluation.runner import evaluate_plan
     from seap.model.loading import load_model
     from seap.model.fingerprints import fingerprint
-    from seap.plan import build_plan
+    from seap.pruning.plan import build_plan
     from seap.calibration.layerwise import collect_stats
     from seap.tasks import resolve_corpus
 

@@ -78,7 +78,7 @@ def _rows() -> list[tuple[str, float | None, str]]:
 def shortprompts(models: list[str]) -> None:
     from rouge_score import rouge_scorer
 
-    from seap.surgery import sliced
+    from seap.pruning.surgery import sliced
     from seap.griffin import GriffinConfig
     from seap.model.loading import load_model
 

@@ -162,7 +162,7 @@ def left_padded(seqs):
 def plan_for(lm, cfg, texts=TEXTS, heads=None):
     """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
     from seap.model.fingerprints import fingerprint
-    from seap.plan import build_plan
+    from seap.pruning.plan import build_plan
     from seap.calibration.layerwise import collect_stats
 
     heads = lm.model.config.model_type == "opt" if heads is None else heads

@@ -19,11 +19,11 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.model.fingerprints import fingerprint
-from seap.pruning import prune
-from seap.plan import Expert, Plan, allocate, build_plan
+from seap.pruning.prune import prune
+from seap.pruning.plan import Expert, Plan, allocate, build_plan
 from seap.calibration.layerwise import collect_stats
 from seap.model.loading import open_model
-from seap.surgery import masked
+from seap.pruning.surgery import masked
 
 SAMPLE = TEXTS[:6]
 TINY = dict(texts=4, max_length=32, limit=8, protect_first=1, protect_last=1)

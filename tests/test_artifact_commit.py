@@ -77,7 +77,7 @@ def hidden(folder: Path) -> list[str]:
 def assert_refused_everywhere(out: Path, capsys, *fragments) -> None:
     """No reader takes the folder, as a whole or a part, and each says why in one line."""
     from seap.errors import ArtifactError
-    from seap.plan import Plan
+    from seap.pruning.plan import Plan
 
     one_line_error(["info", str(out)], capsys, *fragments)
     for target in (out, out / "plan"):
@@ -136,7 +136,7 @@ def test_disk_full_during_model_save(tmp_path, capsys, base, monkeypatch):
 
 def test_failed_summary_write_is_one_line(tmp_path, capsys, base, monkeypatch):
     """A write no writer wraps (the summary, after plan and model) is still one line, and refused."""
-    from seap import pruning
+    from seap.pruning import prune as pruning
 
     def broken(path, text):
         raise OSError(errno.EIO, "Input/output error")
@@ -405,7 +405,7 @@ def test_corrupt_shard_of_a_seap_folder_says_to_run_seap_again(tmp_path, capsys,
 
 
 def test_shard_size_zero_and_unknown_task_are_refused_up_front(tmp_path, capsys, base, monkeypatch):
-    from seap import pruning
+    from seap.pruning import prune as pruning
 
     one_line_error(prune_args(base, tmp_path / "o", "0.5", "--shard-size", "0"), capsys,
                    "--shard-size must be at least one byte, got '0'")

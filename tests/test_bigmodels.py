@@ -21,7 +21,7 @@ from seap.config import PruneConfig
 from seap.errors import ConfigError, ModelError
 from seap.calibration.layerwise import layerwise_stats
 from seap.model.loading import load_model, open_model
-from seap.pruning import prune
+from seap.pruning.prune import prune
 from seap.model.runtime import Runtime
 from seap.calibration.layerwise import collect_stats
 

@@ -156,12 +156,12 @@ def test_griffin_options_without_a_valid_density(capsys, tiny, argv):
 
 
 def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
-    from seap.plan import Plan
+    from seap.pruning.plan import Plan
 
     lm = make_loaded("llama")
     from seap.config import PruneConfig
     from seap.model.fingerprints import fingerprint
-    from seap.plan import build_plan
+    from seap.pruning.plan import build_plan
 
     plan = build_plan(lm.model, lm.adapter, PruneConfig.from_method("magnitude"), {"t": None}, base_model="x",
                       revision=None, fingerprint=fingerprint(lm.model, lm.adapter))
@@ -169,7 +169,7 @@ def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seap.plan.save_tensors", boom)
+    monkeypatch.setattr("seap.pruning.plan.save_tensors", boom)
     with pytest.raises(KeyboardInterrupt):
         plan.save(tmp_path / "plan")
     assert list(tmp_path.iterdir()) == []  # no final folder, no temp left behind

@@ -15,7 +15,7 @@ from seap.errors import ConfigError, ModelError
 from seap.export import GGUFConfig, export_gguf, export_vllm
 from seap.export.llamacpp import available as llamacpp_available
 from seap.model.loading import load_model
-from seap.surgery import slice_model
+from seap.pruning.surgery import slice_model
 
 IDS = torch.randint(3, 250, (1, 24), generator=torch.Generator().manual_seed(3))
 needs_llamacpp = pytest.mark.skipif(not llamacpp_available(), reason="the llamacpp extra (llama-cpp-python) is "

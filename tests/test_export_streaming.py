@@ -20,7 +20,7 @@ from seap.outputs import MANIFEST
 from seap.model.checkpoint import Checkpoint, ShardWriter
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ModelError
-from seap.surgery import sliced
+from seap.pruning.surgery import sliced
 from seap.export import ExportSource, GGUFConfig, export_gguf, export_model, export_vllm, open_source
 from seap.model.loading import load_model
 from seap.model.pruned_folder import save_pruned

@@ -19,11 +19,11 @@ from ._version import __version__
 
 # public name -> module that defines it
 _API = {
-    "prune": "pruning", "collect": "pruning", "apply": "pruning", "PruneResult": "pruning",
+    "prune": "pruning.prune", "collect": "pruning.prune", "apply": "pruning.prune", "PruneResult": "pruning.prune",
     "load": "pipeline", "evaluate": "pipeline", "info": "pipeline", "generate": "pipeline", "benchmark": "pipeline",
     "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline", "export": "pipeline",
     "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "model.runtime", "GriffinConfig": "griffin",
-    "RouterConfig": "router", "Plan": "plan", "LoadedModel": "model.loading", "SeapError": "errors",
+    "RouterConfig": "router", "Plan": "pruning.plan", "LoadedModel": "model.loading", "SeapError": "errors",
 }
 __all__ = ["__version__", *_API]
 

@@ -21,7 +21,7 @@ from .decoding import greedy, sync
 from .errors import ConfigError
 from .griffin import GriffinConfig
 from .model.loading import LoadedModel
-from .surgery import count_params, ffn_params, weight_bytes
+from .pruning.surgery import count_params, ffn_params, weight_bytes
 
 log = logging.getLogger(__name__)
 

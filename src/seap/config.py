@@ -174,7 +174,7 @@ class PruneConfig:
 
 @dataclass
 class RefitConfig:
-    """The reconstruction of one model (docs/design.md §2.8): what seap.refit_pass runs."""
+    """The reconstruction of one model (docs/design.md §2.8): what seap.pruning.refit_pass runs."""
 
     mode: str = "refit"
     ridge: float = 1e-2

@@ -26,9 +26,9 @@ from .decoding import generate_texts
 from .errors import ConfigError
 from .model.loading import LoadedModel
 from .model.fingerprints import check_fingerprint
-from .plan import Expert, Plan
+from .pruning.plan import Expert, Plan
 from .router import Route, Router
-from .surgery import head_index_sets, unique_tensors
+from .pruning.surgery import head_index_sets, unique_tensors
 
 log = logging.getLogger(__name__)
 

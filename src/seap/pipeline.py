@@ -13,12 +13,12 @@ from .errors import ArtifactError, ConfigError
 from .griffin import GriffinConfig
 from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
 from .model.fingerprints import check_fingerprint
-from .plan import Plan
+from .pruning.plan import Plan
 from .model.pruned_folder import read_record
-from .pruning import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
+from .pruning.prune import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .router import Router, RouterConfig, RouterEval, Route
 from .model.runtime import Runtime
-from .surgery import plan_and_expert, sliced
+from .pruning.surgery import plan_and_expert, sliced
 from .tasks import resolve_corpus
 
 __all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "benchmark", "benchmark_gguf", "collect",
@@ -41,7 +41,7 @@ def load(model: str | Path | None = None, *, runtime: Runtime | None = None) -> 
 
 def _expert_info(ex) -> dict:
     """What `seap info` shows of an expert: widths, ratios, and the reconstruction in brief."""
-    from .refit_pass import error_summary
+    from .pruning.refit_pass import error_summary
 
     out = {"ffn_widths": ex.widths(), **{k: v for k, v in ex.stats.items() if k != "reconstruction"}}
     rec = ex.stats.get("reconstruction")

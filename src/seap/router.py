@@ -36,7 +36,7 @@ from .errors import ArtifactError, ConfigError, DataError
 from .model.loading import LoadedModel
 from .ood import OodTest, form_features
 from .model.fingerprints import check_fingerprint, fingerprint
-from .plan import GENERIC, Expert
+from .pruning.plan import GENERIC, Expert
 from .tasks import TASKS, Corpus, resolve_corpus
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..plan import Plan
+from ..pruning.plan import Plan
 from .common import Analysis, markdown_table
 
 

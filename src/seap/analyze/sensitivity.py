@@ -43,11 +43,11 @@ from ..core.allocation import logistic, relative_depths, uniform
 from ..errors import ConfigError
 from ..model.loading import LoadedModel, open_model
 from ..model.fingerprints import fingerprint
-from ..plan import Expert, Plan, pools
+from ..pruning.plan import Expert, Plan, pools
 from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..calibration.layerwise import collect_stats
 from ..model.weights import ModuleWeights
-from ..surgery import masked
+from ..pruning.surgery import masked
 from ..tasks import resolve_corpus
 from ..calibration.stats import batches
 from .common import Analysis, check_positive, layer_outputs, markdown_table, task_texts

@@ -14,7 +14,7 @@ Memory per layer of C channels (C = d_ff: 14,336 for an 8B model, 28,672 for a 7
 Gram matrix (8 C^2 bytes: 1.6 GB / 6.6 GB) plus, while the OBS choice runs, at most two C x C
 float32 matrices (8 C^2 bytes together); the refit holds S_KK and one block of S_KR besides; every
 other temporary is a block of ROW_BLOCK rows. So a layer needs about 16 C^2 bytes (3.3 GB at 8B,
-13 GB at 70B) on top of its weights. The moments are summed by seap.calibration.gram, in the passes of seap.refit_pass.
+13 GB at 70B) on top of its weights. The moments are summed by seap.calibration.gram, in the passes of seap.pruning.refit_pass.
 """
 
 from __future__ import annotations

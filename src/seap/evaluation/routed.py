@@ -16,7 +16,7 @@ import torch
 
 from ..experts import MultiExpertModel
 from ..model.loading import LoadedModel
-from ..plan import GENERIC, Plan
+from ..pruning.plan import GENERIC, Plan
 from ..router import Router
 from .harness import evaluate_tasks, make_lm
 from .runner import EvalConfig, EvalReport, _generation_and_perplexity
@@ -82,7 +82,7 @@ def make_routed_lm(multi: MultiExpertModel, batch_size: int = 16, max_length: in
 
 def expert_params(multi: MultiExpertModel) -> dict[str, int]:
     """Parameters each expert runs with: the base minus its removed FFN channels (and heads)."""
-    from ..surgery import count_params
+    from ..pruning.surgery import count_params
 
     model, adapter = multi.lm.model, multi.lm.adapter
     base = count_params(model)

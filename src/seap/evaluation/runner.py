@@ -18,8 +18,8 @@ from ..model.adapters import get_adapter
 from ..model.loading import LoadedModel
 from ..model.fingerprints import check_fingerprint
 from ..griffin import GriffinConfig
-from ..plan import GENERIC, Plan
-from ..surgery import count_params, sliced
+from ..pruning.plan import GENERIC, Plan
+from ..pruning.surgery import count_params, sliced
 from ..tasks import ACCURACY_TASKS, PAPER_METRIC, SUITE
 from .harness import WORD_PPL_TASK, TaskScore, evaluate_tasks, make_lm, paper_average
 from .perplexity import Perplexity, token_perplexity, wikitext_stream

@@ -13,7 +13,7 @@ from typing import Sequence
 from .._io import write_json, write_text
 from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, open_model
-from ..surgery import plan_and_expert, sliced
+from ..pruning.surgery import plan_and_expert, sliced
 from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
 from .source import ExportSource, open_source
 from .vllm import VLLMExport, export_vllm

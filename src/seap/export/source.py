@@ -3,7 +3,7 @@
 A model loaded in memory (the bundled GGUF models, small models) is read from memory. A folder of
 safetensors (a pruned folder, a base checkpoint with a plan, or a dense checkpoint) is streamed:
 the geometry comes from a meta skeleton at the final widths, the values from the shards, one
-decoder layer at a time (seap.streaming), so a 70B export holds one layer, not the model.
+decoder layer at a time (seap.pruning.streaming), so a 70B export holds one layer, not the model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..model.loading import LoadedModel, ModelSource, local_folder, open_model, 
 from ..model.tokenizer import load_tokenizer
 from ..model.fingerprints import check_fingerprint
 from ..model.pruned_folder import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
-from ..streaming import TensorStream, stream_pruned_tensors, stream_tensors
+from ..pruning.streaming import TensorStream, stream_pruned_tensors, stream_tensors
 
 
 @dataclass
@@ -102,7 +102,7 @@ def open_source(model: str, runtime=None, plan=None, expert: str | None = None) 
     config, ckpt = lazy.model.config, lazy.checkpoint
     dtype = ckpt.dtype  # tensors are copied, not computed with: they keep the checkpoint's dtype
     if plan is not None:
-        from ..plan import Plan
+        from ..pruning.plan import Plan
 
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         check_fingerprint(plan.meta.fingerprint, lazy.model, lazy.adapter, weights=lazy.weights)

@@ -29,7 +29,7 @@ from ..errors import ConfigError, ModelError
 from ..model.loading import LoadedModel
 from ..model.tokenizer import save_tokenizer
 from ..model.pruned_folder import needs_seap_loader, write_config
-from ..surgery import SEAP_CONFIG_KEY
+from ..pruning.surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
 
 DECILM_TYPES = ("llama", "mistral")

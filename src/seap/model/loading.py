@@ -121,7 +121,7 @@ class LoadedModel:
 @dataclass
 class LazyModel:
     """A safetensors checkpoint left on disk: an empty skeleton (meta tensors) for its geometry plus
-    its shards, for the layer-by-layer path (seap.calibration.layerwise, seap.streaming)."""
+    its shards, for the layer-by-layer path (seap.calibration.layerwise, seap.pruning.streaming)."""
 
     model: nn.Module
     tokenizer: object

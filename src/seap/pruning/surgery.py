@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 from torch import nn
 
-from .model.adapters import Adapter
-from .model.adapters.base import zero_bias
-from .config import SEAP_CONFIG_KEY
-from .model.fingerprints import check_fingerprint
+from ..model.adapters import Adapter
+from ..model.adapters.base import zero_bias
+from ..config import SEAP_CONFIG_KEY
+from ..model.fingerprints import check_fingerprint
 from .plan import Expert, Plan
 
 if TYPE_CHECKING:
-    from .model.loading import LoadedModel
+    from ..model.loading import LoadedModel
 
 
 

@@ -3,7 +3,7 @@
 The path is chosen by `seap.model.loading.open_model` from the memory free (or forced by Runtime.load):
 a model that fits is loaded whole; a bigger safetensors checkpoint stays on disk, its statistics
 come from the layer-by-layer pass (seap.calibration.layerwise) and its pruned copy is streamed from the
-source shards (seap.streaming). Both paths give the same statistics, plan and files.
+source shards (seap.pruning.streaming). Both paths give the same statistics, plan and files.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ._io import write_json, write_text
-from .model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
-from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
-from .errors import ConfigError
-from .model.loading import LazyModel, LoadedModel, open_model
-from .model.fingerprints import check_fingerprint, fingerprint
-from .calibration import distributed as dist
+from .._io import write_json, write_text
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
+from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
+from ..errors import ConfigError
+from ..model.loading import LazyModel, LoadedModel, open_model
+from ..model.fingerprints import check_fingerprint, fingerprint
+from ..calibration import distributed as dist
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
-from .config import RefitConfig
+from ..config import RefitConfig
 from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
-from .model.pruned_folder import save_pruned
-from .model.runtime import Runtime, dtype_name
-from .calibration.layerwise import collect_stats
-from .outputs import PRUNE_PARTS, Output, locked, output_folder
-from .calibration.stats import ActivationStats
+from ..model.pruned_folder import save_pruned
+from ..model.runtime import Runtime, dtype_name
+from ..calibration.layerwise import collect_stats
+from ..outputs import PRUNE_PARTS, Output, locked, output_folder
+from ..calibration.stats import ActivationStats
 from .surgery import count_params, ffn_params, slice_model
-from .tasks import check_corpus_spec, resolve_corpus
+from ..tasks import check_corpus_spec, resolve_corpus
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
             result[task] = collect_stats(lm.model, lm.tokenizer, lm.adapter, corpus.texts, heads=heads,
                                          batch_size=batch_size, max_length=max_length, meta=meta, progress=progress)
     elif todo:
-        from .calibration.layerwise import layerwise_stats
+        from ..calibration.layerwise import layerwise_stats
 
         texts = {t: c.texts for t, (c, _, _) in todo.items()}
         res = layerwise_stats(lm.checkpoint, lm.model.config, lm.tokenizer, texts,

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model.adapters import Adapter, adapter_for_config
-from .model.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec
-from .model.skeleton import SkeletonLoader, empty_model
+from ..model.adapters import Adapter, adapter_for_config
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec
+from ..model.skeleton import SkeletonLoader, empty_model
 from .plan import Plan
-from .model.pruned_folder import model_tensors, tensor_specs, write_pruned_folder
+from ..model.pruned_folder import model_tensors, tensor_specs, write_pruned_folder
 from .surgery import slice_layer, slice_model
 
 
