@@ -110,7 +110,7 @@ def speed_tables(model: str) -> str:
     text = ""
     for name, run in data["runs"].items():
         cfg = run["config"]
-        text += (f"\nDecode path `{name}` ({'seap.decoding.greedy: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
+        text += (f"\nDecode path `{name}` ({'seap.inference.decoding.greedy: prefill + KV-cache steps, nothing else per token' if name == 'seap' else 'transformers generate()'}); "
                  f"prompt {cfg['prompt_len']} tokens, {cfg['gen_len']} generated, warm-up {cfg['warmup']}, "
                  f"median of {cfg['repeats']} interleaved repeats.\n\n")
         head = ("model", "batch", "weights MB", "peak MB", "prefill tok/s", "decode tok/s", "prefill ×", "decode ×",
@@ -159,7 +159,7 @@ def routing_section(model: str, rows: list[dict]) -> str:
     """The router on held-out prompts (the paper's Table 6) and routed against oracle accuracy."""
     from dataclasses import fields
 
-    from seap.router import RouterEval
+    from seap.inference.router import RouterEval
 
     data = read_result(RESULTS / model / "router.json")
     if data is None:

@@ -50,8 +50,8 @@ def degenerate(ids: list[int], text: str, run: int = 8) -> bool:
 
 
 def _continue(lm, prompts: list[str], griffin=None) -> tuple[list[str], list[list[int]], float]:
-    from seap.decoding import generate_texts, stop_token_ids
-    from seap.griffin import griffin_selection
+    from seap.inference.decoding import generate_texts, stop_token_ids
+    from seap.inference.griffin import griffin_selection
     from seap.model.loading import chat_prompts
 
     texts_in, templated = chat_prompts(lm.tokenizer, prompts, True)
@@ -79,7 +79,7 @@ def shortprompts(models: list[str]) -> None:
     from rouge_score import rouge_scorer
 
     from seap.pruning.surgery import sliced
-    from seap.griffin import GriffinConfig
+    from seap.inference.griffin import GriffinConfig
     from seap.model.loading import load_model
 
     prompts = short_prompts()

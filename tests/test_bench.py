@@ -8,7 +8,7 @@ from conftest import FAMILIES, make_loaded, tiny_folder
 
 from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
                         kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
-from seap.decoding import greedy
+from seap.inference.decoding import greedy
 from seap.pruning.surgery import weight_bytes
 from seap.cli import main
 from seap.config import PruneConfig

@@ -46,7 +46,7 @@ def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
         CalibrationData(batch_size=0)
     from seap.bench import BenchConfig
     from seap.evaluation.runner import EvalConfig
-    from seap.router import RouterConfig
+    from seap.inference.router import RouterConfig
 
     with pytest.raises(ConfigError, match="`xsum_shots` 0 or 1"):
         EvalConfig(xsum_shots=2)

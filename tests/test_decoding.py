@@ -1,4 +1,4 @@
-"""seap.decoding.greedy, the one torch decode loop: token for token what generate(do_sample=False)
+"""seap.inference.decoding.greedy, the one torch decode loop: token for token what generate(do_sample=False)
 gives (padded and unpadded batches, eos padding), and with a GRIFFIN selection what the former
 griffin_decode gave (its implementation is kept below as the reference) and what an independent
 masked dense decode gives."""
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import left_padded, make_loaded, padded_decode, tiny_folder
 
-from seap.decoding import cut_at_stop, generate_texts, greedy, positions
+from seap.inference.decoding import cut_at_stop, generate_texts, greedy, positions
 from seap.errors import ConfigError
-from seap.griffin import (GriffinConfig, GriffinSelection, corpus_statistic, experts_applied, prefill_statistics,
+from seap.inference.griffin import (GriffinConfig, GriffinSelection, corpus_statistic, experts_applied, prefill_statistics,
                           select, with_prior)
 from seap.model.loading import encode_left_padded, load_model
 
@@ -61,7 +61,7 @@ def test_text_generation_equals_generate_with_the_models_eos_and_stop_strings(tm
     # stops at them): rows 0 and 3 end at their first token, rows 1 and 2 run on
     lm.model.generation_config.eos_token_id = [int(first[0]), int(first[3])]
 
-    def old(n: int) -> list[str]:  # what seap.experts.greedy_batch returned (transformers' generate())
+    def old(n: int) -> list[str]:  # what seap.inference.experts.greedy_batch returned (transformers' generate())
         out = lm.model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -77,7 +77,7 @@ def test_text_generation_equals_generate_with_the_models_eos_and_stop_strings(tm
 @torch.inference_mode()
 def _griffin_decode(model, adapter, input_ids, new_tokens, attention_mask=None, density=0.5, eos_token_id=None,
                     finished=None, shared=False, prior=None) -> torch.Tensor:
-    """The former seap.griffin.griffin_decode (its tokens), verbatim but for timing and the output."""
+    """The former seap.inference.griffin.griffin_decode (its tokens), verbatim but for timing and the output."""
     cfg = density if isinstance(density, GriffinConfig) else GriffinConfig(density=density, shared=shared,
                                                                            short="none")
     padded = attention_mask is not None

@@ -11,8 +11,8 @@ from conftest import SHARED_DATA, has_shared_data, tiny_folder
 from seap.cli import main
 from seap.errors import DataError
 from seap.evaluation.generation import evaluate_xsum, load_xsum, rouge_scores
-from seap.decoding import cut_at_stop, generate_texts
-from seap.griffin import GriffinSelection, classification_mode
+from seap.inference.decoding import cut_at_stop, generate_texts
+from seap.inference.griffin import GriffinSelection, classification_mode
 from seap.model.loading import load_model
 
 ARTICLES = [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import left_padded, make_loaded, padded_decode
 
-from seap.decoding import greedy
+from seap.inference.decoding import greedy
 from seap.errors import ConfigError
-from seap.griffin import (GriffinConfig, GriffinSelection, classification_mode, corpus_statistic, keep_count,
+from seap.inference.griffin import (GriffinConfig, GriffinSelection, classification_mode, corpus_statistic, keep_count,
                           neuron_scores, prefill_statistics, select, with_prior)
 from seap.core.scores import top_k
 
@@ -68,7 +68,7 @@ def _zero_outside(adapter, model, keep):
 
 @torch.no_grad()
 def test_pruned_decode_step_equals_zeroing_the_unselected_neurons(family):
-    from seap.griffin import experts_applied
+    from seap.inference.griffin import experts_applied
 
     lm = make_loaded(family)
     model, adapter, ids = lm.model, lm.adapter, SEQS[0][None]
@@ -134,8 +134,8 @@ def test_shared_batch_experts_are_the_top_k_of_the_pooled_unit_scores():
 
 @torch.no_grad()
 def test_shared_batch_decode_equals_zeroing_outside_the_pooled_expert(family):
-    from seap.decoding import positions
-    from seap.griffin import pooled_scores
+    from seap.inference.decoding import positions
+    from seap.inference.griffin import pooled_scores
 
     lm = make_loaded(family)
     model, adapter = lm.model, lm.adapter

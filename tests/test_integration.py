@@ -77,7 +77,7 @@ def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
     from seap.model.loading import load_model
     from seap.model.fingerprints import fingerprint
     from seap.pruning.plan import GENERIC, build_plan
-    from seap.router import evaluate_router, fit_router
+    from seap.inference.router import evaluate_router, fit_router
 
     lm = load_model("smollm2-135m")
     # The router depends on the experts' names only; a data-free plan keeps the test short.

@@ -252,7 +252,7 @@ def test_a_saved_plan_keeps_its_refitted_weights(tmp_path):
 
 
 def test_routed_experts_use_the_refitted_weights():
-    from seap.experts import MultiExpertModel
+    from seap.inference.experts import MultiExpertModel
 
     lm, plan = _reconstructed("llama")
     want = slice_model(copy.deepcopy(lm.model), lm.adapter, plan, "t")(IDS).logits

@@ -12,11 +12,11 @@ from seap.cli import main
 from seap.config import PruneConfig
 from seap.errors import ArtifactError, ConfigError
 from seap.pruning.surgery import sliced
-from seap.experts import MultiExpertModel
+from seap.inference.experts import MultiExpertModel
 from seap.model.loading import encode_left_padded, load_model
 from seap.model.fingerprints import fingerprint
 from seap.pruning.plan import GENERIC, build_plan
-from seap.router import BACKGROUND, Router, RouterConfig, prompt_features
+from seap.inference.router import BACKGROUND, Router, RouterConfig, prompt_features
 from seap.calibration.layerwise import collect_stats
 from seap.pruning.surgery import ffn_params
 
@@ -142,7 +142,7 @@ def test_router_probabilities_equal_scikit_learn(routed):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from seap.router import mean_embeddings, training_set
+    from seap.inference.router import mean_embeddings, training_set
 
     lm, router = routed["lm"], routed["router"]
     assert set(router.classes) == {*routed["paths"].values(), BACKGROUND}
@@ -183,8 +183,8 @@ def test_unknown_prompts_go_to_the_generic_expert(routed):
 
 
 def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
-    from seap.ood import OodTest, form_features
-    from seap.router import token_ids
+    from seap.inference.ood import OodTest, form_features
+    from seap.inference.router import token_ids
 
     lm, router = routed["lm"], routed["router"]
     tok = lm.tokenizer

@@ -22,8 +22,8 @@ _API = {
     "prune": "pruning.prune", "collect": "pruning.prune", "apply": "pruning.prune", "PruneResult": "pruning.prune",
     "load": "pipeline", "evaluate": "pipeline", "info": "pipeline", "generate": "pipeline", "benchmark": "pipeline",
     "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline", "export": "pipeline",
-    "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "model.runtime", "GriffinConfig": "griffin",
-    "RouterConfig": "router", "Plan": "pruning.plan", "LoadedModel": "model.loading", "SeapError": "errors",
+    "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "model.runtime", "GriffinConfig": "inference.griffin",
+    "RouterConfig": "inference.router", "Plan": "pruning.plan", "LoadedModel": "model.loading", "SeapError": "errors",
 }
 __all__ = ["__version__", *_API]
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decoding import greedy, sync
+from .inference.decoding import greedy, sync
 from .errors import ConfigError
-from .griffin import GriffinConfig
+from .inference.griffin import GriffinConfig
 from .model.loading import LoadedModel
 from .pruning.surgery import count_params, ffn_params, weight_bytes
 
@@ -35,7 +35,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 1
     repeats: int = 5
-    decode_path: str = "seap"  # seap: the lean greedy loop (seap.decoding.greedy); generate: transformers' generate()
+    decode_path: str = "seap"  # seap: the lean greedy loop (seap.inference.decoding.greedy); generate: transformers' generate()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,7 +160,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
     Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
     (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
     what the prompts say, which random tokens do not show."""
-    from .griffin import GriffinSelection, griffin_prior
+    from .inference.griffin import GriffinSelection, griffin_prior
 
     cfg = cfg or BenchConfig()
     pools = ({name: text_prompts(lm.tokenizer, texts, cfg.prompt_len, chat) for name, lm in models.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 from .cli_args import as_flags, build_parser
 from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from .errors import ConfigError, SeapError
-from .griffin import GriffinConfig
+from .inference.griffin import GriffinConfig
 from .model.runtime import runtime_from_args
 
 
@@ -95,7 +95,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _route(pipeline, args, rt) -> None:
-    from .router import RouterConfig
+    from .inference.router import RouterConfig
 
     if args.route_cmd == "fit":
         cfg = RouterConfig(threshold=args.threshold, limit=args.limit,

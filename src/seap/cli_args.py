@@ -8,7 +8,7 @@ import re
 from .bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
 from .export.gguf import OUT_TYPES
-from .griffin import DEFAULT_SHORT, SHORT_MODES
+from .inference.griffin import DEFAULT_SHORT, SHORT_MODES
 from .model.runtime import add_runtime_args
 from .tasks import ACCURACY_TASKS, SUITE, TASK_NAMES
 

@@ -10,13 +10,13 @@ from typing import Sequence
 
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
-from .griffin import GriffinConfig
+from .inference.griffin import GriffinConfig
 from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
 from .model.fingerprints import check_fingerprint
 from .pruning.plan import Plan
 from .model.pruned_folder import read_record
 from .pruning.prune import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
-from .router import Router, RouterConfig, RouterEval, Route
+from .inference.router import Router, RouterConfig, RouterEval, Route
 from .model.runtime import Runtime
 from .pruning.surgery import plan_and_expert, sliced
 from .tasks import resolve_corpus
@@ -209,9 +209,9 @@ def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Pla
                runtime: Runtime | None = None, wait: bool = False) -> Router:
     """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default, as
     one artifact (seap.outputs; `wait`: wait for another run writing `out` instead of refusing)."""
-    from .experts import merge_experts
+    from .inference.experts import merge_experts
     from .outputs import output_folder
-    from .router import fit_router as fit
+    from .inference.router import fit_router as fit
 
     loaded = _plans(plans)  # bad plans are refused before the model loads
     experts, owner = merge_experts(loaded)
@@ -238,7 +238,7 @@ def evaluate_router(model: str | LoadedModel | None, router: str | Path | Router
                     unknown: Sequence[str] = (), out: str | Path | None = None,
                     runtime: Runtime | None = None) -> RouterEval:
     """`seap route eval`: precision, recall, F1 and the confusion matrix on held-out prompts."""
-    from .router import evaluate_router as run
+    from .inference.router import evaluate_router as run
     from .tasks import resolve_corpus
 
     lm = _load(model, runtime)
@@ -282,13 +282,13 @@ def generate(model: str | LoadedModel | None, prompts: Sequence[str], *, plans: 
     plan's expert if given; GriffinConfig(shared=True): one expert for all the prompts, decoded as one batch). `chat`: each prompt as a
     user turn of the tokenizer's chat template (None: when the model has one; every row says).
 
-    Every path decodes with seap.decoding.greedy and gives rows of one shape: prompt, expert, text,
+    Every path decodes with seap.inference.decoding.greedy and gives rows of one shape: prompt, expert, text,
     chat_template, kept_fraction (the share of the model's FFN neurons the row ran through: 1.0 when
     nothing is dropped; GRIFFIN's within a plan expert counts the expert's width), confidence and
     reason (the router's; None when not routed)."""
-    from .decoding import generate_texts
-    from .experts import MultiExpertModel
-    from .griffin import griffin_selection
+    from .inference.decoding import generate_texts
+    from .inference.experts import MultiExpertModel
+    from .inference.griffin import griffin_selection
 
     if not prompts:
         raise ConfigError("give at least one prompt")

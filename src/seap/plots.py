@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ._io import atomic_path
 
 if TYPE_CHECKING:
-    from .router import RouterEval
+    from .inference.router import RouterEval
 
 
 def _pyplot():

@@ -175,7 +175,7 @@ class GramObserver:
 
 
 class PriorObserver:
-    """GRIFFIN's corpus statistic (seap.griffin.corpus_statistic) of each layer: the sum over real tokens
+    """GRIFFIN's corpus statistic (seap.inference.griffin.corpus_statistic) of each layer: the sum over real tokens
     of z_tj^2 / ||z_t||^2 for the FFN output linear's input z, summed across processes."""
 
     name = "prior"

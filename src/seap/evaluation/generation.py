@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..griffin import GriffinConfig
+from ..inference.griffin import GriffinConfig
 from ..model.loading import LoadedModel
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -84,8 +84,8 @@ def evaluate_xsum(lm: LoadedModel, *, data_dir: str | Path, limit: int | None = 
     at the row's stop strings, scored against the reference with ROUGE-1/2/L. With GRIFFIN
     (`density`) and `shared`, each batch decodes through one expert chosen for all its prompts.
     `chat`: each prompt as a user turn of the chat template (GRIFFIN's protocol is the raw prompt)."""
-    from ..decoding import generate_texts
-    from ..griffin import GriffinSelection, griffin_prior
+    from ..inference.decoding import generate_texts
+    from ..inference.griffin import GriffinSelection, griffin_prior
     from ..model.loading import chat_prompts
 
     griffin = None
@@ -136,7 +136,7 @@ def make_classification_lm(lm: LoadedModel, density: float, max_length: int | No
     without a mask, and the mode needs each sequence's last real token."""
     from lm_eval.models.huggingface import HFLM
 
-    from ..griffin import GriffinConfig, classification_mode
+    from ..inference.griffin import GriffinConfig, classification_mode
 
     GriffinConfig(density=density, mode="class")
 

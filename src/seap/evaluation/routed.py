@@ -14,10 +14,10 @@ from typing import Sequence
 
 import torch
 
-from ..experts import MultiExpertModel
+from ..inference.experts import MultiExpertModel
 from ..model.loading import LoadedModel
 from ..pruning.plan import GENERIC, Plan
-from ..router import Router
+from ..inference.router import Router
 from .harness import evaluate_tasks, make_lm
 from .runner import EvalConfig, EvalReport, _generation_and_perplexity
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..model.adapters import get_adapter
 from ..model.loading import LoadedModel
 from ..model.fingerprints import check_fingerprint
-from ..griffin import GriffinConfig
+from ..inference.griffin import GriffinConfig
 from ..pruning.plan import GENERIC, Plan
 from ..pruning.surgery import count_params, sliced
 from ..tasks import ACCURACY_TASKS, PAPER_METRIC, SUITE

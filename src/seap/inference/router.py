@@ -5,7 +5,7 @@ the classifier is scikit-learn's multinomial logistic regression. Besides one cl
 expert, a background class learnt from plain text (windows of general text whose lengths
 follow the task prompts') stands for "no task": it and any prompt whose top probability is
 under the threshold go to the generic expert. A classifier must pick some class for any input,
-so prompts of kinds it was never fitted on are caught apart (`seap.ood`), on the prompt's form
+so prompts of kinds it was never fitted on are caught apart (`seap.inference.ood`), on the prompt's form
 (length, digits, line breaks, symbols, case), which the mean embedding averages away: a prompt whose
 form is farther from the class it is routed to than nearly all of that class's training prompts is
 unfamiliar and goes to the generic expert too.
@@ -28,16 +28,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ._version import __version__
-from ._io import atomic_dir, save_tensors
-from .outputs import read_artifact
-from .model.adapters import Adapter
-from .errors import ArtifactError, ConfigError, DataError
-from .model.loading import LoadedModel
+from .._version import __version__
+from .._io import atomic_dir, save_tensors
+from ..outputs import read_artifact
+from ..model.adapters import Adapter
+from ..errors import ArtifactError, ConfigError, DataError
+from ..model.loading import LoadedModel
 from .ood import OodTest, form_features
-from .model.fingerprints import check_fingerprint, fingerprint
-from .pruning.plan import GENERIC, Expert
-from .tasks import TASKS, Corpus, resolve_corpus
+from ..model.fingerprints import check_fingerprint, fingerprint
+from ..pruning.plan import GENERIC, Expert
+from ..tasks import TASKS, Corpus, resolve_corpus
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class RouterConfig:
     seed: int = 0
     # Prompts whose form (length, digits, line breaks, symbols) is farther from the class they are routed
     # to than this share of that class's training prompts are unfamiliar and go to the generic expert
-    # (seap.ood); None: no test.
+    # (seap.inference.ood); None: no test.
     ood_quantile: float | None = 0.998
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ prompt counts alike), and a step reads only k neurons.
 A model already sliced by a plan composes naturally: the selection is made within its kept
 neurons (k counts the sliced width).
 
-Generation runs seap.decoding.greedy with a GriffinSelection: its prefill() collects the statistic
+Generation runs seap.inference.decoding.greedy with a GriffinSelection: its prefill() collects the statistic
 around the dense prefill forward, its decode() swaps in the gathered linears for the decode steps.
 """
 
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model.adapters import Adapter
-from .model.adapters.base import by_sequence, module_path, set_module
-from .errors import ConfigError
-from .core.scores import neuron_scores, ranking, top_k
+from ..model.adapters import Adapter
+from ..model.adapters.base import by_sequence, module_path, set_module
+from ..errors import ConfigError
+from ..core.scores import neuron_scores, ranking, top_k
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,9 @@ def classification_mode(model: nn.Module, adapter: Adapter, density: float,
             h.remove()
 
 
-# -- generation: GRIFFIN as a selection of seap.decoding.greedy -------------------------------------
+# -- generation: GRIFFIN as a selection of seap.inference.decoding.greedy -------------------------------------
 class GriffinSelection:
-    """GRIFFIN for `seap.decoding.greedy`: the dense prefill's statistic picks each prompt's
+    """GRIFFIN for `seap.inference.decoding.greedy`: the dense prefill's statistic picks each prompt's
     experts (or one for the batch, `shared`), the decode steps run through them.
 
     `config`: a GriffinConfig (with its short-prompt fix; 'prior' needs `prior`, per-layer shares
@@ -266,7 +266,7 @@ class GriffinSelection:
         cfg = config if isinstance(config, GriffinConfig) else GriffinConfig(density=config, short="none")
         if cfg.short == "prior" and not cfg.pure and prior is None:
             raise ConfigError("GRIFFIN's short-prompt prior needs the model's generic statistic: "
-                              "pass prior=seap.griffin.griffin_prior(lm), or short='none'")
+                              "pass prior=seap.inference.griffin.griffin_prior(lm), or short='none'")
         self.adapter, self.config, self.prior = adapter, cfg, prior
         self.selection: Selection | None = None
         self.batch = 0
@@ -319,8 +319,8 @@ def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: 
     sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons. One pass of the
     calibration engine (a model in memory or streamed from its checkpoint; summed across processes
     under torchrun)."""
-    from .calibration.engine import Outcome, PriorObserver, run_pass
-    from .calibration.layerwise import engine_for
+    from ..calibration.engine import Outcome, PriorObserver, run_pass
+    from ..calibration.layerwise import engine_for
 
     engine, _ = engine_for(lm, {"prior": list(texts)}, batch_size=batch_size, max_length=max_length)
     out: list[torch.Tensor] = []
@@ -340,7 +340,7 @@ def prior_cache_path(lm) -> Path:
     import json
     import os
 
-    from .model.fingerprints import fingerprint
+    from ..model.fingerprints import fingerprint
 
     fp = fingerprint(lm.model, lm.adapter)
     key = hashlib.sha256(json.dumps([fp["arch_hash"], fp["signature"]]).encode()).hexdigest()[:24]
@@ -354,7 +354,7 @@ def griffin_prior(lm, texts: Sequence[str] | None = None, *, cache: bool = True)
     embedded general corpus (or `texts`) on this model, computed once and cached per model."""
     from safetensors import safe_open
 
-    from ._io import save_tensors
+    from .._io import save_tensors
 
     path = prior_cache_path(lm) if cache and texts is None else None
     if path is not None and path.is_file():
@@ -365,7 +365,7 @@ def griffin_prior(lm, texts: Sequence[str] | None = None, *, cache: bool = True)
         except Exception as err:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
             log.info("recomputing the GRIFFIN prior (%s)", err)
     if texts is None:
-        from .tasks import resolve_corpus
+        from ..tasks import resolve_corpus
 
         texts = resolve_corpus("default", limit=PRIOR_TEXTS).texts
     prior = corpus_statistic(lm, texts)

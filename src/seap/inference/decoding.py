@@ -5,7 +5,7 @@ XSum and routed experts decode with it. What the FFN computes is the model's bus
 
 - the model as it is (selection None): dense, a statically sliced copy, or a MultiExpertModel
   inside `use()` (routed experts, each sequence on its own);
-- a `selection` that changes the FFN per call: GRIFFIN (seap.griffin.GriffinSelection) watches
+- a `selection` that changes the FFN per call: GRIFFIN (seap.inference.griffin.GriffinSelection) watches
   the dense prefill and picks each prompt's experts, then the decode steps run through them.
 
 transformers' generate() adds per-token work that does not shrink with the model (logits
@@ -23,8 +23,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError
-from .model.loading import encode_left_padded, max_positions
+from ..errors import ConfigError, DataError
+from ..model.loading import encode_left_padded, max_positions
 
 Finished = Callable[[torch.Tensor], "torch.Tensor | None"]
 
