@@ -87,7 +87,7 @@ SPEED_PROMPTS = 64  # XSum articles whose first 128 tokens are the timed prompts
 
 
 def griffin_speed(models: list[str]) -> None:
-    from seap.bench import BenchConfig, bench_models, speed_table
+    from seap.evaluation.bench import BenchConfig, bench_models, speed_table
     from seap.evaluation.generation import load_xsum
     from seap.inference.griffin import GriffinConfig
     from seap.model.loading import load_model

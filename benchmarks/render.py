@@ -234,7 +234,7 @@ def griffin_section(model: str) -> str:
     data = read_result(RESULTS / model / "griffin_speed.json")
     if data is not None:
         cfg = data["config"]
-        text += (f"\nGRIFFIN decode speed (`seap.bench`, prompts: the first {cfg['prompt_len']} tokens of "
+        text += (f"\nGRIFFIN decode speed (`seap.evaluation.bench`, prompts: the first {cfg['prompt_len']} tokens of "
                  f"{data.get('prompts', 'random tokens')}, {cfg['gen_len']} "
                  f"generated, warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; GRIFFIN's "
                  "selection is timed with the prefill and its weight gather with the decode):\n\n"
@@ -568,7 +568,7 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
   across models). Word perplexity: lm-eval's `wikitext` task (rolling log-likelihood, words of the
   original text) on the first articles (2 for SmolLM2, 1 for Gemma 3). For SEAP (task experts) both come from the generic expert (language modelling has no
   task expert).
-- Speed: `seap.bench`, dense and pruned models in one process, ratios of medians. The bytes limit
+- Speed: `seap.evaluation.bench`, dense and pruned models in one process, ratios of medians. The bytes limit
   is dense bytes / pruned bytes read per decode step (all weights, the tied embedding once as the
   LM head, plus the KV cache at the mean context length). Peak MB on a CPU is the weights plus the
   KV cache held at the end of generation (activations are not counted); on CUDA it is the

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES, make_loaded, tiny_folder
 
-from seap.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
+from seap.evaluation.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
                         kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
 from seap.inference.decoding import greedy
 from seap.pruning.surgery import weight_bytes

@@ -44,7 +44,7 @@ def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
         PruneConfig(refit_choice="obs")
     with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
         CalibrationData(batch_size=0)
-    from seap.bench import BenchConfig
+    from seap.evaluation.bench import BenchConfig
     from seap.evaluation.runner import EvalConfig
     from seap.inference.router import RouterConfig
 

@@ -172,7 +172,7 @@ def _eval(pipeline, args, rt) -> None:
 
 
 def _bench(pipeline, args, rt) -> None:
-    from .bench import BenchConfig, speed_markdown
+    from .evaluation.bench import BenchConfig, speed_markdown
     from .export.llamacpp import speed_markdown as gguf_markdown
 
     if args.backend == "llamacpp":

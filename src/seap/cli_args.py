@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .bench import DECODE_PATHS
+from .evaluation.bench import DECODE_PATHS
 from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
 from .export.gguf import OUT_TYPES
 from .inference.griffin import DEFAULT_SHORT, SHORT_MODES

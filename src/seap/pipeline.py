@@ -149,7 +149,7 @@ def benchmark(model: str | LoadedModel | None = None, *, compare: Sequence[str] 
     as each GriffinConfig says, or at each density with its defaults), timed in one process.
     `prompts` (a task, the embedded corpus or a .txt/.jsonl file, as for calibration) gives real
     prompt texts instead of random tokens; `chat` wraps them in the chat template."""
-    from .bench import bench_models, speed_markdown, speed_table
+    from .evaluation.bench import bench_models, speed_markdown, speed_table
     lm = _load(model, runtime)
     models = {"dense": lm}
     for path in compare:
@@ -254,7 +254,7 @@ def evaluate_router(model: str | LoadedModel | None, router: str | Path | Router
         write_text(out / "route_eval.md", "# seap route eval\n\n" + res.markdown())
         files = {"json": str(out / "route_eval.json"), "markdown": str(out / "route_eval.md")}
         try:
-            from .plots import confusion_plot
+            from .evaluation.plots import confusion_plot
 
             files["plot"] = str(confusion_plot(res, out / "confusion.png"))
         except ImportError:

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .._io import atomic_path
-from ..plots import _pyplot
+from ..evaluation.plots import _pyplot
 
 DPI = 100
 

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inference.decoding import greedy, sync
-from .errors import ConfigError
-from .inference.griffin import GriffinConfig
-from .model.loading import LoadedModel
-from .pruning.surgery import count_params, ffn_params, weight_bytes
+from ..inference.decoding import greedy, sync
+from ..errors import ConfigError
+from ..inference.griffin import GriffinConfig
+from ..model.loading import LoadedModel
+from ..pruning.surgery import count_params, ffn_params, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def text_prompts(tokenizer, texts: Sequence[str], length: int, chat: bool = Fals
     """[N, length] token ids: the first `length` tokens of every text long enough to give them; with
     `chat`, the last `length` tokens of each text as a user turn of the chat template (so a prompt
     ends where the assistant's answer starts, as an instruct model is served)."""
-    from .model.loading import chat_prompts
+    from ..model.loading import chat_prompts
 
     if chat:
         wrapped, _ = chat_prompts(tokenizer, texts, True)
@@ -160,7 +160,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
     Prompts are random ordinary tokens, or with `texts` the first prompt_len tokens of those texts
     (each model's own tokenizer): GRIFFIN's experts, and so the union a batch reads, depend on
     what the prompts say, which random tokens do not show."""
-    from .inference.griffin import GriffinSelection, griffin_prior
+    from ..inference.griffin import GriffinSelection, griffin_prior
 
     cfg = cfg or BenchConfig()
     pools = ({name: text_prompts(lm.tokenizer, texts, cfg.prompt_len, chat) for name, lm in models.items()}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._io import atomic_path
+from .._io import atomic_path
 
 if TYPE_CHECKING:
-    from .inference.router import RouterEval
+    from ..inference.router import RouterEval
 
 
 def _pyplot():
