@@ -85,7 +85,7 @@ def write(path: Path, data: dict) -> None:
 
 
 def stats_for(lm, model_name: str) -> dict:
-    from seap.pipeline import CalibrationData, collect
+    from seap.api import CalibrationData, collect
 
     data = CalibrationData((*TASKS, LM_CORPUS), data_dir=str(DATA), limit=CALIBRATION_LIMIT.get(model_name, 400),
                            batch_size=8, max_length=512)

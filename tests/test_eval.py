@@ -170,7 +170,7 @@ def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     from seap.config import CalibrationData, PruneConfig
     from seap.pruning.surgery import sliced
     from seap.model.fingerprints import fingerprint
-    from seap.pipeline import collect
+    from seap.api import collect
     from seap.pruning.plan import build_plan
 
     lm = load_model(str(llama_folder))

@@ -49,7 +49,7 @@ def test_main_job_on_bundled_smollm2(tmp_path):
 def test_task_experts_from_shared_data(tmp_path):
     """Two task corpora from ../shared/data give two experts plus the generic one."""
     from seap.config import CalibrationData, PruneConfig
-    from seap.pipeline import prune
+    from seap.api import prune
 
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
     res = prune(str(folder), PruneConfig.from_method("seap", ratio=0.3),

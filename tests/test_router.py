@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+
+import seap
 from conftest import TEXTS, left_padded, make_loaded, tiny_folder
 
 from seap.cli import main
@@ -123,17 +125,15 @@ def write_corpora(folder, n=60):
 
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory):
-    from seap import pipeline
-
     tmp = tmp_path_factory.mktemp("routed")
     folder = tiny_folder(tmp, "llama")
     paths = write_corpora(tmp)
-    res = pipeline.prune(str(folder), PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
-                         pipeline.CalibrationData(tuple(paths.values()), batch_size=4), tmp / "out")
+    res = seap.prune(str(folder), PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                     seap.CalibrationData(tuple(paths.values()), batch_size=4), tmp / "out")
     lm = load_model(str(folder))
     # No form test here: these tests are about the classifier (the form test has its own below).
-    router = pipeline.fit_router(lm, [tmp / "out" / "plan"],
-                                 config=RouterConfig(limit=50, background_samples=60, ood_quantile=None))
+    router = seap.fit_router(lm, [tmp / "out" / "plan"],
+                             config=RouterConfig(limit=50, background_samples=60, ood_quantile=None))
     return {"tmp": tmp, "folder": folder, "paths": paths, "plan": tmp / "out" / "plan", "lm": lm, "router": router,
             "res": res}
 
@@ -215,10 +215,8 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     assert not test.unfamiliar(d, "a") and test.unfamiliar(d, "b") and not test.unfamiliar(d, GENERIC)
     # A prompt of a form no task has (a long run of digits and signs) is unfamiliar and goes to the
     # generic expert; a saved router decides the same; the classifier alone sends it to a task expert.
-    from seap import pipeline
-
-    ood = pipeline.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
-                              config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
+    ood = seap.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
+                          config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
     assert ood.ood is not None and ood.meta["config"]["ood_quantile"] == 0.99
     odd = " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)
     probs, dist = ood.assess(lm, [odd, "12 7 300 ="])
@@ -283,13 +281,12 @@ def test_routed_documents_decide_as_the_router_with_its_form_test(routed, tmp_pa
     included (an unfamiliar context goes to the generic expert)."""
     from lm_eval.api.instance import Instance
 
-    from seap import pipeline
     from seap.evaluation.routed import route_requests
     from seap.pruning.plan import Plan
 
     lm = routed["lm"]
-    router = pipeline.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
-                                 config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
+    router = seap.fit_router(lm, [routed["plan"]], out=tmp_path / "r",
+                             config=RouterConfig(limit=50, background_samples=60, ood_quantile=0.99))
     multi = MultiExpertModel(lm, Plan.load(routed["plan"]), router)
     ctx = ["12 7 300 =", "HELP NOW!", " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)]
     reqs = [Instance("loglikelihood", {}, (c, cont), i, ("t", d, 1))
@@ -323,10 +320,8 @@ def test_route_and_generate_cli(routed, capsys, tmp_path):
     assert main(["route", "explain", "--model", folder, "--router", str(tmp_path), "x"]) == 2
     assert "not a router folder" in capsys.readouterr().err
     # A plan from one task only has no generic expert: nothing to fall back on.
-    from seap import pipeline
-
-    single = pipeline.prune(folder, PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
-                            pipeline.CalibrationData((digits,), batch_size=4), tmp_path / "one")
+    single = seap.prune(folder, PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1),
+                        seap.CalibrationData((digits,), batch_size=4), tmp_path / "one")
     assert single.plan.experts.keys() == {digits}
     assert main(["route", "fit", "--model", folder, "--plan", str(tmp_path / "one" / "plan")]) == 2
     assert "generic expert" in capsys.readouterr().err

@@ -20,8 +20,8 @@ from ._version import __version__
 # public name -> module that defines it
 _API = {
     "prune": "pruning.prune", "collect": "pruning.prune", "apply": "pruning.prune", "PruneResult": "pruning.prune",
-    "load": "pipeline", "evaluate": "pipeline", "info": "pipeline", "generate": "pipeline", "benchmark": "pipeline",
-    "fit_router": "pipeline", "evaluate_router": "pipeline", "explain": "pipeline", "export": "pipeline",
+    "load": "api", "evaluate": "api", "info": "api", "generate": "api", "benchmark": "api",
+    "fit_router": "api", "evaluate_router": "api", "explain": "api", "export": "api",
     "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner", "Runtime": "model.runtime", "GriffinConfig": "inference.griffin",
     "RouterConfig": "inference.router", "Plan": "pruning.plan", "LoadedModel": "model.loading", "SeapError": "errors",
 }

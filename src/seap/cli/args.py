@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 
-from .evaluation.bench import DECODE_PATHS
-from .config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
-from .export.gguf import OUT_TYPES
-from .inference.griffin import DEFAULT_SHORT, SHORT_MODES
-from .model.runtime import add_runtime_args
-from .tasks import ACCURACY_TASKS, SUITE, TASK_NAMES
+from ..evaluation.bench import DECODE_PATHS
+from ..config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
+from ..export.gguf import OUT_TYPES
+from ..inference.griffin import DEFAULT_SHORT, SHORT_MODES
+from ..model.runtime import add_runtime_args
+from ..tasks import ACCURACY_TASKS, SUITE, TASK_NAMES
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_args(p, "each prompt as a user turn of the model's chat template (default when it has one)")
     p.add_argument("--json", action="store_true")
 
-    from .analyze.cli import add_parser as add_analyze
+    from ..analyze.commands import add_parser as add_analyze
     add_analyze(sub)
 
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder (read from the headers)")

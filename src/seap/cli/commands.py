@@ -1,6 +1,6 @@
-"""`seap` command line: a thin layer over seap.pipeline. Each command is a handler that turns its flags
-into the pipeline's configs and calls one pipeline function, and a renderer that prints the result; the
-arguments are in seap.cli_args. Errors print one line and exit 2."""
+"""`seap` command line: a thin layer over seap.api. Each command is a handler that turns its flags
+into configs and calls one seap.api function, and a renderer that prints the result; the
+arguments are in seap.cli.args. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_args import as_flags, build_parser
-from .config import DEFAULT_TASKS, CalibrationData, PruneConfig
-from .errors import ConfigError, SeapError
-from .inference.griffin import GriffinConfig
-from .model.runtime import runtime_from_args
+from .args import as_flags, build_parser
+from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
+from ..errors import ConfigError, SeapError
+from ..inference.griffin import GriffinConfig
+from ..model.runtime import runtime_from_args
 
 
 def _calibration(args) -> CalibrationData:
@@ -33,7 +33,7 @@ def _griffin(args, density: float | None):
 
 
 def _print_result(res, out) -> None:
-    from .calibration import distributed
+    from ..calibration import distributed
 
     if not distributed.is_main():  # under torchrun, rank 0 reports
         return
@@ -80,7 +80,7 @@ def _print_export(rep: dict) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
-    from .errors import DataError
+    from ..errors import DataError
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -94,13 +94,13 @@ def _read_prompts(path: str) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def _route(pipeline, args, rt) -> None:
-    from .inference.router import RouterConfig
+def _route(api, args, rt) -> None:
+    from ..inference.router import RouterConfig
 
     if args.route_cmd == "fit":
         cfg = RouterConfig(threshold=args.threshold, limit=args.limit,
                            background=tuple(args.background or RouterConfig.background))
-        router = pipeline.fit_router(args.model, args.plan, tasks=args.tasks, data_dir=args.data_dir,
+        router = api.fit_router(args.model, args.plan, tasks=args.tasks, data_dir=args.data_dir,
                                      split=args.split, config=cfg, out=args.out, runtime=rt, wait=args.wait)
         counts = router.meta["train_counts"]
         print(f"router over {len(router.classes)} classes fitted in {router.meta['fit_seconds']:.0f}s "
@@ -109,12 +109,12 @@ def _route(pipeline, args, rt) -> None:
             print(f"  {c}: {counts[c]} prompts -> expert {router.experts[c]}")
         print(f"  threshold {router.threshold}: lower top probability -> generic; saved to {router.meta['folder']}")
     elif args.route_cmd == "eval":
-        res = pipeline.evaluate_router(args.model, args.router, data_dir=args.data_dir, split=args.split,
+        res = api.evaluate_router(args.model, args.router, data_dir=args.data_dir, split=args.split,
                                        limit=args.limit, unknown=args.unknown, out=args.out, runtime=rt)
         print(res.markdown(), end="")
         print("results: " + ", ".join(res.meta.get("files", {}).values()))
     else:
-        routes = pipeline.explain(args.model, args.router, args.prompts, runtime=rt)
+        routes = api.explain(args.model, args.router, args.prompts, runtime=rt)
         if args.json:
             print(json.dumps([{"prompt": p, **r.__dict__} for p, r in zip(args.prompts, routes)], indent=2))
             return
@@ -124,15 +124,15 @@ def _route(pipeline, args, rt) -> None:
                   + ", ".join(f"{c} {v:.2f}" for c, v in top))
 
 
-# -- commands: flags -> configs -> one pipeline call -> printed result ------------------------------
-def _collect(pipeline, args, rt) -> None:
-    stats = pipeline.collect(args.model, _calibration(args), args.out, heads=args.heads, runtime=rt, wait=args.wait)
+# -- commands: flags -> configs -> one api call -> printed result ------------------------------
+def _collect(api, args, rt) -> None:
+    stats = api.collect(args.model, _calibration(args), args.out, heads=args.heads, runtime=rt, wait=args.wait)
     for task, s in stats.items():
         print(f"{task}: {s.meta.get('n_texts')} texts, {s.n_tokens:,} tokens -> {args.out}")
 
 
-def _prune(pipeline, args, rt) -> None:
-    from .analyze.schedule import load_schedule
+def _prune(api, args, rt) -> None:
+    from ..analyze.schedule import load_schedule
 
     if args.allocation == "logistic-fitted" and not args.schedule:  # the name of a logistic with --schedule
         raise ConfigError("--allocation logistic-fitted needs the fitted schedule: run `seap analyze "
@@ -145,18 +145,18 @@ def _prune(pipeline, args, rt) -> None:
         protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
         multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
         refit_bias=args.refit_bias, refit_choice=args.refit_choice)
-    res = pipeline.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert, runtime=rt,
+    res = api.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert, runtime=rt,
                          shard_size=args.shard_size, wait=args.wait)
     _print_result(res, args.out)
 
 
-def _apply(pipeline, args, rt) -> None:
-    _print_result(pipeline.apply(args.model, args.plan, expert=args.expert, out=args.out, runtime=rt,
+def _apply(api, args, rt) -> None:
+    _print_result(api.apply(args.model, args.plan, expert=args.expert, out=args.out, runtime=rt,
                                  shard_size=args.shard_size, wait=args.wait), None)
 
 
-def _eval(pipeline, args, rt) -> None:
-    from .evaluation.runner import EvalConfig, markdown_table
+def _eval(api, args, rt) -> None:
+    from ..evaluation.runner import EvalConfig, markdown_table
 
     cfg = EvalConfig(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                      data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
@@ -165,20 +165,20 @@ def _eval(pipeline, args, rt) -> None:
                      xsum=args.xsum, xsum_shots=args.xsum_shots, gen_batch_size=args.gen_batch_size,
                      griffin=_griffin(args, args.griffin), chat=bool(args.chat))
     plans = args.plan or [None]
-    report = pipeline.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
+    report = api.evaluate(args.model, plan=plans[0], extra_plans=plans[1:], experts=args.experts,
                                config=cfg, out=args.out, routed=args.routed, runtime=rt)
     print(markdown_table([report]), end="")
     print(f"results: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
 
 
-def _bench(pipeline, args, rt) -> None:
-    from .evaluation.bench import BenchConfig, speed_markdown
-    from .export.llamacpp import speed_markdown as gguf_markdown
+def _bench(api, args, rt) -> None:
+    from ..evaluation.bench import BenchConfig, speed_markdown
+    from ..export.llamacpp import speed_markdown as gguf_markdown
 
     if args.backend == "llamacpp":
         if args.griffin or args.griffin_shared or (args.batch_sizes and set(args.batch_sizes) != {1}):
             raise ConfigError("--backend llamacpp times static models at batch 1: drop --griffin and --batch")
-        rows = pipeline.benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
+        rows = api.benchmark_gguf(args.model, compare=args.compare, plans=args.plan, quant=args.quant,
                                        prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
                                        repeats=args.repeats, out=args.out, runtime=rt)
         print(gguf_markdown(rows), end="")
@@ -186,29 +186,29 @@ def _bench(pipeline, args, rt) -> None:
         griffin = [_griffin(args, d) for d in args.griffin] if args.griffin else _griffin(args, None) or []
         cfg = BenchConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=tuple(args.batch_sizes or (1, 8)),
                           warmup=args.warmup, repeats=args.repeats, decode_path=args.decode_path)
-        rows = pipeline.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
+        rows = api.benchmark(args.model, compare=args.compare, plans=args.plan, config=cfg, out=args.out,
                                   griffin=griffin, prompts=args.prompts,
                                   data_dir=args.data_dir, runtime=rt, chat=bool(args.chat))
         print(speed_markdown(rows), end="")
     print(f"results: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
 
 
-def _export(pipeline, args, rt) -> None:
-    _print_export(pipeline.export(args.model, args.out, fmt=args.fmt, plan=args.plan, expert=args.expert,
+def _export(api, args, rt) -> None:
+    _print_export(api.export(args.model, args.out, fmt=args.fmt, plan=args.plan, expert=args.expert,
                                   out_type=args.out_type, tokenizer_from=args.tokenizer_from,
                                   tensor_parallel=args.tensor_parallel, check=args.check, data_dir=args.data_dir,
                                   runtime=rt, wait=args.wait))
 
 
-def _analyze(pipeline, args, rt) -> None:
-    from .analyze.cli import run
+def _analyze(api, args, rt) -> None:
+    from ..analyze.commands import run
 
     run(args, rt)
 
 
-def _generate(pipeline, args, rt) -> None:
+def _generate(api, args, rt) -> None:
     prompts = list(args.prompts) + (_read_prompts(args.file) if args.file else [])
-    rows = pipeline.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
+    rows = api.generate(args.model, prompts, plans=args.plan, router=args.router, expert=args.expert,
                              max_new_tokens=args.max_new_tokens, griffin=_griffin(args, args.griffin),
                              stop=args.stop, runtime=rt, chat=args.chat)
     if args.json:
@@ -222,8 +222,8 @@ def _generate(pipeline, args, rt) -> None:
         print(f"--- [{row['expert']}]{extra} {row['prompt']!r}\n{row['text']}")
 
 
-def _info(pipeline, args, rt) -> None:
-    data = pipeline.info(args.path)
+def _info(api, args, rt) -> None:
+    data = api.info(args.path)
     if args.json:
         print(json.dumps(data, indent=2))
         return
@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        from . import pipeline
+        from .. import api
 
-        COMMANDS[args.cmd](pipeline, args, runtime_from_args(args))
+        COMMANDS[args.cmd](api, args, runtime_from_args(args))
     except SeapError as err:
         print(f"seap: error: {as_flags(str(err), parser, args)}", file=sys.stderr)
         return 2
