@@ -114,9 +114,9 @@ def _family_examples(family: str) -> tuple[Example, ...]:
         raise unknown_name("default corpus family", family, DEFAULT_CORPORA,
                            f"use default:<family> with one of {', '.join(DEFAULT_CORPORA)}, "
                            "or 'default' for all of them")
-    res = resources.files("seap") / "corpus" / f"{family}.jsonl"
+    res = resources.files(__package__) / "embedded" / f"{family}.jsonl"
     if not res.is_file():
-        raise DataError(f"embedded corpus file seap/corpus/{family}.jsonl is missing: reinstall "
+        raise DataError(f"embedded corpus file seap/tasks/embedded/{family}.jsonl is missing: reinstall "
                         "seap, or pass a task name or corpus file instead")
     where = f"embedded corpus {family}.jsonl"
     examples = _row_examples(_json_rows(res.read_text(encoding="utf-8"), where), where)
