@@ -1,4 +1,4 @@
-"""The `seap` command's arguments: one subparser per command (the commands themselves are in seap.cli)."""
+"""The `seap` command's arguments: one function per command adds its subparser (handlers: seap.cli.commands)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,7 @@ GRIFFIN_SHARED_HELP = ("with --griffin: one expert per batch (top k of the poole
                        "prompt; faster decoding at batch > 1, and a prompt no longer gets exactly its own experts")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="seap", description="Training-free pruning of LLM feed-forward experts.")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_collect(sub) -> None:
     p = sub.add_parser("collect", help="activation statistics of task corpora")
     _model_args(p)
     add_runtime_args(p, load=True)
@@ -67,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="seap-stats", help="folder for <task>.safetensors")
     _wait_arg(p)
 
+
+def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="statistics -> plan -> pruned model, in one command")
     _model_args(p)
     add_runtime_args(p, load=True)
@@ -113,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="seap-out", help="output folder: plan/, model/, stats/, summary.*")
     _wait_arg(p)
 
+
+def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="apply a saved plan to its base model")
     _model_args(p)
     add_runtime_args(p, load=True)
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _wait_arg(p)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval) and perplexity of a model, pruned folder or plan")
     _model_args(p)
     add_runtime_args(p, device_map=True)
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_args(p, "XSum prompts as user turns of the chat template (default: raw, the GRIFFIN paper's protocol)")
     p.add_argument("--out", default="seap-eval", help="folder for eval.json and eval.md")
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill/decode tokens/s of the dense model and pruned ones, in one run")
     _model_args(p)
     add_runtime_args(p, device_map=True)
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="q8_0", choices=OUT_TYPES, help="with --backend llamacpp: GGUF type")
     p.add_argument("--out", default="seap-bench", help="folder for bench.json and bench.md")
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or vLLM (DeciLM block configs)")
     _model_args(p)
     add_runtime_args(p, device_map=True)
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .gguf file (gguf) or a folder (vllm)")
     _wait_arg(p)
 
+
+def _add_route(sub) -> None:
     p = sub.add_parser("route", help="SEAP's task router: fit it, evaluate it, explain its choices")
     rsub = p.add_subparsers(dest="route_cmd", required=True)
     r = rsub.add_parser("fit", help="fit a router over the experts of one or more plans")
@@ -232,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompts", nargs="+")
     r.add_argument("--json", action="store_true")
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="greedy generation on the dense model, one expert or routed experts")
     _model_args(p)
     add_runtime_args(p, device_map=True)
@@ -248,12 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_args(p, "each prompt as a user turn of the model's chat template (default when it has one)")
     p.add_argument("--json", action="store_true")
 
-    from ..analyze.commands import add_parser as add_analyze
-    add_analyze(sub)
 
+def _add_analyze(sub) -> None:
+    from ..analyze.commands import add_parser
+
+    add_parser(sub)
+
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a plan folder or a pruned model folder (read from the headers)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+
+
+# one function per command, in the order `seap --help` lists them
+PARSERS = (_add_collect, _add_prune, _add_apply, _add_eval, _add_bench, _add_export, _add_route, _add_generate,
+           _add_analyze, _add_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seap", description="Training-free pruning of LLM feed-forward experts.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in PARSERS:
+        add(sub)
     return ap
 
 
