@@ -81,8 +81,8 @@ def write_checkpoint(name: str, folder: str | Path, *, seed: int = 0, std: float
     only that many decoder layers (a per-layer profile at full width, in minutes)."""
     from seap._io import atomic_dir
     from seap.model.checkpoint import parse_size, write_tensors
-    from seap.model.skeleton import empty_model
     from seap.model.pruned_folder import tensor_specs
+    from seap.model.skeleton import empty_model
 
     cfg = config_for(name, layers)
     skeleton = empty_model(cfg, torch.bfloat16)

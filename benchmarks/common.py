@@ -85,7 +85,7 @@ def write(path: Path, data: dict) -> None:
 
 
 def stats_for(lm, model_name: str) -> dict:
-    from seap.api import CalibrationData, collect
+    from seap import CalibrationData, collect
 
     data = CalibrationData((*TASKS, LM_CORPUS), data_dir=str(DATA), limit=CALIBRATION_LIMIT.get(model_name, 400),
                            batch_size=8, max_length=512)
@@ -93,7 +93,7 @@ def stats_for(lm, model_name: str) -> dict:
 
 
 def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: dict):
-    from seap.config import PruneConfig
+    from seap import PruneConfig
     from seap.model.fingerprints import fingerprint
     from seap.pruning.plan import build_plan
 
@@ -145,8 +145,8 @@ def wikitext_tail() -> list[str]:
 
 
 def wikitext_stats(lm, model_name: str):
-    from seap.calibration.stats import ActivationStats
     from seap.calibration.layerwise import collect_stats
+    from seap.calibration.stats import ActivationStats
 
     path = CACHE / model_name / "stats" / "wikitext2_tail.safetensors"
     if path.is_file():
@@ -161,11 +161,10 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
     """Refit the experts a row evaluates, each on the calibration text its channels came from; a
     task-expert plan as `seap prune` refits it (each task expert on its task, the generic expert, which
     scores perplexity, on all the text)."""
+    from seap.config import RefitConfig
     from seap.pruning.plan import GENERIC
     from seap.pruning.prune import expert_corpora
-    from seap.config import RefitConfig
-    from seap.pruning.refit_pass import error_summary
-    from seap.pruning.refit_pass import reconstruct_plan
+    from seap.pruning.refit_pass import error_summary, reconstruct_plan
 
     limit = CALIBRATION_LIMIT.get(lm.source.model_id, 400)
     texts, members = expert_corpora(plan, (*TASKS, LM_CORPUS), data_dir=DATA, limit=limit, seed=0)
@@ -186,7 +185,7 @@ PPL = {"smollm2-135m": (16, 2), "gemma3-270m": (8, 1)}  # (1024-token windows, W
 
 
 def eval_config(model_name: str, limit: int):
-    from seap.evaluation.runner import EvalConfig
+    from seap import EvalConfig
 
     windows, docs = PPL.get(model_name, (16, 2))
     return EvalConfig(tasks=TASKS, data_dir=str(DATA), limit=limit, batch_size=16, max_length=2048,

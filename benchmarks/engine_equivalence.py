@@ -37,7 +37,7 @@ def prune(src: Path, model: str, ratio: float, out: Path) -> float:
 def compare(a: Path, b: Path) -> dict:
     import torch
 
-    from seap.pruning.plan import Plan
+    from seap import Plan
 
     pa, pb = Plan.load(a / "plan"), Plan.load(b / "plan")
     ea, eb = pa.experts[pa.meta.default_expert], pb.experts[pb.meta.default_expert]

@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import checkpoints
 
-    from seap.config import CalibrationData, PruneConfig
-    from seap.pruning.prune import prune
-    from seap.model.runtime import Runtime
+    from seap import CalibrationData, PruneConfig, Runtime, prune
 
     if args.geometry == "tiny":
         checkpoints.GEOMETRIES["tiny"] = TINY

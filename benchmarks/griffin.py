@@ -66,7 +66,7 @@ def xsum(models: list[str], limit: int, only: list[str] | None = None) -> None:
             model = _magnitude(lm, model_name, density) if kind == "magnitude" else lm
             t0 = time.time()
             if kind in ("griffin-prior", "griffin-density"):
-                from seap.inference.griffin import GriffinConfig
+                from seap import GriffinConfig
 
                 griffin = GriffinConfig(density=density, short=kind.split("-")[1])
             else:  # a bare density: the paper's pure statistic
@@ -87,9 +87,9 @@ SPEED_PROMPTS = 64  # XSum articles whose first 128 tokens are the timed prompts
 
 
 def griffin_speed(models: list[str]) -> None:
+    from seap import GriffinConfig
     from seap.evaluation.bench import BenchConfig, bench_models, speed_table
     from seap.evaluation.generation import load_xsum
-    from seap.inference.griffin import GriffinConfig
     from seap.model.loading import load_model
 
     # GRIFFIN's experts depend on the prompt: time it on real text (0-shot XSum prompts), not random tokens

@@ -42,8 +42,7 @@ def _pruned(lm, model_name: str):
 
 def llamacpp(models: list[str], parts: tuple[str, ...] = ("check", "speed")) -> None:
     from seap.export import GGUFConfig, export_gguf, export_model
-    from seap.export.llamacpp import tensor_types
-    from seap.export.llamacpp import bench_gguf, speed_rows
+    from seap.export.llamacpp import bench_gguf, speed_rows, tensor_types
     from seap.model.loading import load_model
 
     for model_name in models:
@@ -91,9 +90,9 @@ DEFAULT_CMD = "seap prune --ratio 0.5"
 def llamacpp_default(model_name: str = "smollm2-135m") -> None:
     """What a user gets by default: `seap prune --ratio 0.5` (SEAP on the embedded corpus, widths
     multiples of 32) exported to Q8_0 and timed against dense in llama.cpp, as the speed rows above."""
+    from seap import prune
     from seap.export import benchmark_gguf
     from seap.export.llamacpp import tensor_types
-    from seap.pruning.prune import prune
 
     path = RESULTS / model_name / "llamacpp_default.json"
     if path.is_file():

@@ -33,13 +33,13 @@ MEASURED = HERE / "results" / "scaling-default"
 
 def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     """The default prune's estimate (per stage seconds, peak bytes by part) for `name`'s geometry."""
-    from seap.model.adapters import get_adapter
-    from seap.config import CalibrationData, PruneConfig
+    from seap import CalibrationData, PruneConfig
     from seap.calibration.estimate import model_estimate
     from seap.calibration.layerwise import encode_corpora
-    from seap.pruning.plan import experts_of, fixed_widths, resolve_head_unit
-    from seap.model.skeleton import empty_model
     from seap.calibration.stats import position_limit
+    from seap.model.adapters import get_adapter
+    from seap.model.skeleton import empty_model
+    from seap.pruning.plan import experts_of, fixed_widths, resolve_head_unit
     from seap.tasks import resolve_corpus
 
     cfg = PruneConfig.from_method("seap", ratio=ratio)

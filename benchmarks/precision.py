@@ -37,12 +37,12 @@ def overlap(a, b) -> dict:
 def precision(limit: int) -> None:
     import torch
 
-    from seap.config import PruneConfig
-    from seap.evaluation.runner import evaluate_plan
-    from seap.model.loading import load_model
-    from seap.model.fingerprints import fingerprint
-    from seap.pruning.plan import build_plan
+    from seap import PruneConfig
     from seap.calibration.layerwise import collect_stats
+    from seap.evaluation.runner import evaluate_plan
+    from seap.model.fingerprints import fingerprint
+    from seap.model.loading import load_model
+    from seap.pruning.plan import build_plan
     from seap.tasks import resolve_corpus
 
     corpus = resolve_corpus("default")

@@ -36,9 +36,9 @@ def _unknown_prompts() -> dict[str, list[str]]:
 
 
 def routing(models: list[str], limits: dict[str, int], ratios, rows=ROUTED_ROWS) -> None:
+    from seap import evaluate_router, fit_router
     from seap.evaluation.routed import evaluate_routed
     from seap.model.loading import load_model
-    from seap.inference.router import evaluate_router, fit_router
 
     for model_name in models:
         lm = load_model(model_name)

@@ -107,7 +107,7 @@ def resume_check(name: str, work: Path, kill_after: int = 6) -> dict:
     same command again, and compare its plan with an uninterrupted run's."""
     import signal
 
-    from seap.pruning.plan import Plan
+    from seap import Plan
 
     ckpt_dir = work / name / "checkpoint"
     if not ckpt_dir.is_dir():

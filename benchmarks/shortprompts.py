@@ -78,9 +78,9 @@ def _rows() -> list[tuple[str, float | None, str]]:
 def shortprompts(models: list[str]) -> None:
     from rouge_score import rouge_scorer
 
-    from seap.pruning.surgery import sliced
-    from seap.inference.griffin import GriffinConfig
+    from seap import GriffinConfig
     from seap.model.loading import load_model
+    from seap.pruning.surgery import sliced
 
     prompts = short_prompts()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

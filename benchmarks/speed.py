@@ -17,8 +17,8 @@ REPEATS = {"smollm2-135m": 5, "gemma3-270m": 3}
 
 def speed(models: list[str]) -> None:
     from seap.evaluation.bench import BenchConfig, bench_models, speed_table
-    from seap.pruning.surgery import sliced
     from seap.model.loading import load_model
+    from seap.pruning.surgery import sliced
 
     for model_name in models:
         path = RESULTS / model_name / "speed.json"

@@ -161,9 +161,9 @@ def left_padded(seqs):
 
 def plan_for(lm, cfg, texts=TEXTS, heads=None):
     """A plan of `cfg` for a tiny model, from statistics of TEXTS (returns the plan and the statistics)."""
+    from seap.calibration.layerwise import collect_stats
     from seap.model.fingerprints import fingerprint
     from seap.pruning.plan import build_plan
-    from seap.calibration.layerwise import collect_stats
 
     heads = lm.model.config.model_type == "opt" if heads is None else heads
     stats = collect_stats(lm.model, lm.tokenizer, lm.adapter, texts, heads=heads, meta={"corpus": "t"},

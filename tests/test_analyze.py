@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TEXTS, has_shared_data, make_loaded, tiny_folder
 
-from seap.core.allocation import Pool, Schedule, achieved_ratio
+from seap import PruneConfig, prune
 from seap.analyze import (ClusterConfig, HeatmapConfig, SensitivityConfig, analyze_clusters, analyze_heatmap,
                           analyze_plans, analyze_sensitivity, fit_logistic, load_schedule)
 from seap.analyze.clusters import pooled_hidden_states, silhouette, standardize
@@ -15,14 +15,13 @@ from seap.analyze.heatmap import (layer_correlations, log_profile, magnitude_pro
                                   split_halves, within_between)
 from seap.analyze.plans import chance_jaccard, jaccard, layer_jaccard
 from seap.analyze.sensitivity import (_dense, _run, layer_damage, quadratic_sensitivity, replay_from, tolerance)
+from seap.calibration.layerwise import collect_stats
 from seap.cli import main
-from seap.config import PruneConfig
+from seap.core.allocation import Pool, Schedule, achieved_ratio
 from seap.errors import ArtifactError, ConfigError
 from seap.model.fingerprints import fingerprint
-from seap.pruning.prune import prune
-from seap.pruning.plan import Expert, Plan, allocate, build_plan
-from seap.calibration.layerwise import collect_stats
 from seap.model.loading import open_model
+from seap.pruning.plan import Expert, Plan, allocate, build_plan
 from seap.pruning.surgery import masked
 
 SAMPLE = TEXTS[:6]
@@ -254,7 +253,7 @@ def test_pooled_hidden_states_match_the_models_own_hidden_states():
 def test_pooled_hidden_states_streamed_equal_the_model_in_memory(tmp_path, family):
     """The probe is a pass of the calibration engine: layer by layer from the checkpoint's shards, it
     gives what the whole model in memory gives."""
-    from seap.model.runtime import Runtime
+    from seap import Runtime
 
     folder = tiny_folder(tmp_path, family)
     texts = TEXTS[:5]

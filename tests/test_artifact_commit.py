@@ -76,8 +76,8 @@ def hidden(folder: Path) -> list[str]:
 
 def assert_refused_everywhere(out: Path, capsys, *fragments) -> None:
     """No reader takes the folder, as a whole or a part, and each says why in one line."""
+    from seap import Plan
     from seap.errors import ArtifactError
-    from seap.pruning.plan import Plan
 
     one_line_error(["info", str(out)], capsys, *fragments)
     for target in (out, out / "plan"):
@@ -430,8 +430,8 @@ def test_a_full_disk_in_a_safetensors_write_is_an_oserror_and_in_a_checkpoint_on
     from safetensors import SafetensorError
 
     from seap import _io
-    from seap.errors import ArtifactError
     from seap.calibration.resume import Resume
+    from seap.errors import ArtifactError
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -6,16 +6,15 @@ import pytest
 import torch
 from conftest import FAMILIES, make_loaded, tiny_folder
 
+from seap import PruneConfig
+from seap.cli import main
+from seap.errors import ConfigError
 from seap.evaluation.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
                         kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
 from seap.inference.decoding import greedy
-from seap.pruning.surgery import weight_bytes
-from seap.cli import main
-from seap.config import PruneConfig
-from seap.errors import ConfigError
-from seap.pruning.surgery import sliced
 from seap.model.fingerprints import fingerprint
 from seap.pruning.plan import build_plan
+from seap.pruning.surgery import sliced, weight_bytes
 
 
 def _plan(lm, ratio=0.5):

@@ -14,16 +14,13 @@ import pytest
 import torch
 from conftest import FAMILIES, TEXTS, byte_level_tokenizer, one_line_error
 
+from seap import PruneConfig, Runtime, prune
+from seap.calibration.layerwise import collect_stats, layerwise_stats
+from seap.cli import main
+from seap.errors import ConfigError, ModelError
 from seap.model import runtime as rt_mod
 from seap.model.checkpoint import Checkpoint, ShardWriter
-from seap.cli import main
-from seap.config import PruneConfig
-from seap.errors import ConfigError, ModelError
-from seap.calibration.layerwise import layerwise_stats
 from seap.model.loading import load_model, open_model
-from seap.pruning.prune import prune
-from seap.model.runtime import Runtime
-from seap.calibration.layerwise import collect_stats
 
 CPU = torch.device("cpu")
 

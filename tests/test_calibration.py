@@ -12,20 +12,18 @@ import pytest
 import torch
 from conftest import TEXTS, make_loaded, one_line_error, tiny_folder
 
-import seap.pruning.refit_pass as refit_pass
-import seap.calibration.resume as resume_mod
+from seap import CalibrationData, PruneConfig, Runtime, prune
 from seap.calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
-from seap.model.checkpoint import Checkpoint
-from seap.cli import main
-from seap.config import CalibrationData, PruneConfig
-from seap.model.fingerprints import fingerprint
 from seap.calibration.layerwise import collect_stats, engine_for
+import seap.calibration.resume as resume_mod
+from seap.cli import main
+from seap.config import RefitConfig
+from seap.model.checkpoint import Checkpoint
+from seap.model.fingerprints import fingerprint
 from seap.model.loading import open_model
 from seap.pruning.plan import GENERIC, Plan, build_plan, resolve_head_unit
-from seap.pruning.prune import prune
-from seap.config import RefitConfig
+import seap.pruning.refit_pass as refit_pass
 from seap.pruning.refit_pass import one_pass, reconstruct_plan
-from seap.model.runtime import Runtime
 
 CORPORA = {"a": TEXTS[:7], "b": TEXTS[7:] + ["A further calibration text about the feed-forward channels."]}
 
@@ -148,8 +146,8 @@ def test_a_run_killed_in_reconstruction_resumes_and_ends_equal(tmp_path, capsys,
 def test_a_run_stopped_in_the_save_reuses_every_record(tmp_path, capsys, monkeypatch):
     """After the pass, the checkpoint stays until the model is saved: a run stopped in the save is resumed
     with no layer computed again, and the refitted weights are read from disk, not held."""
-    import seap.pruning.prune as pruning
     from seap._io import StoredTensor, TensorList
+    import seap.pruning.prune as pruning
 
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=6)
     corpus = _corpus(tmp_path)

@@ -37,16 +37,15 @@ def test_every_method_on_tiny_opt(tmp_path, capsys, opt_folder, method):
 
 def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
     """Validation lives in the configs, whose errors name fields; the command line shows its own flags."""
-    from seap.config import CalibrationData, PruneConfig
+    from seap import CalibrationData, PruneConfig
     from seap.errors import ConfigError
 
     with pytest.raises(ConfigError, match="`refit_choice` obs needs `reconstruct` refit or sequential"):
         PruneConfig(refit_choice="obs")
     with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
         CalibrationData(batch_size=0)
+    from seap import EvalConfig, RouterConfig
     from seap.evaluation.bench import BenchConfig
-    from seap.evaluation.runner import EvalConfig
-    from seap.inference.router import RouterConfig
 
     with pytest.raises(ConfigError, match="`xsum_shots` 0 or 1"):
         EvalConfig(xsum_shots=2)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import TEXTS, make_loaded, plan_for
 
-from seap.config import PruneConfig
-from seap.model.fingerprints import fingerprint
-from seap.pruning.plan import Expert, Plan, PlanRecord
-from seap.model.pruned_folder import load_pruned, save_pruned
-from seap.calibration.stats import ActivationStats, ChannelStats
+from seap import PruneConfig
 from seap.calibration.layerwise import collect_stats
+from seap.calibration.stats import ActivationStats, ChannelStats
+from seap.model.fingerprints import fingerprint
+from seap.model.pruned_folder import load_pruned, save_pruned
+from seap.pruning.plan import Expert, Plan, PlanRecord
 from seap.pruning.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))

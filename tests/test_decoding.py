@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import left_padded, make_loaded, padded_decode, tiny_folder
 
-from seap.inference.decoding import cut_at_stop, generate_texts, greedy, positions
 from seap.errors import ConfigError
+from seap.inference.decoding import cut_at_stop, generate_texts, greedy, positions
 from seap.inference.griffin import (GriffinConfig, GriffinSelection, corpus_statistic, experts_applied, prefill_statistics,
                           select, with_prior)
 from seap.model.loading import encode_left_padded, load_model

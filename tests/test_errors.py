@@ -156,10 +156,10 @@ def test_griffin_options_without_a_valid_density(capsys, tiny, argv):
 
 
 def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch):
-    from seap.pruning.plan import Plan
+    from seap import Plan
 
     lm = make_loaded("llama")
-    from seap.config import PruneConfig
+    from seap import PruneConfig
     from seap.model.fingerprints import fingerprint
     from seap.pruning.plan import build_plan
 

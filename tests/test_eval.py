@@ -167,11 +167,10 @@ def test_paper_average_and_its_standard_error():
 
 def test_task_experts_answer_their_own_task(tmp_path, data_dir, llama_folder):
     """Protocol `task`: each task is scored by its own expert, others by the default (generic) one."""
-    from seap.config import CalibrationData, PruneConfig
-    from seap.pruning.surgery import sliced
+    from seap import CalibrationData, PruneConfig, collect
     from seap.model.fingerprints import fingerprint
-    from seap.api import collect
     from seap.pruning.plan import build_plan
+    from seap.pruning.surgery import sliced
 
     lm = load_model(str(llama_folder))
     stats = collect(lm, CalibrationData(("default:science_qa", "default:physical_commonsense"), limit=8), progress=False)

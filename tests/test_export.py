@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_loaded, plan_for, tiny_folder
 
+from seap import PruneConfig
 from seap.cli import main
-from seap.config import PruneConfig
 from seap.errors import ConfigError, ModelError
 from seap.export import GGUFConfig, export_gguf, export_vllm
 from seap.export.llamacpp import available as llamacpp_available

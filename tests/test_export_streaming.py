@@ -16,14 +16,14 @@ import torch
 from conftest import FAMILIES, byte_level_tokenizer, one_line_error, plan_for
 from safetensors.torch import load_file, save_file
 
-from seap.outputs import MANIFEST
-from seap.model.checkpoint import Checkpoint, ShardWriter
-from seap.config import PruneConfig
+from seap import PruneConfig
 from seap.errors import ArtifactError, ModelError
-from seap.pruning.surgery import sliced
 from seap.export import ExportSource, GGUFConfig, export_gguf, export_model, export_vllm, open_source
+from seap.model.checkpoint import Checkpoint, ShardWriter
 from seap.model.loading import load_model
 from seap.model.pruned_folder import save_pruned
+from seap.outputs import MANIFEST
+from seap.pruning.surgery import sliced
 
 CASES = {  # family, method, options: uniform and per-layer widths where llama.cpp's architecture allows them
     "llama-uniform": ("llama", "wanda-sp", {}),

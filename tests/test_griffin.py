@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import left_padded, make_loaded, padded_decode
 
-from seap.inference.decoding import greedy
+from seap.core.scores import top_k
 from seap.errors import ConfigError
+from seap.inference.decoding import greedy
 from seap.inference.griffin import (GriffinConfig, GriffinSelection, classification_mode, corpus_statistic, keep_count,
                           neuron_scores, prefill_statistics, select, with_prior)
-from seap.core.scores import top_k
 
 G = torch.Generator().manual_seed(5)
 SEQS = [torch.randint(2, 128, (n,), generator=G) for n in (13, 7, 10, 4)]
@@ -170,8 +170,8 @@ def test_the_prior_from_the_engine_is_the_whole_model_statistic(family, tmp_path
     both equal the statistic summed over whole-model forwards of each text alone."""
     from conftest import tiny_folder
 
+    from seap import Runtime
     from seap.model.loading import open_model
-    from seap.model.runtime import Runtime
 
     texts = ["some generic text", "and a second one, longer than the first", "a third"]
     folder = tiny_folder(tmp_path, family)

@@ -48,8 +48,7 @@ def test_main_job_on_bundled_smollm2(tmp_path):
 @pytest.mark.skipif(not has_shared_data(), reason=f"{SHARED_DATA} not found: data-dependent test skipped")
 def test_task_experts_from_shared_data(tmp_path):
     """Two task corpora from ../shared/data give two experts plus the generic one."""
-    from seap.config import CalibrationData, PruneConfig
-    from seap.api import prune
+    from seap import CalibrationData, PruneConfig, prune
 
     folder = tiny_folder(tmp_path, "llama", num_hidden_layers=8)
     res = prune(str(folder), PruneConfig.from_method("seap", ratio=0.3),
@@ -73,11 +72,10 @@ SIX_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogr
 @pytest.mark.skipif(not _bundled() or not has_shared_data(), reason="needs the bundled model and ../shared/data")
 def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
     """Fitted on the train splits of the six tasks, tested on their validation splits (DESIGN 2.5)."""
-    from seap.config import PruneConfig
-    from seap.model.loading import load_model
+    from seap import PruneConfig, evaluate_router, fit_router
     from seap.model.fingerprints import fingerprint
+    from seap.model.loading import load_model
     from seap.pruning.plan import GENERIC, build_plan
-    from seap.inference.router import evaluate_router, fit_router
 
     lm = load_model("smollm2-135m")
     # The router depends on the experts' names only; a data-free plan keeps the test short.

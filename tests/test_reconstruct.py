@@ -7,15 +7,13 @@ import pytest
 import torch
 from conftest import TEXTS, make_loaded, plan_for, tiny_folder
 
-from seap.model.checkpoint import Checkpoint
-from seap.config import PruneConfig, RefitConfig
-from seap.errors import ConfigError
-from seap.pruning.plan import Plan
-from seap.pruning.prune import prune
+from seap import Plan, Runtime, prune
 from seap.calibration.gram import GramAccumulator
+from seap.config import PruneConfig, RefitConfig
 from seap.core.reconstruct import obs_select, output_error, refit
+from seap.errors import ConfigError
+from seap.model.checkpoint import Checkpoint
 from seap.pruning.refit_pass import reconstruct_plan, refit_experts
-from seap.model.runtime import Runtime
 from seap.pruning.surgery import masked, slice_model
 
 IDS = torch.randint(2, 128, (3, 17), generator=torch.Generator().manual_seed(1))
@@ -207,9 +205,9 @@ def test_reconstruction_brings_the_model_closer_to_dense_on_its_calibration_text
 def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, choice, monkeypatch):
     """Task experts and the generic expert refitted from per-corpus moments in one pass (the default
     in the refit mode) equal one pass per expert over its own texts."""
+    from seap.calibration.layerwise import collect_stats
     from seap.model.fingerprints import fingerprint
     from seap.pruning.plan import GENERIC, build_plan
-    from seap.calibration.layerwise import collect_stats
 
     import seap.pruning.refit_pass as rec
 

@@ -6,21 +6,19 @@ import random
 
 import pytest
 import torch
-
-import seap
 from conftest import TEXTS, left_padded, make_loaded, tiny_folder
 
-from seap.cli import main
-from seap.config import PruneConfig
-from seap.errors import ArtifactError, ConfigError
-from seap.pruning.surgery import sliced
-from seap.inference.experts import MultiExpertModel
-from seap.model.loading import encode_left_padded, load_model
-from seap.model.fingerprints import fingerprint
-from seap.pruning.plan import GENERIC, build_plan
-from seap.inference.router import BACKGROUND, Router, RouterConfig, prompt_features
+import seap
+from seap import PruneConfig
 from seap.calibration.layerwise import collect_stats
-from seap.pruning.surgery import ffn_params
+from seap.cli import main
+from seap.errors import ArtifactError, ConfigError
+from seap.inference.experts import MultiExpertModel
+from seap.inference.router import BACKGROUND, Router, RouterConfig, prompt_features
+from seap.model.fingerprints import fingerprint
+from seap.model.loading import encode_left_padded, load_model
+from seap.pruning.plan import GENERIC, build_plan
+from seap.pruning.surgery import ffn_params, sliced
 
 
 def multi_task_plan(lm, method="seap", ratio=0.5):
@@ -229,7 +227,7 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
 
 
 def test_router_for_another_model_or_other_plans_is_refused(routed, tmp_path):
-    from seap.pruning.plan import Plan
+    from seap import Plan
 
     other = load_model(str(tiny_folder(tmp_path, "llama", num_hidden_layers=4)))
     with pytest.raises(ArtifactError, match="router was made for another model"):
@@ -258,7 +256,7 @@ def test_routed_lm_eval_model_scores_each_document_on_its_expert(routed):
     from seap.evaluation.routed import make_routed_lm
 
     lm, plan_path = routed["lm"], routed["plan"]
-    from seap.pruning.plan import Plan
+    from seap import Plan
 
     plan = Plan.load(plan_path)
     multi = MultiExpertModel(lm, plan, routed["router"])
@@ -281,8 +279,8 @@ def test_routed_documents_decide_as_the_router_with_its_form_test(routed, tmp_pa
     included (an unfamiliar context goes to the generic expert)."""
     from lm_eval.api.instance import Instance
 
+    from seap import Plan
     from seap.evaluation.routed import route_requests
-    from seap.pruning.plan import Plan
 
     lm = routed["lm"]
     router = seap.fit_router(lm, [routed["plan"]], out=tmp_path / "r",

@@ -358,7 +358,7 @@ def test_the_registry_is_the_one_task_list():
     task's shipped lm-eval YAML names the task and lists the metric that enters the paper's average."""
     from importlib import resources
 
-    from seap.evaluation.runner import EvalConfig
+    from seap import EvalConfig
     from seap.tasks import ACCURACY_TASKS, EVAL_TASKS, PAPER_METRIC, SUITE
 
     assert SUITE == ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogrande")

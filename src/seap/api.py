@@ -11,13 +11,13 @@ from typing import Sequence
 from ._io import write_json, write_text
 from .errors import ArtifactError, ConfigError
 from .inference.griffin import GriffinConfig
-from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
-from .model.fingerprints import check_fingerprint
-from .pruning.plan import Plan
-from .model.pruned_folder import read_record
-from .pruning.prune import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .inference.router import Router, RouterConfig, RouterEval, Route
+from .model.fingerprints import check_fingerprint
+from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
+from .model.pruned_folder import read_record
 from .model.runtime import Runtime
+from .pruning.plan import Plan
+from .pruning.prune import DEFAULT_TASKS, CalibrationData, PruneResult, apply, collect, prune
 from .pruning.surgery import plan_and_expert, sliced
 from .tasks import resolve_corpus
 
@@ -210,8 +210,8 @@ def fit_router(model: str | LoadedModel | None, plans: Sequence[str | Path | Pla
     """`seap route fit`: a router over the plans' experts, saved beside the (first) plan by default, as
     one artifact (seap.outputs; `wait`: wait for another run writing `out` instead of refusing)."""
     from .inference.experts import merge_experts
-    from .outputs import output_folder
     from .inference.router import fit_router as fit
+    from .outputs import output_folder
 
     loaded = _plans(plans)  # bad plans are refused before the model loads
     experts, owner = merge_experts(loaded)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .core.allocation import ALLOCATORS, DEFAULT_K, DEFAULT_X0, Schedule, Settings, check_ratio
-from .errors import ConfigError
 from .core.scores import SCORES
+from .errors import ConfigError
 
 HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32

@@ -30,8 +30,8 @@ from typing import Iterator, Sequence
 
 from ._io import MANIFEST, TensorFile, sweep_temporaries, write_json
 from ._version import __version__
-from .model.checkpoint import write_error
 from .errors import ArtifactError, BusyError, SeapError
+from .model.checkpoint import write_error
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..model.loading import LoadedModel, open_model
 from ..calibration.engine import Outcome, PooledOutputs, run_pass
 from ..calibration.layerwise import engine_for
 from ..calibration.stats import indexed_batches, position_limit
+from ..errors import ConfigError
+from ..model.loading import LoadedModel, open_model
 from .common import Analysis, check_layers, check_positive, default_tasks, markdown_table, spread_layers, task_texts
 
 POOLS = ("mean", "last")

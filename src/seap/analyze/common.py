@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .._io import write_json, write_text
-from ..model.adapters import Adapter
 from ..calibration.engine import observing
 from ..errors import ConfigError
+from ..model.adapters import Adapter
 from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus
 
 log = logging.getLogger(__name__)

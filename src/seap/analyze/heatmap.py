@@ -20,10 +20,10 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..model.loading import LoadedModel, open_model
 from ..calibration.layerwise import collect_stats
 from ..calibration.stats import ActivationStats
+from ..errors import ConfigError
+from ..model.loading import LoadedModel, open_model
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts
 
 HALVES = ("A", "B")

@@ -39,17 +39,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.allocation import logistic, relative_depths, uniform
-from ..errors import ConfigError
-from ..model.loading import LoadedModel, open_model
-from ..model.fingerprints import fingerprint
-from ..pruning.plan import Expert, Plan, pools
-from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..calibration.layerwise import collect_stats
+from ..calibration.stats import batches
+from ..core.allocation import logistic, relative_depths, uniform
+from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
+from ..errors import ConfigError
+from ..model.fingerprints import fingerprint
+from ..model.loading import LoadedModel, open_model
 from ..model.weights import ModuleWeights
+from ..pruning.plan import Expert, Plan, pools
 from ..pruning.surgery import masked
 from ..tasks import resolve_corpus
-from ..calibration.stats import batches
 from .common import Analysis, check_positive, layer_outputs, markdown_table, task_texts
 from .schedule import DEFAULT_K, DEFAULT_X0, SENS_FORMAT, SENS_VERSION
 

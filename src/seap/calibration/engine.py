@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as dist
 from .._io import StoredTensor
-from ..model.adapters import Adapter
 from ..core.reconstruct import Moments
-from .gram import GramAccumulator
-from ..model.runtime import available_memory
 from ..core.scores import squared_neuron_scores
+from ..model.adapters import Adapter
+from ..model.runtime import available_memory
+from . import distributed as dist
+from .gram import GramAccumulator
 from .stats import ChannelStats, DeviceStats
 
 log = logging.getLogger(__name__)

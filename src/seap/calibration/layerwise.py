@@ -20,15 +20,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import distributed as dist
-from ..model.adapters import Adapter, adapter_for_config
-from .engine import Engine, Outcome, StatsObserver, run_pass
-from ..model.checkpoint import Checkpoint
 from ..errors import ConfigError
-from .resume import Resume
+from ..model.adapters import Adapter, adapter_for_config
+from ..model.checkpoint import Checkpoint
 from ..model.skeleton import SkeletonLoader, empty_model
-from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
 from ..model.weights import CheckpointWeights, LayerWeights, UnitWeights
+from . import distributed as dist
+from .engine import Engine, Outcome, StatsObserver, run_pass
+from .resume import Resume
+from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
 
 
 def encode_corpora(tokenizer, corpora: dict[str, Sequence[str]], batch_size: int,

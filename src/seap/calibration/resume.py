@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import distributed as dist
 from .._io import save_tensors, write_json
-from ..model.checkpoint import write_error
 from ..errors import ConfigError
+from ..model.checkpoint import write_error
+from . import distributed as dist
 
 log = logging.getLogger(__name__)
 

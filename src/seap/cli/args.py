@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..evaluation.bench import DECODE_PATHS
 from ..config import HEAD_MODES, PRESETS, RECONSTRUCT_MODES, REFIT_CHOICES
+from ..evaluation.bench import DECODE_PATHS
 from ..export.gguf import OUT_TYPES
 from ..inference.griffin import DEFAULT_SHORT, SHORT_MODES
 from ..model.runtime import add_runtime_args

@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .args import as_flags, build_parser
 from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from ..errors import ConfigError, SeapError
 from ..inference.griffin import GriffinConfig
 from ..model.runtime import runtime_from_args
+from .args import as_flags, build_parser
 
 
 def _calibration(args) -> CalibrationData:

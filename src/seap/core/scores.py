@@ -13,8 +13,8 @@ import torch
 from ..errors import ConfigError
 
 if TYPE_CHECKING:  # the scores read these objects' tensors only
-    from ..model.weights import UnitWeights
     from ..calibration.stats import ChannelStats
+    from ..model.weights import UnitWeights
 
 SCORES = ("wifv", "wifn", "wanda_sp", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..inference.decoding import greedy, sync
 from ..errors import ConfigError
+from ..inference.decoding import greedy, sync
 from ..inference.griffin import GriffinConfig
 from ..model.loading import LoadedModel
 from ..pruning.surgery import count_params, ffn_params, weight_bytes

@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 
 from ..inference.experts import MultiExpertModel
+from ..inference.router import Router
 from ..model.loading import LoadedModel
 from ..pruning.plan import GENERIC, Plan
-from ..inference.router import Router
 from .harness import evaluate_tasks, make_lm
 from .runner import EvalConfig, EvalReport, _generation_and_perplexity
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
-from ..model.adapters import get_adapter
-from ..model.loading import LoadedModel
-from ..model.fingerprints import check_fingerprint
 from ..inference.griffin import GriffinConfig
+from ..model.adapters import get_adapter
+from ..model.fingerprints import check_fingerprint
+from ..model.loading import LoadedModel
 from ..pruning.plan import GENERIC, Plan
 from ..pruning.surgery import count_params, sliced
 from ..tasks import ACCURACY_TASKS, PAPER_METRIC, SUITE

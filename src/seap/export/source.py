@@ -16,13 +16,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..errors import ArtifactError, ModelError
 from ..model.adapters import Adapter, adapter_for_config
 from ..model.checkpoint import Checkpoint, TensorSpec
-from ..errors import ArtifactError, ModelError
-from ..model.loading import LoadedModel, ModelSource, local_folder, open_model, resolve_model
-from ..model.tokenizer import load_tokenizer
 from ..model.fingerprints import check_fingerprint
+from ..model.loading import LoadedModel, ModelSource, local_folder, open_model, resolve_model
 from ..model.pruned_folder import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
+from ..model.tokenizer import load_tokenizer
 from ..pruning.streaming import TensorStream, stream_pruned_tensors, stream_tensors
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir
-from ..model.checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
 from ..errors import ConfigError, ModelError
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
 from ..model.loading import LoadedModel
-from ..model.tokenizer import save_tokenizer
 from ..model.pruned_folder import needs_seap_loader, write_config
+from ..model.tokenizer import save_tokenizer
 from ..pruning.surgery import SEAP_CONFIG_KEY
 from .source import ExportSource, as_source
 

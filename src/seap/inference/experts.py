@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.adapters.base import by_sequence, module_path, set_module
-from .decoding import generate_texts
 from ..errors import ConfigError
-from ..model.loading import LoadedModel
+from ..model.adapters.base import by_sequence, module_path, set_module
 from ..model.fingerprints import check_fingerprint
+from ..model.loading import LoadedModel
 from ..pruning.plan import Expert, Plan
-from .router import Route, Router
 from ..pruning.surgery import head_index_sets, unique_tensors
+from .decoding import generate_texts
+from .router import Route, Router
 
 log = logging.getLogger(__name__)
 

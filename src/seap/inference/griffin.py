@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.scores import neuron_scores, ranking, top_k
+from ..errors import ConfigError
 from ..model.adapters import Adapter
 from ..model.adapters.base import by_sequence, module_path, set_module
-from ..errors import ConfigError
-from ..core.scores import neuron_scores, ranking, top_k
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._version import __version__
 from .._io import atomic_dir, save_tensors
-from ..outputs import read_artifact
-from ..model.adapters import Adapter
+from .._version import __version__
 from ..errors import ArtifactError, ConfigError, DataError
-from ..model.loading import LoadedModel
-from .ood import OodTest, form_features
+from ..model.adapters import Adapter
 from ..model.fingerprints import check_fingerprint, fingerprint
+from ..model.loading import LoadedModel
+from ..outputs import read_artifact
 from ..pruning.plan import GENERIC, Expert
 from ..tasks import TASKS, Corpus, resolve_corpus
+from .ood import OodTest, form_features
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import json
 import torch
 from torch import nn
 
-from .adapters import Adapter
 from ..errors import ArtifactError
+from .adapters import Adapter
 from .weights import ModuleWeights, WeightSource
 
 

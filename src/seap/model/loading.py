@@ -16,11 +16,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError, ModelError
 from ..outputs import prune_output_part
 from .adapters import Adapter, adapter_for_config, get_adapter
-from ..errors import ConfigError, DataError, ModelError
-from .weights import ModuleWeights, WeightSource
 from .tokenizer import load_tokenizer
+from .weights import ModuleWeights, WeightSource
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
+from ..config import SEAP_CONFIG_KEY
+from ..errors import ArtifactError, ModelError
 from .adapters import adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_error, write_tensors
-from ..errors import ArtifactError, ModelError
-from ..config import SEAP_CONFIG_KEY
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import ModelError
 from .adapters import Adapter
 from .checkpoint import Checkpoint
-from ..errors import ModelError
 from .weights import CheckpointWeights, LayerWeights, signature_positions
 
 

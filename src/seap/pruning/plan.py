@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._version import __version__
 from .._io import StoredTensor, TensorList, atomic_dir, save_tensors, stored_items
-from ..outputs import prune_output_part, read_artifact
-from ..model.adapters import Adapter
+from .._version import __version__
+from ..calibration.stats import ActivationStats, ChannelStats
+from ..config import PruneConfig
 from ..core import allocation
 from ..core.allocation import ALLOCATION_NEEDS_SCORES, Pool, removed_params
-from ..config import PruneConfig
-from ..errors import ArtifactError, ConfigError
 from ..core.scores import channel_scores, group_scores, top_k
-from ..calibration.stats import ActivationStats, ChannelStats
+from ..errors import ArtifactError, ConfigError
+from ..model.adapters import Adapter
 from ..model.weights import LayerWeights, ModuleWeights, WeightSource
+from ..outputs import prune_output_part, read_artifact
 
 PLAN_FORMAT = "seap-plan"
 PLAN_VERSION = 1

@@ -18,22 +18,21 @@ from typing import Iterator, Sequence
 import torch
 
 from .._io import write_json, write_text
-from ..model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
-from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
-from ..errors import ConfigError
-from ..model.loading import LazyModel, LoadedModel, open_model
-from ..model.fingerprints import check_fingerprint, fingerprint
 from ..calibration import distributed as dist
-from .plan import GENERIC, Plan, build_plan, resolve_head_unit
-from ..config import RefitConfig
-from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
+from ..calibration.layerwise import collect_stats
+from ..calibration.stats import ActivationStats
+from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig, RefitConfig
+from ..errors import ConfigError
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
+from ..model.fingerprints import check_fingerprint, fingerprint
+from ..model.loading import LazyModel, LoadedModel, open_model
 from ..model.pruned_folder import save_pruned
 from ..model.runtime import Runtime, dtype_name
-from ..calibration.layerwise import collect_stats
 from ..outputs import PRUNE_PARTS, Output, locked, output_folder
-from ..calibration.stats import ActivationStats
-from .surgery import count_params, ffn_params, slice_model
 from ..tasks import check_corpus_spec, resolve_corpus
+from .plan import GENERIC, Plan, build_plan, resolve_head_unit
+from .refit_pass import one_pass, one_pass_possible, reconstruct_plan
+from .surgery import count_params, ffn_params, slice_model
 
 log = logging.getLogger(__name__)
 

@@ -25,22 +25,22 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._io import TensorList
 from ..calibration import distributed as dist
-from ..model.adapters import Adapter
 from ..calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
-from ..errors import ConfigError
 from ..calibration.estimate import model_estimate
 from ..calibration.layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
-from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
+from ..calibration.resume import Resume
+from ..calibration.stats import position_limit
 from ..config import RefitConfig
 from ..core.reconstruct import Moments, cut_errors, obs_select, refit
-from .._io import TensorList
-from ..calibration.resume import Resume
-from ..model.runtime import available_memory, fmt_bytes
-from ..calibration.stats import position_limit
 from ..core.scores import top_k
-from .surgery import head_index_sets, layer_masked
+from ..errors import ConfigError
+from ..model.adapters import Adapter
+from ..model.runtime import available_memory, fmt_bytes
 from ..model.weights import LayerWeights
+from .plan import GENERIC, Expert, Plan, bias_compensation, experts_of, fixed_widths, generic_weights, layer_scores
+from .surgery import head_index_sets, layer_masked
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from ..model.adapters import Adapter, adapter_for_config
 from ..model.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec
+from ..model.pruned_folder import model_tensors, tensor_specs, write_pruned_folder
 from ..model.skeleton import SkeletonLoader, empty_model
 from .plan import Plan
-from ..model.pruned_folder import model_tensors, tensor_specs, write_pruned_folder
 from .surgery import slice_layer, slice_model
 
 

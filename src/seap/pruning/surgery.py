@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..config import SEAP_CONFIG_KEY
 from ..model.adapters import Adapter
 from ..model.adapters.base import zero_bias
-from ..config import SEAP_CONFIG_KEY
 from ..model.fingerprints import check_fingerprint
 from .plan import Expert, Plan
 
