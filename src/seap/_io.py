@@ -7,6 +7,7 @@ is recognised by `is_temporary` and removed by `sweep_temporaries` on the next r
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -18,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -265,3 +268,13 @@ def sweep_temporaries(path: str | Path) -> int:
     if freed:
         log.info("removed %.1f MB of temporaries that a stopped run left in %s", freed / 1e6, path)
     return freed
+
+
+def write_error(path: str | Path, err: OSError, need: int | None = None) -> ArtifactError:
+    """One line for a failed write of an output: a full disk says so (with what the output needs)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        size = (f" ({need / 1e9:.2f} GB in all)" if need >= 1e9 else f" ({need / 1e6:.1f} MB in all)") if need else ""
+        return ArtifactError(f"the disk filled up while writing {path}{size}: free space or choose another --out; "
+                             "its partial files were removed")
+    return ArtifactError(f"could not write {path} ({err.strerror or err}): free space or choose another --out; "
+                         "its partial files were removed")

@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ._io import MANIFEST, TensorFile, sweep_temporaries, write_json
+from ._io import MANIFEST, TensorFile, sweep_temporaries, write_error, write_json
 from ._version import __version__
 from .errors import ArtifactError, BusyError, SeapError
-from .model.checkpoint import write_error
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .._io import save_tensors, write_json
+from .._io import save_tensors, write_error, write_json
 from ..errors import ConfigError
-from ..model.checkpoint import write_error
 from . import distributed as dist
 
 log = logging.getLogger(__name__)

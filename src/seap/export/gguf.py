@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_path
+from .._io import atomic_path, write_error
 from ..errors import ConfigError, ModelError
-from ..model.checkpoint import write_error
 from ..model.loading import LoadedModel, resolve_model
 from ..model.tokenizer import save_tokenizer
 from .source import ExportSource, as_source

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir
+from .._io import atomic_dir, write_error
 from ..errors import ConfigError, ModelError
-from ..model.checkpoint import DEFAULT_SHARD_BYTES, write_error, write_tensors
+from ..model.checkpoint import DEFAULT_SHARD_BYTES, write_tensors
 from ..model.loading import LoadedModel
 from ..model.pruned_folder import needs_seap_loader, write_config
 from ..model.tokenizer import save_tokenizer

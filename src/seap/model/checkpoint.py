@@ -13,7 +13,6 @@ package writes a whole shard from memory at once, which is what this avoids.)
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections import Counter
@@ -24,8 +23,8 @@ from typing import Iterable, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .._io import MANIFEST
-from ..errors import ArtifactError, ModelError
+from .._io import MANIFEST, write_error
+from ..errors import ModelError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -334,16 +333,6 @@ def write_tensors(folder: str | Path, tensors: Iterable[tuple[str, torch.Tensor]
     except BaseException:
         writer.abort()
         raise
-
-
-def write_error(path: str | Path, err: OSError, need: int | None = None) -> ArtifactError:
-    """One line for a failed write of an output: a full disk says so (with what the output needs)."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        size = (f" ({need / 1e9:.2f} GB in all)" if need >= 1e9 else f" ({need / 1e6:.1f} MB in all)") if need else ""
-        return ArtifactError(f"the disk filled up while writing {path}{size}: free space or choose another --out; "
-                             "its partial files were removed")
-    return ArtifactError(f"could not write {path} ({err.strerror or err}): free space or choose another --out; "
-                         "its partial files were removed")
 
 
 def parse_size(text: str | int, what: str = "`shard_size`") -> int:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_dir
+from .._io import atomic_dir, write_error
 from ..config import SEAP_CONFIG_KEY
 from ..errors import ArtifactError, ModelError
 from .adapters import adapter_for_config
-from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_error, write_tensors
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_tensors
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
