@@ -22,7 +22,7 @@ def adapter_for_config(config) -> Adapter:
     if cls is None:
         raise ModelError(
             f"unsupported model_type {model_type!r}: seap supports {', '.join(supported_model_types())} "
-            "(adapters live in seap/adapters; add one for a new family)"
+            "(adapters live in seap/model/adapters; add one for a new family)"
         )
     return cls()
 
