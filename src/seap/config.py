@@ -13,7 +13,6 @@ DEFAULT_MULTIPLE = 32
 MIN_WIDTH_FOR_MULTIPLE = 512
 RECONSTRUCT_MODES = ("none", "refit", "sequential")
 REFIT_CHOICES = ("score", "obs")
-SEAP_CONFIG_KEY = "seap_pruning"  # where a pruned model's config records what was pruned
 
 # seap's defaults add training-free reconstruction to the paper's recipe: each layer's FFN channels
 # re-chosen for a least-squares refit of its output projection (greedy OBS), measured best on the

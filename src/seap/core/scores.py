@@ -1,41 +1,61 @@
 """Importance scores per prunable unit (docs/design.md §2.2). Pure functions of tensors: higher = keep.
 
 Shapes: W_d is [d, C] (the output linear: d outputs, C channels); W_in rows are [C, d]. The weights
-enter as per-channel norms (seap.model.weights.UnitWeights), so a model need not be in memory.
+enter as per-channel norms (`Norms`: seap.model.weights.UnitWeights), so a model need not be in memory.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:  # the scores read these objects' tensors only
-    from ..calibration.stats import ChannelStats
-    from ..model.weights import UnitWeights
-
 SCORES = ("wifv", "wifn", "wanda_sp", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")
 
 
-def wifv(stats: ChannelStats, w: UnitWeights) -> torch.Tensor:
+class Stats(Protocol):
+    """What the scores read of a layer's activation statistics (seap.calibration.stats.ChannelStats)."""
+
+    @property
+    def var(self) -> torch.Tensor: ...  # [C] variance of z_j over the calibration tokens
+
+    @property
+    def mean_sq(self) -> torch.Tensor: ...  # [C] mean of z_j^2
+
+    @property
+    def l2(self) -> torch.Tensor: ...  # [C] ||z_j||_2 over the tokens
+
+
+class Norms(Protocol):
+    """What the scores read of a layer's weight norms (seap.model.weights.UnitWeights)."""
+
+    col_sq: torch.Tensor  # [C] ||W_out[:, j]||^2
+    col_absmean: torch.Tensor  # [C] mean_i |W_out[i, j]|
+    in_norm: torch.Tensor | None  # [C] product of the input linears' row norms (FFN only)
+
+    @property
+    def channels(self) -> int: ...
+
+
+def wifv(stats: Stats, w: Norms) -> torch.Tensor:
     """FLAP's fluctuation metric (SEAP's s_F): var_j * ||W_d[:, j]||^2."""
     return stats.var * w.col_sq
 
 
-def wifn(stats: ChannelStats, w: UnitWeights) -> torch.Tensor:
+def wifn(stats: Stats, w: Norms) -> torch.Tensor:
     """SEAP's s_W: sqrt(mean z_j^2) * ||W_d[:, j]||^2."""
     return stats.mean_sq.sqrt() * w.col_sq
 
 
-def wanda_sp(stats: ChannelStats, w: UnitWeights) -> torch.Tensor:
+def wanda_sp(stats: Stats, w: Norms) -> torch.Tensor:
     """Structured Wanda: mean_i |W_d[i, j]| * ||z_j||_2 over the calibration tokens."""
     return w.col_absmean * stats.l2
 
 
-def magnitude(w: UnitWeights) -> torch.Tensor:
+def magnitude(w: Norms) -> torch.Tensor:
     """Data-free: product of the row norms of the input linears (||W_g[j]|| * ||W_u[j]||); for
     attention, which has no per-channel input rows here, the output column norms."""
     return w.in_norm if w.in_norm is not None else w.col_sq.sqrt()
@@ -47,7 +67,7 @@ def random_scores(n: int, seed: int, salt: int) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64)
 
 
-def channel_scores(kind: str, *, stats: ChannelStats | None, weights: UnitWeights, seed: int = 0,
+def channel_scores(kind: str, *, stats: Stats | None, weights: Norms, seed: int = 0,
                    salt: int = 0) -> torch.Tensor:
     """Scores of the C channels whose weight norms are `weights`."""
     if kind not in SCORES:

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir, write_error
-from ..config import SEAP_CONFIG_KEY
 from ..errors import ArtifactError, ModelError
 from .adapters import adapter_for_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, write_tensors
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
+
+SEAP_CONFIG_KEY = "seap_pruning"  # where a pruned model's config records what was pruned
 
 
 def needs_seap_loader(record: dict) -> bool:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..config import SEAP_CONFIG_KEY
 from ..model.adapters import Adapter
 from ..model.adapters.base import zero_bias
 from ..model.fingerprints import check_fingerprint
+from ..model.pruned_folder import SEAP_CONFIG_KEY
 from .plan import Expert, Plan
 
 if TYPE_CHECKING:
