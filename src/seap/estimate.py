@@ -84,8 +84,8 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
         c, k, d = lay["d_ff"], lay["kept"], hidden
         fwd += 2 * lay["params"] * padded_tokens / r32 / FORWARD_EFFICIENCY
         if refit:  # every layer's refitted output weights (an identity copy in a dense layer), per expert
-            held += groups * d * (c if lay["dense"] else k) * store_bytes
-            held_layer = max(held_layer, groups * d * (c if lay["dense"] else k) * store_bytes)
+            weights = groups * d * (c if lay["dense"] else k) * store_bytes
+            held, held_layer = held + weights, max(held_layer, weights)
         if not refit or lay["dense"]:
             continue
         gram += groups * padded_tokens * c * c / r32  # the lower triangle of z^T z
