@@ -57,7 +57,7 @@ def time_v(log: Path) -> dict:
             "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None}
 
 
-def run_model(name: str, work: Path, keep: bool) -> dict:
+def run_model(name: str, work: Path, keep: bool, only: set[str] | None = None) -> dict:
     from checkpoints import GEOMETRIES, write_checkpoint
 
     from seap.model.checkpoint import Checkpoint
@@ -74,6 +74,8 @@ def run_model(name: str, work: Path, keep: bool) -> dict:
             for variant in VARIANTS]
     for load, variant in runs:
         path = load + (f", {variant}" if variant else "")
+        if only is not None and path not in only:
+            continue
         out = work / name / path.replace(", ", "-").replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         cmd = [*seap, "prune", "--model", str(ckpt_dir), "--load", load, "--device", "cpu", "--ratio", "0.5",
@@ -297,6 +299,9 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(ORDER))
     ap.add_argument("--work", default="/tmp/seap-scaling", help="where checkpoints and outputs go (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--paths", default=None,
+                    help="only these runs, ';'-separated (e.g. 'whole;whole, --reconstruct none'), merged into "
+                         "the model's existing row")
     ap.add_argument("--record-default", nargs=4, metavar=("MODEL", "OUT", "LOG", "GENERATE_LOG"),
                     help="only: record a default prune run (its --out folder and /usr/bin/time -v logs)")
     ap.add_argument("--resume-check", default=None, metavar="MODEL",
@@ -319,7 +324,12 @@ def main() -> int:
         return 0
 
     for name in [m for m in args.models.split(",") if m]:
-        row = run_model(name, Path(args.work), args.keep)
+        only = set(args.paths.split(";")) if args.paths else None
+        row = run_model(name, Path(args.work), args.keep, only)
+        if only is not None and (RESULTS / f"{name}.json").is_file():
+            old = json.loads((RESULTS / f"{name}.json").read_text())
+            row = {**old, "paths": {**old["paths"], **row["paths"]},
+                   "reload_generate": row.get("reload_generate", old.get("reload_generate"))}
         write_json(RESULTS / f"{name}.json", row)
     rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")), key=lambda r: r["params"])
     plot(rows)

@@ -262,6 +262,23 @@ def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
     assert calibration_estimate(**{**kw, "refit": False}, checkpointed=False).peak.get("refitted weights", 0) == 0
 
 
+def test_a_model_loaded_whole_is_part_of_the_peak_and_of_the_memory_it_may_use(monkeypatch):
+    """On the whole-model path the model is resident when the estimate is made: memory available then
+    excludes it, so it counts on both sides (a 3B float32 model was refused with 10 GiB to spare)."""
+    import seap.estimate as est_mod
+
+    monkeypatch.setattr(est_mod, "available_memory", lambda device: 1000)
+    layers = [{"params": 100, "d_ff": 8, "kept": 4, "dense": False}] * 3
+    kw = dict(layers=layers, hidden=4, vocab=10, tokens=5, padded_tokens=6, batch_tokens=6, param_bytes=4,
+              groups=1, obs=True, refit=True, device=torch.device("cpu"))
+    whole = est_mod.calibration_estimate(**kw, streamed=False)
+    model = (3 * 100 + 10 * 4) * 4
+    assert whole.peak["model"] == model and whole.resident == model and whole.free == 1000 + model
+    streamed = est_mod.calibration_estimate(**kw, streamed=True)
+    assert streamed.resident == 0 and streamed.free == 1000
+    assert "counting the loaded model" in whole.line() and "counting" not in streamed.line()
+
+
 def _torchrun(args: list[str], n: int, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "seap", *args]

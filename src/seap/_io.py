@@ -87,9 +87,7 @@ class TensorList(Sequence):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int):
         item = self.items[i]
         return item.load() if isinstance(item, StoredTensor) else item
 
@@ -112,8 +110,6 @@ def stored_items(tensors: Sequence) -> list:
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
               "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) -> None:
@@ -124,6 +120,7 @@ def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) 
 
     import torch  # here: seap._io stays importable without torch
 
+    torch_dtype = {v: getattr(torch, k) for k, v in _ST_DTYPES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, t in tensors.items():
@@ -131,7 +128,7 @@ def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) 
             dtype, shape = t.spec()
         else:
             dtype, shape = _ST_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape)
-        n = _ST_BYTES[dtype] * math.prod(shape)
+        n = torch.empty((), dtype=torch_dtype[dtype]).element_size() * math.prod(shape)
         header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -139,11 +136,9 @@ def _write_streamed(path: Path, tensors: dict, metadata: dict[str, str] | None) 
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(head)))
         fh.write(head)
-        for t in tensors.values():
+        for t in tensors.values():  # a StoredTensor is read here and freed with the next one
             t = t.load() if isinstance(t, StoredTensor) else t
-            fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del t
-
+            fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -179,9 +174,7 @@ class TensorFile(Mapping):
             self._keys = list(f.keys())
 
     def __getitem__(self, key: str):
-        if key not in self._keys:
-            raise KeyError(key)
-        return StoredTensor(self.path, key).load()
+        return self.stored(key).load()
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys

@@ -46,7 +46,8 @@ def measured_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, repea
 class Estimate:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
     peak: dict[str, int] = field(default_factory=dict)  # what is alive at the peak -> bytes
-    free: int = 0
+    free: int = 0  # what the peak may use: memory available now, plus the part of the peak already resident
+    resident: int = 0  # of the peak, already allocated when the estimate is made (a model loaded whole)
 
     @property
     def peak_bytes(self) -> int:
@@ -57,7 +58,7 @@ class Estimate:
         parts = ", ".join(f"{k} {_fmt_s(v)}" for k, v in self.seconds.items() if v >= 0.5)
         mem = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.peak.items() if v)
         return (f"estimated {_fmt_s(total)} ({parts}); peak memory about {fmt_bytes(self.peak_bytes)} ({mem}) "
-                f"of {fmt_bytes(self.free)} free")
+                f"of {fmt_bytes(self.free)} free{' counting the loaded model' if self.resident else ''}")
 
 
 def _fmt_s(s: float) -> str:
@@ -83,8 +84,8 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
         c, k, d = lay["d_ff"], lay["kept"], hidden
         fwd += 2 * lay["params"] * padded_tokens / r32 / FORWARD_EFFICIENCY
         if refit:  # every layer's refitted output weights (an identity copy in a dense layer), per expert
-            held += groups * d * (c if lay["dense"] else k) * store_bytes
-            held_layer = max(held_layer, groups * d * (c if lay["dense"] else k) * store_bytes)
+            weights = groups * d * (c if lay["dense"] else k) * store_bytes
+            held, held_layer = held + weights, max(held_layer, weights)
         if not refit or lay["dense"]:
             continue
         gram += groups * padded_tokens * c * c / r32  # the lower triangle of z^T z
@@ -115,6 +116,9 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
     per_layer = max(running, deciding, saving, key=lambda p: sum(p.values()))
     catch = {"embeddings": vocab * hidden * param_bytes, "hidden states": hidden_states, "runtime": runtime}
     est.peak = catch if streamed and sum(catch.values()) > sum(per_layer.values()) else per_layer
+    if not streamed:  # the model is in memory already: available memory does not include it
+        est.resident = layer["model"]
+        est.free += est.resident
     return est
 
 

@@ -52,6 +52,10 @@ class Expert:
     def widths(self) -> list[int]:
         return [len(i) for i in self.ffn]
 
+    def stored_weights(self) -> dict[str, TensorList]:
+        """The refitted weights held as TensorLists (each layer's in memory or on disk), by kind."""
+        return {k: w for k in REFIT_KINDS if isinstance(w := getattr(self, k), TensorList)}
+
     def digest(self) -> str:
         """A short hash of what the expert keeps and adds: tells two experts of one name apart."""
         h = hashlib.sha256()
@@ -140,10 +144,9 @@ class Plan:
             save_tensors(tmp / "indices.safetensors", tensors)
             (tmp / "plan.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         for name, ex in self.experts.items():  # on disk now: read from the saved file (its checkpoint may go)
-            for kind in REFIT_KINDS:
-                if isinstance(weights := getattr(ex, kind), TensorList):
-                    weights.items = [StoredTensor(folder.resolve() / "indices.safetensors", f"{name}/{kind}.{i}")
-                                     for i in range(len(weights))]
+            for kind, weights in ex.stored_weights().items():
+                weights.items = [StoredTensor(folder.resolve() / "indices.safetensors", f"{name}/{kind}.{i}")
+                                 for i in range(len(weights))]
         return folder
 
     @classmethod

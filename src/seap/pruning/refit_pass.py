@@ -159,9 +159,8 @@ class OnePass:
         if self.resume is None:
             return
         for ex in self.plan.experts.values():  # weights not yet saved elsewhere (no --out) come into memory
-            for weights in (ex.ffn_out, ex.attn_out):
-                if isinstance(weights, TensorList):
-                    weights.read_in(self.resume.folder)
+            for weights in ex.stored_weights().values():
+                weights.read_in(self.resume.folder)
         self.resume.remove()
 
 
@@ -202,8 +201,9 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     if est.peak_bytes > est.free:
         raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
                           f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
-                          f"{fmt_bytes(est.free)} is free: give fewer tokens (--limit, --max-length, --batch-size), "
-                          "fewer tasks (one Gram matrix per expert), --refit-choice score, or a device with more memory")
+                          f"{fmt_bytes(est.free)} is free{' counting the loaded model' if est.resident else ''}: "
+                          "give fewer tokens (--limit, --max-length, --batch-size), fewer tasks (one Gram matrix "
+                          "per expert), --refit-choice score, or a device with more memory")
     n_tok = sum(int(b["attention_mask"].sum()) for b in encoded[0])
     dist.log_once(f"one calibration pass over {len(d_ff)} layers, {n_tok:,} calibration tokens"
                   f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
