@@ -36,8 +36,8 @@ def _unknown_prompts() -> dict[str, list[str]]:
 
 
 def routing(models: list[str], limits: dict[str, int], ratios, rows=ROUTED_ROWS) -> None:
-    from seap import evaluate_router, fit_router
     from seap.evaluation.routed import evaluate_routed
+    from seap.inference.router import evaluate_router, fit_router
     from seap.model.loading import load_model
 
     for model_name in models:

@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONP
 # the model save: the stage after the plan's.
 KILLED_IN_SAVE = """
 import os, sys
-from seap import checkpoint
+from seap.model import checkpoint
 write = checkpoint.ShardWriter.write
 def dying(self, name, t):
     write(self, name, t)

@@ -265,7 +265,7 @@ def test_the_estimate_counts_the_refitted_weights_held_for_the_save():
 def test_a_model_loaded_whole_is_part_of_the_peak_and_of_the_memory_it_may_use(monkeypatch):
     """On the whole-model path the model is resident when the estimate is made: memory available then
     excludes it, so it counts on both sides (a 3B float32 model was refused with 10 GiB to spare)."""
-    import seap.estimate as est_mod
+    import seap.calibration.estimate as est_mod
 
     monkeypatch.setattr(est_mod, "available_memory", lambda device: 1000)
     layers = [{"params": 100, "d_ff": 8, "kept": 4, "dense": False}] * 3

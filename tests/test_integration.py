@@ -72,7 +72,8 @@ SIX_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "openbookqa", "winogr
 @pytest.mark.skipif(not _bundled() or not has_shared_data(), reason="needs the bundled model and ../shared/data")
 def test_router_on_bundled_smollm2_reaches_the_papers_accuracy():
     """Fitted on the train splits of the six tasks, tested on their validation splits (DESIGN 2.5)."""
-    from seap import PruneConfig, evaluate_router, fit_router
+    from seap import PruneConfig
+    from seap.inference.router import evaluate_router, fit_router
     from seap.model.fingerprints import fingerprint
     from seap.model.loading import load_model
     from seap.pruning.plan import GENERIC, build_plan
