@@ -398,9 +398,11 @@ def run_pass(engine: Engine, observers: Sequence, decide: Callable[[int, nn.Modu
 
             def sink(kind: str, x: torch.Tensor) -> None:
                 b = engine.batch
-                mask = engine.masks[b].reshape(-1)
+                x, mask = x.reshape(-1, x.shape[-1]), engine.masks[b].reshape(-1)
+                if x.device.type == "cpu":  # the padding dropped once for every observer (a GPU masks: no sync)
+                    x, mask = x[mask.to(x.device)], None
                 for o in observers:
-                    o.add(kind, x.reshape(-1, x.shape[-1]), mask, engine.labels[b])
+                    o.add(kind, x, mask, engine.labels[b])
 
             with observing(linears, sink):
                 outputs = engine.run(i, layer)

@@ -93,7 +93,7 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
             choice += groups * OBS_WORK * c ** 3 / r32
         r = c - k
         fit += groups * (k ** 3 / 3 + 2 * k * k * d + 2 * k * r * d) / r64 / GATHER_EFFICIENCY
-        err += groups * d * r * r * (2 if obs else 1) / r32 / GATHER_EFFICIENCY  # two cuts, lower blocks
+        err += groups * d * r * r / r32 / GATHER_EFFICIENCY  # one cut of the kept channels, lower blocks
         # per group a float64 Gram matrix; then the OBS choice's two float32 C x C (or the refit's S_KK and its
         # factor), W^T and the refit's float64 pieces of W
         work = max(work, 8 * c * c * groups + max(8 * c * c if obs else 0, 16 * k * k) + 12 * d * c)

@@ -12,7 +12,7 @@ from ..core.reconstruct import Moments
 
 class GramAccumulator:
     """Sum, count and Gram matrix of one linear's inputs, on its device, with no host sync per batch on a
-    GPU; padding excluded (dropped on a CPU, zeroed with `where` on a GPU).
+    GPU; padding excluded (zeroed with `where` where a mask is given).
 
     The products of a batch are added in float32 into a partial sum (the lower triangle only: half the
     work, in place, a block of rows at a time), which is merged into the float64 running sum every
@@ -32,10 +32,7 @@ class GramAccumulator:
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if keep is not None and x.device.type == "cpu":  # no products of padding (a GPU avoids the sync)
-            x = x[keep.reshape(-1).to(x.device)]
-            keep = None
-        if keep is not None:
+        if keep is not None:  # padding zeroed, not dropped: no host sync (the engine drops it on a CPU)
             keep = keep.reshape(-1, 1).to(x.device)
             x = torch.where(keep, x, 0.0)
             self.count += keep.sum(dtype=torch.float64)

@@ -51,7 +51,7 @@ def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: to
                 store_dtype: torch.dtype) -> dict:
     """Layer results of one expert from the moments of its output linears' inputs: kept channels (the
     OBS choice at the score's width with choice "obs"), refitted weights and bias changes, and the FFN
-    output errors of the plain cut, FLAP's bias and the refit on the calibration tokens."""
+    output errors of the plain cut of the kept channels, FLAP's bias and the refit on the calibration tokens."""
     rec: dict = {}
     units = {"ffn": (adapter.ffn_out(layer), ffn)}
     if heads is not None:
@@ -67,17 +67,12 @@ def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: to
             rec[f"{kind}/bias"] = fit.bias_delta.to("cpu", torch.float32)
         if kind == "ffn":
             rec["ffn/kept"] = kept.to("cpu", torch.long)
-            f32 = dict(dtype=torch.float32)  # reported figures, not decisions
-            rec["err/none"], rec["err/bias"] = cut_errors(lin.weight, scored, m, bias_compensation(lin.weight, m, scored),
-                                                          **f32)
-            # the refit's error is the cut of its own channels (mean-compensated when centered) less what the
-            # refit explains: no d x C^2 product
-            if torch.equal(kept.cpu(), scored.cpu()):
-                base = rec["err/bias"] if cfg.centered else rec["err/none"]
-            else:
-                none_k, bias_k = cut_errors(lin.weight, kept, m, bias_compensation(lin.weight, m, kept), **f32)
-                base = bias_k if cfg.centered else none_k
-            rec["err/refit"] = max(base - fit.explained, 0.0)
+            # reported figures, not decisions, all of the kept channels: their plain cut, FLAP's bias on them,
+            # and the refit's error, which is the cut (mean-compensated when centered) less what the refit
+            # explains, so one d x |R|^2 product gives all three
+            rec["err/none"], rec["err/bias"] = cut_errors(lin.weight, kept, m, bias_compensation(lin.weight, m, kept),
+                                                          dtype=torch.float32)
+            rec["err/refit"] = max((rec["err/bias"] if cfg.centered else rec["err/none"]) - fit.explained, 0.0)
     return rec
 
 
