@@ -250,10 +250,9 @@ def read_manifest(folder: Path) -> dict | None:
         data = json.loads(m.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError(f"{m} is corrupt: run the seap command that wrote {folder} again") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ArtifactError(f"{m} is not a seap manifest: remove it, or run the seap command that wrote "
-                            f"{folder} again")
-    return data
+    return check_header(data, m, kind="manifest", fmt=MANIFEST_FORMAT, version=MANIFEST_VERSION,
+                        redo=f"run the seap command that wrote {folder} again",
+                        instead=f"remove it, or run the seap command that wrote {folder} again")
 
 
 def _incomplete(folder: Path, command: str) -> ArtifactError:
@@ -343,15 +342,25 @@ def read_artifact(folder: str | Path, json_name: str, tensors_name: str, *, kind
         tensors = TensorFile(st)  # each tensor read when used: a big plan's refitted weights stay on disk
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{kind} {folder} is corrupt or truncated ({str(err)[:80]}): {redo}") from None
+    return check_header(meta, js, kind=kind, fmt=fmt, version=version, redo=redo), tensors
+
+
+def check_header(meta: object, where: str | Path, *, kind: str, fmt: str, version: int, redo: str,
+                 instead: str | None = None) -> dict:
+    """The one check of every artifact's header (plan, router, statistics, sensitivity, manifest): a JSON
+    object whose "format" is `fmt` and whose "version" is `version`, else one line that says
+    what the file is, what to give `instead` and how to `redo` it."""
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ArtifactError(f"{js} is not a seap {kind} (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{where} is not a seap {kind} file (format {got or 'none'})"
+                            f"{': ' + instead if instead else ''}")
     got = meta.get("version")
     if got != version or isinstance(got, bool):
         # repr: a version written as the string "1" must not read "version 1 is not 1"
         hint = f" (the number {version}, not the text {got!r})" if str(got) == str(version) else ""
-        raise ArtifactError(f"{js} has {kind} format version {got!r}, and this seap reads version {version}"
+        raise ArtifactError(f"{where} has {kind} format version {got!r}, and this seap reads version {version}"
                             f"{hint}: {redo}")
-    return meta, tensors
+    return meta
 
 
 def prune_output_part(path: str | Path, part: str, marker: str) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.allocation import DEFAULT_K, DEFAULT_X0, Schedule  # noqa: F401  (DEFAULT_*: drawn for comparison)
 from ..errors import ArtifactError
+from ..outputs import check_header
 
 SENS_FORMAT = "seap-sensitivity"
 SENS_VERSION = 1
@@ -25,11 +26,8 @@ def load_schedule(path: str | Path) -> Schedule:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ArtifactError(f"schedule file {path} is corrupt ({str(err)[:60]}): run the analysis again") from None
-    if not isinstance(data, dict) or data.get("format") != SENS_FORMAT:
-        raise ArtifactError(f"{path} is not a seap sensitivity file: {fix}")
-    if data.get("version") != SENS_VERSION:
-        raise ArtifactError(f"{path} has sensitivity format version {data.get('version')}, this seap reads "
-                            f"{SENS_VERSION}: run the analysis again")
+    check_header(data, path, kind="sensitivity", fmt=SENS_FORMAT, version=SENS_VERSION, redo="run the analysis again",
+                 instead=fix)
     try:
         s = data["schedule"]
         fp = dict(data["fingerprint"])

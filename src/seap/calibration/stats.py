@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from .._io import save_tensors
 from ..errors import ArtifactError, DataError
+from ..outputs import check_header
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,7 @@ class ActivationStats:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
             raise ArtifactError(f"statistics file {path} is corrupt or truncated ({err}): delete it and collect again") from None
-        if not isinstance(header, dict) or header.get("format") != STATS_FORMAT:
-            raise ArtifactError(f"{path} is not a seap statistics file (no seap-stats header)")
-        if header.get("version") != STATS_VERSION:
-            raise ArtifactError(f"{path} has statistics format version {header.get('version')}, this seap reads "
-                                f"{STATS_VERSION}: collect again")
+        check_header(header, path, kind="statistics", fmt=STATS_FORMAT, version=STATS_VERSION, redo="collect again")
         try:
             def group(kind: str, n: int) -> list[ChannelStats]:
                 return [ChannelStats(int(tensors[f"{kind}.{i}.count"][0]), tensors[f"{kind}.{i}.mean"],
