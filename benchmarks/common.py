@@ -113,7 +113,7 @@ def plan_for(lm, stats: dict, method: str, ratio: float, protocol: str, extra: d
     plan = build_plan(lm.model, lm.adapter, cfg, stats, base_model=lm.source.model_id,
                       revision=lm.source.revision, fingerprint=fingerprint(lm.model, lm.adapter))
     if cfg.reconstructs:
-        reconstruct_row(lm, plan, cfg, protocol)
+        plan = reconstruct_row(lm, plan, cfg, protocol)
     return plan
 
 
@@ -157,7 +157,7 @@ def wikitext_stats(lm, model_name: str):
     return s
 
 
-def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
+def reconstruct_row(lm, plan, cfg, protocol: str):
     """Refit the experts a row evaluates, each on the calibration text its channels came from; a
     task-expert plan as `seap prune` refits it (each task expert on its task, the generic expert, which
     scores perplexity, on all the text)."""
@@ -174,10 +174,11 @@ def reconstruct_row(lm, plan, cfg, protocol: str) -> None:
         pooled = [x for v in texts.values() for x in v]
         texts, members = {GENERIC if protocol == "generic" else "all": pooled}, None
     t0 = time.time()
-    reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
-                     batch_size=8, max_length=512, progress=False)
+    plan = reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
+                            batch_size=8, max_length=512, progress=False)
     plan.meta.extra["reconstruction"] = {"seconds": round(time.time() - t0, 1),
                                    "errors": {n: error_summary(plan.experts[n]) for n in members or texts}}
+    return plan
 
 
 # Perplexity subsets per model: Gemma 3's 262k-entry vocabulary makes every scored token ~5x dearer.

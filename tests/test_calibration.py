@@ -13,7 +13,8 @@ import torch
 from conftest import TEXTS, make_loaded, one_line_error, tiny_folder
 
 from seap import CalibrationData, PruneConfig, Runtime, prune
-from seap.calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
+from seap.calibration.engine import Outcome, run_pass
+from seap.calibration.observers import GramObserver, StatsObserver
 from seap.calibration.layerwise import collect_stats, engine_for
 import seap.calibration.resume as resume_mod
 from seap.cli import main
@@ -80,8 +81,8 @@ def test_one_pass_plan_equals_the_two_pass_plan_where_widths_are_fixed(family, c
     stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=head_unit is not None, batch_size=3,
                               meta={}, progress=False) for t, x in CORPORA.items()}
     two = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None, fingerprint=fp)
-    reconstruct_plan(lm, two, CORPORA, refit_cfg, members={"a": ("a",), "b": ("b",), GENERIC: ("a", "b")},
-                     batch_size=3, progress=False)
+    two = reconstruct_plan(lm, two, CORPORA, refit_cfg, members={"a": ("a",), "b": ("b",), GENERIC: ("a", "b")},
+                           batch_size=3, progress=False)
     one = one_pass(lm, cfg, CORPORA, refit_cfg, head_unit=head_unit, fingerprint=fp, metas={}, batch_size=3,
                    max_length=512, progress=False).plan
     assert set(one.experts) == set(two.experts) == {"a", "b", GENERIC}

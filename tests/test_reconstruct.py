@@ -149,7 +149,8 @@ def _reconstructed(family, mode="refit", method="seap", **kw):
     lm = make_loaded(family)
     cfg = PruneConfig.from_method(method, ratio=0.5, protect_first=0, protect_last=0, reconstruct=mode, **kw)
     plan, _ = plan_for(lm, cfg)
-    reconstruct_plan(lm, plan, {"t": TEXTS}, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=4, progress=False)
+    plan = reconstruct_plan(lm, plan, {"t": TEXTS}, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=4,
+                            progress=False)
     return lm, plan
 
 
@@ -225,8 +226,8 @@ def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, ch
         calls = []
         monkeypatch.setattr(rec, "available_memory", lambda d: (1 << 40) if shared else 0, raising=False)
         monkeypatch.setattr(rec, "refit_experts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-        rec.reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
-                             batch_size=3, progress=False)
+        plan = rec.reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config),
+                                    members=members, batch_size=3, progress=False)
         assert len(calls) == (1 if shared else 3)
         plans.append(plan)
     for name in members:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +294,24 @@ def test_the_rules_find_planted_violations(tmp_path):
         "core/maths.py:1 imports json", "core/maths.py:2 imports torch.nn", "core/maths.py:5 imports p.model.m",
         "core/maths.py:10 uses torch.save", "core/maths.py:11 calls open()", "core/maths.py:11 uses torch.nn"]
     assert cli_violations(graph, "p") == ["p.pruning.plan -> p.cli.args"]
+
+
+def _tree(text: str) -> list[str]:
+    """The lines of the fenced block that starts with `src/seap/` (the package map)."""
+    lines = text.splitlines()
+    start = lines.index("src/seap/")
+    return lines[start: lines.index("```", start)]
+
+
+def test_the_documented_tree_names_every_module():
+    design = _tree((ROOT / "docs" / "design.md").read_text(encoding="utf-8"))
+    assert design == _tree((ROOT / "README.md").read_text(encoding="utf-8"))  # one map, in both places
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(design)))
+    stems = {f.stem for f in SRC.rglob("*.py") if f.stem != "__init__" and "adapters" not in f.parts}
+    assert len(stems) > 40 and sorted(stems - words) == []
+
+
+def test_forward_hooks_are_registered_in_one_place():
+    where = sorted(str(f.relative_to(SRC)) for f in SRC.rglob("*.py")
+                   if re.search(r"\.register_forward(_pre)?_hook\(", f.read_text(encoding="utf-8")))
+    assert where == ["model/hooks.py"]

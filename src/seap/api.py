@@ -13,7 +13,7 @@ from .errors import ArtifactError, ConfigError
 from .inference.griffin import GriffinConfig
 from .inference.router import Router, RouterConfig, RouterEval, Route
 from .model.fingerprints import check_fingerprint
-from .model.loading import LoadedModel, chat_prompts, check_prompts, open_model
+from .model.loading import LoadedModel, chat_prompts, check_prompts, use_or_open
 from .model.pruned_folder import read_record
 from .model.runtime import Runtime
 from .pruning.plan import Plan
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _load(model: str | LoadedModel | None, runtime: Runtime | None = None) -> LoadedModel:
     """A model in memory, placed as `runtime` says (device, dtype, device_map)."""
-    return model if isinstance(model, LoadedModel) else open_model(model, runtime)
+    return use_or_open(model, runtime)
 
 
 def load(model: str | Path | None = None, *, runtime: Runtime | None = None) -> LoadedModel:

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.engine import Outcome, PooledOutputs, run_pass
+from ..calibration.engine import Outcome, run_pass
+from ..calibration.observers import PooledOutputs
 from ..calibration.layerwise import engine_for
 from ..calibration.stats import indexed_batches, position_limit
 from ..errors import ConfigError
-from ..model.loading import LoadedModel, open_model
+from ..model.loading import LoadedModel, use_or_open
 from .common import Analysis, check_layers, check_positive, default_tasks, markdown_table, spread_layers, task_texts
 
 POOLS = ("mean", "last")
@@ -123,7 +124,7 @@ def analyze_clusters(model: str | LoadedModel | None = None, tasks: Sequence[str
     cfg = config or ClusterConfig()
     tasks = list(tasks or default_tasks(data_dir))
     texts = task_texts(tasks, data_dir=data_dir, limit=cfg.limit, seed=cfg.seed, prompts=True)
-    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
+    lm = use_or_open(model, runtime)
     n_layers = len(lm.adapter.layers(lm.model))
     shown = check_layers(cfg.layers, n_layers) if cfg.layers else spread_layers(n_layers)
     methods = [m for m in cfg.methods if m != "umap" or umap_available()]

@@ -1,5 +1,4 @@
-"""What the analyses share: task texts, a hook on every layer's output (through the
-calibration engine's one hook helper), and
+"""What the analyses share: task texts, a hook on every layer's output (through seap.model.hooks), and
 writing an analysis (JSON numbers, a Markdown summary, PNG figures) into one output folder."""
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from .._io import write_json, write_text
-from ..calibration.engine import observing
+from ..model.hooks import observing
 from ..errors import ConfigError
 from ..model.adapters import Adapter
 from ..tasks import DEFAULT_CORPORA, SUITE, resolve_corpus

@@ -23,7 +23,7 @@ import torch
 from ..calibration.layerwise import collect_stats
 from ..calibration.stats import ActivationStats
 from ..errors import ConfigError
-from ..model.loading import LoadedModel, open_model
+from ..model.loading import LoadedModel, use_or_open
 from .common import Analysis, check_positive, default_tasks, markdown_table, task_texts
 
 HALVES = ("A", "B")
@@ -106,7 +106,7 @@ def analyze_heatmap(model: str | LoadedModel | None = None, tasks: Sequence[str]
     cfg = config or HeatmapConfig()
     tasks = list(tasks or default_tasks(data_dir))
     texts = task_texts(tasks, data_dir=data_dir, limit=cfg.limit, seed=cfg.seed, prompts=False)
-    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
+    lm = use_or_open(model, runtime)
     logs: dict[str, list[torch.Tensor]] = {}
     for task in tasks:
         for half, part in zip(HALVES, split_halves(texts[task], cfg.seed)):

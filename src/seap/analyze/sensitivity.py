@@ -45,7 +45,8 @@ from ..core.allocation import logistic, relative_depths, uniform
 from ..core.scores import DATA_FREE, SCORES, channel_scores, top_k
 from ..errors import ConfigError
 from ..model.fingerprints import fingerprint
-from ..model.loading import LoadedModel, open_model
+from ..model.hooks import hooked
+from ..model.loading import LoadedModel, use_or_open
 from ..model.weights import ModuleWeights
 from ..pruning.plan import Expert, Plan, pools
 from ..pruning.surgery import masked
@@ -168,12 +169,8 @@ def replay_from(model: nn.Module, adapter, start: int, cached) -> Iterator[None]
 
 @contextmanager
 def _final_hidden(model: nn.Module, store: dict) -> Iterator[None]:
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _m, args: store.__setitem__("h", args[0].detach()))
-    try:
+    with hooked([(model.get_output_embeddings(), "pre", lambda _m, args: store.__setitem__("h", args[0].detach()))]):
         yield
-    finally:
-        handle.remove()
 
 
 def _token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -256,7 +253,7 @@ def analyze_sensitivity(model: str | LoadedModel | None = None, tasks: Sequence[
     """`seap analyze sensitivity`: damage of pruning each layer alone, and the logistic fitted to it."""
     t0 = time.time()
     cfg = config or SensitivityConfig()
-    lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
+    lm = use_or_open(model, runtime)
     n_layers = len(lm.adapter.layers(lm.model))
     depth = relative_depths(n_layers, cfg.protect_first, cfg.protect_last)
     sample = list(resolve_corpus(cfg.sample, data_dir=data_dir, limit=cfg.texts, seed=cfg.seed).texts)

@@ -26,7 +26,8 @@ from ..model.checkpoint import Checkpoint
 from ..model.skeleton import SkeletonLoader, empty_model
 from ..model.weights import CheckpointWeights, LayerWeights, UnitWeights
 from . import distributed as dist
-from .engine import Engine, Outcome, StatsObserver, run_pass
+from .engine import Engine, Outcome, run_pass
+from .observers import StatsObserver
 from .resume import Resume
 from .stats import ActivationStats, ChannelStats, batches, finish_stats, position_limit
 
@@ -174,11 +175,9 @@ def engine_for(lm, corpora: dict[str, Sequence[str]], *, batch_size: int, max_le
     """The engine over a model in memory (seap.model.loading.LoadedModel) or streamed from its checkpoint
     (LazyModel), on this process's share of the corpora (`encoded`: encode_corpora's result, when the
     caller has it); and the texts of each corpus."""
-    from ..model.loading import LazyModel
-
     enc, labels, n_texts = encoded or encode_corpora(lm.tokenizer, corpora, batch_size,
                                                      position_limit(lm.model.config, max_length))
-    if isinstance(lm, LazyModel):
+    if lm.on_disk:
         skeleton = empty_model(lm.model.config, lm.dtype)
         loader = SkeletonLoader(skeleton, lm.adapter, lm.checkpoint)
         return Engine(skeleton, lm.adapter, enc, labels, device=lm.device, dtype=lm.dtype, loader=loader), n_texts

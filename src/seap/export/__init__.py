@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .._io import write_json, write_text
 from ..errors import ConfigError, DataError
-from ..model.loading import LoadedModel, open_model
+from ..model.loading import LoadedModel, is_open, use_or_open
 from ..pruning.surgery import plan_and_expert, sliced
 from .gguf import OUT_TYPES, GGUFConfig, GGUFExport, export_gguf
 from .source import ExportSource, open_source
@@ -79,10 +79,10 @@ def export_model(model: str | LoadedModel | None, out: str | Path, *, fmt: str =
 def _source(model, runtime, plan, expert, check: int) -> ExportSource:
     """What is exported: streamed from a safetensors folder where it can be, else a model in memory."""
     src = None
-    if not isinstance(model, LoadedModel) and not check:
+    if not is_open(model) and not check:
         src = open_source(model, runtime, plan, expert)
     if src is None:
-        lm = model if isinstance(model, LoadedModel) else open_model(model, runtime)
+        lm = use_or_open(model, runtime)
         if plan is not None:
             lm = sliced(lm, plan, expert)
         src = ExportSource.of(lm)
@@ -126,13 +126,12 @@ def benchmark_gguf(model: str | LoadedModel | None = None, *, compare: Sequence[
         paths[name] = export_gguf(spec, out / "gguf" / f"{_slug(name)}.{quant}.gguf", GGUFConfig(out_type=quant),
                                   progress=progress, runtime=runtime).path  # a folder streams from its shards
 
-    base = (model if isinstance(model, LoadedModel) or (model and str(model).endswith(".gguf"))
-            else open_model(model, runtime))
+    base = model if model and not is_open(model) and str(model).endswith(".gguf") else use_or_open(model, runtime)
     add("dense", base)
     for path in compare:
         add(Path(path).stem if str(path).endswith(".gguf") else Path(path).name, str(path))
     for spec in plans:
-        if not isinstance(base, LoadedModel):
+        if not is_open(base):
             raise ConfigError("--plan needs the base model as --model (a bundled name, folder or hub id), not a .gguf")
         plan, expert = plan_and_expert(spec)
         name, _ = plan.expert(expert)

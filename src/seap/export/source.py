@@ -20,7 +20,7 @@ from ..errors import ArtifactError, ModelError
 from ..model.adapters import Adapter, adapter_for_config
 from ..model.checkpoint import Checkpoint, TensorSpec
 from ..model.fingerprints import check_fingerprint
-from ..model.loading import LoadedModel, ModelSource, local_folder, open_model, resolve_model
+from ..model.loading import LoadedModel, ModelSource, is_open, local_folder, open_model, resolve_model, use_or_open
 from ..model.pruned_folder import is_pruned_folder, model_tensors, pruned_skeleton, tensor_specs
 from ..model.tokenizer import load_tokenizer
 from ..pruning.streaming import TensorStream, stream_pruned_tensors, stream_tensors
@@ -74,8 +74,8 @@ def as_source(model: str | LoadedModel | ExportSource, runtime=None) -> ExportSo
     """A LoadedModel is read from memory; a name or path streams when it is a safetensors folder."""
     if isinstance(model, ExportSource):
         return model
-    if isinstance(model, LoadedModel):
-        return ExportSource.of(model)
+    if is_open(model):
+        return ExportSource.of(use_or_open(model))
     return open_source(model, runtime) or ExportSource.of(open_model(model, runtime))
 
 

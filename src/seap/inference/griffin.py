@@ -38,6 +38,7 @@ from ..core.scores import neuron_scores, ranking, top_k
 from ..errors import ConfigError
 from ..model.adapters import Adapter
 from ..model.adapters.base import by_sequence, module_path, set_module
+from ..model.hooks import hooked
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +159,14 @@ def prefill_statistics(model: nn.Module, adapter: Adapter,
                        attention_mask: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:
     """Collect each layer's [B, d_ff] neuron scores during one forward; hooks removed on exit."""
     scores: list[torch.Tensor | None] = [None] * len(adapter.layers(model))
-    handles = []
 
     def hook(i: int):
         def fn(_m, args):
             scores[i] = neuron_scores(by_sequence(args[0], _batch(attention_mask)), attention_mask)
         return fn
 
-    try:
-        for i, layer in enumerate(adapter.layers(model)):
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook(i)))
+    with hooked((adapter.ffn_out(layer), "pre", hook(i)) for i, layer in enumerate(adapter.layers(model))):
         yield scores  # type: ignore[misc]
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _GatheredIn(nn.Module):
@@ -225,7 +220,6 @@ def classification_mode(model: nn.Module, adapter: Adapter, density: float,
                         attention_mask: torch.Tensor | None = None) -> Iterator[nn.Module]:
     """GRIFFIN's mode for log-likelihood scoring: each sequence's statistic comes from all its
     tokens but the last, and only the last token's FFN runs through the selected neurons."""
-    handles = []
 
     def hook(_m, args):
         z = args[0]
@@ -243,13 +237,8 @@ def classification_mode(model: nn.Module, adapter: Adapter, density: float,
         z3[rows, last] = z3[rows, last] * keep.to(z3.dtype)
         return (z3.reshape(shape),) + tuple(args[1:])
 
-    try:
-        for layer in adapter.layers(model):
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+    with hooked((adapter.ffn_out(layer), "pre", hook) for layer in adapter.layers(model)):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # -- generation: GRIFFIN as a selection of seap.inference.decoding.greedy -------------------------------------
@@ -319,7 +308,8 @@ def corpus_statistic(lm, texts: Sequence[str], batch_size: int = 8, max_length: 
     sums to 1): how a generic prompt of N tokens spreads its evidence over the neurons. One pass of the
     calibration engine (a model in memory or streamed from its checkpoint; summed across processes
     under torchrun)."""
-    from ..calibration.engine import Outcome, PriorObserver, run_pass
+    from ..calibration.engine import Outcome, run_pass
+    from ..calibration.observers import PriorObserver
     from ..calibration.layerwise import engine_for
 
     engine, _ = engine_for(lm, {"prior": list(texts)}, batch_size=batch_size, max_length=max_length)

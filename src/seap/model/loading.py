@@ -117,6 +117,17 @@ class LoadedModel:
     def weights(self) -> WeightSource:
         return ModuleWeights(self.model, self.adapter)
 
+    on_disk = False  # its weights are in memory (one device or a device map)
+
+    @property
+    def device(self) -> torch.device:
+        """Where its inputs go: the embeddings' device (the first device of a device map)."""
+        return self.adapter.embeddings(self.model).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.embeddings(self.model).weight.dtype
+
 
 @dataclass
 class LazyModel:
@@ -132,9 +143,37 @@ class LazyModel:
     dtype: torch.dtype
     weights: WeightSource  # fingerprint samples and weight norms read from the shards
 
+    on_disk = True  # its layers are read from the shards when a pass needs them
+
     @property
     def save_dtype(self) -> torch.dtype:
         return self.checkpoint.dtype
+
+
+OpenModel = LoadedModel | LazyModel  # the model handles: the same fields and properties, in memory or on disk
+
+
+def runtime_record(lm: OpenModel) -> dict:
+    """Where and in what a model computes, and what a pruned copy is saved as (a run's summary)."""
+    from .runtime import dtype_name
+
+    return {"device": str(lm.device), "dtype": dtype_name(lm.dtype), "saved as": dtype_name(lm.save_dtype)}
+
+
+def is_open(model: object) -> bool:
+    """Whether `model` is a model handle already (not a name or path to open)."""
+    return isinstance(model, (LoadedModel, LazyModel))
+
+
+def use_or_open(model: str | OpenModel | None, runtime=None, *, streamable: bool = False) -> OpenModel:
+    """A model handle as it is, or the name or path opened as `runtime` says (open_model); where the work
+    needs the model in memory (`streamable` false), a model left on disk is refused with what to do."""
+    if is_open(model):
+        if model.on_disk and not streamable:
+            raise ModelError(f"{model.source.model_id} is open layer by layer (left on disk) and this needs it in "
+                             "memory: pass its name or path, or a model from seap.load")
+        return model
+    return open_model(model, runtime, streamable=streamable)
 
 
 def encode_left_padded(tokenizer, prompts, device: torch.device | str | None = None, *,

@@ -25,9 +25,9 @@ from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig, RefitConfig
 from ..errors import ConfigError
 from ..model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from ..model.fingerprints import check_fingerprint, fingerprint
-from ..model.loading import LazyModel, LoadedModel, open_model
+from ..model.loading import LoadedModel, OpenModel, runtime_record, use_or_open
 from ..model.pruned_folder import save_pruned
-from ..model.runtime import Runtime, dtype_name
+from ..model.runtime import Runtime
 from ..outputs import PRUNE_PARTS, Output, locked, output_folder
 from ..tasks import check_corpus_spec, resolve_corpus
 from .plan import GENERIC, Plan, build_plan, resolve_head_unit
@@ -37,20 +37,18 @@ from .surgery import count_params, ffn_params, slice_model
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TASKS", "CalibrationData", "PruneResult", "apply", "collect", "prune"]
-Model = str | LoadedModel | LazyModel | None
+Model = str | OpenModel | None
 
 
-def open_for_pruning(model: Model, runtime: Runtime | None = None) -> LoadedModel | LazyModel:
-    if isinstance(model, (LoadedModel, LazyModel)):
-        return model
-    return open_model(model, runtime, streamable=True)
+def open_for_pruning(model: Model, runtime: Runtime | None = None) -> OpenModel:
+    return use_or_open(model, runtime, streamable=True)
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
 
 
-def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, limit, heads: bool, batch_size: int,
+def _collect(lm: OpenModel, tasks: Sequence[str], *, data_dir, limit, heads: bool, batch_size: int,
              max_length: int, out, seed: int, progress: bool) -> dict[str, ActivationStats]:
     """Statistics per task; those already in `out` for the same model are reused, the rest are
     collected in one pass (one whole-model pass per task, or one layer-by-layer pass for all)."""
@@ -67,7 +65,7 @@ def _collect(lm: LoadedModel | LazyModel, tasks: Sequence[str], *, data_dir, lim
         corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
         todo[task] = (corpus, _stats_meta(lm, fp, task, corpus, limit), path)
         result[task] = None
-    if todo and isinstance(lm, LoadedModel):
+    if todo and not lm.on_disk:
         for task, (corpus, meta, path) in todo.items():
             result[task] = collect_stats(lm.model, lm.tokenizer, lm.adapter, corpus.texts, heads=heads,
                                          batch_size=batch_size, max_length=max_length, meta=meta, progress=progress)
@@ -194,13 +192,6 @@ class _Stages:
         self._t = now
 
 
-def _runtime_record(lm: LoadedModel | LazyModel) -> dict:
-    if isinstance(lm, LazyModel):
-        return {"device": str(lm.device), "dtype": dtype_name(lm.dtype), "saved as": dtype_name(lm.save_dtype)}
-    p = next(lm.model.parameters())
-    return {"device": str(p.device), "dtype": dtype_name(p.dtype), "saved as": dtype_name(lm.save_dtype)}
-
-
 def prune(model: Model = None, config: PruneConfig | None = None, data: CalibrationData | Sequence[str] | None = None,
           out: str | Path | None = None, *, expert: str | None = None, runtime: Runtime | None = None,
           shard_size: str | int = DEFAULT_SHARD_BYTES, progress: bool = True, wait: bool = False) -> PruneResult:
@@ -243,7 +234,7 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
     tasks, data_dir, limit = data.tasks, data.data_dir, data.limit
     batch_size, max_length = data.batch_size, data.max_length
     lm = open_for_pruning(model, runtime)
-    if isinstance(lm, LazyModel) and not out:
+    if lm.on_disk and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
     if config.schedule is not None and "fingerprint" in config.schedule.source:
         check_fingerprint(config.schedule.source["fingerprint"], lm.model, lm.adapter, "fitted schedule",
@@ -315,8 +306,8 @@ def _two_pass(lm, config: PruneConfig, tasks, fp: dict, heads: bool, *, data_dir
     stages.done("plan")
     passes = 1 if config.needs_stats else 0
     if config.reconstructs:
-        reconstruct(lm, plan, config, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                    max_length=max_length, progress=progress)
+        plan = reconstruct(lm, plan, config, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                           max_length=max_length, progress=progress)
         stages.done("reconstruction")
         passes += 1
     return plan, {"passes": passes, "world_size": dist.world_size()}
@@ -336,14 +327,13 @@ def expert_corpora(plan: Plan, tasks: Sequence[str], *, data_dir=None, limit: in
     return texts, members
 
 
-def reconstruct(lm: LoadedModel | LazyModel, plan: Plan, config: PruneConfig, tasks: Sequence[str], *,
+def reconstruct(lm: OpenModel, plan: Plan, config: PruneConfig, tasks: Sequence[str], *,
                 data_dir=None, limit: int | None = None, batch_size: int = 8, max_length: int = 512,
                 progress: bool = True) -> Plan:
-    """Refit every expert of `plan` on its calibration corpus (docs/design.md §2.8), in place."""
+    """A new plan with every expert of `plan` refitted on its calibration corpus (docs/design.md §2.8)."""
     texts, members = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
-    reconstruct_plan(lm, plan, texts, RefitConfig.of(config, lm.adapter, lm.model.config), members=members,
-                     batch_size=batch_size, max_length=max_length, progress=progress)
-    return plan
+    return reconstruct_plan(lm, plan, texts, RefitConfig.of(config, lm.adapter, lm.model.config), members=members,
+                            batch_size=batch_size, max_length=max_length, progress=progress)
 
 
 @torch.no_grad()
@@ -357,12 +347,12 @@ def _as_saved(model: torch.nn.Module, save_dtype: torch.dtype) -> None:
             p.data = p.data.to(save_dtype).to(p.dtype)
 
 
-def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, folder: Path | None,
+def _materialise(lm: OpenModel, plan: Plan, expert: str | None, folder: Path | None,
                  max_shard: int, progress: bool) -> PruneResult:
     """The plan's expert as a pruned model: sliced in memory (and saved), or streamed to `folder`."""
     name, _ = plan.expert(expert)
     before, ffn_before = count_params(lm.model), ffn_params(lm.model, lm.adapter)
-    if isinstance(lm, LazyModel):
+    if lm.on_disk:
         from .streaming import write_streamed
 
         w = write_streamed(lm.checkpoint, lm.model.config, lm.tokenizer, plan, name, folder,
@@ -382,7 +372,7 @@ def _materialise(lm: LoadedModel | LazyModel, plan: Plan, expert: str | None, fo
             res.files = {"model": str(save_pruned(lm.model, lm.tokenizer, folder, dtype=lm.save_dtype,
                                                   max_shard_bytes=max_shard))}
             res.bytes_written = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    res.runtime = _runtime_record(lm)
+    res.runtime = runtime_record(lm)
     return res
 
 
@@ -397,7 +387,7 @@ def apply(model: Model, plan: str | Path | Plan, *, expert: str | None = None, o
     plan.expert(expert)
     with output_folder(out, "seap apply", None, wait=wait) as output:
         lm = open_for_pruning(model, runtime)
-        if isinstance(lm, LazyModel) and not out:
+        if lm.on_disk and not out:
             raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
         check_fingerprint(plan.meta.fingerprint, lm.model, lm.adapter, weights=lm.weights)
         output.begin()

@@ -27,7 +27,8 @@ from torch import nn
 
 from .._io import TensorList
 from ..calibration import distributed as dist
-from ..calibration.engine import GramObserver, Outcome, StatsObserver, run_pass
+from ..calibration.engine import Outcome, run_pass
+from ..calibration.observers import GramObserver, StatsObserver
 from ..calibration.estimate import model_estimate
 from ..calibration.layerwise import _finish, encode_corpora, engine_for, stats_of_record, stats_record, texts_digest
 from ..calibration.resume import Resume
@@ -103,15 +104,18 @@ def _unprefixed(rec: dict, prefix: str) -> dict:
 
 
 class _Refits:
-    """The refit of one expert, filled layer by layer from layer records (in any order, once each)."""
+    """The refitted expert made from a built one (`base`, left as it is), filled layer by layer from layer
+    records (in any order, once each): its channels (the OBS choice where it ran), refitted weights,
+    bias changes and errors. `finish` gives the new expert."""
 
-    def __init__(self, ex: Expert, n_layers: int, cfg: RefitConfig):
-        self.ex, self.cfg = ex, cfg
-        ex.ffn_out = TensorList([None] * n_layers)  # a weight may stay on disk (StoredTensor) until it is used
-        ex.ffn_bias = [None] * n_layers if cfg.centered else None
-        heads = ex.heads is not None
-        ex.attn_out = TensorList([None] * n_layers) if heads else None
-        ex.attn_bias = [None] * n_layers if heads and cfg.centered else None
+    def __init__(self, base: Expert, n_layers: int, cfg: RefitConfig):
+        self.cfg, heads = cfg, base.heads is not None
+        self.ex = Expert(
+            list(base.ffn), None if base.heads is None else list(base.heads),
+            ffn_bias=[None] * n_layers if cfg.centered else None,
+            attn_bias=[None] * n_layers if heads and cfg.centered else None, stats=dict(base.stats),
+            ffn_out=TensorList([None] * n_layers),  # a weight may stay on disk (StoredTensor) until it is used
+            attn_out=TensorList([None] * n_layers) if heads else None)
         self.errors = {k: [0.0] * n_layers for k in ("none", "bias", "refit")}
 
     def set(self, i: int, rec: dict) -> None:
@@ -127,14 +131,17 @@ class _Refits:
         for k in self.errors:
             self.errors[k][i] = float(rec[f"err/{k}"])
 
-    def finish(self, tokens: int) -> None:
+    def finish(self, tokens: int) -> Expert:
         ex, cfg = self.ex, self.cfg
         ex.stats["reconstruction"] = {
+            # "choice": how the kept channels were chosen ("obs": the OBS choice at the score's width,
+            # "score": the score's own channels)
             "mode": cfg.mode, "ridge": cfg.ridge, "centered": cfg.centered, "choice": cfg.choice, "tokens": tokens,
-            # squared FFN output error on the calibration tokens, per layer: plain cut and FLAP's bias of
-            # the score's channels, refit of the channels kept (the OBS choice with "obs")
+            # squared FFN output error on the calibration tokens, per layer, of the kept channels: their
+            # plain cut, FLAP's bias on them, and the refit
             "ffn_error": {k: [float(f"{e:.6g}") for e in v] for k, v in self.errors.items()},
         }
+        return ex
 
 
 # -- one pass -----------------------------------------------------------------------------------------------
@@ -183,25 +190,19 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
     n_heads = [None] * len(d_ff) if head_w is None else [len(h) for h in _all_heads(adapter, lm.model, head_unit)]
     dense = [ffn_w[i] == d_ff[i] and (head_w is None or head_w[i] == n_heads[i]) for i in range(len(d_ff))]
     kinds = ("ffn", "attn") if head_unit else ("ffn",)
-    settings = {"pass": "one", "model": lm.source.model_id, "fingerprint": fingerprint, "config": cfg.to_dict(), "refit": None if refit_cfg is None else vars(refit_cfg),
-                "texts": texts_digest(corpora), "batch": batch_size, "max_length": max_length,
-                "dtype": str(getattr(lm, "dtype", None)), "world_size": dist.world_size()}
-    resume = Resume(resume_dir, "prune", settings) if resume_dir is not None else None
-    if resume is not None:
+    resume = None
+    if resume_dir is not None:  # a resume must see the same run: model, settings, texts, processes
+        resume = Resume(resume_dir, "prune", {
+            "pass": "one", "model": lm.source.model_id, "fingerprint": fingerprint, "config": cfg.to_dict(),
+            "refit": None if refit_cfg is None else vars(refit_cfg), "texts": texts_digest(corpora),
+            "batch": batch_size, "max_length": max_length, "dtype": str(lm.dtype),
+            "world_size": dist.world_size()})
         resume.check()
     encoded = encode_corpora(lm.tokenizer, corpora, batch_size, position_limit(lm.model.config, max_length))
     sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
     est = _estimate(lm, encoded[0], ffn_w, dense, len(experts) if refit_cfg is not None else 0,
                     refit_cfg is not None and refit_cfg.choice == "obs", sequential, resume is not None)
-    if est.peak_bytes > est.free:
-        raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
-                          f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
-                          f"{fmt_bytes(est.free)} is free{' counting the loaded model' if est.resident else ''}: "
-                          "give fewer tokens (--limit, --max-length, --batch-size), fewer tasks (one Gram matrix "
-                          "per expert), --refit-choice score, or a device with more memory")
-    n_tok = sum(int(b["attention_mask"].sum()) for b in encoded[0])
-    dist.log_once(f"one calibration pass over {len(d_ff)} layers, {n_tok:,} calibration tokens"
-                  f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
+    _announce(est, encoded[0], len(d_ff))
     engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length, encoded=encoded)
 
     def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
@@ -235,11 +236,8 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
         observers.append(GramObserver(members, kinds))
     res = run_pass(engine, observers, decide, resume=resume, skip_gram=lambda i: dense[i],
                    desc="calibration (statistics, choice, refit)", progress=progress, sequential=sequential)
-    per_layer, summaries = [], []
-    for i in range(engine.n_layers):
-        s, w = stats_of_record(res.record(i), tasks)
-        per_layer.append(s)
-        summaries.append(w)
+    per_layer, summaries = zip(*(stats_of_record(res.record(i), tasks) for i in range(engine.n_layers)))
+    per_layer, summaries = list(per_layer), list(summaries)
     stats = _finish(per_layer, corpora, n_texts, bool(head_unit), metas, max_length, "one-pass")
     weights = lm.weights
     if hasattr(weights, "summaries"):
@@ -250,32 +248,50 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
         if plan.experts[name].widths() != list(ffn_w):  # the allocation's widths must not depend on the scores
             raise RuntimeError(f"one-pass widths differ from the plan's for expert {name}")
     if refit_cfg is not None:
-        tokens = {name: sum(engine.tokens_by_label.get(c, 0) for c in members[name]) for name in experts}
-        tokens = {name: sum(dist.gather_ints(n)) for name, n in tokens.items()}
-        for j, name in enumerate(experts):
-            ex = plan.experts[name]
-            job = _Refits(ex, engine.n_layers, refit_cfg)
-            for i in range(engine.n_layers):
-                rec = _unprefixed(res.record(i), f"x/{j}/")
-                for k in ("ffn/weight", "attn/weight"):  # the bulk: read again when the layer is sliced
-                    if k in rec:
-                        rec[k] = res.stored(i, f"x/{j}/{k}")
-                job.set(i, rec)
-                if ex.heads is not None and not torch.equal(rec["heads"], ex.heads[i]):
-                    raise RuntimeError(f"one-pass heads differ from the plan's in layer {i}")
-            job.finish(tokens[name])
+        plan = Plan(plan.meta, {**plan.experts, **_refitted(plan, res, engine, members, refit_cfg)})
     if resume is not None:
         dist.barrier()  # every process has read the records; rank 0 removes them in release()
     return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all, resume)
 
 
+def _announce(est, batches: list[dict], n_layers: int) -> None:
+    """The pass's estimate said before it starts, or the refusal of a pass that would not fit."""
+    if est.peak_bytes > est.free:
+        raise ConfigError(f"this prune needs about {fmt_bytes(est.peak_bytes)} at its peak "
+                          f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in est.peak.items() if v)}) and "
+                          f"{fmt_bytes(est.free)} is free{' counting the loaded model' if est.resident else ''}: "
+                          "give fewer tokens (--limit, --max-length, --batch-size), fewer tasks (one Gram matrix "
+                          "per expert), --refit-choice score, or a device with more memory")
+    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+    dist.log_once(f"one calibration pass over {n_layers} layers, {n_tok:,} calibration tokens"
+                  f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
+
+
+def _refitted(plan: Plan, res, engine, members: dict[str, tuple[str, ...]], refit_cfg: RefitConfig) -> dict[str, Expert]:
+    """Each expert refitted from the pass's records (expert j's under the prefix x/j/), its weights left
+    in the checkpoint until the layer is sliced."""
+    out = {}
+    tokens = {name: sum(engine.tokens_by_label.get(c, 0) for c in members[name]) for name in members}
+    tokens = {name: sum(dist.gather_ints(n)) for name, n in tokens.items()}
+    for j, name in enumerate(members):
+        ex = plan.experts[name]
+        job = _Refits(ex, engine.n_layers, refit_cfg)
+        for i in range(engine.n_layers):
+            rec = _unprefixed(res.record(i), f"x/{j}/")
+            for k in ("ffn/weight", "attn/weight"):  # the bulk: read again when the layer is sliced
+                if k in rec:
+                    rec[k] = res.stored(i, f"x/{j}/{k}")
+            job.set(i, rec)
+            if ex.heads is not None and not torch.equal(rec["heads"], ex.heads[i]):
+                raise RuntimeError(f"one-pass heads differ from the plan's in layer {i}")
+        out[name] = job.finish(tokens[name])
+    return out
+
+
 def _estimate(lm, enc: list[dict], ffn_w: list[int], dense: list[bool], groups: int, obs: bool, sequential: bool,
               checkpointed: bool):
-    emb = lm.adapter.embeddings(lm.model).weight
-    streamed = hasattr(lm, "checkpoint")
     return model_estimate(lm.adapter, lm.model, enc, ffn_w, dense, groups=groups, obs=obs, sequential=sequential,
-                          streamed=streamed, dtype=lm.dtype if streamed else emb.dtype,
-                          device=lm.device if streamed else emb.device, store_dtype=lm.save_dtype,
+                          streamed=lm.on_disk, dtype=lm.dtype, device=lm.device, store_dtype=lm.save_dtype,
                           checkpointed=checkpointed)
 
 
@@ -290,21 +306,22 @@ def _all_heads(adapter: Adapter, model: nn.Module, head_unit: str) -> list[range
 def _layer_expert(i: int, n_layers: int, rec: dict, prefix: str, cfg: RefitConfig) -> Expert:
     """An expert that holds only layer i's results (for the sequential pass's pruned re-run)."""
     r = _unprefixed(rec, prefix)
-    ex = Expert([None] * n_layers, [None] * n_layers if "heads" in r else None)
-    ex.ffn[i] = r["ffn/kept"]
+    job = _Refits(Expert([None] * n_layers, [None] * n_layers if "heads" in r else None), n_layers, cfg)
+    job.ex.ffn[i] = r["ffn/kept"]
     if "heads" in r:
-        ex.heads[i] = r["heads"]
-    _Refits(ex, n_layers, cfg).set(i, r)
-    return ex
+        job.ex.heads[i] = r["heads"]
+    job.set(i, r)
+    return job.ex
 
 
 # -- two passes: the refit of a built plan --------------------------------------------------------------
 @torch.no_grad()
 def reconstruct_plan(lm, plan: Plan, corpora: dict[str, Sequence[str]], cfg: RefitConfig, *,
                      members: dict[str, Sequence[str]] | None = None, batch_size: int = 8, max_length: int = 512,
-                     progress: bool = True) -> None:
-    """Refit the output linears of the plan's experts on the texts their channels were chosen from, one
-    decoder layer at a time, for a model streamed from its checkpoint as for one in memory.
+                     progress: bool = True) -> Plan:
+    """A new plan whose experts of `members` are refitted (output linears, and the OBS choice of their
+    channels where it runs) on the texts their channels were chosen from, one decoder layer at a time,
+    for a model streamed from its checkpoint as for one in memory; `plan` itself is left as it was.
 
     `corpora`: name -> texts; `members`: expert -> the corpora it was calibrated on (default: each
     corpus is the expert of that name). In the refit mode the experts share one pass when their Gram
@@ -314,26 +331,29 @@ def reconstruct_plan(lm, plan: Plan, corpora: dict[str, Sequence[str]], cfg: Ref
     missing = sorted({c for cs in members.values() for c in cs} - set(corpora))
     if missing:
         raise ConfigError(f"no calibration texts for corpora {', '.join(missing)}")
-    device = getattr(lm, "device", None) or lm.adapter.embeddings(lm.model).weight.device
+    device = lm.device
     widths = [lm.adapter.d_ff(layer) for layer in lm.adapter.layers(lm.model)]
     gram_bytes = len(members) * max(widths) ** 2 * 8 * (2 if plan.head_unit else 1)
     if cfg.mode == "refit" and len(members) > 1 and gram_bytes <= available_memory(device) // 4:
         groups = [dict(members)]
     else:
         groups = [{name: cs} for name, cs in members.items()]
+    refitted: dict[str, Expert] = {}
     for group in groups:
-        refit_experts(lm, plan, {c: corpora[c] for cs in group.values() for c in cs}, group, cfg,
-                      batch_size=batch_size, max_length=max_length, progress=progress)
-    for name in members:
-        rec = plan.expert(name)[1].stats["reconstruction"]
+        refitted.update(refit_experts(lm, plan, {c: corpora[c] for cs in group.values() for c in cs}, group, cfg,
+                                      batch_size=batch_size, max_length=max_length, progress=progress))
+    for name, ex in refitted.items():
+        rec = ex.stats["reconstruction"]
         e = rec["ffn_error"]
         log.info("reconstructed expert %s on %d tokens: FFN output error %.3f of the plain cut (FLAP's bias: %.3f)",
                  name, rec["tokens"], sum(e["refit"]) / (sum(e["none"]) or 1), sum(e["bias"]) / (sum(e["none"]) or 1))
+    return Plan(plan.meta, {**plan.experts, **refitted})
 
 
 def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: dict[str, Sequence[str]],
-                  cfg: RefitConfig, *, batch_size: int, max_length: int, progress: bool) -> None:
-    """One pass over `corpora` that refits the experts of `members` (one expert in the sequential mode)."""
+                  cfg: RefitConfig, *, batch_size: int, max_length: int, progress: bool) -> dict[str, Expert]:
+    """One pass over `corpora` that refits the experts of `members` (one expert in the sequential mode):
+    the new experts, by name."""
     if cfg.mode == "sequential" and len(members) > 1:
         raise ConfigError("the sequential mode refits one expert per pass (each sees its own pruned stream)")
     engine, _ = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length)
@@ -351,13 +371,14 @@ def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: di
             rec.update(_prefixed(r, f"x/{n}/"))
         if cfg.mode != "sequential":
             return Outcome(rec)
-        return Outcome(rec, lambda lay: layer_masked(lay, lm.adapter, plan.experts[names[0]], i, plan.head_unit))
+        # the next layer sees this one pruned and refitted: the new expert, which holds layer i by now
+        return Outcome(rec, lambda lay: layer_masked(lay, lm.adapter, jobs[names[0]].ex, i, plan.head_unit))
 
     desc = "reconstruction" if len(names) > 1 else f"reconstruction ({names[0]})"
     run_pass(engine, [GramObserver(members, kinds)], decide, desc=desc, progress=progress,
              sequential=cfg.mode == "sequential")
-    for n in names:
-        jobs[n].finish(sum(dist.gather_ints(sum(engine.tokens_by_label.get(c, 0) for c in members[n]))))
+    return {n: jobs[n].finish(sum(dist.gather_ints(sum(engine.tokens_by_label.get(c, 0) for c in members[n]))))
+            for n in names}
 
 
 def error_summary(ex) -> dict | None:

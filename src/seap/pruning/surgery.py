@@ -19,6 +19,7 @@ from torch import nn
 from ..model.adapters import Adapter
 from ..model.adapters.base import zero_bias
 from ..model.fingerprints import check_fingerprint
+from ..model.hooks import Hook, hooked
 from ..model.pruned_folder import SEAP_CONFIG_KEY
 from .plan import Expert, Plan
 
@@ -164,9 +165,9 @@ def slice_model(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | No
     return model
 
 
-def _mask_hooks(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> list:
+def _mask_hooks(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> list[Hook]:
     """Hooks that make decoder layer i of a dense model compute what expert `ex` computes."""
-    handles = []
+    hooks: list[Hook] = []
 
     def zero_inputs(keep: torch.Tensor, n: int):
         mask = torch.zeros(n, dtype=torch.bool)
@@ -194,25 +195,18 @@ def _mask_hooks(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_uni
         q_idx, _, _, _ = head_index_sets(adapter, layer, ex.heads[i], head_unit)
         units.append((adapter.attn_out(layer), q_idx, ex.attn_out, ex.attn_bias))
     for lin, keep, refit, bias in units:
-        if refit is not None:
-            handles.append(lin.register_forward_hook(refitted(keep, refit[i])))
-        else:
-            handles.append(lin.register_forward_pre_hook(zero_inputs(keep, lin.in_features)))
+        hooks.append((lin, "post", refitted(keep, refit[i])) if refit is not None
+                     else (lin, "pre", zero_inputs(keep, lin.in_features)))
         if bias is not None:
-            handles.append(lin.register_forward_hook(add_output(bias[i])))
-    return handles
+            hooks.append((lin, "post", add_output(bias[i])))
+    return hooks
 
 
 @contextmanager
 def layer_masked(layer: nn.Module, adapter: Adapter, ex: Expert, i: int, head_unit: str | None) -> Iterator[nn.Module]:
     """Decoder layer i computing expert `ex` by hooks (no weight changes); removed on exit."""
-    handles = []
-    try:
-        handles = _mask_hooks(layer, adapter, ex, i, head_unit)
+    with hooked(_mask_hooks(layer, adapter, ex, i, head_unit)):
         yield layer
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -220,14 +214,8 @@ def masked(model: nn.Module, adapter: Adapter, plan: Plan, expert: str | None = 
     """The plan as zero masks (and refitted outputs) on the dense model, for comparison; hooks
     removed on exit."""
     _, ex = plan.expert(expert)
-    handles = []
-    try:
-        for i, layer in enumerate(adapter.layers(model)):
-            handles += _mask_hooks(layer, adapter, ex, i, plan.head_unit)
+    with hooked(h for i, layer in enumerate(adapter.layers(model)) for h in _mask_hooks(layer, adapter, ex, i, plan.head_unit)):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def unique_tensors(tensors: Iterable[torch.Tensor | None], seen: set[int] | None = None) -> Iterator[torch.Tensor]:
