@@ -161,7 +161,6 @@ def reconstruct_row(lm, plan, cfg, protocol: str):
     """Refit the experts a row evaluates, each on the calibration text its channels came from; a
     task-expert plan as `seap prune` refits it (each task expert on its task, the generic expert, which
     scores perplexity, on all the text)."""
-    from seap.config import RefitConfig
     from seap.pruning.plan import GENERIC
     from seap.pruning.prune import expert_corpora
     from seap.pruning.refit_pass import error_summary, reconstruct_plan
@@ -174,7 +173,7 @@ def reconstruct_row(lm, plan, cfg, protocol: str):
         pooled = [x for v in texts.values() for x in v]
         texts, members = {GENERIC if protocol == "generic" else "all": pooled}, None
     t0 = time.time()
-    plan = reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config), members=members,
+    plan = reconstruct_plan(lm, plan, texts, cfg.refit.resolved(lm.adapter, lm.model.config), members=members,
                             batch_size=8, max_length=512, progress=False)
     plan.meta.extra["reconstruction"] = {"seconds": round(time.time() - t0, 1),
                                    "errors": {n: error_summary(plan.experts[n]) for n in members or texts}}

@@ -21,6 +21,12 @@ ROWS = ("SEAP (task experts)", "SEAP uniform (task experts)", "SEAP fitted (task
 RATIO = 0.5
 
 
+def _schedule(plan) -> dict | None:
+    """The measured schedule a plan was built with, as recorded."""
+    sch = plan.meta.prune_config.allocation.schedule
+    return None if sch is None else sch.to_dict()
+
+
 def schedules(models: list[str], limits: dict[str, int]) -> None:
     from seap.evaluation.runner import evaluate_plan
     from seap.model.loading import load_model
@@ -43,7 +49,7 @@ def schedules(models: list[str], limits: dict[str, int]) -> None:
             data = rep.to_dict()
             data.update(row=row, ratio=RATIO, model=model_name, seconds=round(time.time() - t0, 1),
                         eval_config=cfg.to_dict(), widths=plan.experts[plan.meta.tasks[0]].widths(),
-                        schedule=plan.meta.config.get("schedule"))
+                        schedule=_schedule(plan))
             write(path, data)
             log.info("%s %s: average %.4f in %.0fs", model_name, row, rep.average[0], time.time() - t0)
             gc.collect()

@@ -14,7 +14,7 @@ from seap.analyze.clusters import pooled_hidden_states, silhouette, standardize
 from seap.analyze.heatmap import (layer_correlations, log_profile, magnitude_profile, similarity_matrix,
                                   split_halves, within_between)
 from seap.analyze.plans import chance_jaccard, jaccard, layer_jaccard
-from seap.analyze.sensitivity import (_dense, _run, layer_damage, quadratic_sensitivity, replay_from, tolerance)
+from seap.analyze.sensitivity import (dense_reference, final_hidden_nll, layer_damage, quadratic_sensitivity, replay_from, tolerance)
 from seap.calibration.layerwise import collect_stats
 from seap.cli import main
 from seap.core.allocation import Pool, Schedule, achieved_ratio
@@ -55,11 +55,11 @@ def test_quadratic_sensitivity_and_equal_damage_tolerance():
 # -- sensitivity: the measurement -------------------------------------------------------------------------
 def test_replaying_cached_layers_is_exact(family):
     lm = make_loaded(family)
-    dense = _dense(lm, SAMPLE, SensitivityConfig(max_length=32))
+    dense = dense_reference(lm, SAMPLE, SensitivityConfig(max_length=32))
     for layer in range(len(lm.adapter.layers(lm.model))):
         for b in dense:
             with replay_from(lm.model, lm.adapter, layer, b.outs[layer - 1] if layer else None):
-                h, nll = _run(lm.model, b, {})
+                h, nll = final_hidden_nll(lm.model, b, {})
             assert torch.equal(h, b.h) and torch.equal(nll, b.nll)
     assert all("forward" not in vars(layer) for layer in lm.adapter.layers(lm.model))  # patches removed
 
@@ -68,7 +68,7 @@ def test_layer_whose_ffn_does_nothing_has_zero_sensitivity():
     lm = make_loaded("llama")
     with torch.no_grad():
         lm.adapter.ffn_out(lm.adapter.layers(lm.model)[2]).weight.zero_()
-    dense = _dense(lm, SAMPLE, SensitivityConfig(max_length=32))
+    dense = dense_reference(lm, SAMPLE, SensitivityConfig(max_length=32))
     keep = torch.arange(0, 64, 2)  # half of the 64 channels
     assert layer_damage(lm, dense, 2, keep) == (0.0, 0.0)
     cos_d, nll_d = layer_damage(lm, dense, 3, keep)
@@ -100,21 +100,22 @@ def test_sensitivity_writes_a_schedule_that_prunes_at_the_ratio(tiny_fit):
     assert len(res.data["damage"]["cosine"]) == 6 and res.data["fits"]["cosine"]["layers"] == [1, 2, 3, 4]
     sched = load_schedule(out)
     assert (sched.k, sched.x0) == (res.data["schedule"]["k"], res.data["schedule"]["x0"])
-    cfg = PruneConfig(ratio=0.3, schedule=sched)
-    assert cfg.allocation == "logistic" and (cfg.first, cfg.last) == (1, 1) and (cfg.k, cfg.x0) == (sched.k, sched.x0)
+    cfg = PruneConfig(ratio=0.3).with_(schedule=sched)
+    a = cfg.allocation
+    assert a.name == "logistic" and (a.first, a.last) == (1, 1) and (a.k, a.x0) == (sched.k, sched.x0)
     stats = {"t": collect_stats(lm.model, lm.tokenizer, lm.adapter, TEXTS, progress=False)}
     plan = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None,
                       fingerprint=fingerprint(lm.model, lm.adapter))
     ex = plan.experts["t"]
     assert ex.stats["achieved_ratio"] == pytest.approx(0.3, abs=96 / 2 / ex.stats["prunable_params"])
     assert ex.widths()[0] == ex.widths()[-1] == 64  # the layers left out of the fit stay dense
-    assert plan.meta.config["schedule"]["k"] == sched.k and plan.meta.config["k"] == sched.k
-    assert PruneConfig(**plan.meta.config).schedule == sched  # the record reads back as the same value
+    assert plan.meta.config["allocation"]["schedule"]["k"] == sched.k and plan.meta.config["allocation"]["k"] == sched.k
+    assert PruneConfig.from_dict(plan.meta.config).allocation.schedule == sched  # the record reads back as the same value
 
 
 @pytest.mark.parametrize("k,x0", [(8.0, 0.2), (-5.0, 0.9), (0.0, 0.5), (20.0, 1.5), (-20.0, -0.5)])
 def test_logistic_fitted_allocation_meets_the_ratio(k, x0):
-    cfg = PruneConfig(ratio=0.5, schedule=Schedule(k, x0, 2, 1, {"arch_hash": "x"}))
+    cfg = PruneConfig(ratio=0.5).with_(schedule=Schedule(k, x0, 2, 1, {"arch_hash": "x"}))
     pool = Pool((1536,) * 30, (1728,) * 30)
     kept, _ = allocate(cfg, pool, None, [], None)
     assert achieved_ratio(pool, kept) == pytest.approx(0.5, abs=1 / 1536 / 30)
@@ -126,7 +127,7 @@ def test_logistic_fitted_allocation_meets_the_ratio(k, x0):
 def test_fitted_schedule_refused_on_another_model(tiny_fit):
     lm, out, _ = tiny_fit
     sched = load_schedule(out / "sensitivity.json")
-    cfg = PruneConfig(schedule=sched, score="magnitude")
+    cfg = PruneConfig().with_(schedule=sched, score="magnitude")
     with pytest.raises(ArtifactError, match="another model"):
         prune(make_loaded("llama", num_hidden_layers=4), cfg, progress=False)
     other = make_loaded("llama")
@@ -143,15 +144,15 @@ def test_fitted_schedule_refused_on_another_model(tiny_fit):
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="with a measured `schedule`"):
-        PruneConfig(allocation="logistic-fitted")
+        PruneConfig().with_(allocation="logistic-fitted")
     fitted = Schedule(2.0, 0.5, 2, 2)
     with pytest.raises(ConfigError, match="`k` and `x0` come from the `schedule`"):
-        PruneConfig(schedule=fitted, k=3.0)
+        PruneConfig().with_(schedule=fitted, k=3.0)
     with pytest.raises(ConfigError, match="fitted with protect first = 2"):
-        PruneConfig(schedule=fitted, protect_first=0)
+        PruneConfig().with_(schedule=fitted, protect_first=0)
     with pytest.raises(ConfigError, match="not 'uniform'"):
-        PruneConfig(allocation="uniform", schedule=fitted)
-    assert PruneConfig(schedule=fitted, k=2.0, x0=0.5, protect_first=2).k == 2.0  # agreeing values are fine
+        PruneConfig().with_(allocation="uniform", schedule=fitted)
+    assert PruneConfig().with_(schedule=fitted, k=2.0, x0=0.5, protect_first=2).allocation.k == 2.0  # agreeing values are fine
     for bad in (dict(ratios=()), dict(ratios=(0.5, 1.5)), dict(metric="kl"), dict(texts=0), dict(max_length=1)):
         with pytest.raises(ConfigError):
             SensitivityConfig(**bad)
@@ -340,7 +341,8 @@ def test_cli_end_to_end_on_a_tiny_folder(tmp_path, capsys):
     assert main(["prune", "--model", str(folder), "--task", "default:science_qa", "--ratio", "0.3",
                  "--schedule", str(an / "sensitivity.json"), "--out", str(out)]) == 0
     meta = json.loads((out / "plan" / "plan.json").read_text())
-    assert meta["config"]["allocation"] == "logistic" and meta["config"]["schedule"]["source"]["metric"] == "ppl"
+    alloc = meta["config"]["allocation"]
+    assert alloc["name"] == "logistic" and alloc["schedule"]["source"]["metric"] == "ppl"
     assert json.loads((out / "summary.json").read_text())["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
     assert main(["analyze", "plan", "--plan", str(out / "plan"), "--out", str(an)]) == 0
     assert main(["analyze", "clusters", "--model", str(folder), "--task", "default:science_qa", "--task",

@@ -9,7 +9,7 @@ from conftest import FAMILIES, make_loaded, tiny_folder
 from seap import PruneConfig
 from seap.cli import main
 from seap.errors import ConfigError
-from seap.evaluation.bench import (BenchConfig, _batch, bench_models, decode_step_bytes, decode_weight_bytes,
+from seap.evaluation.bench import (BenchConfig, repeat_batch, bench_models, decode_step_bytes, decode_weight_bytes,
                         kv_bytes_per_position, speed_markdown, speed_table, text_prompts)
 from seap.inference.decoding import greedy
 from seap.model.fingerprints import fingerprint
@@ -108,7 +108,7 @@ def test_text_prompts_take_the_first_tokens_of_long_enough_texts(tmp_path, capsy
     pool = text_prompts(lm.tokenizer, texts, 8)
     assert pool.tolist() == [lm.tokenizer("abcdefgh")["input_ids"], lm.tokenizer("01234567")["input_ids"]]
     # repeats walk through the pool, wrapping around
-    assert _batch(pool, 3, 1, "cpu").tolist() == [pool[1].tolist(), pool[0].tolist(), pool[1].tolist()]
+    assert repeat_batch(pool, 3, 1, "cpu").tolist() == [pool[1].tolist(), pool[0].tolist(), pool[1].tolist()]
     with pytest.raises(ConfigError, match="reaches 20 tokens"):
         text_prompts(lm.tokenizer, texts, 20)
     prompts = tmp_path / "p.txt"

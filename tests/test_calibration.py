@@ -75,7 +75,7 @@ def test_streamed_engine_equals_the_whole_model_engine(tmp_path, family):
 def test_one_pass_plan_equals_the_two_pass_plan_where_widths_are_fixed(family, choice):
     lm = make_loaded(family)
     cfg = PruneConfig.from_method("seap", ratio=0.5, protect_first=1, protect_last=1, refit_choice=choice)
-    refit_cfg = RefitConfig.of(cfg, lm.adapter, lm.model.config)
+    refit_cfg = cfg.refit.resolved(lm.adapter, lm.model.config)
     fp = fingerprint(lm.model, lm.adapter)
     head_unit = resolve_head_unit(cfg, lm.adapter, lm.model)
     stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=head_unit is not None, batch_size=3,

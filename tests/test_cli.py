@@ -41,7 +41,7 @@ def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
     from seap.errors import ConfigError
 
     with pytest.raises(ConfigError, match="`refit_choice` obs needs `reconstruct` refit or sequential"):
-        PruneConfig(refit_choice="obs")
+        PruneConfig().with_(refit_choice="obs")
     with pytest.raises(ConfigError, match="`batch_size` must be >= 1"):
         CalibrationData(batch_size=0)
     from seap import EvalConfig, RouterConfig
@@ -66,3 +66,35 @@ def test_config_errors_name_fields_and_the_cli_shows_flags(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("seap: error: ") and want in err and "`" not in err, err
+
+
+def test_prune_config_is_composed_and_reads_flat_records():
+    """The presets are PruneConfig values of validated parts; flat keywords route to their part; a plan's
+    record reads back as the same config, and so does the flat record of plans written before."""
+    from dataclasses import replace
+
+    from seap import AllocationConfig, PruneConfig, RefitConfig, ScoreConfig
+    from seap.errors import ConfigError
+
+    assert all(isinstance(p, PruneConfig) and p.method == name for name, p in PRESETS.items())
+    cfg = PruneConfig.from_method("flap", ratio=0.3, ridge=0.1, reconstruct="refit", protect_first=1)
+    assert cfg.score == ScoreConfig("wifv", bias_compensation=True)
+    assert cfg.allocation == AllocationConfig("adaptive", protect_first=1)
+    assert cfg.refit == RefitConfig("refit", ridge=0.1)
+    assert PruneConfig.from_dict(cfg.to_dict()) == cfg
+    flat = {"ratio": 0.3, "method": "flap", "score": "wifv", "allocation": "adaptive", "heads": "auto",
+            "bias_compensation": True, "protect_first": 1, "protect_last": None, "k": 1.2, "x0": 0.3,
+            "rho_max": 0.9, "robust": False, "multiple": None, "seed": 0, "generic": False, "lm_weight": 3.0,
+            "task_weight": 2.0, "schedule": None, "reconstruct": "refit", "ridge": 0.1, "refit_bias": None,
+            "refit_choice": "score"}
+    assert PruneConfig.from_dict(flat) == cfg  # a plan.json written before the configs were composed
+    # each part validates its own fields, once: the ridge only in RefitConfig
+    with pytest.raises(ConfigError, match="`ridge` must be >= 0"):
+        replace(cfg.refit, ridge=-1)
+    with pytest.raises(ConfigError, match="`ridge` must be >= 0"):
+        cfg.with_(ridge=-1)
+    with pytest.raises(ConfigError, match="unknown pruning setting 'ridg'"):
+        cfg.with_(ridg=0.1)
+    with pytest.raises(ConfigError, match="must be a ScoreConfig"):
+        PruneConfig(score="wifn")
+    assert cfg.with_(score=ScoreConfig("magnitude")).score.name == "magnitude"

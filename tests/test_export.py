@@ -30,7 +30,7 @@ def pruned(tmp_path, family="llama", method="seap", ratio=0.5, **kw):
     lm = load_model(str(tiny_folder(tmp_path, family, merges=True, **model_kw)))
     protect = kw.pop("protect", 0 if method in ("wanda-sp", "magnitude") else 1)  # uniform: one width everywhere
     cfg = PruneConfig.from_method(method, ratio=ratio, protect_first=protect, protect_last=protect, **kw)
-    plan, _ = plan_for(lm, cfg, heads=family == "opt" or cfg.heads == "kv_groups")
+    plan, _ = plan_for(lm, cfg, heads=family == "opt" or cfg.score.heads == "kv_groups")
     slice_model(lm.model, lm.adapter, plan)
     return lm
 

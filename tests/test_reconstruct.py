@@ -9,7 +9,7 @@ from conftest import TEXTS, make_loaded, plan_for, tiny_folder
 
 from seap import Plan, Runtime, prune
 from seap.calibration.gram import GramAccumulator
-from seap.config import PruneConfig, RefitConfig
+from seap.config import PruneConfig
 from seap.core.reconstruct import obs_select, output_error, refit
 from seap.errors import ConfigError
 from seap.model.checkpoint import Checkpoint
@@ -149,7 +149,7 @@ def _reconstructed(family, mode="refit", method="seap", **kw):
     lm = make_loaded(family)
     cfg = PruneConfig.from_method(method, ratio=0.5, protect_first=0, protect_last=0, reconstruct=mode, **kw)
     plan, _ = plan_for(lm, cfg)
-    plan = reconstruct_plan(lm, plan, {"t": TEXTS}, RefitConfig.of(cfg, lm.adapter, lm.model.config), batch_size=4,
+    plan = reconstruct_plan(lm, plan, {"t": TEXTS}, cfg.refit.resolved(lm.adapter, lm.model.config), batch_size=4,
                             progress=False)
     return lm, plan
 
@@ -226,7 +226,7 @@ def test_experts_share_one_pass_with_the_same_result_as_one_pass_each(family, ch
         calls = []
         monkeypatch.setattr(rec, "available_memory", lambda d: (1 << 40) if shared else 0, raising=False)
         monkeypatch.setattr(rec, "refit_experts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-        plan = rec.reconstruct_plan(lm, plan, texts, RefitConfig.of(cfg, lm.adapter, lm.model.config),
+        plan = rec.reconstruct_plan(lm, plan, texts, cfg.refit.resolved(lm.adapter, lm.model.config),
                                     members=members, batch_size=3, progress=False)
         assert len(calls) == (1 if shared else 3)
         plans.append(plan)
@@ -277,31 +277,31 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     plan = json.loads((tmp_path / "layerwise" / "plan" / "plan.json").read_text())
-    assert plan["config"]["reconstruct"] == "sequential"
+    assert plan["config"]["refit"]["mode"] == "sequential"
 
 
 def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
     for method in ("seap", "seap-gen"):
         cfg = PruneConfig.from_method(method)
-        assert (cfg.reconstruct, cfg.refit_choice) == ("refit", "obs")
+        assert (cfg.refit.mode, cfg.refit.choice) == ("refit", "obs")
         # turning reconstruction off drops the preset's channel choice with it (no error)
-        assert PruneConfig.from_method(method, reconstruct="none").refit_choice == "score"
+        assert PruneConfig.from_method(method, reconstruct="none").refit.choice == "score"
     for method in ("seap-paper", "seap-gen-paper", "flap", "wanda-sp"):
-        assert PruneConfig.from_method(method).reconstruct == "none"
+        assert PruneConfig.from_method(method).refit.mode == "none"
     paper = PruneConfig.from_method("seap-paper")
-    assert (paper.score, paper.allocation, paper.generic) == ("wifn", "logistic", False)
+    assert (paper.score.name, paper.allocation.name, paper.generic) == ("wifn", "logistic", False)
     assert PruneConfig.from_method("seap-gen-paper").generic
 
 
 def test_bad_reconstruction_settings_are_config_errors():
     with pytest.raises(ConfigError, match="unknown `reconstruct` mode 'ols'"):
-        PruneConfig(reconstruct="ols")
+        PruneConfig().with_(reconstruct="ols")
     with pytest.raises(ConfigError, match="ridge"):
-        PruneConfig(reconstruct="refit", ridge=-1)
+        PruneConfig().with_(reconstruct="refit", ridge=-1)
     with pytest.raises(ConfigError, match="needs `reconstruct`"):
-        PruneConfig(refit_choice="obs")
+        PruneConfig().with_(refit_choice="obs")
     with pytest.raises(ConfigError, match="unknown `refit_choice` 'best'"):
-        PruneConfig(reconstruct="refit", refit_choice="best")
+        PruneConfig().with_(reconstruct="refit", refit_choice="best")
 
 
 def test_the_refitted_bias_goes_where_the_architecture_has_one(family):

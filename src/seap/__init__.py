@@ -22,7 +22,8 @@ _API = {
     "prune": "pruning.prune", "collect": "pruning.prune", "apply": "pruning.prune", "PruneResult": "pruning.prune",
     "load": "api", "evaluate": "api", "info": "api", "generate": "api", "benchmark": "api",
     "fit_router": "api", "evaluate_router": "api", "explain": "api", "export": "api",
-    "PruneConfig": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner",
+    "PruneConfig": "config", "ScoreConfig": "config", "AllocationConfig": "config", "RefitConfig": "config",
+    "GenericWeights": "config", "CalibrationData": "config", "EvalConfig": "evaluation.runner",
     "Runtime": "model.runtime", "GriffinConfig": "inference.griffin", "RouterConfig": "inference.router",
     "Plan": "pruning.plan", "LoadedModel": "model.loading", "SeapError": "errors",
 }

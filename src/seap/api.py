@@ -74,7 +74,7 @@ def _describe(path: Path) -> dict:
         arch = plan.meta.fingerprint["arch"]
         return {
             "kind": "plan", "base_model": plan.meta.base_model, "method": plan.meta.method,
-            "score": plan.meta.config["score"], "allocation": plan.meta.config["allocation"],
+            "score": plan.meta.prune_config.score.name, "allocation": plan.meta.prune_config.allocation.name,
             "target_ratio": plan.meta.target_ratio, "head_unit": plan.head_unit,
             "dense_ffn_widths": arch["d_ff"], "default_expert": plan.meta.default_expert,
             "experts": {n: _expert_info(e) for n, e in plan.experts.items()},

@@ -51,7 +51,12 @@ def _load(plans: Sequence[str | Path | Plan]) -> list[tuple[str, Plan]]:
 
 def _label(plan: Plan) -> str:
     """A short plan name: its allocation and ratio."""
-    return f"{plan.meta.config.get('allocation', '?')}@{plan.meta.target_ratio:g}"
+    return f"{plan.meta.prune_config.allocation.name}@{plan.meta.target_ratio:g}"
+
+
+def _schedule_record(plan: Plan) -> dict | None:
+    sch = plan.meta.prune_config.allocation.schedule
+    return sch.to_dict() if sch is not None else plan.meta.config.get("fitted")
 
 
 def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] | None = None,
@@ -92,10 +97,10 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     chance = {f"{a} vs {b}": sum(chance_jaccard(dense[l], len(chosen[a][l]), len(chosen[b][l])) for l in pruned(a, b))
               / len(pruned(a, b)) for a, b in combinations(names, 2)}
     plan_info = [{"folder": path, "label": label, "method": p.meta.method, "target_ratio": p.meta.target_ratio,
-                  "allocation": p.meta.config.get("allocation"),
-                  "k": p.meta.config.get("k"), "x0": p.meta.config.get("x0"),
+                  "allocation": p.meta.prune_config.allocation.name,
+                  "k": p.meta.prune_config.allocation.k, "x0": p.meta.prune_config.allocation.x0,
                   # plans made before the schedule was a value recorded it as "fitted"
-                  "schedule": p.meta.config.get("schedule", p.meta.config.get("fitted"))}
+                  "schedule": _schedule_record(p)}
                  for label, (path, p) in zip(labels, loaded)]
     data = {"base_model": loaded[0][1].meta.base_model, "plans": plan_info, "dense_widths": dense,
             "widths": widths, "kept_fraction": kept, "jaccard": {"names": names, "mean": mean, "by_layer": per_layer,

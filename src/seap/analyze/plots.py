@@ -105,19 +105,26 @@ def activation_heatmaps(profiles: dict[str, np.ndarray], tasks: Sequence[str], m
     return _save(fig, path, layout=False)
 
 
+def _annotated(ax, m: np.ndarray, labels: list[str], cmap: str, vmin: float, rotation: int, cell_font: int):
+    """A square matrix (values up to 1) with its labels, and each cell's value written in it while they fit."""
+    n = len(labels)
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=rotation, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=cell_font,
+                        color="black" if m[i, j] > 0.6 else "white")
+    return im
+
+
 def similarity_matrix(sim: np.ndarray, names: Sequence[str], within: float, between: float, model: str,
                       path: str | Path) -> Path:
     plt = _pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(0.55 * n + 3.2, 0.5 * n + 2.4))
-    im = ax.imshow(sim, cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1)
-    ax.set_xticks(range(n), [_short(x) for x in names], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), [_short(x) for x in names], fontsize=8)
-    if n <= 16:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if sim[i, j] > 0.6 else "white")
+    im = _annotated(ax, sim, [_short(x) for x in names], "viridis", min(0.0, float(sim.min())), 60, 6)
     ax.set_title(f"{model}: profile correlation\nwithin-task {within:.3f}, between tasks {between:.3f}", fontsize=10)
     fig.colorbar(im, ax=ax, label="mean over layers of Pearson r")
     return _save(fig, path)
@@ -235,14 +242,7 @@ def jaccard_matrix(mean: Sequence[Sequence[float]], names: Sequence[str], model:
     m = np.asarray(mean)
     n = len(names)
     fig, ax = plt.subplots(figsize=(0.6 * n + 3.4, 0.55 * n + 2.4))
-    im = ax.imshow(m, cmap="magma", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=50, ha="right", fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
-    if n <= 16:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if m[i, j] > 0.6 else "white")
+    im = _annotated(ax, m, list(names), "magma", 0.0, 50, 7)
     ax.set_title(f"{model}: overlap of kept channels\n(Jaccard, mean over the pruned layers)", fontsize=10)
     fig.colorbar(im, ax=ax, label="Jaccard index")
     return _save(fig, path)

@@ -188,7 +188,8 @@ class _Batch:
 
 
 @torch.no_grad()
-def _run(model: nn.Module, b: _Batch | dict, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def final_hidden_nll(model: nn.Module, b: _Batch | dict, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states of a batch's real tokens and their next-token NLL, from one forward."""
     enc = b.enc if isinstance(b, _Batch) else b
     mask = enc["attention_mask"].bool()
     with _final_hidden(model, store):
@@ -197,12 +198,13 @@ def _run(model: nn.Module, b: _Batch | dict, store: dict) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def _dense(lm: LoadedModel, texts: Sequence[str], cfg: SensitivityConfig) -> list[_Batch]:
+def dense_reference(lm: LoadedModel, texts: Sequence[str], cfg: SensitivityConfig) -> list[_Batch]:
+    """Per batch, the dense model's layer outputs, final hidden states and NLL: what damage is measured against."""
     out, store = [], {}
     for enc in batches(lm.tokenizer, texts, cfg.batch_size, cfg.max_length):
         outs: dict[int, object] = {}
         with layer_outputs(lm.model, lm.adapter, outs.__setitem__, raw=True):
-            h, nll = _run(lm.model, enc, store)
+            h, nll = final_hidden_nll(lm.model, enc, store)
         out.append(_Batch(enc, [outs[i] for i in sorted(outs)], h, nll))
     return out
 
@@ -222,7 +224,7 @@ def layer_damage(lm: LoadedModel, dense: list[_Batch], layer: int, keep: torch.T
     for b in dense:
         with replay_from(lm.model, lm.adapter, layer, b.outs[layer - 1] if layer else None), \
                 masked(lm.model, lm.adapter, plan, "probe"):
-            h, nll = _run(lm.model, b, store)
+            h, nll = final_hidden_nll(lm.model, b, store)
         cos_sum += float(nn.functional.cosine_similarity(h, b.h, dim=-1).clamp(max=1.0).sum())
         n_tok += len(h)
         nll_sum += float((nll - b.nll).sum())
@@ -265,7 +267,7 @@ def analyze_sensitivity(model: str | LoadedModel | None = None, tasks: Sequence[
     weights = ModuleWeights(lm.model, lm.adapter)
     scores = [channel_scores(cfg.score, stats=stats.ffn[i] if stats else None, weights=weights.layer(i).ffn,
                              seed=cfg.seed, salt=2 * i) for i in range(n_layers)]
-    dense = _dense(lm, sample, cfg)
+    dense = dense_reference(lm, sample, cfg)
     dense_nll = float(torch.cat([b.nll for b in dense]).mean())
     damage = {m: [[0.0] * len(cfg.ratios) for _ in range(n_layers)] for m in METRICS}
     with tqdm(total=n_layers * len(cfg.ratios), desc="pruning one layer at a time", unit="run",

@@ -64,11 +64,15 @@ def _add_collect(sub) -> None:
     _wait_arg(p)
 
 
+def _shard_arg(p) -> None:
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the pruned model (e.g. 2GB)")
+
+
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="statistics -> plan -> pruned model, in one command")
     _model_args(p)
     add_runtime_args(p, load=True)
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the pruned model (e.g. 2GB)")
+    _shard_arg(p)
     _data_args(p)
     p.add_argument("--method", default="seap", choices=list(PRESETS))
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable parameters to remove (0, 1)")
@@ -116,7 +120,7 @@ def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="apply a saved plan to its base model")
     _model_args(p)
     add_runtime_args(p, load=True)
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the pruned model (e.g. 2GB)")
+    _shard_arg(p)
     p.add_argument("--plan", required=True)
     p.add_argument("--expert", default=None)
     p.add_argument("--out", required=True)

@@ -143,7 +143,7 @@ def text_prompts(tokenizer, texts: Sequence[str], length: int, chat: bool = Fals
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _batch(pool: torch.Tensor, batch: int, repeat: int, device) -> torch.Tensor:
+def repeat_batch(pool: torch.Tensor, batch: int, repeat: int, device) -> torch.Tensor:
     """Rows of a prompt pool for one repeat: consecutive, wrapping around, different per repeat."""
     idx = (torch.arange(batch) + repeat * batch) % pool.shape[0]
     return pool[idx].to(device)
@@ -188,7 +188,7 @@ def bench_models(models: dict[str, LoadedModel], cfg: BenchConfig | None = None,
         for r in range(cfg.warmup + cfg.repeats):
             for name, lm in models.items():
                 dev = next(lm.model.parameters()).device
-                ids = (_batch(pools[name], b, r, dev) if pools else
+                ids = (repeat_batch(pools[name], b, r, dev) if pools else
                        _prompts(lm.model.config.vocab_size, b, cfg.prompt_len, cfg.seed + r, dev))
                 if cfg.decode_path == "seap":
                     sel = GriffinSelection(lm.adapter, griffin[name], priors.get(name)) if name in griffin else None

@@ -92,6 +92,11 @@ class PlanRecord:
     def arch(self) -> dict:
         return self.fingerprint["arch"]
 
+    @property
+    def prune_config(self) -> PruneConfig:
+        """The config the plan was built with (the flat records of plans written before read too)."""
+        return PruneConfig.from_dict(self.config)
+
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         return {**out, **self.extra}
@@ -188,7 +193,7 @@ class Plan:
 # -- building -----------------------------------------------------------------------------------
 def resolve_head_unit(cfg: PruneConfig, adapter: Adapter, model: nn.Module) -> str | None:
     g = adapter.head_geometry(adapter.layers(model)[0])
-    mode = cfg.heads
+    mode = cfg.score.heads
     if mode == "auto":
         return None if g.is_gqa else "heads"
     if mode == "none":
@@ -204,11 +209,11 @@ def layer_scores(cfg: PruneConfig, adapter: Adapter, layer: nn.Module, i: int, f
                  attn_stats: ChannelStats | None, w: LayerWeights,
                  head_unit: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Layer i's unit scores (FFN channels; heads or KV groups with `head_unit`) for one corpus."""
-    ffn = channel_scores(cfg.score, stats=ffn_stats, weights=w.ffn, seed=cfg.seed, salt=2 * i)
+    ffn = channel_scores(cfg.score.name, stats=ffn_stats, weights=w.ffn, seed=cfg.seed, salt=2 * i)
     if not head_unit:
         return ffn, None
     g = adapter.head_geometry(layer)
-    ch = channel_scores(cfg.score, stats=attn_stats, weights=w.attn, seed=cfg.seed, salt=2 * i + 1)
+    ch = channel_scores(cfg.score.name, stats=attn_stats, weights=w.attn, seed=cfg.seed, salt=2 * i + 1)
     return ffn, group_scores(ch, g.head_dim * (g.group_size if head_unit == "kv_groups" else 1))
 
 
@@ -227,7 +232,7 @@ def _unit_scores(cfg: PruneConfig, adapter: Adapter, model: nn.Module, stats: Ac
 
 def generic_weights(cfg: PruneConfig, tasks) -> dict[str, float]:
     """The weight of each task's scores in the generic expert (language-modelling text weighs more)."""
-    return {t: (cfg.lm_weight if t.split(":")[-1] in LM_CORPORA else cfg.task_weight) for t in tasks}
+    return {t: (cfg.weights.lm if t.split(":")[-1] in LM_CORPORA else cfg.weights.task) for t in tasks}
 
 
 def experts_of(cfg: PruneConfig, tasks) -> list[str]:
@@ -239,7 +244,7 @@ def fixed_widths(cfg: PruneConfig, adapter: Adapter, model: nn.Module,
                  head_unit: str | None) -> tuple[list[int], list[int] | None] | None:
     """Each layer's kept units when the allocation follows from the geometry alone (uniform, logistic,
     a fitted schedule), known before any statistic; None when it compares scores (adaptive)."""
-    if ALLOCATION_NEEDS_SCORES.get(cfg.allocation, True):
+    if ALLOCATION_NEEDS_SCORES.get(cfg.allocation.name, True):
         return None
     ffn_pool, head_pool = pools(adapter, model, head_unit)
     return allocate(cfg, ffn_pool, head_pool, [], [] if head_pool else None)
@@ -260,7 +265,7 @@ def allocate(cfg: PruneConfig, ffn_pool: Pool, head_pool: Pool | None, ffn_score
     """Kept units per layer for the FFN pool (and the head pool) at the model-wide ratio."""
     cfg = cfg.resolve_multiple(list(ffn_pool.counts))
     pools, scores = ([ffn_pool, head_pool], [ffn_scores, head_scores]) if head_pool else ([ffn_pool], [ffn_scores])
-    kept = allocation.allocate(cfg.allocation, pools, scores, cfg.settings())
+    kept = allocation.allocate(cfg.allocation.name, pools, scores, cfg.settings())
     return kept[0], (kept[1] if head_pool else None)
 
 
@@ -282,7 +287,7 @@ def build_expert(cfg: PruneConfig, adapter: Adapter, model: nn.Module, ffn_score
     ffn_idx = [top_k(s, k) for s, k in zip(ffn_scores, ffn_kept)]
     head_idx = [top_k(s, k) for s, k in zip(head_scores, head_kept)] if head_pool else None
     ex = Expert(ffn_idx, head_idx)
-    if cfg.bias_compensation:
+    if cfg.score.bias_compensation:
         if stats is None:
             raise ConfigError("bias compensation needs activation statistics (the mean of removed channels)")
         weights = weights or ModuleWeights(model, adapter)
@@ -317,7 +322,7 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     cfg = cfg.resolve_multiple([adapter.d_ff(layer) for layer in adapter.layers(model)])
     if not stats_by_task:
         raise ConfigError("no task given: name at least one task corpus")
-    source = cfg.schedule.source if cfg.schedule is not None else {}
+    source = cfg.allocation.schedule.source if cfg.allocation.schedule is not None else {}
     if "arch_hash" in source and source["arch_hash"] != fingerprint.get("arch_hash"):
         raise ArtifactError(f"the fitted schedule was measured on {source.get('model')}, another model: run "
                             "`seap analyze sensitivity` on this one")
@@ -326,7 +331,7 @@ def build_plan(model: nn.Module, adapter: Adapter, cfg: PruneConfig, stats_by_ta
     raw: dict[str, tuple] = {}
     for task, stats in stats_by_task.items():
         if stats is None and cfg.needs_stats:
-            raise ConfigError(f"score {cfg.score!r} needs statistics for task {task!r}")
+            raise ConfigError(f"score {cfg.score.name!r} needs statistics for task {task!r}")
         ffn_s, head_s = _unit_scores(cfg, adapter, model, stats, head_unit, weights)
         raw[task] = (ffn_s, head_s)
         experts[task] = build_expert(cfg, adapter, model, ffn_s, head_s, head_unit, stats, weights)

@@ -21,7 +21,7 @@ from .._io import write_json, write_text
 from ..calibration import distributed as dist
 from ..calibration.layerwise import collect_stats
 from ..calibration.stats import ActivationStats
-from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig, RefitConfig
+from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from ..errors import ConfigError
 from ..model.checkpoint import DEFAULT_SHARD_BYTES, parse_size
 from ..model.fingerprints import check_fingerprint, fingerprint
@@ -236,14 +236,14 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
     lm = open_for_pruning(model, runtime)
     if lm.on_disk and not out:
         raise ConfigError("the layer-by-layer path writes the pruned model to disk: give an output folder (--out)")
-    if config.schedule is not None and "fingerprint" in config.schedule.source:
-        check_fingerprint(config.schedule.source["fingerprint"], lm.model, lm.adapter, "fitted schedule",
+    if config.allocation.schedule is not None and "fingerprint" in config.allocation.schedule.source:
+        check_fingerprint(config.allocation.schedule.source["fingerprint"], lm.model, lm.adapter, "fitted schedule",
                           weights=lm.weights)
     fp = fingerprint(lm.model, lm.adapter, lm.weights)
     head_unit = resolve_head_unit(config, lm.adapter, lm.model)
     heads = head_unit is not None
     stages.done("load")
-    refit_cfg = RefitConfig.of(config, lm.adapter, lm.model.config) if config.reconstructs else None
+    refit_cfg = config.refit.resolved(lm.adapter, lm.model.config) if config.reconstructs else None
     corpora = {}
     if refit_cfg is not None:  # bad data or statistics of another model are refused before the allocation runs
         corpora = {t: resolve_corpus(t, data_dir=data_dir, limit=limit, seed=config.seed) for t in tasks}
@@ -332,7 +332,7 @@ def reconstruct(lm: OpenModel, plan: Plan, config: PruneConfig, tasks: Sequence[
                 progress: bool = True) -> Plan:
     """A new plan with every expert of `plan` refitted on its calibration corpus (docs/design.md §2.8)."""
     texts, members = expert_corpora(plan, tasks, data_dir=data_dir, limit=limit, seed=config.seed)
-    return reconstruct_plan(lm, plan, texts, RefitConfig.of(config, lm.adapter, lm.model.config), members=members,
+    return reconstruct_plan(lm, plan, texts, config.refit.resolved(lm.adapter, lm.model.config), members=members,
                             batch_size=batch_size, max_length=max_length, progress=progress)
 
 

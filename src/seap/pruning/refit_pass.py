@@ -170,7 +170,7 @@ def one_pass_possible(cfg, adapter: Adapter, model: nn.Module, head_unit: str | 
     """Widths fixed by the geometry, and (sequential mode) one expert to stream."""
     if fixed_widths(cfg, adapter, model, head_unit) is None:
         return False
-    return cfg.reconstruct != "sequential" or len(experts_of(cfg, list(tasks))) == 1
+    return cfg.refit.mode != "sequential" or len(experts_of(cfg, list(tasks))) == 1
 
 
 @torch.no_grad()

@@ -38,6 +38,16 @@ def _get(root: nn.Module, dotted: str) -> nn.Module:
     return obj
 
 
+def _first_of(model: nn.Module, paths: tuple[str, ...], what: str) -> nn.Module:
+    """The module at the first of `paths` the model has (a causal LM, or its bare base model)."""
+    for path in paths:
+        try:
+            return _get(model, path)
+        except AttributeError:
+            continue
+    raise AttributeError(f"no {what} found at {paths}")
+
+
 def _set(root: nn.Module, dotted: str, value: nn.Module) -> None:
     parent, _, name = dotted.rpartition(".")
     setattr(_get(root, parent) if parent else root, name, value)
@@ -61,20 +71,10 @@ class Adapter:
 
     # -- structure -------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        for path in self.layers_paths:
-            try:
-                return _get(model, path)
-            except AttributeError:
-                continue
-        raise AttributeError(f"no decoder layers found at {self.layers_paths}")
+        return _first_of(model, self.layers_paths, "decoder layers")
 
     def embeddings(self, model: nn.Module) -> nn.Embedding:
-        for path in self.embed_paths:
-            try:
-                return _get(model, path)
-            except AttributeError:
-                continue
-        raise AttributeError(f"no input embeddings found at {self.embed_paths}")
+        return _first_of(model, self.embed_paths, "input embeddings")
 
     def ffn_in(self, layer: nn.Module) -> list[nn.Linear]:
         return [_get(layer, n) for n in self.ffn_in_names]
