@@ -198,8 +198,8 @@ class PruneConfig:
         data = dict(data)
         if not any(isinstance(data.get(name), dict) for name in _PARTS):
             data.pop("fitted", None)  # an early record's name of the schedule
-            return PRESETS.get(data.get("method"), cls()).with_(**{k: v for k, v in data.items() if k != "method"},
-                                                                method=data.get("method", "seap"))
+            # on the field defaults, not the method's preset: a setting an old record lacks did not exist then
+            return cls(method=data.pop("method", "seap")).with_(**data)
         parts = {name: _PARTS[name](**data.pop(name)) for name in _PARTS if name in data}
         return cls(**data, **parts)
 

@@ -54,9 +54,12 @@ def _label(plan: Plan) -> str:
     return f"{plan.meta.prune_config.allocation.name}@{plan.meta.target_ratio:g}"
 
 
-def _schedule_record(plan: Plan) -> dict | None:
-    sch = plan.meta.prune_config.allocation.schedule
-    return sch.to_dict() if sch is not None else plan.meta.config.get("fitted")
+def _plan_info(path: str, label: str, plan: Plan) -> dict:
+    alloc = plan.meta.prune_config.allocation
+    return {"folder": path, "label": label, "method": plan.meta.method, "target_ratio": plan.meta.target_ratio,
+            "allocation": alloc.name, "k": alloc.k, "x0": alloc.x0,
+            # plans made before the schedule was a value recorded it as "fitted"
+            "schedule": alloc.schedule.to_dict() if alloc.schedule is not None else plan.meta.config.get("fitted")}
 
 
 def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] | None = None,
@@ -96,12 +99,7 @@ def analyze_plans(plans: Sequence[str | Path | Plan], *, experts: Sequence[str] 
     mean = [[1.0 if a == b else mean_of(a, b) for b in names] for a in names]
     chance = {f"{a} vs {b}": sum(chance_jaccard(dense[l], len(chosen[a][l]), len(chosen[b][l])) for l in pruned(a, b))
               / len(pruned(a, b)) for a, b in combinations(names, 2)}
-    plan_info = [{"folder": path, "label": label, "method": p.meta.method, "target_ratio": p.meta.target_ratio,
-                  "allocation": p.meta.prune_config.allocation.name,
-                  "k": p.meta.prune_config.allocation.k, "x0": p.meta.prune_config.allocation.x0,
-                  # plans made before the schedule was a value recorded it as "fitted"
-                  "schedule": _schedule_record(p)}
-                 for label, (path, p) in zip(labels, loaded)]
+    plan_info = [_plan_info(path, label, p) for label, (path, p) in zip(labels, loaded)]
     data = {"base_model": loaded[0][1].meta.base_model, "plans": plan_info, "dense_widths": dense,
             "widths": widths, "kept_fraction": kept, "jaccard": {"names": names, "mean": mean, "by_layer": per_layer,
                                                                    "chance": chance}}
