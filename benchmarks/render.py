@@ -54,7 +54,7 @@ def _default_rows(rows: list[dict]) -> list[tuple[str, str, dict]]:
 def _load(model: str, sub: str = "") -> list[dict]:
     """The accuracy rows of results/<model>/<sub> (none when the folder does not exist), in ROW_ORDER."""
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model / sub).glob("*.json"))
-            if p.name not in ("speed.json", "router.json", "scorer.json")
+            if p.name not in ("speed.json", "router.json", "scorer.json", "unknown_prompts.json")
             and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))
@@ -595,6 +595,12 @@ under `benchmarks/results/` and reused; about 1.5 hours on 2 CPU cores), plus th
     from on_paper import paper_section
     from scaling import scaling_section
 
+    from calibration import calibration_section, curve_plot
+    from unknown_prompts import unknown_section
+
+    text += calibration_section(MODELS) + unknown_section(MODELS)
+    if not curve_plot(MODELS, HERE / "calibration_curve.png"):
+        text = text.replace("![calibration curve](calibration_curve.png)\n", "")
     text += precision_section() + scaling_section() + paper_section()
     if not plotted:
         text = text.replace("![accuracy against ratio](accuracy_vs_ratio.png)\n", "")

@@ -1,0 +1,229 @@
+"""Calibration size and source for the expert `seap prune` saves (issue 33): the curve.
+
+    python benchmarks/calibration.py --models smollm2-135m --ratios 0.2 --limit 100
+    python benchmarks/calibration.py --rows "embedded 1x;train 4x" --recon refit
+
+Each row is what a user gets from `seap prune --task FILE --ratio R` (the `seap` preset, one corpus, the
+expert the plan saves), evaluated on the six-task validation suite (first --limit items of each task)
+and WikiText-2 token perplexity, paired with the committed dense row on the same items. Sources, all
+sized in tokens of the model's own tokenizer, with 1x the embedded corpus's count:
+- embedded: the corpus in the package (`--task default`), 1x only;
+- train: the six tasks' train splits pooled, the same number of tokens from each task, 1x/4x/16x;
+- wikitext: pieces of 2,000 characters of WikiText-2's test stream from 60% of it on (perplexity
+  scores its first windows, about 5% of the stream, so they never overlap), 1x/4x (the tail holds
+  about 9x).
+`--recon refit` is the preset (OBS choice, least-squares refit), `--recon none` its statistics alone.
+Results: benchmarks/results/<model>/calibration/*.json, one per (source, scale, recon, ratio), and a
+section of RESULTS.md (`python benchmarks/run.py --stage render`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import DATA, RESULTS, TASKS, common_averages, eval_config, paired_delta, read_result, slug, wikitext_tail, write  # noqa: E402
+
+log = logging.getLogger("benchmarks")
+SOURCES = {"embedded": (1,), "train": (1, 4, 16), "wikitext": (1, 4)}
+WORK = Path("/tmp/seap-calibration")
+
+
+def _tokens(tokenizer, texts, max_length: int = 512) -> list[int]:
+    return [min(len(tokenizer(t, add_special_tokens=False).input_ids), max_length) for t in texts]
+
+
+def source_texts(source: str, scale: int, tokenizer) -> list[str]:
+    """The texts of one calibration source at `scale` x the embedded corpus's token count."""
+    from seap.tasks import resolve_corpus
+
+    embedded = list(resolve_corpus("default").texts)
+    if source == "embedded":
+        if scale != 1:
+            raise SystemExit("the embedded corpus has one size (1x)")
+        return embedded
+    target = scale * sum(_tokens(tokenizer, embedded))
+    if source == "wikitext":
+        pieces, out, n = wikitext_tail_all(), [], 0
+        for p in pieces:
+            if n >= target:
+                break
+            out.append(p)
+            n += _tokens(tokenizer, [p])[0]
+        if n < target:
+            raise SystemExit(f"the WikiText-2 tail holds {n} tokens, fewer than {target} ({scale}x)")
+        return out
+    if source == "train":  # the same token budget from each task's train split (seeded order)
+        out = []
+        for task in TASKS:
+            texts = list(resolve_corpus(task, data_dir=DATA, seed=0).texts)
+            random.Random(0).shuffle(texts)
+            n = 0
+            for t in texts:
+                if n >= target / len(TASKS):
+                    break
+                out.append(t)
+                n += _tokens(tokenizer, [t])[0]
+        return out
+    raise SystemExit(f"unknown source {source!r}: {', '.join(SOURCES)}")
+
+
+def wikitext_tail_all() -> list[str]:
+    """Every 2,000-character piece of the WikiText-2 tail (common.wikitext_tail takes the first 128)."""
+    import common
+
+    start, _, size = common.WIKITEXT_TAIL
+    saved = common.WIKITEXT_TAIL
+    common.WIKITEXT_TAIL = (start, 10**6, size)
+    try:
+        return wikitext_tail()
+    finally:
+        common.WIKITEXT_TAIL = saved
+
+
+def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, limit: int, **extra) -> dict:
+    from seap import CalibrationData, PruneConfig, prune
+    from seap.evaluation.runner import evaluate_model
+    from seap.model.loading import load_model
+
+    lm = load_model(model_name)
+    texts = source_texts(source, scale, lm.tokenizer)
+    WORK.mkdir(parents=True, exist_ok=True)
+    corpus = WORK / f"{model_name}-{source}-{scale}x.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = "default" if source == "embedded" else str(corpus)
+    cfg = PruneConfig.from_method("seap", ratio=ratio, reconstruct=recon, **extra)
+    t0 = time.time()
+    res = prune(lm, cfg, CalibrationData(tasks=(spec,)), progress=False)
+    prune_s = time.time() - t0
+    rep = evaluate_model(res.model, eval_config(model_name, limit), label=f"{source} {scale}x {recon}")
+    data = rep.to_dict()
+    data.update(model=model_name, source=source, scale=scale, recon=recon, ratio=ratio, extra=extra,
+                texts=len(texts), tokens=sum(_tokens(lm.tokenizer, texts)), prune_seconds=round(prune_s, 1),
+                seconds=round(time.time() - t0, 1), expert=res.expert, widths=res.widths,
+                eval_config=eval_config(model_name, limit).to_dict())
+    del lm, res
+    gc.collect()
+    return data
+
+
+def row_path(model_name: str, source: str, scale: int, recon: str, ratio: float, tag: str = "") -> Path:
+    return RESULTS / model_name / "calibration" / f"{slug(source, f'{scale}x', recon + tag, ratio)}.json"
+
+
+def brief(data: dict, dense: dict) -> str:
+    d, se = paired_delta(data, dense)
+    a, b, n = common_averages(data, dense)
+    ppl = data["token_perplexity"]["perplexity"] if data.get("token_perplexity") else float("nan")
+    return (f"{data['model']} {int(data['ratio'] * 100)}% {data['source']} {data['scale']}x {data['recon']} "
+            f"{data.get('extra') or ''}: avg {a:.4f} = {100 * a / b:.1f}% of dense ({b:.4f}, n={n}), "
+            f"delta {100 * d:+.2f} +- {100 * se:.2f}, ppl {ppl:.2f}, {data['tokens']} tokens, "
+            f"{data['seconds']:.0f}s")
+
+
+def _rows(model_name: str) -> list[dict]:
+    folder = RESULTS / model_name / "calibration"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def curve_plot(models, dest: Path) -> bool:
+    """Share of dense (six-task average) against calibration tokens: one panel per model and ratio, a
+    line per source and reconstruction setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, r) for m in models for r in sorted({d["ratio"] for d in _rows(m)})]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (m, ratio) in zip(axes[0], panels):
+        dense = read_result(RESULTS / m / "dense_0.0.json")
+        rows = [d for d in _rows(m) if d["ratio"] == ratio and not d.get("extra")]
+        for (source, recon) in sorted({(d["source"], d["recon"]) for d in rows}):
+            pts = sorted((d["tokens"], *common_averages(d, dense)[:2]) for d in rows
+                         if d["source"] == source and d["recon"] == recon)
+            ax.plot([p[0] for p in pts], [100 * p[1] / p[2] for p in pts], marker="o",
+                    linestyle="-" if recon == "refit" else "--", label=f"{source}, {recon}")
+        ax.set_xscale("log")
+        ax.set_title(f"{m}, {int(ratio * 100)}%")
+        ax.set_xlabel("calibration tokens")
+        ax.set_ylabel("six-task average, % of dense")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def calibration_section(models) -> str:
+    """RESULTS.md: the curve's rows, paired with dense on the same items."""
+    text = ""
+    for m in models:
+        rows = _rows(m)
+        if not rows:
+            continue
+        dense = read_result(RESULTS / m / "dense_0.0.json")
+        if not text:
+            text = ("\n## Calibration size and source (the expert `seap prune` saves)\n\n"
+                    "`python benchmarks/calibration.py` (module docstring: the sources and sizes). Each row is "
+                    "`seap prune --task CORPUS --ratio R` with the `seap` preset (refit: OBS choice and least-squares "
+                    "refit; none: its statistics alone), on the six-task validation suite paired with dense on the "
+                    "same first N items, and WikiText-2 token perplexity (the WikiText source is the test stream's "
+                    "tail, disjoint from the scored windows, so its perplexity is in-domain).\n\n"
+                    "![calibration curve](calibration_curve.png)\n")
+        text += (f"\n{m}:\n\n| ratio | source | scale | tokens | reconstruction | settings | N | average | % of dense "
+                 "| Δ vs dense ± paired s.e. | token ppl | prune s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for d in sorted(rows, key=lambda d: (d["ratio"], d["source"], d["scale"], d["recon"], str(d.get("extra")))):
+            a, b, n = common_averages(d, dense)
+            delta, se = paired_delta(d, dense)
+            extra = ", ".join(f"{k}={v}" for k, v in (d.get("extra") or {}).items()) or "preset"
+            text += (f"| {int(d['ratio'] * 100)}% | {d['source']} | {d['scale']}x | {d['tokens']:,} | {d['recon']} | "
+                     f"{extra} | {n} | {100 * a:.1f} | {100 * a / b:.1f} | {100 * delta:+.2f} ± {100 * se:.2f} | "
+                     f"{d['token_perplexity']['perplexity']:.2f} | {d['prune_seconds']:.0f} |\n")
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--limit", type=int, default=100, help="items per task (the first N of each split)")
+    ap.add_argument("--rows", default=None, help="';'-separated 'source Nx' (default: every source and scale)")
+    ap.add_argument("--recon", default="refit,none", help="comma-separated: refit (the preset), none")
+    ap.add_argument("--set", default="", help="extra PruneConfig settings, e.g. 'ridge=0.1' (recorded in the row)")
+    ap.add_argument("--tag", default="", help="suffix of the results file for rows with --set")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    extra = {}
+    for kv in filter(None, args.set.split(",")):
+        k, v = kv.split("=")
+        extra[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
+    rows = [(s, k) for s, ks in SOURCES.items() for k in ks]
+    if args.rows:
+        rows = [(r.split()[0], int(r.split()[1].rstrip("x"))) for r in args.rows.split(";")]
+    for model_name in args.models.split(","):
+        dense = read_result(RESULTS / model_name / "dense_0.0.json")
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for source, scale in rows:
+                for recon in args.recon.split(","):
+                    path = row_path(model_name, source, scale, recon, ratio, args.tag)
+                    old = read_result(path)
+                    if old is None or old["eval_config"]["limit"] != args.limit:
+                        old = run_row(model_name, source, scale, recon, ratio, args.limit, **extra)
+                        write(path, old)
+                    print(brief(old, dense), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
