@@ -4,6 +4,8 @@
     python benchmarks/run.py --stage accuracy     # or: routing, speed, xsum, griffin-speed, precision,
                                                   #     short-prompts, render
     python benchmarks/scaling.py                  # cost at 135M-8B on random-weight checkpoints (separate)
+    python benchmarks/calibration.py              # calibration size and source curve (separate)
+    python benchmarks/unknown_prompts.py          # routed vs generic expert on unseen prompt kinds (separate)
 
 Each (model, method, ratio) result is a JSON file under benchmarks/results/, written when it
 finishes, so an interrupted run resumes where it stopped; `render` rebuilds RESULTS.md and the
