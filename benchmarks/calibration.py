@@ -41,52 +41,42 @@ def _tokens(tokenizer, texts, max_length: int = 512) -> list[int]:
     return [min(len(tokenizer(t, add_special_tokens=False).input_ids), max_length) for t in texts]
 
 
-def source_texts(source: str, scale: int, tokenizer) -> list[str]:
-    """The texts of one calibration source at `scale` x the embedded corpus's token count."""
+def _take(texts, budget: int, tokenizer) -> tuple[list[str], int]:
+    """The first texts whose tokens reach `budget`, and their token count."""
+    out, n = [], 0
+    for t in texts:
+        if n >= budget:
+            break
+        out.append(t)
+        n += _tokens(tokenizer, [t])[0]
+    return out, n
+
+
+def source_texts(source: str, scale: int, tokenizer) -> tuple[list[str], int]:
+    """The texts of one calibration source at `scale` x the embedded corpus's token count, and their tokens."""
     from seap.tasks import resolve_corpus
 
     embedded = list(resolve_corpus("default").texts)
+    n_embedded = sum(_tokens(tokenizer, embedded))
     if source == "embedded":
         if scale != 1:
             raise SystemExit("the embedded corpus has one size (1x)")
-        return embedded
-    target = scale * sum(_tokens(tokenizer, embedded))
+        return embedded, n_embedded
+    target = scale * n_embedded
     if source == "wikitext":
-        pieces, out, n = wikitext_tail_all(), [], 0
-        for p in pieces:
-            if n >= target:
-                break
-            out.append(p)
-            n += _tokens(tokenizer, [p])[0]
+        texts, n = _take(wikitext_tail(None), target, tokenizer)
         if n < target:
             raise SystemExit(f"the WikiText-2 tail holds {n} tokens, fewer than {target} ({scale}x)")
-        return out
+        return texts, n
     if source == "train":  # the same token budget from each task's train split (seeded order)
-        out = []
+        texts, n = [], 0
         for task in TASKS:
-            texts = list(resolve_corpus(task, data_dir=DATA, seed=0).texts)
-            random.Random(0).shuffle(texts)
-            n = 0
-            for t in texts:
-                if n >= target / len(TASKS):
-                    break
-                out.append(t)
-                n += _tokens(tokenizer, [t])[0]
-        return out
+            pool = list(resolve_corpus(task, data_dir=DATA, seed=0).texts)
+            random.Random(0).shuffle(pool)
+            got, k = _take(pool, target / len(TASKS), tokenizer)
+            texts, n = texts + got, n + k
+        return texts, n
     raise SystemExit(f"unknown source {source!r}: {', '.join(SOURCES)}")
-
-
-def wikitext_tail_all() -> list[str]:
-    """Every 2,000-character piece of the WikiText-2 tail (common.wikitext_tail takes the first 128)."""
-    import common
-
-    start, _, size = common.WIKITEXT_TAIL
-    saved = common.WIKITEXT_TAIL
-    common.WIKITEXT_TAIL = (start, 10**6, size)
-    try:
-        return wikitext_tail()
-    finally:
-        common.WIKITEXT_TAIL = saved
 
 
 def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, limit: int, **extra) -> dict:
@@ -95,21 +85,23 @@ def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, 
     from seap.model.loading import load_model
 
     lm = load_model(model_name)
-    texts = source_texts(source, scale, lm.tokenizer)
-    WORK.mkdir(parents=True, exist_ok=True)
-    corpus = WORK / f"{model_name}-{source}-{scale}x.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    spec = "default" if source == "embedded" else str(corpus)
+    texts, tokens = source_texts(source, scale, lm.tokenizer)
+    spec = "default"
+    if source != "embedded":  # a corpus file, as a user passes one to --task
+        WORK.mkdir(parents=True, exist_ok=True)
+        spec = str(WORK / f"{model_name}-{source}-{scale}x.jsonl")
+        Path(spec).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = PruneConfig.from_method("seap", ratio=ratio, reconstruct=recon, **extra)
     t0 = time.time()
     res = prune(lm, cfg, CalibrationData(tasks=(spec,)), progress=False)
     prune_s = time.time() - t0
-    rep = evaluate_model(res.model, eval_config(model_name, limit), label=f"{source} {scale}x {recon}")
+    ecfg = eval_config(model_name, limit)
+    rep = evaluate_model(res.model, ecfg, label=f"{source} {scale}x {recon}")
     data = rep.to_dict()
     data.update(model=model_name, source=source, scale=scale, recon=recon, ratio=ratio, extra=extra,
-                texts=len(texts), tokens=sum(_tokens(lm.tokenizer, texts)), prune_seconds=round(prune_s, 1),
+                texts=len(texts), tokens=tokens, prune_seconds=round(prune_s, 1),
                 seconds=round(time.time() - t0, 1), expert=res.expert, widths=res.widths,
-                eval_config=eval_config(model_name, limit).to_dict())
+                eval_config=ecfg.to_dict())
     del lm, res
     gc.collect()
     return data

@@ -132,16 +132,30 @@ def fitted_schedule(lm, model_name: str):
     return load_schedule(path)
 
 
-def wikitext_tail() -> list[str]:
+def wikitext_tail(n: int | None = WIKITEXT_TAIL[1]) -> list[str]:
     """Calibration text for the baselines' own protocol: pieces of WikiText-2's test stream from 60% of
     it on. Token perplexity scores its first 16 windows of 1,024 tokens and word perplexity its first
-    articles (about 5% of the stream), so the two never overlap."""
+    articles (about 5% of the stream), so the two never overlap. `n` pieces (None: all of them)."""
     from seap.evaluation.perplexity import wikitext_stream
 
     text, _ = wikitext_stream(DATA)
-    start, n, size = WIKITEXT_TAIL
+    start, _, size = WIKITEXT_TAIL
     tail = text[int(start * len(text)):]
-    return [tail[i * size:(i + 1) * size] for i in range(min(n, len(tail) // size))]
+    return [tail[i * size:(i + 1) * size] for i in range(len(tail) // size if n is None else min(n, len(tail) // size))]
+
+
+UNKNOWN_ITEMS = 300  # prompts of each kind the router never saw
+
+
+def unknown_pairs() -> dict[str, list[tuple[str, str]]]:
+    """(prompt, reference answer) of the kinds the router never saw: GSM8K test questions with their gold
+    solutions (a seeded subset), XSum 0-shot articles with their reference summaries."""
+    from seap.tasks import load_task_corpus
+
+    gsm = load_task_corpus("gsm8k", data_dir=DATA, split="test", limit=UNKNOWN_ITEMS)
+    rows = [json.loads(line) for line in (DATA / "xsum" / "xsum_0shot.jsonl").read_text().splitlines()]
+    return {"gsm8k (test)": [(p, t[len(p):]) for p, t in zip(gsm.prompts, gsm.texts)],  # a text is prompt + answer
+            "xsum (0-shot prompts)": [(r["article"], " " + r["summary_gt"].strip()) for r in rows[:UNKNOWN_ITEMS]]}
 
 
 def wikitext_stats(lm, model_name: str):

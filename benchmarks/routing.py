@@ -11,11 +11,10 @@ it records the experts' fingerprints and refuses any other plan.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 
-from common import finished, DATA, RESULTS, plan_for, slug, stats_for, write, eval_config
+from common import finished, DATA, RESULTS, plan_for, slug, stats_for, unknown_pairs, write, eval_config
 
 log = logging.getLogger("benchmarks.routing")
 # (routed row, its oracle row, method, extra PruneConfig settings): the oracle rows' own plans
@@ -23,16 +22,9 @@ ROUTED_ROWS = (
     ("SEAP (routed)", "SEAP (task experts)", "seap-paper", {}),
     ("SEAP (routed, default)", "SEAP (task experts, default)", "seap", {"multiple": None}),
 )
-UNKNOWN_ITEMS = 300
-
-
 def _unknown_prompts() -> dict[str, list[str]]:
     """Prompts of kinds the router never saw: GSM8K questions and XSum articles."""
-    from seap.tasks import load_task_corpus
-
-    xsum = [json.loads(line)["article"] for line in (DATA / "xsum" / "xsum_0shot.jsonl").read_text().splitlines()]
-    return {"gsm8k (test)": list(load_task_corpus("gsm8k", data_dir=DATA, split="test", limit=UNKNOWN_ITEMS).prompts),
-            "xsum (0-shot prompts)": xsum[:UNKNOWN_ITEMS]}
+    return {kind: [p for p, _ in pairs] for kind, pairs in unknown_pairs().items()}
 
 
 def routing(models: list[str], limits: dict[str, int], ratios, rows=ROUTED_ROWS) -> None:

@@ -26,23 +26,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DATA, RESULTS, plan_for, read_result, stats_for, write  # noqa: E402
+from common import DATA, RESULTS, plan_for, read_result, stats_for, unknown_pairs, write  # noqa: E402
 
 log = logging.getLogger("benchmarks")
-ITEMS = 300  # as the router table's unknown rows (benchmarks/routing.py)
-
-
-def unknown_pairs() -> dict[str, list[tuple[str, str]]]:
-    """(prompt, reference answer) of each unseen kind: the router table's GSM8K and XSum prompts."""
-    from seap.tasks import load_task_corpus
-
-    gsm = load_task_corpus("gsm8k", data_dir=DATA, split="test", limit=ITEMS)
-    pairs = []
-    for prompt, text in zip(gsm.prompts, gsm.texts):
-        assert text.startswith(prompt), "a GSM8K text is its prompt and gold solution"
-        pairs.append((prompt, text[len(prompt):]))
-    rows = [json.loads(line) for line in (DATA / "xsum" / "xsum_0shot.jsonl").read_text().splitlines()][:ITEMS]
-    return {"gsm8k (test)": pairs, "xsum (0-shot prompts)": [(r["article"], " " + r["summary_gt"].strip()) for r in rows]}
 
 
 @torch.no_grad()
