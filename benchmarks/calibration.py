@@ -79,7 +79,8 @@ def source_texts(source: str, scale: int, tokenizer) -> tuple[list[str], int]:
     raise SystemExit(f"unknown source {source!r}: {', '.join(SOURCES)}")
 
 
-def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, limit: int, **extra) -> dict:
+def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, limit: int, method: str = "seap",
+            **extra) -> dict:
     from seap import CalibrationData, PruneConfig, prune
     from seap.evaluation.runner import evaluate_model
     from seap.model.loading import load_model
@@ -91,14 +92,15 @@ def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, 
         WORK.mkdir(parents=True, exist_ok=True)
         spec = str(WORK / f"{model_name}-{source}-{scale}x.jsonl")
         Path(spec).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = PruneConfig.from_method("seap", ratio=ratio, reconstruct=recon, **extra)
+    # "preset": the method's own reconstruction (FLAP's bias compensation, WandA-sp's none)
+    cfg = PruneConfig.from_method(method, ratio=ratio, reconstruct=None if recon == "preset" else recon, **extra)
     t0 = time.time()
     res = prune(lm, cfg, CalibrationData(tasks=(spec,)), progress=False)
     prune_s = time.time() - t0
     ecfg = eval_config(model_name, limit)
-    rep = evaluate_model(res.model, ecfg, label=f"{source} {scale}x {recon}")
+    rep = evaluate_model(res.model, ecfg, label=f"{method} {source} {scale}x {recon}")
     data = rep.to_dict()
-    data.update(model=model_name, source=source, scale=scale, recon=recon, ratio=ratio, extra=extra,
+    data.update(model=model_name, method=method, source=source, scale=scale, recon=recon, ratio=ratio, extra=extra,
                 texts=len(texts), tokens=tokens, prune_seconds=round(prune_s, 1),
                 seconds=round(time.time() - t0, 1), expert=res.expert, widths=res.widths,
                 eval_config=ecfg.to_dict())
@@ -107,15 +109,18 @@ def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, 
     return data
 
 
-def row_path(model_name: str, source: str, scale: int, recon: str, ratio: float, tag: str = "") -> Path:
-    return RESULTS / model_name / "calibration" / f"{slug(source, f'{scale}x', recon + tag, ratio)}.json"
+def row_path(model_name: str, source: str, scale: int, recon: str, ratio: float, tag: str = "", limit: int = 100,
+             method: str = "seap") -> Path:
+    """One row's file; the curve's rows (seap, 100 items) keep their short names."""
+    name = slug(*([method] if method != "seap" else []), source, f"{scale}x", recon + tag, ratio)
+    return RESULTS / model_name / "calibration" / (name + (f"_n{limit}" if limit != 100 else "") + ".json")
 
 
 def brief(data: dict, dense: dict) -> str:
     d, se = paired_delta(data, dense)
     a, b, n = common_averages(data, dense)
     ppl = data["token_perplexity"]["perplexity"] if data.get("token_perplexity") else float("nan")
-    return (f"{data['model']} {int(data['ratio'] * 100)}% {data['source']} {data['scale']}x {data['recon']} "
+    return (f"{data['model']} {data.get('method', 'seap')} {int(data['ratio'] * 100)}% {data['source']} {data['scale']}x {data['recon']} "
             f"{data.get('extra') or ''}: avg {a:.4f} = {100 * a / b:.1f}% of dense ({b:.4f}, n={n}), "
             f"delta {100 * d:+.2f} +- {100 * se:.2f}, ppl {ppl:.2f}, {data['tokens']} tokens, "
             f"{data['seconds']:.0f}s")
@@ -191,7 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--limit", type=int, default=100, help="items per task (the first N of each split)")
     ap.add_argument("--rows", default=None, help="';'-separated 'source Nx' (default: every source and scale)")
-    ap.add_argument("--recon", default="refit,none", help="comma-separated: refit (the preset), none")
+    ap.add_argument("--method", default="seap", help="the preset pruned with (seap, flap, wanda-sp, ...)")
+    ap.add_argument("--recon", default="refit,none",
+                    help="comma-separated: refit (seap's preset), none, preset (the method's own)")
     ap.add_argument("--set", default="", help="extra PruneConfig settings, e.g. 'ridge=0.1' (recorded in the row)")
     ap.add_argument("--tag", default="", help="suffix of the results file for rows with --set")
     args = ap.parse_args(argv)
@@ -208,10 +215,10 @@ def main(argv=None) -> int:
         for ratio in (float(r) for r in args.ratios.split(",")):
             for source, scale in rows:
                 for recon in args.recon.split(","):
-                    path = row_path(model_name, source, scale, recon, ratio, args.tag)
+                    path = row_path(model_name, source, scale, recon, ratio, args.tag, args.limit, args.method)
                     old = read_result(path)
                     if old is None or old["eval_config"]["limit"] != args.limit:
-                        old = run_row(model_name, source, scale, recon, ratio, args.limit, **extra)
+                        old = run_row(model_name, source, scale, recon, ratio, args.limit, args.method, **extra)
                         write(path, old)
                     print(brief(old, dense), flush=True)
     return 0
