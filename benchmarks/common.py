@@ -45,14 +45,16 @@ RECON_CONFIGS = (
     ("SEAP (task experts) + sequential refit", "seap-paper", "task", {"reconstruct": "sequential"}),
     ("SEAP-gen + refit", "seap-paper", "generic", {"reconstruct": "refit"}),
     # the channel choice for the refit (greedy OBS), on each allocation: seap's default is the first
-    ("SEAP-gen (default: refit, OBS choice)", "seap", "generic", {"multiple": None}),
+    # the generic expert's channel choice: OBS (seap's default before issue 33) against the score's (now)
+    ("SEAP-gen (default: refit, OBS choice)", "seap", "generic", {"multiple": None, "refit_choice": "obs"}),
+    ("SEAP-gen (default: refit, score choice)", "seap", "generic", {"multiple": None}),
     ("FLAP + refit, OBS choice", "flap", "all", {"reconstruct": "refit", "refit_choice": "obs"}),
     ("WandA-sp + refit, OBS choice", "wanda-sp", "all", {"reconstruct": "refit", "refit_choice": "obs"}),
     ("SEAP (task experts, default)", "seap", "task", {"multiple": None}),
     ("SEAP-gen + sequential refit, OBS choice", "seap", "generic", {"multiple": None, "reconstruct": "sequential"}),
     # the ridge term of the default's refit (0.01): larger pulls the refit toward the plain cut
-    ("SEAP-gen (default with ridge 0.1)", "seap", "generic", {"multiple": None, "ridge": 0.1}),
-    ("SEAP-gen (default with ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0}),
+    ("SEAP-gen (default with ridge 0.1)", "seap", "generic", {"multiple": None, "ridge": 0.1, "refit_choice": "obs"}),
+    ("SEAP-gen (default with ridge 1)", "seap", "generic", {"multiple": None, "ridge": 1.0, "refit_choice": "obs"}),
     # the default's reconstruction on the layer schedule fitted by `seap analyze sensitivity`
     ("SEAP (task experts, default) + fitted schedule", "seap", "task", {"multiple": None, "schedule": "fitted"}),
     # a task's corpus is a seventh of the generic's: a larger ridge against an overfitted refit

@@ -40,6 +40,7 @@ def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     from seap.model.adapters import get_adapter
     from seap.model.skeleton import empty_model
     from seap.pruning.plan import experts_of, fixed_widths, resolve_head_unit
+    from seap.pruning.refit_pass import expert_refit
     from seap.tasks import resolve_corpus
 
     cfg = PruneConfig.from_method("seap", ratio=ratio)
@@ -54,8 +55,10 @@ def on_paper(name: str, processes: int = 1, ratio: float = 0.5) -> dict:
     share = {t: [x for x in texts if x and x.strip()][::processes] for t, texts in corpora.items()}
     enc, _, _ = encode_corpora(real_tokenizer(), share, data.batch_size,
                                position_limit(skeleton.config, data.max_length))
+    experts = experts_of(cfg, data.tasks)
+    obs = any(expert_refit(cfg.refit, n).choice == "obs" for n in experts)  # the default's choice for its experts
     est = model_estimate(adapter, skeleton, enc, kept, [k == c for k, c in zip(kept, d_ff)],
-                         groups=len(experts_of(cfg, data.tasks)), obs=True, sequential=False, streamed=True,
+                         groups=len(experts), obs=obs, sequential=False, streamed=True,
                          dtype=torch.float32, device=torch.device("cpu"))
     params = sum(p.numel() for p in skeleton.parameters())
     return {"model": name, "processes": processes, "tokens_per_process": sum(int(b["attention_mask"].sum()) for b in enc),

@@ -102,6 +102,40 @@ def test_one_pass_plan_equals_the_two_pass_plan_where_widths_are_fixed(family, c
             assert a["ffn_error"][k] == pytest.approx(b["ffn_error"][k], rel=1e-4, abs=1e-6)
 
 
+def test_auto_choice_is_obs_for_task_experts_and_the_score_for_the_rest(family):
+    """The preset's choice "auto": experts of named tasks get the OBS choice and the generic expert the
+    score's channels; each equals the expert a plan with that choice for every expert gives. The two-pass
+    refit resolves it the same way."""
+    lm = make_loaded(family)
+    corpora = {"piqa": CORPORA["a"], "boolq": CORPORA["b"]}  # task names: in-domain experts
+    fp = fingerprint(lm.model, lm.adapter)
+
+    def plan(choice, two_pass=False):
+        cfg = PruneConfig.from_method("seap", ratio=0.5, protect_first=1, protect_last=1, refit_choice=choice)
+        refit_cfg = cfg.refit.resolved(lm.adapter, lm.model.config)
+        head_unit = resolve_head_unit(cfg, lm.adapter, lm.model)
+        if two_pass:
+            stats = {t: collect_stats(lm.model, lm.tokenizer, lm.adapter, x, heads=head_unit is not None,
+                                      batch_size=3, meta={}, progress=False) for t, x in corpora.items()}
+            built = build_plan(lm.model, lm.adapter, cfg, stats, base_model="tiny", revision=None, fingerprint=fp)
+            return reconstruct_plan(lm, built, corpora, refit_cfg, batch_size=3, progress=False,
+                                    members={"piqa": ("piqa",), "boolq": ("boolq",), GENERIC: ("piqa", "boolq")})
+        return one_pass(lm, cfg, corpora, refit_cfg, head_unit=head_unit, fingerprint=fp, metas={}, batch_size=3,
+                        max_length=512, progress=False).plan
+
+    assert PruneConfig.from_method("seap").refit.choice == "auto"
+    obs, score = plan("obs"), plan("score")
+    for auto in (plan("auto"), plan("auto", two_pass=True)):
+        for name, want in (("piqa", obs), ("boolq", obs), (GENERIC, score)):
+            got, ref = auto.experts[name], want.experts[name]
+            assert got.stats["reconstruction"]["choice"] == ("score" if name == GENERIC else "obs")
+            for i in range(len(ref.ffn)):
+                assert torch.equal(got.ffn[i], ref.ffn[i]), (name, i)
+                torch.testing.assert_close(got.ffn_out[i], ref.ffn_out[i], rtol=1e-5, atol=1e-6)
+    # and the two choices differ somewhere on these texts, so the equalities above tell them apart
+    assert any(not torch.equal(a, b) for a, b in zip(obs.experts[GENERIC].ffn, score.experts[GENERIC].ffn))
+
+
 def _corpus(tmp_path: Path, texts=TEXTS) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(texts) + "\n")  # blank-line separated texts

@@ -283,7 +283,8 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
 def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
     for method in ("seap", "seap-gen"):
         cfg = PruneConfig.from_method(method)
-        assert (cfg.refit.mode, cfg.refit.choice) == ("refit", "obs")
+        assert (cfg.refit.mode, cfg.refit.choice) == ("refit", "auto")
+        assert cfg.refit.for_expert(True).choice == "obs" and cfg.refit.for_expert(False).choice == "score"
         # turning reconstruction off drops the preset's channel choice with it (no error)
         assert PruneConfig.from_method(method, reconstruct="none").refit.choice == "score"
     for method in ("seap-paper", "seap-gen-paper", "flap", "wanda-sp"):

@@ -13,7 +13,7 @@ HEAD_MODES = ("auto", "none", "heads", "kv_groups")
 DEFAULT_MULTIPLE = 32
 MIN_WIDTH_FOR_MULTIPLE = 512
 RECONSTRUCT_MODES = ("none", "refit", "sequential")
-REFIT_CHOICES = ("score", "obs")
+REFIT_CHOICES = ("auto", "score", "obs")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ class RefitConfig:
     # Gemma 3, whose GGUF and vLLM exports have no bias tensors): resolved()
     centered: bool | None = None
     # "obs" re-chooses each layer's FFN channels (same width) so that the refit loses least (greedy OBS
-    # on the layer's Gram matrix); "score": the score's channels
+    # on the layer's Gram matrix); "score": the score's channels; "auto": obs for an expert calibrated on
+    # a task's own prompts, score for one that serves any prompt (for_expert)
     choice: str = "score"
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ class RefitConfig:
             raise ConfigError(f"unknown `reconstruct` mode {self.mode!r}: choose one of {', '.join(RECONSTRUCT_MODES)}")
         if self.choice not in REFIT_CHOICES:
             raise ConfigError(f"unknown `refit_choice` {self.choice!r}: choose one of {', '.join(REFIT_CHOICES)}")
-        if self.choice != "score" and self.mode == "none":
+        if self.choice == "obs" and self.mode == "none":
             raise ConfigError("`refit_choice` obs needs `reconstruct` refit or sequential")
         if not self.ridge >= 0:
             raise ConfigError(f"`ridge` must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
@@ -128,6 +129,16 @@ class RefitConfig:
     @property
     def runs(self) -> bool:
         return self.mode != "none"
+
+    def for_expert(self, in_domain: bool) -> RefitConfig:
+        """The choice "auto" settled for one expert. OBS fits the channels to the calibration text's own
+        outputs: a gain where the prompts are of that text's kind (a task expert on its task's train
+        split, 99.5% of dense at 20%), a loss for an expert that serves every prompt (the generic expert,
+        the embedded corpus), where the score's channels generalise better (benchmarks/RESULTS.md,
+        "Calibration size and source")."""
+        if self.choice != "auto":
+            return self
+        return replace(self, choice="obs" if in_domain else "score")
 
     def resolved(self, adapter, config) -> RefitConfig:
         """This reconstruction for one model (`config`: its transformers config): the bias decided."""
@@ -244,10 +255,11 @@ class PruneConfig:
 
 
 PRESETS: dict[str, PruneConfig] = {}
-# seap's defaults add training-free reconstruction to the paper's recipe: each layer's FFN channels
-# re-chosen for a least-squares refit of its output projection (greedy OBS), measured best on the
-# validation splits (benchmarks/RESULTS.md, "Reconstruction").
-_RECONSTRUCTION = RefitConfig("refit", choice="obs")
+# seap's defaults add training-free reconstruction to the paper's recipe: a least-squares refit of each
+# layer's output projection, the channels of a task expert re-chosen for it (greedy OBS), those of an
+# expert for any prompt the score's (RefitConfig.for_expert; benchmarks/RESULTS.md, "Reconstruction"
+# and "Calibration size and source").
+_RECONSTRUCTION = RefitConfig("refit", choice="auto")
 PRESETS.update({
     # SEAP: task statistics, logistic layer schedule, reconstruction; the plan's task expert is used.
     "seap": PruneConfig(method="seap", refit=_RECONSTRUCTION),

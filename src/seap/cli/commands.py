@@ -52,6 +52,13 @@ def _print_result(res, out) -> None:
         per = f" ({' + '.join(f'{t:,}' for t in tok)} on {len(tok)} processes)" if len(tok) > 1 else ""
         resumed = f"; resumed at layer {cal['resumed_from_layer']}" if cal.get("resumed_from_layer") else ""
         print(f"  calibration: {cal['passes']} pass over the model, {sum(tok):,} tokens{per}{resumed}")
+    for name, c in (cal.get("corpora") or {}).items():
+        print(f"    corpus {name}: {c['source']}, {c['texts']:,} texts, {c['tokens']:,} tokens")
+    rec = s.get("reconstruction") or {}
+    if rec:
+        choice = "OBS choice" if rec["choice"] == "obs" else "the score's channels"
+        print(f"  reconstruction: least-squares {rec['mode']} of the output linears ({choice}, ridge {rec['ridge']:g}) "
+              f"on {rec['tokens']:,} tokens")
     print(f"  seconds per stage: {', '.join(f'{k} {v:.0f}' for k, v in s['stage_seconds'].items())}")
     for k, v in s["files"].items():
         print(f"  {k}: {v}")

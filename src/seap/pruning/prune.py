@@ -157,6 +157,7 @@ class PruneResult:
             "stage_seconds": self.stage_seconds, "runtime": self.runtime,
             "max_resident_layers": self.max_resident_layers, "bytes_written": self.bytes_written,
             "calibration": self.calibration, "world_size": self.calibration.get("world_size", 1),
+            "reconstruction": {k: v for k, v in (ex.stats.get("reconstruction") or {}).items() if k != "ffn_error"},
         }
 
     def markdown(self) -> str:
@@ -259,7 +260,9 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
         plan, release = op.plan, op.release
         stages.done("calibration")
         calibration = {"passes": 1, "world_size": dist.world_size(), "tokens_per_process": op.tokens_per_process,
-                       "resumed_from_layer": op.resumed_from, "seconds": op.seconds}
+                       "resumed_from_layer": op.resumed_from, "seconds": op.seconds,
+                       "corpora": {t: {"source": c.source, "texts": len(c), "tokens": op.tokens_by_corpus[t]}
+                                   for t, c in corpora.items()}}
     else:
         release = lambda: None  # noqa: E731 - the two passes keep no checkpoint past their end
         plan, calibration = _two_pass(lm, config, tasks, fp, heads, data_dir=data_dir, limit=limit,

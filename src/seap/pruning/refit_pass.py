@@ -37,6 +37,7 @@ from ..config import RefitConfig
 from ..core.reconstruct import Moments, cut_errors, obs_select, refit
 from ..core.scores import top_k
 from ..errors import ConfigError
+from ..tasks import TASKS
 from ..model.adapters import Adapter
 from ..model.runtime import available_memory, fmt_bytes
 from ..model.weights import LayerWeights
@@ -153,6 +154,7 @@ class OnePass:
     seconds: dict[str, float]
     resumed_from: int | None
     tokens_per_process: list[int]
+    tokens_by_corpus: dict[str, int]  # over every process
     resume: Resume | None = None  # the checkpoint, whose records the plan's refitted weights are read from
 
     def release(self) -> None:
@@ -164,6 +166,13 @@ class OnePass:
             for weights in ex.stored_weights().values():
                 weights.read_in(self.resume.folder)
         self.resume.remove()
+
+
+def expert_refit(cfg: RefitConfig, name: str) -> RefitConfig:
+    """The reconstruction of expert `name`: choice "auto" is OBS for an expert of one of seap's tasks (its
+    calibration is that task's prompts), the score's channels for the others (generic, the embedded corpus,
+    corpus files), which serve prompts of kinds their text may not hold."""
+    return cfg.for_expert(name.strip().lower() in TASKS)
 
 
 def one_pass_possible(cfg, adapter: Adapter, model: nn.Module, head_unit: str | None, tasks: Sequence[str]) -> bool:
@@ -200,8 +209,9 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
         resume.check()
     encoded = encode_corpora(lm.tokenizer, corpora, batch_size, position_limit(lm.model.config, max_length))
     sequential = refit_cfg is not None and refit_cfg.mode == "sequential"
-    est = _estimate(lm, encoded[0], ffn_w, dense, len(experts) if refit_cfg is not None else 0,
-                    refit_cfg is not None and refit_cfg.choice == "obs", sequential, resume is not None)
+    cfgs = {n: expert_refit(refit_cfg, n) for n in experts} if refit_cfg is not None else {}
+    est = _estimate(lm, encoded[0], ffn_w, dense, len(cfgs), any(c.choice == "obs" for c in cfgs.values()),
+                    sequential, resume is not None)
     _announce(est, encoded[0], len(d_ff))
     engine, n_texts = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length, encoded=encoded)
 
@@ -220,15 +230,15 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
             ffn = top_k(scores[name][0], ffn_w[i])
             heads = top_k(scores[name][1], head_w[i]) if head_unit else None
             if dense[i]:
-                r = identity_layer(adapter, layer, head_unit, refit_cfg, lm.save_dtype)
+                r = identity_layer(adapter, layer, head_unit, cfgs[name], lm.save_dtype)
             else:
-                r = refit_layer(adapter, layer, ffn, heads, head_unit, seen["gram"][name], refit_cfg, lm.save_dtype)
+                r = refit_layer(adapter, layer, ffn, heads, head_unit, seen["gram"][name], cfgs[name], lm.save_dtype)
             rec.update(_prefixed(r, f"x/{j}/"))
             if heads is not None:
                 rec[f"x/{j}/heads"] = heads
         if not sequential:
             return Outcome(rec)
-        ex = _layer_expert(i, len(d_ff), rec, "x/0/", refit_cfg)
+        ex = _layer_expert(i, len(d_ff), rec, "x/0/", cfgs[experts[0]])
         return Outcome(rec, lambda lay: layer_masked(lay, adapter, ex, i, head_unit))
 
     observers = [StatsObserver(tasks, bool(head_unit))]
@@ -248,10 +258,11 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
         if plan.experts[name].widths() != list(ffn_w):  # the allocation's widths must not depend on the scores
             raise RuntimeError(f"one-pass widths differ from the plan's for expert {name}")
     if refit_cfg is not None:
-        plan = Plan(plan.meta, {**plan.experts, **_refitted(plan, res, engine, members, refit_cfg)})
+        plan = Plan(plan.meta, {**plan.experts, **_refitted(plan, res, engine, members, cfgs)})
     if resume is not None:
         dist.barrier()  # every process has read the records; rank 0 removes them in release()
-    return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all, resume)
+    by_corpus = {t: sum(dist.gather_ints(engine.tokens_by_label.get(t, 0))) for t in tasks}
+    return OnePass(stats, plan, summaries, res.seconds, res.resumed_from, res.tokens_all, by_corpus, resume)
 
 
 def _announce(est, batches: list[dict], n_layers: int) -> None:
@@ -267,7 +278,8 @@ def _announce(est, batches: list[dict], n_layers: int) -> None:
                   f"{' on this process' if dist.world_size() > 1 else ''}: {est.line()}")
 
 
-def _refitted(plan: Plan, res, engine, members: dict[str, tuple[str, ...]], refit_cfg: RefitConfig) -> dict[str, Expert]:
+def _refitted(plan: Plan, res, engine, members: dict[str, tuple[str, ...]],
+              cfgs: dict[str, RefitConfig]) -> dict[str, Expert]:
     """Each expert refitted from the pass's records (expert j's under the prefix x/j/), its weights left
     in the checkpoint until the layer is sliced."""
     out = {}
@@ -275,7 +287,7 @@ def _refitted(plan: Plan, res, engine, members: dict[str, tuple[str, ...]], refi
     tokens = {name: sum(dist.gather_ints(n)) for name, n in tokens.items()}
     for j, name in enumerate(members):
         ex = plan.experts[name]
-        job = _Refits(ex, engine.n_layers, refit_cfg)
+        job = _Refits(ex, engine.n_layers, cfgs[name])
         for i in range(engine.n_layers):
             rec = _unprefixed(res.record(i), f"x/{j}/")
             for k in ("ffn/weight", "attn/weight"):  # the bulk: read again when the layer is sliced
@@ -359,14 +371,16 @@ def refit_experts(lm, plan: Plan, corpora: dict[str, Sequence[str]], members: di
     engine, _ = engine_for(lm, corpora, batch_size=batch_size, max_length=max_length)
     kinds = ("ffn", "attn") if plan.head_unit else ("ffn",)
     names = list(members)
-    jobs = {n: _Refits(plan.experts[n], engine.n_layers, cfg) for n in names}
+    cfgs = {n: expert_refit(cfg, n) for n in names}
+    jobs = {n: _Refits(plan.experts[n], engine.n_layers, cfgs[n]) for n in names}
 
     def decide(i: int, layer: nn.Module, seen: dict) -> Outcome:
         rec = {}
         for n in names:
             ex = plan.experts[n]
             heads = ex.heads[i] if ex.heads is not None else None
-            r = refit_layer(lm.adapter, layer, ex.ffn[i], heads, plan.head_unit, seen["gram"][n], cfg, lm.save_dtype)
+            r = refit_layer(lm.adapter, layer, ex.ffn[i], heads, plan.head_unit, seen["gram"][n], cfgs[n],
+                            lm.save_dtype)
             jobs[n].set(i, r)
             rec.update(_prefixed(r, f"x/{n}/"))
         if cfg.mode != "sequential":
