@@ -1,5 +1,6 @@
 """Routing: the multi-expert model against sliced copies, the router against scikit-learn, bad input."""
 
+import collections
 import json
 import math
 import random
@@ -210,6 +211,7 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     # Unfamiliar is judged against the class a prompt is routed to: a prompt at the centre of "a" is
     # familiar to "a" and unfamiliar to "b"; a label with no form model (the background) never is.
     d = test.distances(by_class["a"].mean(0, keepdim=True))[0]
+    d = torch.stack([d, torch.full_like(d, float("nan"))], dim=-1)  # the evidence row, no vocabulary test
     assert not test.unfamiliar(d, "a") and test.unfamiliar(d, "b") and not test.unfamiliar(d, GENERIC)
     # A prompt of a form no task has (a long run of digits and signs) is unfamiliar and goes to the
     # generic expert; a saved router decides the same; the classifier alone sends it to a task expert.
@@ -218,12 +220,49 @@ def test_form_features_and_the_out_of_distribution_test(routed, tmp_path):
     assert ood.ood is not None and ood.meta["config"]["ood_quantile"] == 0.99
     odd = " ".join(["= 1234 + 5678 * 90 / 12 %"] * 30)
     probs, dist = ood.assess(lm, [odd, "12 7 300 ="])
-    assert dist.shape == (2, len(ood.ood.classes))
+    assert dist.shape == (2, len(ood.ood.classes), 2) and ood.ood.vocabulary is not None
     assert ood.route(lm, [odd])[0].expert == GENERIC and ood.route(lm, [odd])[0].reason == "unfamiliar"
     saved = Router.load(tmp_path / "r")
     assert torch.equal(saved.ood.thresholds, ood.ood.thresholds) and torch.equal(saved.assess(lm, [odd])[1], dist[:1])
+    assert torch.equal(saved.ood.vocabulary.thresholds, ood.ood.vocabulary.thresholds)
     assert saved.route(lm, [odd])[0].expert == GENERIC
     assert router.route(lm, [odd])[0].expert != GENERIC  # the fixture's router has no form test
+
+
+def test_the_vocabulary_test_is_a_smoothed_unigram_model_with_a_held_out_threshold():
+    from seap.inference.ood import VocabularyTest
+
+    rng = random.Random(0)
+    by_class = {"a": [[rng.randrange(0, 10) for _ in range(rng.randint(3, 9))] for _ in range(500)],
+                "b": [[rng.randrange(10, 20) for _ in range(rng.randint(3, 9))] for _ in range(400)]}
+    test = VocabularyTest.fit(by_class, vocab_size=30, quantile=0.05, seed=0)
+    # the model is four fifths of the (seeded) prompts, add-0.1 smoothed over the vocabulary, computed apart
+    rows = list(by_class["a"])
+    random.Random(0).shuffle(rows)
+    fit, held = rows[:400], rows[400:]
+    counts = collections.Counter(i for r in fit for i in r)
+    total = sum(counts.values()) + 0.1 * 30
+    prompt = [1, 2, 25]  # two seen tokens and one no class showed
+    want = sum(math.log((counts[i] + 0.1) / total) for i in prompt) / 3
+    assert float(test.scores([prompt])[0, 0]) == pytest.approx(want, rel=1e-12)
+    # the threshold is the quantile of the held-out fifth's scores, so about that share of it falls below
+    own = test.scores(held)[:, 0]
+    assert float(test.thresholds[0]) == pytest.approx(float(torch.quantile(own, 0.05)))
+    # a prompt of "b"'s words is unfamiliar to "a" (its form aside), one of "a"'s is not
+    from seap.inference.ood import OodTest
+
+    form = OodTest.fit({c: torch.randn(len(v), 9, dtype=torch.float64) for c, v in by_class.items()}, 1.0)
+    form.vocabulary = test
+    ev = form.evidence(_Chars(), [[12, 13, 14, 15], [1, 2, 3, 4]])
+    ev[:, :, 0] = 0.0  # at the centre of every class's form
+    assert form.unfamiliar(ev[0], "a") and not form.unfamiliar(ev[1], "a") and form.unfamiliar(ev[1], "b")
+
+
+class _Chars:
+    """A tokenizer whose token i decodes to one letter (form features need decode only)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def test_router_for_another_model_or_other_plans_is_refused(routed, tmp_path):

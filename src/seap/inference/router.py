@@ -37,12 +37,14 @@ from ..model.loading import LoadedModel
 from ..outputs import read_artifact
 from ..pruning.plan import GENERIC, Expert
 from ..tasks import TASKS, Corpus, resolve_corpus
-from .ood import OodTest, form_features
+from .ood import OodTest, VocabularyTest, form_features
 
 log = logging.getLogger(__name__)
 
 ROUTER_FORMAT = "seap-router"
-ROUTER_VERSION = 3  # 2: the form test compares with the routed class, one threshold per class; 3: nine form features
+# 2: the form test compares with the routed class, one threshold per class; 3: nine form features;
+# 4: the vocabulary test
+ROUTER_VERSION = 4
 BACKGROUND = GENERIC  # the class of "no task": routed to the generic expert
 FEATURES = "mean_input_embedding"
 
@@ -60,6 +62,9 @@ class RouterConfig:
     # to than this share of that class's training prompts are unfamiliar and go to the generic expert
     # (seap.inference.ood); None: no test.
     ood_quantile: float | None = 0.998
+    # ... and (with the form test) prompts whose mean token log-probability under that class's unigram model
+    # is below this quantile of its held-out training prompts' (seap.inference.ood.VocabularyTest); None: none
+    vocab_quantile: float | None = 0.01
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -71,6 +76,9 @@ class RouterConfig:
         if self.ood_quantile is not None and not 0.5 <= self.ood_quantile <= 1.0:
             raise ConfigError(f"the out-of-distribution `ood_quantile` must be in [0.5, 1] (or None), "
                               f"got {self.ood_quantile}")
+        if self.vocab_quantile is not None and not 0.0 < self.vocab_quantile < 0.5:
+            raise ConfigError(f"the vocabulary test's `vocab_quantile` must be in (0, 0.5) (or None), "
+                              f"got {self.vocab_quantile}")
         if self.background_samples < 0:
             raise ConfigError(f"`background_samples` must be >= 0, got {self.background_samples}")
 
@@ -125,12 +133,12 @@ class Router:
         return torch.softmax(z @ self.coef.double().T + self.intercept.double(), dim=-1)
 
     def assess(self, lm: LoadedModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class probabilities [N, K] and (with an OOD test) the distance of each prompt's form to each
-        task class [N, K_ood]: what `decide` needs."""
+        """Class probabilities [N, K] and (with an OOD test) its evidence per task class [N, K_ood, 2] (the
+        form's distance, the mean token log-probability): what `decide` needs."""
         self.check_model(lm.model, lm.adapter)
         ids = token_ids(lm.tokenizer, prompts)
         probs = self.probabilities(mean_embeddings(lm.adapter.embeddings(lm.model).weight.detach(), ids))
-        return probs, (None if self.ood is None else self.ood.distances(form_features(lm.tokenizer, ids)))
+        return probs, (None if self.ood is None else self.ood.evidence(lm.tokenizer, ids))
 
     def decide(self, probs: torch.Tensor, distances: torch.Tensor | None = None) -> list[Route]:
         routes = []
@@ -181,6 +189,12 @@ class Router:
             tensors.update({"ood_centroids": self.ood.centroids, "ood_precision": self.ood.precision,
                             "ood_thresholds": self.ood.thresholds})
             meta["ood"] = {"quantile": self.ood.quantile, "classes": list(self.ood.classes)}
+            v = self.ood.vocabulary
+            if v is not None:
+                tensors.update({"vocab_ids": torch.cat(v.ids), "vocab_logp": torch.cat(v.logp),
+                                "vocab_counts": torch.tensor([len(i) for i in v.ids], dtype=torch.long),
+                                "vocab_unseen": v.unseen, "vocab_thresholds": v.thresholds})
+                meta["ood"]["vocabulary"] = {"quantile": v.quantile, "vocab_size": v.vocab_size, "alpha": v.alpha}
         with atomic_dir(folder) as tmp:
             save_tensors(tmp / "router.safetensors", {k: v.contiguous() for k, v in tensors.items()})
             (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -203,6 +217,14 @@ class Router:
                               float(o["quantile"]))
                 if ood.thresholds.shape != (len(ood.classes),):
                     raise KeyError("one form threshold per class")
+                if "vocabulary" in o:
+                    v, counts = o["vocabulary"], t["vocab_counts"].tolist()
+                    if len(counts) != len(ood.classes) or t["vocab_thresholds"].shape != (len(ood.classes),):
+                        raise KeyError("one vocabulary model per class")
+                    ood.vocabulary = VocabularyTest(
+                        ood.classes, list(t["vocab_ids"].split(counts)), list(t["vocab_logp"].split(counts)),
+                        t["vocab_unseen"], t["vocab_thresholds"], float(v["quantile"]), int(v["vocab_size"]),
+                        float(v["alpha"]))
             router = cls(classes, dict(meta["experts"]), t["mean"], t["scale"], coef, intercept,
                          float(meta["threshold"]), {k: v for k, v in meta.items()
                                                     if k not in ("classes", "experts", "threshold", "ood")}, ood)
@@ -298,8 +320,11 @@ def fit_router(lm: LoadedModel, experts: Mapping[str, Expert], cfg: RouterConfig
     train_acc = float((clf.predict(scaler.transform(x)) == y).mean())
     ood = None
     if cfg.ood_quantile is not None:
-        ood = OodTest.fit({c: form_features(lm.tokenizer, data[c]) for c in classes if c != BACKGROUND},
-                          cfg.ood_quantile)
+        tasks = [c for c in classes if c != BACKGROUND]
+        ood = OodTest.fit({c: form_features(lm.tokenizer, data[c]) for c in tasks}, cfg.ood_quantile)
+        if cfg.vocab_quantile is not None:
+            ood.vocabulary = VocabularyTest.fit({c: data[c] for c in tasks}, int(emb.shape[0]), cfg.vocab_quantile,
+                                                seed=cfg.seed)
     meta = {
         "fingerprint": fingerprint(lm.model, lm.adapter), "base_model": lm.source.model_id,
         "expert_digests": {n: experts[n].digest() for n in sorted(set(experts_of.values()))},
