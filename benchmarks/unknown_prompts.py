@@ -95,6 +95,53 @@ def measure(model_name: str, ratio: float) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+# the router's tests for unseen kinds, each as RouterConfig settings: the version-3 form test alone, at its
+# quantile and a stricter one, and with the vocabulary test (version 4) at two quantiles
+ROUTER_VARIANTS = (("form 0.998 (v3)", {"vocab_quantile": None}), ("form 0.99", {"ood_quantile": 0.99, "vocab_quantile": None}),
+                   ("form 0.98", {"ood_quantile": 0.98, "vocab_quantile": None}),
+                   ("form 0.998 + vocabulary 0.01", {"vocab_quantile": 0.01}),
+                   ("form 0.998 + vocabulary 0.005 (default)", {"vocab_quantile": 0.005}))
+
+
+def router_shares(model_name: str) -> dict:
+    """Per router variant: validation routing accuracy (own expert), the share of validation prompts sent
+    to the generic expert, and the share of each unseen kind sent there. Routing reads the experts' names
+    only, so the paper-recipe plan stands in for any task-expert plan."""
+    from seap.inference.router import RouterConfig, evaluate_router, fit_router
+    from seap.model.loading import load_model
+
+    lm = load_model(model_name)
+    plan = plan_for(lm, stats_for(lm, model_name), "seap-paper", 0.5, "task", {})
+    unknown = {k: [p for p, _ in v] for k, v in unknown_pairs().items()}
+    out = {}
+    for name, settings in ROUTER_VARIANTS:
+        res = evaluate_router(lm, fit_router(lm, plan.experts, RouterConfig(**settings), data_dir=DATA), data_dir=DATA,
+                              unknown=unknown)
+        out[name] = {"settings": settings, "accuracy": res.accuracy, "to_generic": res.fallback_rate,
+                     "unknown_to_generic": res.unknown, "n": res.meta["n"]}
+        log.info("%s router %s: %s", model_name, name, json.dumps(out[name]))
+    return out
+
+
+def shares_section(models) -> str:
+    text = ""
+    for m in models:
+        data = read_result(RESULTS / m / "router_variants.json")
+        if not data:
+            continue
+        if not text:
+            text = ("The router's tests for unseen kinds (`python benchmarks/unknown_prompts.py --shares`): each "
+                    "variant fitted on the train splits, routed on the six validation splits (accuracy: the share "
+                    "of prompts that reach their own task's expert) and on the 300 GSM8K and 300 XSum prompts.\n\n"
+                    "| model | router | validation accuracy | validation to generic | GSM8K to generic | "
+                    "XSum to generic |\n|---|---|---|---|---|---|\n")
+        for name, r in data["variants"].items():
+            u = r["unknown_to_generic"]
+            text += (f"| {m} | {name} | {100 * r['accuracy']:.2f}% | {100 * r['to_generic']:.1f}% | "
+                     f"{100 * u['gsm8k (test)']:.1f}% | {100 * u['xsum (0-shot prompts)']:.1f}% |\n")
+    return text + "\n" if text else text
+
+
 def unknown_section(models) -> str:
     """RESULTS.md: the reference answers' NLL per token under the routed expert, the generic one and dense."""
     text = ""
@@ -120,15 +167,22 @@ def unknown_section(models) -> str:
                          f"{f(k['nll_dense'])} | {f(k['nll_generic'])} | {f(k['nll_routed'])} | {a['prompts']} | "
                          f"{f(a['nll_generic'])} | {f(a['nll_routed'])} | {cost} |\n")
         text += "\n"
-    return text
+    return text + shares_section(models) if text else text
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--shares", action="store_true",
+                    help="only: where each router variant sends the validation and unseen-kind prompts")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.shares:
+        for model_name in args.models.split(","):
+            write(RESULTS / model_name / "router_variants.json",
+                  {"model": model_name, "variants": router_shares(model_name)})
+        return 0
     for model_name in args.models.split(","):
         path = RESULTS / model_name / "unknown_prompts.json"
         data = read_result(path) or {"model": model_name, "rows": {}}

@@ -64,7 +64,7 @@ class RouterConfig:
     ood_quantile: float | None = 0.998
     # ... and (with the form test) prompts whose mean token log-probability under that class's unigram model
     # is below this quantile of its held-out training prompts' (seap.inference.ood.VocabularyTest); None: none
-    vocab_quantile: float | None = 0.01
+    vocab_quantile: float | None = 0.005
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
