@@ -140,7 +140,7 @@ class Router:
         probs = self.probabilities(mean_embeddings(lm.adapter.embeddings(lm.model).weight.detach(), ids))
         return probs, (None if self.ood is None else self.ood.evidence(lm.tokenizer, ids))
 
-    def decide(self, probs: torch.Tensor, distances: torch.Tensor | None = None) -> list[Route]:
+    def decide(self, probs: torch.Tensor, evidence: torch.Tensor | None = None) -> list[Route]:
         routes = []
         for r, row in enumerate(probs):
             if torch.isnan(row).any():
@@ -151,7 +151,7 @@ class Router:
             p = {c: float(v) for c, v in zip(self.classes, row)}
             if label == BACKGROUND:
                 routes.append(Route(self.experts[label], label, conf, "background", p))
-            elif distances is not None and self.ood.unfamiliar(distances[r], label):
+            elif evidence is not None and self.ood.unfamiliar(evidence[r], label):
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "unfamiliar", p))
             elif conf < self.threshold:
                 routes.append(Route(self.experts.get(BACKGROUND, GENERIC), label, conf, "low confidence", p))
