@@ -197,7 +197,10 @@ def scaling_section() -> str:
             "accuracy meaningless; time, memory and bytes are exact.** Stages from the run's summary.json: load "
             "(skeleton or whole model, tokenizer, fingerprint), calibration (the one pass of statistics, choice and refit; "
             "statistics alone with --reconstruct none), plan, slice and "
-            "save. `path` names the loading path and, after a comma, what differs from the default.\n\n"
+            "save. `path` names the loading path and, after a comma, what differs from the default. The 135M to 3B rows "
+            "were measured when the OBS channel choice was the default (so their default rows are `--refit-choice "
+            "obs` rows); the 8B geometry has both, the default now (the score's channels for the embedded corpus) "
+            "and the OBS choice.\n\n"
             "| model | params | checkpoint | path | wall s | load | calibration | plan | slice+save | peak RSS GiB | "
             "written GB | layers in memory |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:

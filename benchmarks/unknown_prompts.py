@@ -55,7 +55,7 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 def measure(model_name: str, ratio: float) -> dict:
-    from seap.inference.router import fit_router
+    from seap.inference.router import ROUTER_VERSION, fit_router
     from seap.model.loading import load_model
     from seap.pruning.plan import GENERIC
     from seap.pruning.surgery import sliced
@@ -91,7 +91,8 @@ def measure(model_name: str, ratio: float) -> dict:
         log.info("%s %s %.0f%%: %s", model_name, kind, 100 * ratio, json.dumps(
             {k: v for k, v in kinds[kind].items() if k != "per_prompt"}))
     return {"model": model_name, "ratio": ratio, "plan": "seap preset, task experts (the routed default row's plan)",
-            "router": {"threshold": router.threshold, "classes": list(router.classes)}, "kinds": kinds,
+            "router": {"threshold": router.threshold, "classes": list(router.classes), "version": ROUTER_VERSION,
+                       "generic_choice": plan.experts[GENERIC].stats["reconstruction"]["choice"]}, "kinds": kinds,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -159,6 +160,9 @@ def unknown_section(models) -> str:
         text += (f"{m}:\n\n| ratio | prompts | to generic | NLL dense | NLL generic | NLL routed | sent away | "
                  "their NLL: generic | routed | routed - generic ± s.e. |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for ratio, row in sorted(data["rows"].items()):
+            r = row["router"]
+            text += (f"| {int(float(ratio) * 100)}% | router version {r.get('version', 3)}, generic expert's channels: "
+                     f"{r.get('generic_choice', 'obs')} | | | | | | | | |\n")
             for kind, k in row["kinds"].items():
                 a = k["away"]
                 f = lambda ms: "—" if ms[0] != ms[0] else f"{ms[0]:.3f}"  # noqa: E731 (NaN: no prompt)
