@@ -142,7 +142,8 @@ def acceptance_table(models) -> str:
     text = ""
     for m in models:
         rows = [d for d in _rows(m) if d["source"] == "embedded" and d["eval_config"]["limit"] != 100]
-        ours = [d for d in rows if d.get("method", "seap") == "seap"]
+        # the default's rows (the score's channels on this corpus); an OBS row is shown beside them
+        ours = [d for d in rows if d.get("method", "seap") == "seap" and (d.get("extra") or {}).get("refit_choice") != "obs"]
         if not ours:
             continue
         dense = read_result(RESULTS / m / "dense_0.0.json")
@@ -151,16 +152,17 @@ def acceptance_table(models) -> str:
                     "`seap prune --ratio R` as it runs now (the embedded corpus, refit with the score's channels), "
                     "and FLAP and WandA-sp calibrated on the same corpus (`--method flap|wanda-sp --recon preset`). "
                     "Δ are paired on the same items.\n\n"
-                    "| model | ratio | N | method | average | % of dense | Δ vs dense | seap − this | token ppl |\n"
-                    "|---|---|---|---|---|---|---|---|---|\n")
+                    "| model | ratio | N | method | channels | average | % of dense | Δ vs dense | seap − this | "
+                    "token ppl |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for d in sorted(rows, key=lambda d: (d["ratio"], d.get("method", "seap") != "seap", d.get("method", ""))):
             a, b, n = common_averages(d, dense)
             delta, se = paired_delta(d, dense)
             method = d.get("method", "seap")
             mine = next((o for o in ours if o["ratio"] == d["ratio"]), None)
-            vs = "" if method == "seap" or mine is None else "{:+.2f} ± {:.2f}".format(
+            vs = "" if d is mine or mine is None else "{:+.2f} ± {:.2f}".format(
                 *(100 * x for x in paired_delta(mine, d)))
-            text += (f"| {m} | {int(d['ratio'] * 100)}% | {n} | {method} | {100 * a:.2f} | {100 * a / b:.1f} | "
+            channels = (d.get("extra") or {}).get("refit_choice", "") if method == "seap" else ""
+            text += (f"| {m} | {int(d['ratio'] * 100)}% | {n} | {method} | {channels} | {100 * a:.2f} | {100 * a / b:.1f} | "
                      f"{100 * delta:+.2f} ± {100 * se:.2f} | {vs} | {d['token_perplexity']['perplexity']:.1f} |\n")
     return text
 

@@ -54,7 +54,7 @@ def _default_rows(rows: list[dict]) -> list[tuple[str, str, dict]]:
 def _load(model: str, sub: str = "") -> list[dict]:
     """The accuracy rows of results/<model>/<sub> (none when the folder does not exist), in ROW_ORDER."""
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / model / sub).glob("*.json"))
-            if p.name not in ("speed.json", "router.json", "scorer.json", "unknown_prompts.json")
+            if p.name not in ("speed.json", "router.json", "scorer.json", "unknown_prompts.json", "router_variants.json")
             and not p.name.startswith(("xsum_", "llamacpp_", "griffin_speed", "precision", "short_prompts"))]
     order = {r: i for i, r in enumerate(ROW_ORDER)}
     return sorted(rows, key=lambda d: (d["ratio"], order.get(d["row"], 99)))

@@ -109,7 +109,8 @@ def calibration_estimate(*, layers: list[dict], hidden: int, vocab: int, tokens:
     during = {} if checkpointed else {"refitted weights": held}
     running = {**layer, "hidden states": hidden_states, "activations": 4 * batch_tokens * d_ff * 4,
                "Gram matrices": gram_bytes, **during, "runtime": runtime}
-    deciding = {**layer, "hidden states": hidden_states // (1 if sequential else 2), ("Gram and OBS workspace" if obs else "Gram and refit workspace"): work,
+    workspace = "Gram and OBS workspace" if obs else "Gram and refit workspace"
+    deciding = {**layer, "hidden states": hidden_states // (1 if sequential else 2), workspace: work,
                 **during, "runtime": runtime}
     # after the pass the model is sliced and saved layer by layer, each with its refitted weights
     saving = {**layer, "refitted weights": held_layer if checkpointed else held, "runtime": runtime}
