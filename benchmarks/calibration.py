@@ -12,7 +12,10 @@ sized in tokens of the model's own tokenizer, with 1x the embedded corpus's coun
 - wikitext: pieces of 2,000 characters of WikiText-2's test stream from 60% of it on (perplexity
   scores its first windows, about 5% of the stream, so they never overlap), 1x/4x (the tail holds
   about 9x).
-`--recon refit` is the preset (OBS choice, least-squares refit), `--recon none` its statistics alone.
+`--recon refit` is the preset (least-squares refit; the channel choice `auto`, which is the score's for
+these corpora; `--set refit_choice=obs` forces OBS), `--recon none` its statistics alone. `--method flap|wanda-sp
+--recon preset` gives the baselines under the same calibration; rows at another `--limit` than the curve's 100
+(the acceptance rows: 500 / 250 items) get their own files and table.
 Results: benchmarks/results/<model>/calibration/*.json, one per (source, scale, recon, ratio), and a
 section of RESULTS.md (`python benchmarks/run.py --stage render`).
 """
