@@ -146,7 +146,8 @@ def acceptance_table(models) -> str:
     for m in models:
         rows = [d for d in _rows(m) if d["source"] == "embedded" and d["eval_config"]["limit"] != 100]
         # the default's rows (the score's channels on this corpus); an OBS row is shown beside them
-        ours = [d for d in rows if d.get("method", "seap") == "seap" and (d.get("extra") or {}).get("refit_choice") != "obs"]
+        ours = [d for d in rows
+                if d.get("method", "seap") == "seap" and (d.get("extra") or {}).get("refit_choice") != "obs"]
         if not ours:
             continue
         dense = read_result(RESULTS / m / "dense_0.0.json")
@@ -212,8 +213,9 @@ def calibration_section(models) -> str:
         if not text:
             text = ("\n## Calibration size and source (the expert `seap prune` saves)\n\n"
                     "`python benchmarks/calibration.py` (module docstring: the sources and sizes). Each row is "
-                    "`seap prune --task CORPUS --ratio R` with the `seap` preset (refit: OBS choice and least-squares "
-                    "refit; none: its statistics alone), on the six-task validation suite paired with dense on the "
+                    "`seap prune --task CORPUS --ratio R` with the `seap` preset (refit: least-squares refit with the "
+                    "preset's channel choice, the score's for these corpora unless a row sets refit_choice; none: "
+                    "its statistics alone), on the six-task validation suite paired with dense on the "
                     "same first N items, and WikiText-2 token perplexity (the WikiText source is the test stream's "
                     "tail, disjoint from the scored windows, so its perplexity is in-domain).\n\n"
                     "![calibration curve](calibration_curve.png)\n\n"

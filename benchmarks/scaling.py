@@ -6,7 +6,7 @@
 Each checkpoint (benchmarks/checkpoints.py: bf16 sharded safetensors, a real tokenizer, seeded
 random weights) is pruned by 50% with SEAP on a fixed calibration set (the embedded corpus,
 --limit 32 texts, at most 128 tokens each) as a separate process under `/usr/bin/time -v`, with the
-default (one pass: statistics, OBS choice, least-squares refit) and with `--reconstruct none`: the
+default (one pass: statistics, the preset's channel choice, least-squares refit) and with `--reconstruct none`: the
 layer-by-layer path always, the whole-model path where the float32 model fits in memory. Then the
 pruned folder is reloaded (bfloat16) and generates one token. Wall time per stage comes from the
 run's summary.json; peak RSS and wall time from /usr/bin/time. Random weights make accuracy
