@@ -223,6 +223,24 @@ def test_apply_and_collect_stream_like_the_whole_path(tmp_path):
     assert tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx)
 
 
+def test_saved_statistics_are_reused_only_for_the_same_texts(tmp_path):
+    """A stats folder names its files by corpus: an edited corpus file under the same name is recollected
+    (equal to a fresh collection of the new texts), an unchanged one is reused as it was saved."""
+    from seap import collect
+
+    folder = bf16_folder(tmp_path, "llama")
+    corpus, out = _corpus(tmp_path), tmp_path / "stats"
+    lm = load_model(str(folder), device="cpu")
+    old = collect(lm, [str(corpus)], out, progress=False)[str(corpus)]
+    assert torch.equal(collect(lm, [str(corpus)], out, progress=False)[str(corpus)].ffn[0].sumsq, old.ffn[0].sumsq)
+    corpus.write_text("\n".join(reversed(TEXTS[1:])) + "\n")
+    again = collect(lm, [str(corpus)], out, progress=False)[str(corpus)]
+    fresh = collect(lm, [str(corpus)], None, progress=False)[str(corpus)]
+    assert again.meta["texts"] == fresh.meta["texts"] != old.meta["texts"]
+    assert torch.equal(again.ffn[0].sumsq, fresh.ffn[0].sumsq)
+    assert not torch.equal(again.ffn[0].sumsq, old.ffn[0].sumsq)
+
+
 def test_generate_and_info_on_a_pruned_folder_with_a_device_map(tmp_path, capsys):
     folder = bf16_folder(tmp_path, "llama")
     out = tmp_path / "o"

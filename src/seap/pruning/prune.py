@@ -19,7 +19,7 @@ import torch
 
 from .._io import write_json, write_text
 from ..calibration import distributed as dist
-from ..calibration.layerwise import collect_stats
+from ..calibration.layerwise import collect_stats, texts_digest
 from ..calibration.stats import ActivationStats
 from ..config import DEFAULT_TASKS, CalibrationData, PruneConfig
 from ..errors import ConfigError
@@ -57,12 +57,12 @@ def _collect(lm: OpenModel, tasks: Sequence[str], *, data_dir, limit, heads: boo
     todo: dict[str, tuple] = {}
     for task in tasks:
         path = Path(out) / f"{_safe(task)}.safetensors" if out else None
-        cached = _cached_stats(lm, path, heads, limit)
+        corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
+        cached = _cached_stats(lm, path, heads, limit, corpus)
         if cached is not None:
             log.info("reusing statistics %s", path)
             result[task] = cached
             continue
-        corpus = resolve_corpus(task, data_dir=data_dir, limit=limit, seed=seed)
         todo[task] = (corpus, _stats_meta(lm, fp, task, corpus, limit), path)
         result[task] = None
     if todo and not lm.on_disk:
@@ -85,18 +85,25 @@ def _collect(lm: OpenModel, tasks: Sequence[str], *, data_dir, limit, heads: boo
     return result  # type: ignore[return-value]
 
 
-def _cached_stats(lm, path: Path | None, heads: bool, limit: int | None) -> ActivationStats | None:
-    """The statistics saved at `path` when they fit this run (refused when corrupt or of another model)."""
+def _cached_stats(lm, path: Path | None, heads: bool, limit: int | None, corpus) -> ActivationStats | None:
+    """The statistics saved at `path` when they fit this run: refused when corrupt or of another model,
+    recollected when taken with other settings or from other texts (an edited corpus file, a grown
+    embedded corpus, or a file written before the texts were recorded)."""
     if path is None or not path.is_file():
         return None
     cached = ActivationStats.load(path)
     check_fingerprint(cached.meta.get("fingerprint", {}), lm.model, lm.adapter, "statistics file", weights=lm.weights)
-    return cached if (cached.attn is not None) >= heads and cached.meta.get("limit") == limit else None
+    fits = (cached.attn is not None) >= heads and cached.meta.get("limit") == limit
+    return cached if fits and cached.meta.get("texts") == _texts_digest(corpus) else None
+
+
+def _texts_digest(corpus) -> str:
+    return texts_digest({corpus.name: corpus.texts})[0][1]
 
 
 def _stats_meta(lm, fp: dict, task: str, corpus, limit: int | None) -> dict:
     return {"model": lm.source.model_id, "revision": lm.source.revision, "fingerprint": fp, "corpus": task,
-            "source": corpus.source, "limit": limit}
+            "source": corpus.source, "limit": limit, "texts": _texts_digest(corpus)}
 
 
 def collect(model: Model = None, data: CalibrationData | Sequence[str] | None = None, out: str | Path | None = None,
@@ -249,7 +256,7 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
     if refit_cfg is not None:  # bad data or statistics of another model are refused before the allocation runs
         corpora = {t: resolve_corpus(t, data_dir=data_dir, limit=limit, seed=config.seed) for t in tasks}
         for t in tasks:
-            _cached_stats(lm, Path(sdir) / f"{_safe(t)}.safetensors" if sdir else None, heads, limit)
+            _cached_stats(lm, Path(sdir) / f"{_safe(t)}.safetensors" if sdir else None, heads, limit, corpora[t])
     if refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks):
         op = one_pass(lm, config, {t: c.texts for t, c in corpora.items()}, refit_cfg, head_unit=head_unit,
                       fingerprint=fp, metas={t: _stats_meta(lm, fp, t, c, limit) for t, c in corpora.items()},
