@@ -159,8 +159,9 @@ def unknown_section(models) -> str:
                     "expert; the cost of routing is their routed - generic NLL, paired.\n\n")
         text += (f"{m}:\n\n| ratio | prompts | to generic | NLL dense | NLL generic | NLL routed | sent away | "
                  "their NLL: generic | routed | routed - generic ± s.e. |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        for ratio, row in sorted(data["rows"].items()):
-            r = row["router"]
+        # rows are keyed by ratio; a superseded measurement keeps its own key, so the row's ratio is read
+        for _, row in sorted(data["rows"].items(), key=lambda kv: (kv[1]["ratio"], kv[0])):
+            r, ratio = row["router"], row["ratio"]
             text += (f"| {int(float(ratio) * 100)}% | router version {r.get('version', 3)}, generic expert's channels: "
                      f"{r.get('generic_choice', 'obs')} | | | | | | | | |\n")
             for kind, k in row["kinds"].items():

@@ -123,7 +123,6 @@ def test_auto_choice_is_obs_for_task_experts_and_the_score_for_the_rest(family):
         return one_pass(lm, cfg, corpora, refit_cfg, head_unit=head_unit, fingerprint=fp, metas={}, batch_size=3,
                         max_length=512, progress=False).plan
 
-    assert PruneConfig.from_method("seap").refit.choice == "auto"
     obs, score = plan("obs"), plan("score")
     for auto in (plan("auto"), plan("auto", two_pass=True)):
         for name, want in (("piqa", obs), ("boolq", obs), (GENERIC, score)):

@@ -1,6 +1,7 @@
 """Reconstruction (DESIGN 2.8): the refit is the least-squares optimum, and every path applies it alike."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -283,8 +284,10 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
 def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
     for method in ("seap", "seap-gen"):
         cfg = PruneConfig.from_method(method)
-        assert (cfg.refit.mode, cfg.refit.choice) == ("refit", "auto")
-        assert cfg.refit.for_expert(True).choice == "obs" and cfg.refit.for_expert(False).choice == "score"
+        assert (cfg.refit.mode, cfg.refit.choice) == ("refit", "obs")
+        assert cfg.refit.for_expert(True).choice == "obs" and cfg.refit.for_expert(False).choice == "obs"
+        auto = dataclasses.replace(cfg.refit, choice="auto")  # the option that keeps the score's for the rest
+        assert auto.for_expert(True).choice == "obs" and auto.for_expert(False).choice == "score"
         # turning reconstruction off drops the preset's channel choice with it (no error)
         assert PruneConfig.from_method(method, reconstruct="none").refit.choice == "score"
     for method in ("seap-paper", "seap-gen-paper", "flap", "wanda-sp"):

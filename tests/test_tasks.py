@@ -371,3 +371,26 @@ def test_the_registry_is_the_one_task_list():
             assert f"- metric: {spec.metric}\n" in text
         assert spec.name in TASKS and TASKS[spec.name] is spec
     assert EVAL_TASKS["wikitext"].data_folder == "wikitext2"
+
+
+def _grams(text: str, n: int = 13) -> set[tuple[str, ...]]:
+    import re
+
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_embedded_corpus_shares_no_thirteen_words_with_a_scored_split():
+    """The default calibration must not hold the items it is judged on: no run of 13 words of the embedded
+    corpus occurs in a validation split of the scored tasks (their prompts and gold answers). 13 words is
+    the contamination test of the GPT-3 paper: shorter runs match common phrases ("any part of the body
+    except the hands" is in the corpus's football paragraph and in a BoolQ passage)."""
+    from conftest import SHARED_DATA, has_shared_data
+
+    if not has_shared_data():
+        pytest.skip(f"no shared data at {SHARED_DATA}")
+    ours = set().union(*(_grams(t) for t in resolve_corpus("default").texts))
+    for task in (t for t in tasks.ACCURACY_TASKS if (SHARED_DATA / t).is_dir()):
+        scored = resolve_corpus(task, data_dir=SHARED_DATA, split="validation")
+        shared = ours.intersection(*[set().union(*(_grams(t) for t in scored.texts))])
+        assert not shared, f"{task}: {sorted(shared)[:3]}"

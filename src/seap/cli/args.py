@@ -100,9 +100,9 @@ def _add_prune(sub) -> None:
                         "activations (refit), each layer on the pruned layers' outputs (sequential), or not (none)")
     p.add_argument("--refit-choice", default=None, choices=REFIT_CHOICES,
                    help="with reconstruction: choose each layer's FFN channels for the refit (obs: greedy "
-                        "optimal-brain-surgeon on the layer's Gram matrix, same widths), keep the score's (score), "
-                        "or auto (the default: obs for an expert of a named task, score for the generic expert, "
-                        "the embedded corpus and corpus files)")
+                        "optimal-brain-surgeon on the layer's Gram matrix, same widths; the seap presets' default), keep "
+                        "the score's (score: no d_ff^3 choice, cheaper at scale), or auto (obs for an expert of a "
+                        "named task, score for the generic expert and corpus files: safer on a small corpus)")
     p.add_argument("--ridge", type=float, default=None, help="reconstruction: ridge term relative to the kept "
                    "channels' mean variance (default 0.01)")
     rb = p.add_mutually_exclusive_group()
