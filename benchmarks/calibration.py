@@ -63,15 +63,15 @@ def source_texts(source: str, scale: int, tokenizer) -> tuple[list[str], int]:
     """The texts of one calibration source at `scale` x the embedded corpus's token count, and their tokens."""
     from seap.tasks import DEFAULT_CORPORA, resolve_corpus
 
+    if source == "embedded" and scale not in SOURCES["embedded"]:
+        raise SystemExit(f"the embedded corpus has two sizes: 1x (its first version) and {DEFAULT_SCALE}x (all of it)")
+    if (source, scale) == ("embedded", DEFAULT_SCALE):
+        texts = list(resolve_corpus("default").texts)
+        return texts, sum(_tokens(tokenizer, texts))
     embedded = [t for fam in DEFAULT_CORPORA for t in resolve_corpus(f"default:{fam}").texts[:EMBEDDED_1X_ROWS]]
     n_embedded = sum(_tokens(tokenizer, embedded))
     if source == "embedded":
-        if scale not in SOURCES["embedded"]:
-            raise SystemExit("the embedded corpus has two sizes: 1x (its first version) and 4x (all of it)")
-        if scale == 1:
-            return embedded, n_embedded
-        whole = list(resolve_corpus("default").texts)
-        return whole, sum(_tokens(tokenizer, whole))
+        return embedded, n_embedded
     target = scale * n_embedded
     if source == "wikitext":
         texts, n = _take(wikitext_tail(None), target, tokenizer)
@@ -94,12 +94,11 @@ def run_row(model_name: str, source: str, scale: int, recon: str, ratio: float, 
     from seap import CalibrationData, PruneConfig, prune
     from seap.evaluation.runner import evaluate_model
     from seap.model.loading import load_model
-    from seap.tasks import resolve_corpus
 
     lm = load_model(model_name)
     texts, tokens = source_texts(source, scale, lm.tokenizer)
     spec = "default"
-    if source != "embedded" or len(texts) != len(resolve_corpus("default").texts):  # a file, as a user passes one
+    if (source, scale) != ("embedded", DEFAULT_SCALE):  # a corpus file, as a user passes one to --task
         WORK.mkdir(parents=True, exist_ok=True)
         spec = str(WORK / f"{model_name}-{source}-{scale}x.jsonl")
         Path(spec).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

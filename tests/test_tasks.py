@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -374,8 +375,6 @@ def test_the_registry_is_the_one_task_list():
 
 
 def _grams(text: str, n: int = 13) -> set[tuple[str, ...]]:
-    import re
-
     words = re.findall(r"[a-z0-9]+", text.lower())
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
@@ -392,5 +391,5 @@ def test_the_embedded_corpus_shares_no_thirteen_words_with_a_scored_split():
     ours = set().union(*(_grams(t) for t in resolve_corpus("default").texts))
     for task in (t for t in tasks.ACCURACY_TASKS if (SHARED_DATA / t).is_dir()):
         scored = resolve_corpus(task, data_dir=SHARED_DATA, split="validation")
-        shared = ours.intersection(*[set().union(*(_grams(t) for t in scored.texts))])
+        shared = ours & set().union(*(_grams(t) for t in scored.texts))
         assert not shared, f"{task}: {sorted(shared)[:3]}"
