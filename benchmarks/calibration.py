@@ -9,6 +9,8 @@ and WikiText-2 token perplexity, paired with the committed dense row on the same
 sized in tokens of the model's own tokenizer, with 1x the embedded corpus's count:
 - embedded: the corpus in the package (`--task default`): 1x is its first version, the first 40 rows of each
   family file (12,232 SmolLM2 tokens), 4x the whole corpus as it ships now (160 rows per family);
+- balanced: the whole embedded corpus with science_qa repeated 4 times and physical_commonsense twice
+  (72,659 SmolLM2 tokens: the families' token shares evened out, as weights would);
 - train: the six tasks' train splits pooled, the same number of tokens from each task, 1x/4x/16x;
 - wikitext: pieces of 2,000 characters of WikiText-2's test stream from 60% of it on (perplexity
   scores its first windows, about 5% of the stream, so they never overlap), 1x/4x (the tail holds
@@ -38,9 +40,14 @@ sys.path.insert(0, str(HERE))
 from common import DATA, RESULTS, TASKS, common_averages, eval_config, paired_delta, read_result, slug, wikitext_tail, write  # noqa: E402
 
 log = logging.getLogger("benchmarks")
-SOURCES = {"embedded": (1, 4), "train": (1, 4, 16), "wikitext": (1, 4)}
+SOURCES = {"embedded": (1, 4), "balanced": (4,), "train": (1, 4, 16), "wikitext": (1, 4)}
+# the "balanced" source: the whole embedded corpus with its two shortest families repeated, so that no
+# family holds much less of the tokens than the others (science_qa is 6% of the words, three of the six
+# scored tasks are science questions)
+BALANCED_REPEATS = {"science_qa": 4, "physical_commonsense": 2}
 EMBEDDED_1X_ROWS = 40  # rows per family of the first embedded corpus: the files' first rows, the curve's 1x
 DEFAULT_SCALE = 4  # the whole embedded corpus, what `seap prune` calibrates on
+DEFAULT_SETTINGS = {"refit_choice": "obs", "obs_pool": 2}  # the seap presets' reconstruction, as a row's --set
 WORK = Path("/tmp/seap-calibration")
 
 
@@ -67,6 +74,10 @@ def source_texts(source: str, scale: int, tokenizer) -> tuple[list[str], int]:
         raise SystemExit(f"the embedded corpus has two sizes: 1x (its first version) and {DEFAULT_SCALE}x (all of it)")
     if (source, scale) == ("embedded", DEFAULT_SCALE):
         texts = list(resolve_corpus("default").texts)
+        return texts, sum(_tokens(tokenizer, texts))
+    if source == "balanced":
+        texts = [t for fam in DEFAULT_CORPORA for _ in range(BALANCED_REPEATS.get(fam, 1))
+                 for t in resolve_corpus(f"default:{fam}").texts]
         return texts, sum(_tokens(tokenizer, texts))
     embedded = [t for fam in DEFAULT_CORPORA for t in resolve_corpus(f"default:{fam}").texts[:EMBEDDED_1X_ROWS]]
     n_embedded = sum(_tokens(tokenizer, embedded))
@@ -146,38 +157,60 @@ def _curve(model_name: str) -> list[dict]:
     return [d for d in _rows(model_name) if d.get("method", "seap") == "seap" and d["eval_config"]["limit"] == 100]
 
 
+def _setting(d: dict) -> str:
+    """A row's reconstruction and channel choice, briefly ("obs", "obs, pool 2", "score", "no refit", ...)."""
+    if d.get("method", "seap") != "seap":
+        return ""
+    extra = d.get("extra") or {}
+    if d["recon"] == "none":
+        return "no refit"
+    label = extra.get("refit_choice", "")
+    if extra.get("obs_pool"):
+        label += f", pool {extra['obs_pool']:g}"
+    if "ridge" in extra:
+        label += f", ridge {extra['ridge']:g}"
+    return label + (", sequential" if d["recon"] == "sequential" else "")
+
+
 def acceptance_table(models) -> str:
-    """Issue 33's figures: what `seap prune` keeps (the embedded corpus, the channel choice of the default)
-    at the acceptance item counts, against dense and against FLAP and WandA-sp under the same calibration."""
+    """Issue 33's figures: what `seap prune` keeps (the embedded corpus, the default's reconstruction) at the
+    acceptance item counts, against dense, the settings measured beside it, and FLAP and WandA-sp under the
+    same calibration."""
     text = ""
     for m in models:
-        rows = [d for d in _rows(m) if d["source"] == "embedded" and d["eval_config"]["limit"] != 100]
-        # the default's rows (the OBS choice) at each corpus size; the score's channels are shown beside them
-        ours = [d for d in rows
-                if d.get("method", "seap") == "seap" and (d.get("extra") or {}).get("refit_choice") == "obs"]
+        rows = [d for d in _rows(m) if d["source"] in ("embedded", "balanced") and d["eval_config"]["limit"] != 100]
+        # the default's rows: the shipped corpus, its preset's reconstruction
+        ours = [d for d in rows if d["source"] == "embedded" and d["scale"] == DEFAULT_SCALE
+                and d.get("method", "seap") == "seap" and d["recon"] == "refit" and d.get("extra") == DEFAULT_SETTINGS]
         if not ours:
             continue
         dense = read_result(RESULTS / m / "dense_0.0.json")
         if not text:
             text = ("\nThe default's figures at the acceptance item counts (SmolLM2 500 per task, Gemma 3 250): "
-                    f"`seap prune --ratio R` as it runs now (the whole embedded corpus, {DEFAULT_SCALE}x; refit with the "
-                    "OBS choice: channels 'obs'), the score's channels beside it, the corpus's first version (1x), and "
-                    "FLAP and WandA-sp calibrated on the same corpus (`--method flap|wanda-sp --recon preset`). Δ are "
-                    "paired on the same items; 'obs − this' pairs a row with the OBS row of the same corpus and ratio.\n\n"
-                    "| model | ratio | N | corpus | tokens | method | channels | average | % of dense | Δ vs dense | "
-                    "obs − this | token ppl |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        for d in sorted(rows, key=lambda d: (d["ratio"], -d["scale"], d.get("method", "seap") != "seap",
-                                             d.get("method", ""), (d.get("extra") or {}).get("refit_choice", ""))):
+                    f"`seap prune --ratio R` as it runs now (the whole embedded corpus, {DEFAULT_SCALE}x; the refit with "
+                    f"the preset's channel choice: '{_setting(ours[0])}', in bold), the other channel choices and "
+                    "reconstructions measured beside it (obs: OBS over every channel; score: the score's channels; "
+                    "pool 2: OBS among the score's lowest 2x the channels removed; no refit: the statistics alone; "
+                    "sequential: each layer refitted on the pruned layers' outputs), the corpus's first version (1x), "
+                    "the corpus with its short families repeated (balanced), and FLAP and WandA-sp calibrated on the "
+                    "same corpus (`--method flap|wanda-sp --recon preset`). Δ are paired on the same items; "
+                    "'default − this' pairs a row with the default's row at its ratio.\n\n"
+                    "| model | ratio | N | corpus | tokens | method | reconstruction | average | % of dense | Δ vs dense | "
+                    "default − this | token ppl |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for d in sorted(rows, key=lambda d: (d["ratio"], d["source"] != "embedded", -d["scale"],
+                                             d.get("method", "seap") != "seap", d.get("method", ""), _setting(d))):
             a, b, n = common_averages(d, dense)
             delta, se = paired_delta(d, dense)
-            method = d.get("method", "seap")
-            mine = next((o for o in ours if o["ratio"] == d["ratio"] and o["scale"] == d["scale"]), None)
+            mine = next((o for o in ours if o["ratio"] == d["ratio"]), None)
             vs = "" if d is mine or mine is None else "{:+.2f} ± {:.2f}".format(
                 *(100 * x for x in paired_delta(mine, d)))
-            channels = (d.get("extra") or {}).get("refit_choice", "") if method == "seap" else ""
-            text += (f"| {m} | {int(d['ratio'] * 100)}% | {n} | {d['scale']}x | {d['tokens']:,} | {method} | {channels} | "
-                     f"{100 * a:.2f} | {100 * a / b:.1f} | {100 * delta:+.2f} ± {100 * se:.2f} | {vs} | "
-                     f"{d['token_perplexity']['perplexity']:.1f} |\n")
+            corpus = f"{d['scale']}x" if d["source"] == "embedded" else f"{d['source']} {d['scale']}x"
+            cells = [m, f"{int(d['ratio'] * 100)}%", str(n), corpus, f"{d['tokens']:,}", d.get("method", "seap"),
+                     _setting(d), f"{100 * a:.2f}", f"{100 * a / b:.1f}", f"{100 * delta:+.2f} ± {100 * se:.2f}", vs,
+                     f"{d['token_perplexity']['perplexity']:.1f}"]
+            if d is mine:
+                cells[6:10] = [f"**{c}**" for c in cells[6:10]]
+            text += "| " + " | ".join(cells) + " |\n"
     return text
 
 

@@ -86,6 +86,39 @@ def test_obs_choice_is_the_greedy_least_squares_choice(centered):
     assert len(blocked) == 6 and cost(blocked.tolist()) <= cost(kept.tolist())
 
 
+def test_a_bounded_obs_search_removes_only_the_scores_lowest_channels():
+    """With `obs_pool`, OBS's greedy picks among the score's lowest pool x (removals) channels (checked by
+    refitting every candidate); pool 1 is the score's own choice, a pool over every channel plain OBS."""
+    from seap.core.scores import top_k
+    from seap.pruning.refit_pass import obs_removable
+
+    z, w, _ = _data(tokens=300, channels=12, out=6, seed=7)
+    m = _moments(z, chunks=(120, 180))
+    score = torch.rand(12, generator=torch.Generator().manual_seed(2))
+
+    def cost(cols):
+        fit = refit(w, torch.tensor(cols), m, ridge=0.0, centered=True)
+        return output_error(w, torch.tensor(cols), m, fit.weight, fit.bias_delta)
+
+    n_keep = 7
+    removable = obs_removable(score, n_keep, 2.0)
+    assert sorted(removable.tolist()) == sorted(torch.argsort(score)[:10].tolist())  # ceil(2 x 5) lowest
+    alive = list(range(12))
+    while len(alive) > n_keep:
+        alive.remove(min((j for j in alive if j in set(removable.tolist())),
+                         key=lambda j: cost([a for a in alive if a != j])))
+    assert obs_select(w, m, n_keep, ridge=0.0, rounds=12, dtype=torch.float64, removable=removable).tolist() == alive
+    assert obs_select(w, m, n_keep, ridge=0.0, removable=obs_removable(score, n_keep, 1.0)).tolist() == \
+        top_k(score, n_keep).tolist()
+    assert torch.equal(obs_select(w, m, n_keep, ridge=0.0, removable=obs_removable(score, n_keep, 3.0)),
+                       obs_select(w, m, n_keep, ridge=0.0))
+    assert obs_removable(score, n_keep, None) is None
+    with pytest.raises(ConfigError, match="one-pass"):
+        obs_removable(None, n_keep, 2.0)
+    with pytest.raises(ConfigError, match="obs_pool"):
+        PruneConfig.from_method("seap", obs_pool=0.5)
+
+
 def test_errors_from_the_moments_equal_the_direct_sums():
     z, w, kept = _data(seed=3)
     m = _moments(z)
@@ -288,8 +321,12 @@ def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
         assert cfg.refit.for_expert(True).choice == "obs" and cfg.refit.for_expert(False).choice == "obs"
         auto = dataclasses.replace(cfg.refit, choice="auto")  # the option that keeps the score's for the rest
         assert auto.for_expert(True).choice == "obs" and auto.for_expert(False).choice == "score"
-        # turning reconstruction off drops the preset's channel choice with it (no error)
+        # turning reconstruction off drops the preset's channel choice with it (no error), and so does the
+        # score's choice drop a bound on the OBS search
         assert PruneConfig.from_method(method, reconstruct="none").refit.choice == "score"
+        assert PruneConfig.from_method(method, refit_choice="score").refit.obs_pool is None
+        pooled = PruneConfig.from_method(method, refit_choice="auto", obs_pool=2).refit
+        assert pooled.for_expert(True).obs_pool == 2 and pooled.for_expert(False).obs_pool is None
     for method in ("seap-paper", "seap-gen-paper", "flap", "wanda-sp"):
         assert PruneConfig.from_method(method).refit.mode == "none"
     paper = PruneConfig.from_method("seap-paper")

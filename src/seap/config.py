@@ -115,6 +115,9 @@ class RefitConfig:
     # on the layer's Gram matrix); "score": the score's channels; "auto": obs for an expert calibrated on
     # a task's own prompts, score for one that serves any prompt (for_expert)
     choice: str = "score"
+    # with the OBS choice: the channels it may remove are the score's lowest obs_pool x (the channels the
+    # layer loses), so the score's ranking bounds OBS's search; None: any channel
+    obs_pool: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RECONSTRUCT_MODES:
@@ -123,6 +126,10 @@ class RefitConfig:
             raise ConfigError(f"unknown `refit_choice` {self.choice!r}: choose one of {', '.join(REFIT_CHOICES)}")
         if self.choice == "obs" and self.mode == "none":
             raise ConfigError("`refit_choice` obs needs `reconstruct` refit or sequential")
+        if self.obs_pool is not None and not self.obs_pool >= 1:
+            raise ConfigError(f"`obs_pool` must be >= 1 (a multiple of the channels removed) or None, got {self.obs_pool}")
+        if self.obs_pool is not None and self.choice == "score":
+            raise ConfigError("`obs_pool` bounds the OBS choice: drop it, or choose `refit_choice` obs")
         if not self.ridge >= 0:
             raise ConfigError(f"`ridge` must be >= 0 (relative to the kept channels' mean variance), got {self.ridge}")
 
@@ -139,7 +146,7 @@ class RefitConfig:
         a small corpus file."""
         if self.choice != "auto":
             return self
-        return replace(self, choice="obs" if in_domain else "score")
+        return replace(self, choice="obs") if in_domain else replace(self, choice="score", obs_pool=None)
 
     def resolved(self, adapter, config) -> RefitConfig:
         """This reconstruction for one model (`config`: its transformers config): the bias decided."""
@@ -167,7 +174,7 @@ _FLAT = {"score": ("score", "name"), "heads": ("score", "heads"), "bias_compensa
          "allocation": ("allocation", "name"), **{k: ("allocation", k) for k in (
              "protect_first", "protect_last", "k", "x0", "rho_max", "robust", "multiple", "schedule")},
          "reconstruct": ("refit", "mode"), "ridge": ("refit", "ridge"), "refit_bias": ("refit", "centered"),
-         "refit_choice": ("refit", "choice"), "lm_weight": ("weights", "lm"), "task_weight": ("weights", "task")}
+         "refit_choice": ("refit", "choice"), "obs_pool": ("refit", "obs_pool"), "lm_weight": ("weights", "lm"), "task_weight": ("weights", "task")}
 _PARTS = {"score": ScoreConfig, "allocation": AllocationConfig, "refit": RefitConfig, "weights": GenericWeights}
 
 
@@ -202,6 +209,8 @@ class PruneConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("reconstruct", PRESETS[method].refit.mode) == "none" and "refit_choice" not in given:
             given["refit_choice"] = "score"  # the preset's channel choice belongs to its reconstruction
+        if given.get("refit_choice") == "score" and "obs_pool" not in given:
+            given["obs_pool"] = None  # so does the preset's bound on the OBS search
         return PRESETS[method].with_(**given)
 
     @classmethod

@@ -103,6 +103,9 @@ def _add_prune(sub) -> None:
                         "optimal-brain-surgeon on the layer's Gram matrix, same widths; the seap presets' default), keep "
                         "the score's (score: no d_ff^3 choice, cheaper at scale), or auto (obs for an expert of a "
                         "named task, score for the generic expert and corpus files: safer on a small corpus)")
+    p.add_argument("--obs-pool", type=float, default=None,
+                   help="with the OBS choice: the channels it may remove are the score's lowest OBS_POOL x (the "
+                        "channels each layer loses), e.g. 2; 1 is the score's own choice (default: any channel)")
     p.add_argument("--ridge", type=float, default=None, help="reconstruction: ridge term relative to the kept "
                    "channels' mean variance (default 0.01)")
     rb = p.add_mutually_exclusive_group()

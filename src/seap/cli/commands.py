@@ -151,7 +151,7 @@ def _prune(api, args, rt) -> None:
         bias_compensation=args.bias_compensation, protect_first=args.protect_first,
         protect_last=args.protect_last, k=args.k, x0=args.x0, rho_max=args.rho_max, robust=args.robust,
         multiple=args.multiple, seed=args.seed, reconstruct=args.reconstruct, ridge=args.ridge,
-        refit_bias=args.refit_bias, refit_choice=args.refit_choice)
+        refit_bias=args.refit_bias, refit_choice=args.refit_choice, obs_pool=args.obs_pool)
     res = api.prune(args.model, cfg, _calibration(args), args.out, expert=args.expert, runtime=rt,
                          shard_size=args.shard_size, wait=args.wait)
     _print_result(res, args.out)

@@ -140,7 +140,8 @@ def refit(w: torch.Tensor, kept: torch.Tensor, m: Moments, *, ridge: float = 1e-
 
 
 def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2, centered: bool = True,
-               rounds: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               rounds: int = 64, dtype: torch.dtype = torch.float32,
+               removable: torch.Tensor | None = None) -> torch.Tensor:
     """The `n_keep` channels whose least-squares refit loses least (structured OBS, greedy backwards).
 
     Removing a set S of channels, with the others refitted, costs tr(W_S (H^-1_SS)^-1 W_S^T) for
@@ -153,19 +154,25 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
     solved in float64), the updates run in place on the lower triangle of H^-1 (the rows S are read
     from it by symmetry) with removed channels masked, and the
     matrix is compacted only when a fifth of it is dead: besides the float64 Gram matrix, at most
-    two C x C matrices of `dtype` are alive (8 C^2 bytes in float32). Sorted indices."""
+    two C x C matrices of `dtype` are alive (8 C^2 bytes in float32). `removable` (indices): the only
+    channels that may be removed; the others stay and still compensate. Sorted indices."""
     dev = m.gram.device
     c = w.shape[1]
     if not 0 <= n_keep <= c:
         raise ConfigError(f"cannot keep {n_keep} of {c} channels")
     if n_keep == c:
         return torch.arange(c, device=dev)
+    fixed = torch.ones(c, dtype=torch.bool, device=dev)  # channels that must stay
+    fixed[torch.arange(c, device=dev) if removable is None else removable.to(dev)] = False
+    if c - int(fixed.sum()) < c - n_keep:
+        raise ConfigError(f"{c - int(fixed.sum())} removable channels cannot make {c - n_keep} removals")
     h = m.second(centered, dtype=dtype)
     h.diagonal().add_(_ridge(h.diagonal().double(), ridge))
     chol, info = torch.linalg.cholesky_ex(h)
     del h
     if int(info) != 0 and dtype != torch.float64:  # too ill-conditioned for float32: factor in float64
-        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
+        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64,
+                          removable=removable)
     hinv = torch.cholesky_inverse(chol)
     del chol
     if not hinv.is_contiguous():  # LAPACK's result is column-major; H^-1 is symmetric, so its transpose is it
@@ -178,7 +185,7 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
     tiny = torch.finfo(dtype).tiny
     while to_remove > 0:
         cost = torch.linalg.vector_norm(wt, dim=1).square_() / hinv.diagonal().clamp_min(tiny)
-        cost.masked_fill_(~alive, float("inf"))
+        cost.masked_fill_(~alive | fixed, float("inf"))
         s = torch.topk(cost, min(step, to_remove), largest=False).indices
         rows = _symmetric_rows(hinv, s)  # H^-1_{S,:}; H^-1 is symmetric, so its columns S are rows.T
         coef = torch.linalg.solve(rows[:, s], rows)  # (H^-1_SS)^-1 H^-1_{S,:}
@@ -189,12 +196,13 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         to_remove -= len(s)
         if to_remove > 0 and int(alive.sum()) < 0.8 * len(alive):  # drop the dead rows and columns
             keep = alive.nonzero().flatten()
-            wt, idx = wt.index_select(0, keep), idx[keep]
+            wt, idx, fixed = wt.index_select(0, keep), idx[keep], fixed[keep]
             hinv = hinv.index_select(0, keep)
             hinv = hinv.index_select(1, keep)
             alive = torch.ones(len(keep), dtype=torch.bool, device=dev)
     if dtype != torch.float64 and not (torch.isfinite(wt).all() and torch.isfinite(hinv).all()):
-        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64)
+        return obs_select(w, m, n_keep, ridge=ridge, centered=centered, rounds=rounds, dtype=torch.float64,
+                          removable=removable)
     return idx[alive].sort().values
 
 

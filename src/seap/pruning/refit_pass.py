@@ -19,6 +19,7 @@ outputs were checkpointed.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,7 +36,7 @@ from ..calibration.resume import Resume
 from ..calibration.stats import position_limit
 from ..config import RefitConfig
 from ..core.reconstruct import Moments, cut_errors, obs_select, refit
-from ..core.scores import top_k
+from ..core.scores import ranking, top_k
 from ..errors import ConfigError
 from ..tasks import TASKS
 from ..model.adapters import Adapter
@@ -50,10 +51,11 @@ log = logging.getLogger(__name__)
 # -- one layer of one expert ----------------------------------------------------------------------------
 def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: torch.Tensor | None,
                 head_unit: str | None, moments: dict[str, Moments], cfg: RefitConfig,
-                store_dtype: torch.dtype) -> dict:
+                store_dtype: torch.dtype, score: torch.Tensor | None = None) -> dict:
     """Layer results of one expert from the moments of its output linears' inputs: kept channels (the
     OBS choice at the score's width with choice "obs"), refitted weights and bias changes, and the FFN
-    output errors of the plain cut of the kept channels, FLAP's bias and the refit on the calibration tokens."""
+    output errors of the plain cut of the kept channels, FLAP's bias and the refit on the calibration tokens.
+    `score`: the layer's FFN channel scores, which bound the OBS choice's search with `cfg.obs_pool`."""
     rec: dict = {}
     units = {"ffn": (adapter.ffn_out(layer), ffn)}
     if heads is not None:
@@ -62,7 +64,8 @@ def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: to
         m = moments[kind]
         kept = scored
         if kind == "ffn" and cfg.choice == "obs":
-            kept = obs_select(lin.weight, m, len(scored), ridge=cfg.ridge, centered=cfg.centered).to("cpu")
+            kept = obs_select(lin.weight, m, len(scored), ridge=cfg.ridge, centered=cfg.centered,
+                              removable=obs_removable(score, len(scored), cfg.obs_pool)).to("cpu")
         fit = refit(lin.weight, kept, m, ridge=cfg.ridge, centered=cfg.centered)
         rec[f"{kind}/weight"] = fit.weight.to("cpu", store_dtype)
         if cfg.centered:
@@ -76,6 +79,19 @@ def refit_layer(adapter: Adapter, layer: nn.Module, ffn: torch.Tensor, heads: to
                                                           dtype=torch.float32)
             rec["err/refit"] = max((rec["err/bias"] if cfg.centered else rec["err/none"]) - fit.explained, 0.0)
     return rec
+
+
+def obs_removable(score: torch.Tensor | None, n_keep: int, pool: float | None) -> torch.Tensor | None:
+    """The channels the OBS choice may remove: the score's lowest `pool` x (channels removed), or None
+    (any) without a pool."""
+    if pool is None:
+        return None
+    if score is None:
+        raise ConfigError("`obs_pool` bounds the OBS choice by the channel scores, which only the one-pass "
+                          "calibration holds (widths fixed by the geometry): drop `obs_pool` or the setting "
+                          "that needs a second pass")
+    c = score.shape[-1]
+    return ranking(score)[max(0, c - math.ceil(pool * (c - n_keep))):]
 
 
 def identity_layer(adapter: Adapter, layer: nn.Module, head_unit: str | None, cfg: RefitConfig,
@@ -232,7 +248,8 @@ def one_pass(lm, cfg, corpora: dict[str, Sequence[str]], refit_cfg: RefitConfig 
             if dense[i]:
                 r = identity_layer(adapter, layer, head_unit, cfgs[name], lm.save_dtype)
             else:
-                r = refit_layer(adapter, layer, ffn, heads, head_unit, seen["gram"][name], cfgs[name], lm.save_dtype)
+                r = refit_layer(adapter, layer, ffn, heads, head_unit, seen["gram"][name], cfgs[name], lm.save_dtype,
+                                score=scores[name][0])
             rec.update(_prefixed(r, f"x/{j}/"))
             if heads is not None:
                 rec[f"x/{j}/heads"] = heads
