@@ -314,6 +314,28 @@ def test_streamed_reconstruction_equals_the_whole_model_path(tmp_path, family):
     assert plan["config"]["refit"]["mode"] == "sequential"
 
 
+def test_a_pool_of_one_prunes_as_the_scores_channels_and_a_second_pass_refuses_a_pool(tmp_path):
+    """Through `prune` (the one-pass calibration), OBS bounded to the score's own removals keeps the score's
+    channels with the same refit; the adaptive allocation (widths from the scores: a second pass) is refused
+    before any work."""
+    folder = tiny_folder(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    plans = {}
+    for tag, kw in {"score": {"refit_choice": "score"}, "pool1": {"obs_pool": 1}}.items():
+        cfg = PruneConfig.from_method("seap", ratio=0.4, protect_first=1, protect_last=1, **kw)
+        res = prune(str(folder), cfg, [str(corpus)], tmp_path / tag, progress=False)
+        plans[tag] = Plan.load(tmp_path / tag / "plan")
+        assert res.calibration["passes"] == 1
+    a, b = (p.experts[p.meta.default_expert] for p in plans.values())
+    for i in range(len(a.ffn)):
+        assert torch.equal(a.ffn[i], b.ffn[i])
+        torch.testing.assert_close(a.ffn_out[i], b.ffn_out[i])
+    with pytest.raises(ConfigError, match="one-pass"):
+        prune(str(folder), PruneConfig.from_method("seap", ratio=0.4, allocation="adaptive", obs_pool=2),
+              [str(corpus)], tmp_path / "adaptive", progress=False)
+
+
 def test_presets_seap_reconstructs_and_seap_paper_is_the_papers_recipe():
     for method in ("seap", "seap-gen"):
         cfg = PruneConfig.from_method(method)

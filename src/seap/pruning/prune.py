@@ -257,7 +257,12 @@ def _prune(output: Output, model, config: PruneConfig, data: CalibrationData, ou
         corpora = {t: resolve_corpus(t, data_dir=data_dir, limit=limit, seed=config.seed) for t in tasks}
         for t in tasks:
             _cached_stats(lm, Path(sdir) / f"{_safe(t)}.safetensors" if sdir else None, heads, limit, corpora[t])
-    if refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks):
+    one = refit_cfg is not None and one_pass_possible(config, lm.adapter, lm.model, head_unit, tasks)
+    if refit_cfg is not None and refit_cfg.obs_pool is not None and not one:
+        raise ConfigError("`obs_pool` bounds the OBS choice by the channel scores, which only the one-pass "
+                          "calibration holds: it needs widths fixed by the geometry (not the adaptive allocation) "
+                          "and, with the sequential mode, one expert; drop `obs_pool` or that setting")
+    if one:
         op = one_pass(lm, config, {t: c.texts for t, c in corpora.items()}, refit_cfg, head_unit=head_unit,
                       fingerprint=fp, metas={t: _stats_meta(lm, fp, t, c, limit) for t, c in corpora.items()},
                       batch_size=batch_size, max_length=max_length, resume_dir=sdir, progress=progress)
