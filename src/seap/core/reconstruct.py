@@ -164,8 +164,8 @@ def obs_select(w: torch.Tensor, m: Moments, n_keep: int, *, ridge: float = 1e-2,
         return torch.arange(c, device=dev)
     fixed = torch.ones(c, dtype=torch.bool, device=dev)  # channels that must stay
     fixed[torch.arange(c, device=dev) if removable is None else removable.to(dev)] = False
-    if c - int(fixed.sum()) < c - n_keep:
-        raise ConfigError(f"{c - int(fixed.sum())} removable channels cannot make {c - n_keep} removals")
+    if (n_removable := c - int(fixed.sum())) < c - n_keep:
+        raise ConfigError(f"{n_removable} removable channels cannot make {c - n_keep} removals")
     h = m.second(centered, dtype=dtype)
     h.diagonal().add_(_ridge(h.diagonal().double(), ridge))
     chol, info = torch.linalg.cholesky_ex(h)
